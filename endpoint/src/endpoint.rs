@@ -1,0 +1,480 @@
+//! One side of a session: two rings, a hang-up socket, blocking and non-blocking I/O.
+
+use crate::frame::{Item, OutFrame};
+use crate::ring::{RingRx, RingTx};
+use crate::sys::{self, FdKind, HangupState};
+use crate::Error;
+use shmem_ipc::sharedring::{Receiver, Sender};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// Bytes shmem-ipc reserves at the start of each ring's memfd.
+const RING_HEADER: u64 = 64;
+/// Largest ring capacity a client agrees to map, whatever the server says.
+const CLIENT_MAX_CAPACITY: u64 = 1 << 40;
+
+/// How a blocked side waits for the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wakeup {
+    /// Sleep on the eventfd right away (lowest CPU use).
+    Park,
+    /// Busy-poll the ring for up to this long before sleeping (lowest latency).
+    Spin(Duration),
+}
+
+/// The file descriptors of one ring, as they cross the bus.
+#[derive(Debug)]
+pub struct RingFds {
+    /// Usable bytes of the ring.
+    pub capacity: u64,
+    /// The memfd holding the ring.
+    pub memfd: OwnedFd,
+    /// eventfd written when the ring goes from empty to non-empty.
+    pub empty_signal: OwnedFd,
+    /// eventfd written when the ring goes from full to not full.
+    pub full_signal: OwnedFd,
+}
+
+/// Everything the server hands a client for one session.
+#[derive(Debug)]
+pub struct PeerFds {
+    /// The client-to-server ring.
+    pub to_server: RingFds,
+    /// The server-to-client ring.
+    pub to_client: RingFds,
+    /// The client's end of the hang-up socket pair.
+    pub hangup: OwnedFd,
+}
+
+/// Usable ring bytes shmem-ipc will provide for a requested capacity: the
+/// memfd is rounded up to whole pages, all of it usable after the header.
+pub fn rounded_capacity(capacity: u64) -> u64 {
+    let ps = sys::page_size() as u64;
+    (capacity + RING_HEADER).div_ceil(ps) * ps - RING_HEADER
+}
+
+fn clone_fd(f: &File) -> Result<OwnedFd, Error> {
+    Ok(f.as_fd().try_clone_to_owned()?)
+}
+
+fn setup(e: shmem_ipc::Error) -> Error {
+    Error::Setup(e.to_string())
+}
+
+/// Checks that a ring's fds are what a ring needs before anything is mapped:
+/// a memfd with the shrink seal, at least as large as the capacity requires,
+/// and two eventfds. A peer that lies here would otherwise make us die of SIGBUS.
+fn validate_ring(name: &str, fds: &RingFds) -> Result<(), Error> {
+    if fds.capacity == 0 || fds.capacity > CLIENT_MAX_CAPACITY {
+        return Err(Error::BadFd(format!(
+            "{name}: capacity {} out of range",
+            fds.capacity
+        )));
+    }
+    let needed = fds.capacity + RING_HEADER;
+    match sys::fd_kind(fds.memfd.as_fd())? {
+        FdKind::Memfd {
+            shrink_sealed: false,
+            ..
+        } => {
+            return Err(Error::BadFd(format!(
+                "{name}: memfd lacks the F_SEAL_SHRINK seal"
+            )))
+        }
+        FdKind::Memfd { size, .. } if size < needed => {
+            return Err(Error::BadFd(format!(
+                "{name}: memfd holds {size} bytes, capacity {} needs {needed}",
+                fds.capacity
+            )))
+        }
+        FdKind::Memfd { .. } => {}
+        other => {
+            return Err(Error::BadFd(format!(
+                "{name}: memory fd is not a memfd ({other:?})"
+            )))
+        }
+    }
+    for (what, fd) in [
+        ("empty signal", &fds.empty_signal),
+        ("full signal", &fds.full_signal),
+    ] {
+        let kind = sys::fd_kind(fd.as_fd())?;
+        if kind != FdKind::Eventfd {
+            return Err(Error::BadFd(format!(
+                "{name}: {what} is not an eventfd ({kind:?})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One side of a session.
+pub struct Endpoint {
+    tx: RingTx,
+    rx: RingRx,
+    hangup: OwnedFd,
+    wakeup: Wakeup,
+    max_message: u32,
+    timeout: Option<Duration>,
+    sent_end: bool,
+    send_capacity: u64,
+    recv_capacity: u64,
+}
+
+impl Endpoint {
+    /// Creates a session's rings as the server: returns the server's side and
+    /// the fds to hand to the client.
+    ///
+    /// `capacity` is rounded up as shmem-ipc rounds it; the rounded value is in the returned fds.
+    pub fn create_server(
+        capacity: u64,
+        max_message: u32,
+        wakeup: Wakeup,
+    ) -> Result<(Endpoint, PeerFds), Error> {
+        let capacity = rounded_capacity(capacity);
+        let cap =
+            usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
+        let rx_ring = Receiver::<u8>::new(cap).map_err(setup)?;
+        let tx_ring = Sender::<u8>::new(cap).map_err(setup)?;
+        // We never block on these eventfds; non-blocking writes keep a peer
+        // that stops reading them from stalling us.
+        for f in [
+            rx_ring.empty_signal(),
+            rx_ring.full_signal(),
+            tx_ring.empty_signal(),
+            tx_ring.full_signal(),
+        ] {
+            sys::set_nonblocking(f.as_fd())?;
+        }
+        let (ours, theirs) = sys::socketpair()?;
+        let peer = PeerFds {
+            to_server: RingFds {
+                capacity,
+                memfd: clone_fd(rx_ring.memfd().as_file())?,
+                empty_signal: clone_fd(rx_ring.empty_signal())?,
+                full_signal: clone_fd(rx_ring.full_signal())?,
+            },
+            to_client: RingFds {
+                capacity,
+                memfd: clone_fd(tx_ring.memfd().as_file())?,
+                empty_signal: clone_fd(tx_ring.empty_signal())?,
+                full_signal: clone_fd(tx_ring.full_signal())?,
+            },
+            hangup: theirs,
+        };
+        let ep = Endpoint {
+            tx: RingTx::new(tx_ring),
+            rx: RingRx::new(rx_ring, max_message),
+            hangup: ours,
+            wakeup,
+            max_message,
+            timeout: None,
+            sent_end: false,
+            send_capacity: capacity,
+            recv_capacity: capacity,
+        };
+        Ok((ep, peer))
+    }
+
+    /// Opens the client's side from the fds the server handed over, after
+    /// checking every one of them.
+    pub fn open_client(fds: PeerFds, max_message: u32, wakeup: Wakeup) -> Result<Endpoint, Error> {
+        validate_ring("client-to-server ring", &fds.to_server)?;
+        validate_ring("server-to-client ring", &fds.to_client)?;
+        match sys::fd_kind(fds.hangup.as_fd())? {
+            FdKind::Socket => {}
+            other => {
+                return Err(Error::BadFd(format!(
+                    "hang-up fd is not a socket ({other:?})"
+                )))
+            }
+        }
+        let open_tx = |r: RingFds| {
+            Sender::<u8>::open(
+                r.capacity as usize,
+                r.memfd.into(),
+                r.empty_signal.into(),
+                r.full_signal.into(),
+            )
+            .map_err(setup)
+        };
+        let open_rx = |r: RingFds| {
+            Receiver::<u8>::open(
+                r.capacity as usize,
+                r.memfd.into(),
+                r.empty_signal.into(),
+                r.full_signal.into(),
+            )
+            .map_err(setup)
+        };
+        let (send_capacity, recv_capacity) = (fds.to_server.capacity, fds.to_client.capacity);
+        Ok(Endpoint {
+            tx: RingTx::new(open_tx(fds.to_server)?),
+            rx: RingRx::new(open_rx(fds.to_client)?, max_message),
+            hangup: fds.hangup,
+            wakeup,
+            max_message,
+            timeout: None,
+            sent_end: false,
+            send_capacity,
+            recv_capacity,
+        })
+    }
+
+    /// Largest message either side may send.
+    pub fn max_message(&self) -> u32 {
+        self.max_message
+    }
+
+    /// Usable bytes of the outgoing ring.
+    pub fn send_capacity(&self) -> u64 {
+        self.send_capacity
+    }
+
+    /// Usable bytes of the incoming ring.
+    pub fn recv_capacity(&self) -> u64 {
+        self.recv_capacity
+    }
+
+    /// Sets how long a blocking call may wait before failing with [`Error::TimedOut`] (None: forever).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// How this side waits.
+    pub fn wakeup(&self) -> Wakeup {
+        self.wakeup
+    }
+
+    /// The outgoing ring, for event loops.
+    pub fn tx(&mut self) -> &mut RingTx {
+        &mut self.tx
+    }
+
+    /// The incoming ring, for event loops.
+    pub fn rx(&mut self) -> &mut RingRx {
+        &mut self.rx
+    }
+
+    /// The fd that becomes readable when incoming data arrives.
+    pub fn readable_fd(&self) -> BorrowedFd<'_> {
+        self.rx.data_signal()
+    }
+
+    /// The fd that becomes readable when the outgoing ring gets room.
+    pub fn writable_fd(&self) -> BorrowedFd<'_> {
+        self.tx.space_signal()
+    }
+
+    /// The hang-up socket, readable when the peer closed its end.
+    pub fn hangup_fd(&self) -> BorrowedFd<'_> {
+        self.hangup.as_fd()
+    }
+
+    /// Resets both wake-up eventfds we wait on, without blocking.
+    pub fn drain_signals(&self) -> Result<(), Error> {
+        sys::eventfd_drain(self.readable_fd())?;
+        sys::eventfd_drain(self.writable_fd())?;
+        Ok(())
+    }
+
+    /// Checks the hang-up socket without blocking: Ok(true) if the peer left.
+    pub fn peer_gone(&self) -> Result<bool, Error> {
+        match sys::hangup_state(self.hangup.as_fd())? {
+            HangupState::Open => Ok(false),
+            HangupState::Closed => Ok(true),
+            HangupState::Written => Err(Error::HangupWritten),
+        }
+    }
+
+    /// Sends one message, blocking while the outgoing ring is full.
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
+        if self.sent_end {
+            return Err(Error::AlreadyFinished);
+        }
+        if msg.len() > self.max_message as usize {
+            return Err(Error::TooLarge {
+                len: msg.len(),
+                max: self.max_message,
+            });
+        }
+        self.send_frame(OutFrame::message(msg))
+    }
+
+    /// Sends the end-of-stream marker: this side will send nothing more.
+    pub fn finish(&mut self) -> Result<(), Error> {
+        if self.sent_end {
+            return Ok(());
+        }
+        self.send_frame(OutFrame::end())?;
+        self.sent_end = true;
+        Ok(())
+    }
+
+    fn send_frame<B: AsRef<[u8]>>(&mut self, mut frame: OutFrame<B>) -> Result<(), Error> {
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        while !self.tx.write_frame(&mut frame)? {
+            self.wait(Direction::Send, deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Receives the next message, blocking until one arrives.
+    ///
+    /// Returns `None` once the peer has finished sending (end of stream).
+    pub fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.rx.ended() {
+                return Ok(None);
+            }
+            match self.rx.read_item()? {
+                Some(Item::Message(m)) => return Ok(Some(m)),
+                Some(Item::End) => return Ok(None),
+                None => self.wait(Direction::Recv, deadline)?,
+            }
+        }
+    }
+
+    /// Receives a message if a complete one is already there, without blocking.
+    pub fn try_recv(&mut self) -> Result<Option<Item>, Error> {
+        if self.rx.ended() {
+            return Ok(Some(Item::End));
+        }
+        self.rx.read_item()
+    }
+
+    fn ready(&mut self, dir: Direction) -> Result<bool, Error> {
+        match dir {
+            Direction::Send => self.tx.has_room(),
+            Direction::Recv => self.rx.has_data(),
+        }
+    }
+
+    /// Blocks until the ring in `dir` can make progress, the peer leaves, or the deadline passes.
+    fn wait(&mut self, dir: Direction, deadline: Option<Instant>) -> Result<(), Error> {
+        if let Wakeup::Spin(budget) = self.wakeup {
+            let mut failed = None;
+            let ready = sys::spin_until(budget, || match self.ready(dir) {
+                Ok(r) => r,
+                Err(e) => {
+                    failed = Some(e);
+                    true
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if ready {
+                return Ok(());
+            }
+        }
+        loop {
+            if self.ready(dir)? {
+                return Ok(());
+            }
+            let signal = match dir {
+                Direction::Send => self.tx.space_signal(),
+                Direction::Recv => self.rx.data_signal(),
+            };
+            let ready = sys::poll_readable(&[signal, self.hangup.as_fd()], deadline)?;
+            if ready[0].readable {
+                sys::eventfd_drain(signal)?;
+            }
+            if ready[1].readable || ready[1].hangup {
+                // Data the peer wrote before leaving is still ours to read.
+                if self.ready(dir)? {
+                    return Ok(());
+                }
+                if self.peer_gone()? {
+                    return Err(Error::Closed);
+                }
+            }
+            if !ready[0].readable && !ready[1].readable && !ready[1].hangup {
+                if let Some(d) = deadline {
+                    if Instant::now() >= d {
+                        return Err(Error::TimedOut);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    Send,
+    Recv,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(capacity: u64) -> (Endpoint, Endpoint) {
+        let (server, fds) = Endpoint::create_server(capacity, 1 << 20, Wakeup::Park).unwrap();
+        let client = Endpoint::open_client(fds, 1 << 20, Wakeup::Park).unwrap();
+        (server, client)
+    }
+
+    #[test]
+    fn messages_wrap_and_exceed_the_ring() {
+        let (mut server, mut client) = pair(4096);
+        let cap = client.send_capacity() as usize;
+        let sizes = [0, 1, 63, 64, 4095, cap - 1, cap, cap + 1, 10 * cap];
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            while let Some(m) = server.recv().unwrap() {
+                got.push(m);
+            }
+            got
+        });
+        let mut sent = Vec::new();
+        for round in 0..20u8 {
+            for &s in &sizes {
+                let m: Vec<u8> = (0..s)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(round))
+                    .collect();
+                client.send(&m).unwrap();
+                sent.push(m);
+            }
+        }
+        client.finish().unwrap();
+        assert_eq!(reader.join().unwrap(), sent);
+    }
+
+    #[test]
+    fn dead_peer_wakes_a_blocked_reader() {
+        let (server, mut client) = pair(4096);
+        let t = std::thread::spawn(move || client.recv());
+        drop(server);
+        assert!(matches!(t.join().unwrap(), Err(Error::Closed)));
+    }
+
+    #[test]
+    fn lying_capacity_is_refused_before_mapping() {
+        let (_server, mut fds) = Endpoint::create_server(4096, 1 << 20, Wakeup::Park).unwrap();
+        fds.to_client.capacity = 1 << 30;
+        let err = Endpoint::open_client(fds, 1 << 20, Wakeup::Park)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.contains("needs")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn non_eventfd_signal_is_refused() {
+        let (_server, mut fds) = Endpoint::create_server(4096, 1 << 20, Wakeup::Park).unwrap();
+        fds.to_server.full_signal = fds.hangup.try_clone().unwrap();
+        let err = Endpoint::open_client(fds, 1 << 20, Wakeup::Park)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.contains("eventfd")),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,348 @@
+//! Message framing over a byte stream: pure code, no I/O, fuzzable.
+//!
+//! A frame is an 8-byte header followed by its payload:
+//!
+//! | offset | size | field                                            |
+//! |--------|------|--------------------------------------------------|
+//! | 0      | 4    | payload length, little-endian u32                |
+//! | 4      | 4    | kind, little-endian u32: 0 message, 1 end-of-stream |
+//!
+//! An end-of-stream frame has length 0 and nothing may follow it. Frames are
+//! written and read as a continuous byte stream: a header or payload may be
+//! split anywhere, including across the ring's end. See
+//! `interfaces/DATA-PLANE.md` for the normative description.
+
+use std::mem::MaybeUninit;
+
+/// Size of a frame header in bytes.
+pub const HEADER_LEN: usize = 8;
+/// Header kind of an ordinary message.
+pub const KIND_MESSAGE: u32 = 0;
+/// Header kind of the end-of-stream marker.
+pub const KIND_END: u32 = 1;
+
+/// A violation of the framing rules by the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The header announced a message above the session's maximum.
+    #[error("frame announces {len} bytes, more than the session maximum of {max}")]
+    TooLong {
+        /// Announced length.
+        len: u32,
+        /// Session maximum.
+        max: u32,
+    },
+    /// The header's kind field is not one this version knows.
+    #[error("frame has unknown kind {0}")]
+    UnknownKind(u32),
+    /// An end-of-stream frame carried a non-zero length.
+    #[error("end-of-stream frame carries {0} bytes")]
+    EndWithPayload(u32),
+    /// Bytes arrived after the end-of-stream frame.
+    #[error("data after end of stream")]
+    DataAfterEnd,
+}
+
+/// Encodes a header for a frame of `kind` carrying `len` payload bytes.
+pub fn encode_header(kind: u32, len: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&len.to_le_bytes());
+    h[4..].copy_from_slice(&kind.to_le_bytes());
+    h
+}
+
+/// Bytes the decoder can copy out of: a slice, or memory a peer shares.
+///
+/// Implementations must copy; nobody may hold a reference into shared memory.
+pub trait ByteSource {
+    /// Number of bytes available.
+    fn len(&self) -> usize;
+    /// Whether no bytes are available.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `dst.len()` bytes starting at `offset` into `dst`.
+    ///
+    /// Callers guarantee `offset + dst.len() <= self.len()`.
+    fn copy_to(&self, offset: usize, dst: &mut [MaybeUninit<u8>]);
+}
+
+impl ByteSource for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn copy_to(&self, offset: usize, dst: &mut [MaybeUninit<u8>]) {
+        let src = &self[offset..offset + dst.len()];
+        // SAFETY: `src` and `dst` have the same length, `dst` is exclusively
+        // borrowed and cannot overlap the shared borrow `src`; u8 has no invalid values.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<u8>(), dst.len())
+        }
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A complete message.
+    Message(Vec<u8>),
+    /// The peer will send nothing more.
+    End,
+}
+
+/// Incremental frame decoder: feed it bytes in any split, get messages out.
+#[derive(Debug)]
+pub struct Decoder {
+    max_message: u32,
+    header: [u8; HEADER_LEN],
+    header_len: usize,
+    body: Option<(Vec<u8>, usize)>,
+    ended: bool,
+}
+
+impl Decoder {
+    /// A decoder that refuses messages longer than `max_message` bytes.
+    pub fn new(max_message: u32) -> Self {
+        Decoder {
+            max_message,
+            header: [0; HEADER_LEN],
+            header_len: 0,
+            body: None,
+            ended: false,
+        }
+    }
+
+    /// Whether the end-of-stream frame has been decoded.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Whether the decoder holds part of a frame.
+    pub fn mid_frame(&self) -> bool {
+        self.header_len > 0 || self.body.is_some()
+    }
+
+    /// Consumes bytes from `src` up to the end of the next complete frame.
+    ///
+    /// Returns how many bytes were consumed and the frame, if one completed.
+    /// Bytes after a completed frame are left for the next call.
+    pub fn decode<S: ByteSource + ?Sized>(
+        &mut self,
+        src: &S,
+    ) -> Result<(usize, Option<Item>), FrameError> {
+        let avail = src.len();
+        let mut used = 0;
+        if self.ended {
+            return if avail == 0 {
+                Ok((0, None))
+            } else {
+                Err(FrameError::DataAfterEnd)
+            };
+        }
+        if self.body.is_none() {
+            let take = (HEADER_LEN - self.header_len).min(avail);
+            // SAFETY: `[u8]` and `[MaybeUninit<u8>]` have the same layout; we only write initialised bytes.
+            let dst = unsafe {
+                &mut *(&mut self.header[self.header_len..self.header_len + take] as *mut [u8]
+                    as *mut [MaybeUninit<u8>])
+            };
+            src.copy_to(0, dst);
+            self.header_len += take;
+            used += take;
+            if self.header_len < HEADER_LEN {
+                return Ok((used, None));
+            }
+            self.header_len = 0;
+            let len = u32::from_le_bytes(self.header[..4].try_into().expect("4 bytes"));
+            let kind = u32::from_le_bytes(self.header[4..].try_into().expect("4 bytes"));
+            match kind {
+                KIND_END if len != 0 => return Err(FrameError::EndWithPayload(len)),
+                KIND_END => {
+                    self.ended = true;
+                    return Ok((used, Some(Item::End)));
+                }
+                KIND_MESSAGE if len > self.max_message => {
+                    return Err(FrameError::TooLong {
+                        len,
+                        max: self.max_message,
+                    })
+                }
+                KIND_MESSAGE => {
+                    let initial = (len as usize).min(1 << 20);
+                    self.body = Some((Vec::with_capacity(initial), len as usize));
+                }
+                other => return Err(FrameError::UnknownKind(other)),
+            }
+        }
+        let (body, want) = self.body.as_mut().expect("body present after header");
+        let take = (*want - body.len()).min(avail - used);
+        if take > 0 {
+            body.reserve(take);
+            let spare = &mut body.spare_capacity_mut()[..take];
+            src.copy_to(used, spare);
+            // SAFETY: `copy_to` initialised exactly `take` bytes after the current length.
+            unsafe { body.set_len(body.len() + take) };
+            used += take;
+        }
+        if body.len() == *want {
+            let (body, _) = self.body.take().expect("body present");
+            return Ok((used, Some(Item::Message(body))));
+        }
+        Ok((used, None))
+    }
+}
+
+/// A frame being written: header plus payload, and how much of it is out.
+#[derive(Debug)]
+pub struct OutFrame<B> {
+    header: [u8; HEADER_LEN],
+    payload: B,
+    written: usize,
+}
+
+impl<B: AsRef<[u8]>> OutFrame<B> {
+    /// A message frame carrying `payload`. The caller checks the length limit.
+    pub fn message(payload: B) -> Self {
+        let len = u32::try_from(payload.as_ref().len()).expect("caller checks the message limit");
+        OutFrame {
+            header: encode_header(KIND_MESSAGE, len),
+            payload,
+            written: 0,
+        }
+    }
+
+    /// Total bytes of the frame, header included.
+    pub fn total_len(&self) -> usize {
+        HEADER_LEN + self.payload.as_ref().len()
+    }
+
+    /// Whether every byte has been written.
+    pub fn is_done(&self) -> bool {
+        self.written == self.total_len()
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &B {
+        &self.payload
+    }
+
+    /// Copies the next unwritten bytes into `dst`, returning how many.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `room` bytes.
+    pub unsafe fn write_into(&mut self, dst: *mut u8, room: usize) -> usize {
+        let mut done = 0;
+        while done < room && !self.is_done() {
+            let (src, start): (&[u8], usize) = if self.written < HEADER_LEN {
+                (&self.header, self.written)
+            } else {
+                (self.payload.as_ref(), self.written - HEADER_LEN)
+            };
+            let n = (src.len() - start).min(room - done);
+            // SAFETY: `src[start..start + n]` is in bounds; the caller guarantees `dst`
+            // is writable for `room` bytes and `done + n <= room`; our own memory
+            // cannot overlap the destination the caller handed us.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(start), dst.add(done), n) };
+            done += n;
+            self.written += n;
+        }
+        done
+    }
+}
+
+impl OutFrame<&'static [u8]> {
+    /// The end-of-stream frame.
+    pub fn end() -> Self {
+        OutFrame {
+            header: encode_header(KIND_END, 0),
+            payload: &[],
+            written: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(msgs: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in msgs {
+            out.extend_from_slice(&encode_header(KIND_MESSAGE, m.len() as u32));
+            out.extend_from_slice(m);
+        }
+        out.extend_from_slice(&encode_header(KIND_END, 0));
+        out
+    }
+
+    fn decode_all(bytes: &[u8], split: usize) -> Result<Vec<Item>, FrameError> {
+        let mut d = Decoder::new(1 << 20);
+        let mut items = Vec::new();
+        for chunk in bytes.chunks(split.max(1)) {
+            let mut off = 0;
+            while off < chunk.len() {
+                let (n, item) = d.decode(&chunk[off..])?;
+                off += n;
+                items.extend(item);
+            }
+        }
+        Ok(items)
+    }
+
+    #[test]
+    fn round_trip_in_every_split() {
+        let big = vec![7u8; 3000];
+        let msgs: Vec<&[u8]> = vec![b"", b"a", b"hello", &big];
+        let bytes = encode(&msgs);
+        for split in [1, 2, 3, 7, 8, 9, 64, 5000] {
+            let items = decode_all(&bytes, split).unwrap();
+            assert_eq!(items.len(), msgs.len() + 1, "split {split}");
+            for (item, m) in items.iter().zip(&msgs) {
+                assert_eq!(item, &Item::Message(m.to_vec()));
+            }
+            assert_eq!(items.last(), Some(&Item::End));
+        }
+    }
+
+    #[test]
+    fn refuses_bad_headers() {
+        let mut d = Decoder::new(100);
+        assert_eq!(
+            d.decode(&encode_header(KIND_MESSAGE, 101)[..]),
+            Err(FrameError::TooLong { len: 101, max: 100 })
+        );
+        let mut d = Decoder::new(100);
+        assert_eq!(
+            d.decode(&encode_header(7, 1)[..]),
+            Err(FrameError::UnknownKind(7))
+        );
+        let mut d = Decoder::new(100);
+        assert_eq!(
+            d.decode(&encode_header(KIND_END, 1)[..]),
+            Err(FrameError::EndWithPayload(1))
+        );
+        let mut d = Decoder::new(100);
+        assert_eq!(
+            d.decode(&encode_header(KIND_END, 0)[..]).unwrap(),
+            (8, Some(Item::End))
+        );
+        assert_eq!(d.decode(&[0u8][..]), Err(FrameError::DataAfterEnd));
+    }
+
+    #[test]
+    fn out_frame_writes_in_pieces() {
+        let mut f = OutFrame::message(&b"payload"[..]);
+        let mut buf = vec![0u8; f.total_len()];
+        let mut off = 0;
+        while !f.is_done() {
+            let room = 3.min(buf.len() - off);
+            // SAFETY: `buf[off..off + room]` is in bounds and writable.
+            off += unsafe { f.write_into(buf.as_mut_ptr().add(off), room) };
+        }
+        let mut d = Decoder::new(100);
+        assert_eq!(
+            d.decode(&buf[..]).unwrap(),
+            (15, Some(Item::Message(b"payload".to_vec())))
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! The shmlink D-Bus contract, as Rust constants.
+//!
+//! This crate is the single source of truth for every name that crosses the
+//! bus: the well-known name, object paths, interface and member names, option
+//! and parameter keys, error names and the default limits. The introspection
+//! XML beside it (`org.shmlink.Broker1.xml`, `org.shmlink.Session1.xml`) is
+//! embedded here so that tests can compare it with a live daemon, and
+//! `DATA-PLANE.md` documents what flows through the rings.
+#![deny(missing_docs)]
+
+/// Well-known bus name the broker owns.
+pub const BUS_NAME: &str = "org.shmlink.Broker1";
+/// Object path of the broker object.
+pub const BROKER_PATH: &str = "/org/shmlink/Broker1";
+/// Interface of the broker object.
+pub const BROKER_INTERFACE: &str = "org.shmlink.Broker1";
+/// Interface of each session object.
+pub const SESSION_INTERFACE: &str = "org.shmlink.Session1";
+/// Session objects live at this prefix followed by a decimal number.
+pub const SESSION_PATH_PREFIX: &str = "/org/shmlink/Broker1/session/";
+
+/// Introspection XML of `org.shmlink.Broker1`, with documentation.
+pub const BROKER_XML: &str = include_str!("../org.shmlink.Broker1.xml");
+/// Introspection XML of `org.shmlink.Session1`, with documentation.
+pub const SESSION_XML: &str = include_str!("../org.shmlink.Session1.xml");
+
+/// Members of `org.shmlink.Broker1` and `org.shmlink.Session1`.
+pub mod member {
+    /// Broker method that creates a session.
+    pub const OPEN_SESSION: &str = "OpenSession";
+    /// Broker method that lists open sessions.
+    pub const LIST_SESSIONS: &str = "ListSessions";
+    /// Broker signal emitted when a session ends.
+    pub const SESSION_CLOSED: &str = "SessionClosed";
+    /// Broker property: version string.
+    pub const VERSION: &str = "Version";
+    /// Broker property: names of the hosted services.
+    pub const SERVICES: &str = "Services";
+    /// Broker property: number of open sessions.
+    pub const SESSION_COUNT: &str = "SessionCount";
+    /// Broker property: largest accepted ring capacity.
+    pub const MAX_CAPACITY: &str = "MaxCapacity";
+    /// Broker property: largest message a session carries.
+    pub const MAX_MESSAGE_SIZE: &str = "MaxMessageSize";
+    /// Session method that ends the session.
+    pub const CLOSE: &str = "Close";
+    /// Session property: service name.
+    pub const SERVICE: &str = "Service";
+    /// Session property: owner's unique bus name.
+    pub const OWNER: &str = "Owner";
+    /// Session property: owner's uid.
+    pub const OWNER_UID: &str = "OwnerUid";
+    /// Session property: owner's pid.
+    pub const OWNER_PID: &str = "OwnerPid";
+    /// Session property: payload bytes received by the service.
+    pub const BYTES_TO_SERVER: &str = "BytesToServer";
+    /// Session property: messages received by the service.
+    pub const MESSAGES_TO_SERVER: &str = "MessagesToServer";
+    /// Session property: payload bytes queued for the client.
+    pub const BYTES_TO_CLIENT: &str = "BytesToClient";
+    /// Session property: messages queued for the client.
+    pub const MESSAGES_TO_CLIENT: &str = "MessagesToClient";
+    /// Session property: service-specific state dictionary.
+    pub const SERVICE_STATE: &str = "ServiceState";
+}
+
+/// Keys of the `options` dictionary of `OpenSession`.
+pub mod option {
+    /// Bytes per ring (`t` or `u`).
+    pub const CAPACITY: &str = "capacity";
+    /// Wake-up strategy (`s`): [`super::wakeup::PARK`] or [`super::wakeup::SPIN`].
+    pub const WAKEUP: &str = "wakeup";
+    /// Spin budget in microseconds for spin mode (`u`).
+    pub const SPIN_US: &str = "spin-us";
+    /// `source` service: size of each message (`t` or `u`).
+    pub const MESSAGE_SIZE: &str = "message-size";
+    /// `source` service: number of messages (`t` or `u`).
+    pub const COUNT: &str = "count";
+}
+
+/// Keys of the `parameters` dictionary `OpenSession` returns.
+pub mod param {
+    /// Largest message either side may send (`t`).
+    pub const MAX_MESSAGE: &str = "max-message";
+    /// Negotiated wake-up strategy (`s`).
+    pub const WAKEUP: &str = "wakeup";
+    /// Negotiated spin budget in microseconds (`u`).
+    pub const SPIN_US: &str = "spin-us";
+}
+
+/// Values of the `wakeup` option.
+pub mod wakeup {
+    /// Block on the eventfd as soon as the ring has nothing to do (default).
+    pub const PARK: &str = "park";
+    /// Busy-poll the ring for up to `spin-us` microseconds before blocking.
+    pub const SPIN: &str = "spin";
+}
+
+/// D-Bus error names the broker returns.
+pub mod error {
+    /// `OpenSession` named a service the broker does not host.
+    pub const UNKNOWN_SERVICE: &str = "org.shmlink.Error.UnknownService";
+    /// An option key is unknown, ill-typed or out of range.
+    pub const INVALID_OPTION: &str = "org.shmlink.Error.InvalidOption";
+    /// The `capacity` option is below the minimum or above the maximum.
+    pub const INVALID_CAPACITY: &str = "org.shmlink.Error.InvalidCapacity";
+    /// The session does not exist (any more).
+    pub const UNKNOWN_SESSION: &str = "org.shmlink.Error.UnknownSession";
+    /// A configured limit would be exceeded; the message names the limit.
+    pub const LIMIT_EXCEEDED: &str = "org.shmlink.Error.LimitExceeded";
+    /// The caller may not do this (not the owner, not allowed to use the service).
+    pub const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
+    /// The broker failed for a reason of its own (out of memory, fds, ...).
+    pub const INTERNAL: &str = "org.shmlink.Error.Internal";
+}
+
+/// Default and hard limits shared by both sides.
+pub mod limits {
+    /// Ring capacity when the client does not ask for one.
+    pub const DEFAULT_CAPACITY: u64 = 1 << 20;
+    /// Smallest ring capacity a broker accepts.
+    pub const MIN_CAPACITY: u64 = 64;
+    /// Default largest ring capacity a broker accepts.
+    pub const DEFAULT_MAX_CAPACITY: u64 = 64 << 20;
+    /// Default largest message size.
+    pub const DEFAULT_MAX_MESSAGE: u64 = 64 << 20;
+    /// Largest message size any broker may configure (the frame length field is 32 bits).
+    pub const HARD_MAX_MESSAGE: u64 = u32::MAX as u64;
+    /// Default spin budget in microseconds for spin mode.
+    pub const DEFAULT_SPIN_US: u32 = 50;
+    /// Largest spin budget in microseconds.
+    pub const MAX_SPIN_US: u32 = 10_000;
+}
+
+/// Built-in service names of the reference daemon.
+pub mod service {
+    /// Every message comes back unchanged, in order.
+    pub const ECHO: &str = "echo";
+    /// Discards messages, counting bytes and messages and keeping a CRC-32.
+    pub const SINK: &str = "sink";
+    /// Sends `count` messages of `message-size` bytes with a verifiable pattern.
+    pub const SOURCE: &str = "source";
+}
+
+/// The byte at `offset` of message number `index` that the `source` service sends.
+///
+/// Documented in DATA-PLANE.md so that clients in any language can verify it.
+pub fn source_pattern_byte(index: u64, offset: u64) -> u8 {
+    (index.wrapping_add(offset) % 251) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xml_names_every_constant() {
+        for name in [
+            member::OPEN_SESSION,
+            member::LIST_SESSIONS,
+            member::SESSION_CLOSED,
+            member::VERSION,
+            member::SERVICES,
+            member::SESSION_COUNT,
+            member::MAX_CAPACITY,
+            member::MAX_MESSAGE_SIZE,
+            BROKER_INTERFACE,
+        ] {
+            assert!(
+                BROKER_XML.contains(&format!("\"{name}\"")),
+                "{name} missing from Broker1 XML"
+            );
+        }
+        for name in [
+            member::CLOSE,
+            member::SERVICE,
+            member::OWNER,
+            member::OWNER_UID,
+            member::OWNER_PID,
+            member::BYTES_TO_SERVER,
+            member::MESSAGES_TO_SERVER,
+            member::BYTES_TO_CLIENT,
+            member::MESSAGES_TO_CLIENT,
+            member::SERVICE_STATE,
+            SESSION_INTERFACE,
+        ] {
+            assert!(
+                SESSION_XML.contains(&format!("\"{name}\"")),
+                "{name} missing from Session1 XML"
+            );
+        }
+        for name in [
+            error::UNKNOWN_SERVICE,
+            error::INVALID_OPTION,
+            error::INVALID_CAPACITY,
+            error::LIMIT_EXCEEDED,
+            error::ACCESS_DENIED,
+            error::INTERNAL,
+        ] {
+            assert!(
+                BROKER_XML.contains(name),
+                "{name} undocumented in Broker1 XML"
+            );
+        }
+        assert!(SESSION_XML.contains(error::UNKNOWN_SESSION));
+    }
+
+    #[test]
+    fn source_pattern_is_periodic_in_251() {
+        assert_eq!(source_pattern_byte(0, 0), 0);
+        assert_eq!(source_pattern_byte(1, 250), 0);
+        assert_eq!(source_pattern_byte(3, 4), 7);
+    }
+}
