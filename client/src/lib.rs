@@ -1,1 +1,239 @@
+//! Client library for shmlink: open a shared-memory session with a service
+//! hosted by `shmlinkd`, then stream messages both ways at memory speed.
+//!
+//! D-Bus carries only the set-up (`OpenSession`); the data flows through two
+//! sealed memfd rings that this library checks before mapping, so a lying
+//! server cannot crash the client.
+//!
+//! ```no_run
+//! let client = shmlink::Client::connect(&shmlink::Bus::Session)?;
+//! let mut session = client.session("echo").capacity(1 << 20).open()?;
+//! session.send(b"hello")?;
+//! assert_eq!(session.recv()?.as_deref(), Some(&b"hello"[..]));
+//! # Ok::<(), shmlink::Error>(())
+//! ```
+#![deny(missing_docs)]
 
+pub mod process;
+mod session;
+
+pub use session::{Counters, Session, SessionBuilder, SessionReader, SessionWriter};
+pub use shmlink_endpoint::Wakeup;
+
+use dbus::arg::PropMap;
+use dbus::blocking::stdintf::org_freedesktop_dbus::Properties;
+use dbus::blocking::SyncConnection;
+use dbus::channel::Channel;
+use shmlink_interfaces::{member, BROKER_INTERFACE, BROKER_PATH, BUS_NAME};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Timeout for D-Bus calls to the broker.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which bus to find the broker on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bus {
+    /// The session bus (`DBUS_SESSION_BUS_ADDRESS`).
+    Session,
+    /// The system bus.
+    System,
+    /// A bus by address.
+    Address(String),
+}
+
+impl std::str::FromStr for Bus {
+    type Err = std::convert::Infallible;
+    /// `session`, `system`, or anything else as an address.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "session" => Bus::Session,
+            "system" => Bus::System,
+            other => Bus::Address(other.to_owned()),
+        })
+    }
+}
+
+impl std::fmt::Display for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bus::Session => f.write_str("session bus"),
+            Bus::System => f.write_str("system bus"),
+            Bus::Address(a) => write!(f, "bus at {a}"),
+        }
+    }
+}
+
+/// Everything the client library can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Could not reach the bus.
+    #[error("cannot connect to the {bus}: {message}")]
+    Connect {
+        /// Which bus.
+        bus: String,
+        /// Why.
+        message: String,
+    },
+    /// The broker (or the bus) answered a call with an error.
+    #[error("{name}: {message}")]
+    Refused {
+        /// The D-Bus error name, e.g. `org.shmlink.Error.UnknownService`.
+        name: String,
+        /// The human-readable text.
+        message: String,
+    },
+    /// The broker's reply did not have the expected shape.
+    #[error("unexpected reply from the broker: {0}")]
+    BadReply(String),
+    /// The data plane failed (peer gone, corrupt ring, bad fd...).
+    #[error(transparent)]
+    Session(#[from] shmlink_endpoint::Error),
+}
+
+impl Error {
+    /// The D-Bus error name if the broker refused the call.
+    pub fn dbus_name(&self) -> Option<&str> {
+        match self {
+            Error::Refused { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+}
+
+impl From<dbus::Error> for Error {
+    fn from(e: dbus::Error) -> Self {
+        Error::Refused {
+            name: e.name().unwrap_or("org.freedesktop.DBus.Error.Failed").to_owned(),
+            message: e.message().unwrap_or("").to_owned(),
+        }
+    }
+}
+
+/// One row of `ListSessions`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionEntry {
+    /// Object path.
+    pub path: String,
+    /// Service name.
+    pub service: String,
+    /// Owner's unique bus name.
+    pub owner: String,
+    /// Owner's uid.
+    pub uid: u32,
+    /// Owner's pid.
+    pub pid: u32,
+}
+
+/// A connection to the broker.
+#[derive(Clone)]
+pub struct Client {
+    conn: Arc<SyncConnection>,
+    bus: Bus,
+}
+
+impl Client {
+    /// Connects to `bus`. Nothing is asked of the broker yet.
+    pub fn connect(bus: &Bus) -> Result<Client, Error> {
+        let err = |m: String| Error::Connect { bus: bus.to_string(), message: m };
+        let channel = match bus {
+            Bus::Session => {
+                if std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_none() {
+                    return Err(err("DBUS_SESSION_BUS_ADDRESS is not set (no session bus here); \
+                                    give --bus ADDRESS, or run `shmlink demo` for a private bus"
+                        .into()));
+                }
+                Channel::get_private(dbus::channel::BusType::Session).map_err(|e| err(e.to_string()))?
+            }
+            Bus::System => Channel::get_private(dbus::channel::BusType::System).map_err(|e| err(e.to_string()))?,
+            Bus::Address(a) => {
+                let mut c = Channel::open_private(a).map_err(|e| err(e.to_string()))?;
+                c.register().map_err(|e| err(e.to_string()))?;
+                c
+            }
+        };
+        Ok(Client { conn: Arc::new(SyncConnection::from(channel)), bus: bus.clone() })
+    }
+
+    /// The bus this client talks on.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// This connection's unique bus name.
+    pub fn unique_name(&self) -> String {
+        self.conn.unique_name().to_string()
+    }
+
+    pub(crate) fn proxy<'a>(&'a self, path: &'a str) -> dbus::blocking::Proxy<'a, &'a SyncConnection> {
+        self.conn.with_proxy(BUS_NAME, path, CALL_TIMEOUT)
+    }
+
+    pub(crate) fn connection(&self) -> &Arc<SyncConnection> {
+        &self.conn
+    }
+
+    /// Starts building a session with `service`.
+    pub fn session(&self, service: &str) -> SessionBuilder {
+        SessionBuilder::new(self.clone(), service)
+    }
+
+    /// Calls `org.freedesktop.DBus.Peer.Ping` on the broker and returns the round trip.
+    ///
+    /// On a bus with activation this also starts the broker.
+    pub fn ping(&self) -> Result<Duration, Error> {
+        let start = Instant::now();
+        self.proxy(BROKER_PATH).method_call::<(), _, _, _>("org.freedesktop.DBus.Peer", "Ping", ())?;
+        Ok(start.elapsed())
+    }
+
+    fn broker_prop<T: for<'b> dbus::arg::Get<'b> + 'static>(&self, name: &str) -> Result<T, Error> {
+        Ok(self.proxy(BROKER_PATH).get(BROKER_INTERFACE, name)?)
+    }
+
+    /// The broker's version.
+    pub fn version(&self) -> Result<String, Error> {
+        self.broker_prop(member::VERSION)
+    }
+
+    /// Services the broker hosts.
+    pub fn services(&self) -> Result<Vec<String>, Error> {
+        self.broker_prop(member::SERVICES)
+    }
+
+    /// Sessions open right now.
+    pub fn session_count(&self) -> Result<u32, Error> {
+        self.broker_prop(member::SESSION_COUNT)
+    }
+
+    /// Largest ring capacity the broker accepts.
+    pub fn max_capacity(&self) -> Result<u64, Error> {
+        self.broker_prop(member::MAX_CAPACITY)
+    }
+
+    /// Largest message size the broker allows.
+    pub fn max_message_size(&self) -> Result<u64, Error> {
+        self.broker_prop(member::MAX_MESSAGE_SIZE)
+    }
+
+    /// Every open session.
+    pub fn list_sessions(&self) -> Result<Vec<SessionEntry>, Error> {
+        let (list,): (Vec<(dbus::Path<'static>, String, String, u32, u32)>,) =
+            self.proxy(BROKER_PATH).method_call(BROKER_INTERFACE, member::LIST_SESSIONS, ())?;
+        Ok(list
+            .into_iter()
+            .map(|(path, service, owner, uid, pid)| SessionEntry { path: path.to_string(), service, owner, uid, pid })
+            .collect())
+    }
+
+    /// Calls `Close` on a session by path (owner or root only).
+    pub fn close_session(&self, path: &str) -> Result<(), Error> {
+        self.proxy(path).method_call::<(), _, _, _>(shmlink_interfaces::SESSION_INTERFACE, member::CLOSE, ())?;
+        Ok(())
+    }
+
+    /// All readable properties of a session (owner or root sees the counters).
+    pub fn session_properties(&self, path: &str) -> Result<PropMap, Error> {
+        Ok(self.proxy(path).get_all(shmlink_interfaces::SESSION_INTERFACE)?)
+    }
+}

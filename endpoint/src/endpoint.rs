@@ -6,7 +6,8 @@ use crate::sys::{self, FdKind, HangupState};
 use crate::Error;
 use shmem_ipc::sharedring::{Receiver, Sender};
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Bytes shmem-ipc reserves at the start of each ring's memfd.
@@ -109,42 +110,211 @@ fn validate_ring(name: &str, fds: &RingFds) -> Result<(), Error> {
     Ok(())
 }
 
-/// One side of a session.
-pub struct Endpoint {
-    tx: RingTx,
-    rx: RingRx,
+/// What both halves of an endpoint share: the hang-up socket and the wait policy.
+struct Link {
     hangup: OwnedFd,
     wakeup: Wakeup,
     max_message: u32,
+}
+
+impl Link {
+    fn peer_gone(&self) -> Result<bool, Error> {
+        match sys::hangup_state(self.hangup.as_fd())? {
+            HangupState::Open => Ok(false),
+            HangupState::Closed => Ok(true),
+            HangupState::Written => Err(Error::HangupWritten),
+        }
+    }
+
+    /// Blocks until `ready()` says the ring can make progress, the peer
+    /// leaves, or the deadline passes. `signal` is the eventfd the peer
+    /// writes when it made progress for us.
+    fn wait(
+        &self,
+        signal: BorrowedFd<'_>,
+        deadline: Option<Instant>,
+        mut ready: impl FnMut() -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        if let Wakeup::Spin(budget) = self.wakeup {
+            let mut failed = None;
+            let now_ready = sys::spin_until(budget, || match ready() {
+                Ok(r) => r,
+                Err(e) => {
+                    failed = Some(e);
+                    true
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if now_ready {
+                return Ok(());
+            }
+        }
+        loop {
+            if ready()? {
+                return Ok(());
+            }
+            let polled = sys::poll_readable(&[signal, self.hangup.as_fd()], deadline)?;
+            if polled[0].readable {
+                sys::eventfd_drain(signal)?;
+            }
+            if polled[1].readable || polled[1].hangup {
+                // Data the peer wrote before leaving is still ours to read.
+                if ready()? {
+                    return Ok(());
+                }
+                if self.peer_gone()? {
+                    return Err(Error::Closed);
+                }
+            }
+            let woke = polled[0].readable || polled[1].readable || polled[1].hangup;
+            if !woke && deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(Error::TimedOut);
+            }
+        }
+    }
+}
+
+/// The sending half of an endpoint; see [`Endpoint::split`].
+pub struct EndpointSender {
+    tx: RingTx,
+    link: Arc<Link>,
     timeout: Option<Duration>,
     sent_end: bool,
-    send_capacity: u64,
-    recv_capacity: u64,
+    capacity: u64,
+}
+
+impl EndpointSender {
+    /// Sends one message, blocking while the outgoing ring is full.
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
+        if self.sent_end {
+            return Err(Error::AlreadyFinished);
+        }
+        if msg.len() > self.link.max_message as usize {
+            return Err(Error::TooLarge { len: msg.len(), max: self.link.max_message });
+        }
+        self.send_frame(OutFrame::message(msg))
+    }
+
+    /// Sends the end-of-stream marker: this side will send nothing more.
+    pub fn finish(&mut self) -> Result<(), Error> {
+        if self.sent_end {
+            return Ok(());
+        }
+        self.send_frame(OutFrame::end())?;
+        self.sent_end = true;
+        Ok(())
+    }
+
+    fn send_frame<B: AsRef<[u8]>>(&mut self, mut frame: OutFrame<B>) -> Result<(), Error> {
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        while !self.tx.write_frame(&mut frame)? {
+            let raw = self.tx.space_signal().as_raw_fd();
+            // SAFETY: the eventfd is owned by `self.tx`, which outlives this call
+            // and is not dropped or replaced while we wait.
+            let signal = unsafe { BorrowedFd::borrow_raw(raw) };
+            let tx = &mut self.tx;
+            self.link.wait(signal, deadline, || tx.has_room())?;
+        }
+        Ok(())
+    }
+
+    /// Sets how long a blocking call may wait (None: forever).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// Largest message this side may send.
+    pub fn max_message(&self) -> u32 {
+        self.link.max_message
+    }
+
+    /// Usable bytes of the outgoing ring.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+/// The receiving half of an endpoint; see [`Endpoint::split`].
+pub struct EndpointReceiver {
+    rx: RingRx,
+    link: Arc<Link>,
+    timeout: Option<Duration>,
+    capacity: u64,
+}
+
+impl EndpointReceiver {
+    /// Receives the next message, blocking until one arrives.
+    ///
+    /// Returns `None` once the peer has finished sending (end of stream).
+    pub fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.rx.ended() {
+                return Ok(None);
+            }
+            match self.rx.read_item()? {
+                Some(Item::Message(m)) => return Ok(Some(m)),
+                Some(Item::End) => return Ok(None),
+                None => {
+                    let raw = self.rx.data_signal().as_raw_fd();
+                    // SAFETY: the eventfd is owned by `self.rx`, which outlives this
+                    // call and is not dropped or replaced while we wait.
+                    let signal = unsafe { BorrowedFd::borrow_raw(raw) };
+                    let rx = &mut self.rx;
+                    self.link.wait(signal, deadline, || rx.has_data())?;
+                }
+            }
+        }
+    }
+
+    /// Receives a message if a complete one is already there, without blocking.
+    pub fn try_recv(&mut self) -> Result<Option<Item>, Error> {
+        if self.rx.ended() {
+            return Ok(Some(Item::End));
+        }
+        self.rx.read_item()
+    }
+
+    /// Sets how long a blocking call may wait (None: forever).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// Usable bytes of the incoming ring.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+}
+
+/// One side of a session: both halves together.
+pub struct Endpoint {
+    sender: EndpointSender,
+    receiver: EndpointReceiver,
 }
 
 impl Endpoint {
+    fn assemble(tx: RingTx, rx: RingRx, hangup: OwnedFd, wakeup: Wakeup, max_message: u32, caps: (u64, u64)) -> Self {
+        let link = Arc::new(Link { hangup, wakeup, max_message });
+        Endpoint {
+            sender: EndpointSender { tx, link: link.clone(), timeout: None, sent_end: false, capacity: caps.0 },
+            receiver: EndpointReceiver { rx, link, timeout: None, capacity: caps.1 },
+        }
+    }
+
     /// Creates a session's rings as the server: returns the server's side and
     /// the fds to hand to the client.
     ///
     /// `capacity` is rounded up as shmem-ipc rounds it; the rounded value is in the returned fds.
-    pub fn create_server(
-        capacity: u64,
-        max_message: u32,
-        wakeup: Wakeup,
-    ) -> Result<(Endpoint, PeerFds), Error> {
+    pub fn create_server(capacity: u64, max_message: u32, wakeup: Wakeup) -> Result<(Endpoint, PeerFds), Error> {
         let capacity = rounded_capacity(capacity);
-        let cap =
-            usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
+        let cap = usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
         let rx_ring = Receiver::<u8>::new(cap).map_err(setup)?;
         let tx_ring = Sender::<u8>::new(cap).map_err(setup)?;
         // We never block on these eventfds; non-blocking writes keep a peer
         // that stops reading them from stalling us.
-        for f in [
-            rx_ring.empty_signal(),
-            rx_ring.full_signal(),
-            tx_ring.empty_signal(),
-            tx_ring.full_signal(),
-        ] {
+        for f in [rx_ring.empty_signal(), rx_ring.full_signal(), tx_ring.empty_signal(), tx_ring.full_signal()] {
             sys::set_nonblocking(f.as_fd())?;
         }
         let (ours, theirs) = sys::socketpair()?;
@@ -163,17 +333,14 @@ impl Endpoint {
             },
             hangup: theirs,
         };
-        let ep = Endpoint {
-            tx: RingTx::new(tx_ring),
-            rx: RingRx::new(rx_ring, max_message),
-            hangup: ours,
+        let ep = Endpoint::assemble(
+            RingTx::new(tx_ring),
+            RingRx::new(rx_ring, max_message),
+            ours,
             wakeup,
             max_message,
-            timeout: None,
-            sent_end: false,
-            send_capacity: capacity,
-            recv_capacity: capacity,
-        };
+            (capacity, capacity),
+        );
         Ok((ep, peer))
     }
 
@@ -184,92 +351,81 @@ impl Endpoint {
         validate_ring("server-to-client ring", &fds.to_client)?;
         match sys::fd_kind(fds.hangup.as_fd())? {
             FdKind::Socket => {}
-            other => {
-                return Err(Error::BadFd(format!(
-                    "hang-up fd is not a socket ({other:?})"
-                )))
-            }
+            other => return Err(Error::BadFd(format!("hang-up fd is not a socket ({other:?})"))),
         }
         let open_tx = |r: RingFds| {
-            Sender::<u8>::open(
-                r.capacity as usize,
-                r.memfd.into(),
-                r.empty_signal.into(),
-                r.full_signal.into(),
-            )
-            .map_err(setup)
+            Sender::<u8>::open(r.capacity as usize, r.memfd.into(), r.empty_signal.into(), r.full_signal.into())
+                .map_err(setup)
         };
         let open_rx = |r: RingFds| {
-            Receiver::<u8>::open(
-                r.capacity as usize,
-                r.memfd.into(),
-                r.empty_signal.into(),
-                r.full_signal.into(),
-            )
-            .map_err(setup)
+            Receiver::<u8>::open(r.capacity as usize, r.memfd.into(), r.empty_signal.into(), r.full_signal.into())
+                .map_err(setup)
         };
-        let (send_capacity, recv_capacity) = (fds.to_server.capacity, fds.to_client.capacity);
-        Ok(Endpoint {
-            tx: RingTx::new(open_tx(fds.to_server)?),
-            rx: RingRx::new(open_rx(fds.to_client)?, max_message),
-            hangup: fds.hangup,
+        let caps = (fds.to_server.capacity, fds.to_client.capacity);
+        Ok(Endpoint::assemble(
+            RingTx::new(open_tx(fds.to_server)?),
+            RingRx::new(open_rx(fds.to_client)?, max_message),
+            fds.hangup,
             wakeup,
             max_message,
-            timeout: None,
-            sent_end: false,
-            send_capacity,
-            recv_capacity,
-        })
+            caps,
+        ))
+    }
+
+    /// Splits into halves that can be used from two threads at once.
+    pub fn split(self) -> (EndpointSender, EndpointReceiver) {
+        (self.sender, self.receiver)
     }
 
     /// Largest message either side may send.
     pub fn max_message(&self) -> u32 {
-        self.max_message
+        self.sender.link.max_message
     }
 
     /// Usable bytes of the outgoing ring.
     pub fn send_capacity(&self) -> u64 {
-        self.send_capacity
+        self.sender.capacity
     }
 
     /// Usable bytes of the incoming ring.
     pub fn recv_capacity(&self) -> u64 {
-        self.recv_capacity
+        self.receiver.capacity
     }
 
     /// Sets how long a blocking call may wait before failing with [`Error::TimedOut`] (None: forever).
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
-        self.timeout = timeout;
+        self.sender.timeout = timeout;
+        self.receiver.timeout = timeout;
     }
 
     /// How this side waits.
     pub fn wakeup(&self) -> Wakeup {
-        self.wakeup
+        self.sender.link.wakeup
     }
 
     /// The outgoing ring, for event loops.
     pub fn tx(&mut self) -> &mut RingTx {
-        &mut self.tx
+        &mut self.sender.tx
     }
 
     /// The incoming ring, for event loops.
     pub fn rx(&mut self) -> &mut RingRx {
-        &mut self.rx
+        &mut self.receiver.rx
     }
 
     /// The fd that becomes readable when incoming data arrives.
     pub fn readable_fd(&self) -> BorrowedFd<'_> {
-        self.rx.data_signal()
+        self.receiver.rx.data_signal()
     }
 
     /// The fd that becomes readable when the outgoing ring gets room.
     pub fn writable_fd(&self) -> BorrowedFd<'_> {
-        self.tx.space_signal()
+        self.sender.tx.space_signal()
     }
 
     /// The hang-up socket, readable when the peer closed its end.
     pub fn hangup_fd(&self) -> BorrowedFd<'_> {
-        self.hangup.as_fd()
+        self.sender.link.hangup.as_fd()
     }
 
     /// Resets both wake-up eventfds we wait on, without blocking.
@@ -281,131 +437,28 @@ impl Endpoint {
 
     /// Checks the hang-up socket without blocking: Ok(true) if the peer left.
     pub fn peer_gone(&self) -> Result<bool, Error> {
-        match sys::hangup_state(self.hangup.as_fd())? {
-            HangupState::Open => Ok(false),
-            HangupState::Closed => Ok(true),
-            HangupState::Written => Err(Error::HangupWritten),
-        }
+        self.sender.link.peer_gone()
     }
 
     /// Sends one message, blocking while the outgoing ring is full.
     pub fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
-        if self.sent_end {
-            return Err(Error::AlreadyFinished);
-        }
-        if msg.len() > self.max_message as usize {
-            return Err(Error::TooLarge {
-                len: msg.len(),
-                max: self.max_message,
-            });
-        }
-        self.send_frame(OutFrame::message(msg))
+        self.sender.send(msg)
     }
 
     /// Sends the end-of-stream marker: this side will send nothing more.
     pub fn finish(&mut self) -> Result<(), Error> {
-        if self.sent_end {
-            return Ok(());
-        }
-        self.send_frame(OutFrame::end())?;
-        self.sent_end = true;
-        Ok(())
+        self.sender.finish()
     }
 
-    fn send_frame<B: AsRef<[u8]>>(&mut self, mut frame: OutFrame<B>) -> Result<(), Error> {
-        let deadline = self.timeout.map(|t| Instant::now() + t);
-        while !self.tx.write_frame(&mut frame)? {
-            self.wait(Direction::Send, deadline)?;
-        }
-        Ok(())
-    }
-
-    /// Receives the next message, blocking until one arrives.
-    ///
-    /// Returns `None` once the peer has finished sending (end of stream).
+    /// Receives the next message, blocking until one arrives; `None` at end of stream.
     pub fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
-        let deadline = self.timeout.map(|t| Instant::now() + t);
-        loop {
-            if self.rx.ended() {
-                return Ok(None);
-            }
-            match self.rx.read_item()? {
-                Some(Item::Message(m)) => return Ok(Some(m)),
-                Some(Item::End) => return Ok(None),
-                None => self.wait(Direction::Recv, deadline)?,
-            }
-        }
+        self.receiver.recv()
     }
 
     /// Receives a message if a complete one is already there, without blocking.
     pub fn try_recv(&mut self) -> Result<Option<Item>, Error> {
-        if self.rx.ended() {
-            return Ok(Some(Item::End));
-        }
-        self.rx.read_item()
+        self.receiver.try_recv()
     }
-
-    fn ready(&mut self, dir: Direction) -> Result<bool, Error> {
-        match dir {
-            Direction::Send => self.tx.has_room(),
-            Direction::Recv => self.rx.has_data(),
-        }
-    }
-
-    /// Blocks until the ring in `dir` can make progress, the peer leaves, or the deadline passes.
-    fn wait(&mut self, dir: Direction, deadline: Option<Instant>) -> Result<(), Error> {
-        if let Wakeup::Spin(budget) = self.wakeup {
-            let mut failed = None;
-            let ready = sys::spin_until(budget, || match self.ready(dir) {
-                Ok(r) => r,
-                Err(e) => {
-                    failed = Some(e);
-                    true
-                }
-            });
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            if ready {
-                return Ok(());
-            }
-        }
-        loop {
-            if self.ready(dir)? {
-                return Ok(());
-            }
-            let signal = match dir {
-                Direction::Send => self.tx.space_signal(),
-                Direction::Recv => self.rx.data_signal(),
-            };
-            let ready = sys::poll_readable(&[signal, self.hangup.as_fd()], deadline)?;
-            if ready[0].readable {
-                sys::eventfd_drain(signal)?;
-            }
-            if ready[1].readable || ready[1].hangup {
-                // Data the peer wrote before leaving is still ours to read.
-                if self.ready(dir)? {
-                    return Ok(());
-                }
-                if self.peer_gone()? {
-                    return Err(Error::Closed);
-                }
-            }
-            if !ready[0].readable && !ready[1].readable && !ready[1].hangup {
-                if let Some(d) = deadline {
-                    if Instant::now() >= d {
-                        return Err(Error::TimedOut);
-                    }
-                }
-            }
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Direction {
-    Send,
-    Recv,
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ pub mod frame;
 mod ring;
 pub mod sys;
 
-pub use endpoint::{Endpoint, PeerFds, RingFds, Wakeup};
+pub use endpoint::{rounded_capacity, Endpoint, EndpointReceiver, EndpointSender, PeerFds, RingFds, Wakeup};
 pub use frame::{FrameError, Item, OutFrame};
 pub use ring::{RingRx, RingTx};
 

@@ -1,1 +1,145 @@
+//! Test harness: a private `dbus-daemon` and a real `shmlinkd` per test,
+//! started as child processes and killed and reaped on drop.
+//!
+//! Each [`Harness`] has its own bus, so tests run in parallel without
+//! seeing each other. Waits poll with a deadline ([`wait_until`]); nothing
+//! sleeps to synchronise.
+#![deny(missing_docs)]
 
+pub mod sdboot;
+
+use shmlink::process::{locate_daemon, DaemonProcess, PrivateBus};
+use shmlink::{Bus, Client};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The default deadline for things that should happen "soon".
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A private bus with a `shmlinkd` on it.
+pub struct Harness {
+    // Field order matters: the daemon must go before its bus.
+    daemon: Option<DaemonProcess>,
+    bus: PrivateBus,
+    daemon_args: Vec<String>,
+}
+
+impl Harness {
+    /// A bus and a daemon with default settings.
+    pub fn start() -> Harness {
+        Self::with_args(&[])
+    }
+
+    /// A bus and a daemon started with extra command-line arguments.
+    pub fn with_args(args: &[&str]) -> Harness {
+        let bus = PrivateBus::start().expect("start a private dbus-daemon");
+        let daemon = DaemonProcess::start(&daemon_binary(), bus.address(), args).expect("start shmlinkd");
+        Harness { daemon: Some(daemon), bus, daemon_args: args.iter().map(|s| s.to_string()).collect() }
+    }
+
+    /// The bus address.
+    pub fn address(&self) -> &str {
+        self.bus.address()
+    }
+
+    /// The bus, for `Client::connect`.
+    pub fn bus(&self) -> Bus {
+        self.bus.bus()
+    }
+
+    /// A new client connection.
+    pub fn client(&self) -> Client {
+        Client::connect(&self.bus()).expect("connect to the private bus")
+    }
+
+    /// The daemon's pid.
+    pub fn daemon_pid(&self) -> u32 {
+        self.daemon.as_ref().expect("daemon running").pid()
+    }
+
+    /// The daemon's log so far.
+    pub fn daemon_log(&self) -> String {
+        self.daemon.as_ref().map(|d| d.log_text()).unwrap_or_default()
+    }
+
+    /// Takes the daemon process out (to kill or stop it in a test).
+    pub fn take_daemon(&mut self) -> DaemonProcess {
+        self.daemon.take().expect("daemon running")
+    }
+
+    /// Starts a fresh daemon on the same bus with the same arguments.
+    pub fn restart_daemon(&mut self) {
+        let args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
+        self.daemon = Some(DaemonProcess::start(&daemon_binary(), self.bus.address(), &args).expect("restart shmlinkd"));
+    }
+
+    /// `SessionCount` as the daemon reports it.
+    pub fn session_count(&self) -> u32 {
+        self.client().session_count().expect("read SessionCount")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(d) = &self.daemon {
+                eprintln!("--- shmlinkd log ---\n{}--- end of log ---", d.log_text());
+            }
+        }
+    }
+}
+
+/// The `shmlinkd` binary cargo built for this test run.
+pub fn daemon_binary() -> PathBuf {
+    locate_daemon().expect("shmlinkd binary (run the tests with `cargo test --workspace`)")
+}
+
+/// The `shmlink` CLI binary cargo built for this test run.
+pub fn cli_binary() -> PathBuf {
+    let d = daemon_binary();
+    let cli = d.with_file_name("shmlink");
+    assert!(cli.is_file(), "{} missing (run the tests with `cargo test --workspace`)", cli.display());
+    cli
+}
+
+/// Polls `cond` until it holds or `deadline` passes; returns whether it held.
+pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A deterministic, non-repeating-looking payload of `len` bytes for message `seed`.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Number of open fds of process `pid`, from `/proc/PID/fd`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A field of `/proc/PID/status` in kB (e.g. `VmRSS`), or threads for `Threads`.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,109 @@
+//! `shmlink send SERVICE [FILE]`: stream a file or stdin into a session.
+
+use crate::{apply_options, parse_option, rate, OptValue};
+use anyhow::{bail, Context, Result};
+use shmlink::{Bus, Client};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Arguments of `shmlink send`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Service to open a session with (echo, sink, or another the daemon hosts).
+    service: String,
+    /// File to send; standard input when absent or `-`.
+    file: Option<PathBuf>,
+    /// Bytes per message sent.
+    #[arg(long, default_value_t = 64 * 1024)]
+    chunk: usize,
+    /// Ring capacity in bytes.
+    #[arg(long)]
+    capacity: Option<u64>,
+    /// Extra OpenSession option, KEY=VALUE (integers are sent as t). Repeatable.
+    #[arg(short = 'o', long = "option", value_parser = parse_option)]
+    options: Vec<(String, OptValue)>,
+}
+
+pub fn run(bus: &Bus, args: Args) -> Result<()> {
+    if args.chunk == 0 {
+        bail!("--chunk must be at least 1 byte");
+    }
+    let mut input: Box<dyn Read> = match &args.file {
+        None => Box::new(std::io::stdin().lock()),
+        Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdin().lock()),
+        Some(p) => Box::new(std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
+    };
+    let client = Client::connect(bus).with_context(|| format!("cannot reach the {bus}"))?;
+    let mut builder = client.session(&args.service);
+    if let Some(c) = args.capacity {
+        builder = builder.capacity(c);
+    }
+    let session = apply_options(builder, &args.options)
+        .open()
+        .with_context(|| format!("cannot open a session with {:?}", args.service))?;
+    let chunk = args.chunk.min(session.max_message() as usize);
+    let is_sink = args.service == shmlink_interfaces::service::SINK;
+    let (mut writer, mut reader) = session.split();
+
+    // Whatever comes back goes to stdout, concurrently with sending.
+    let printer = std::thread::spawn(move || -> Result<(shmlink::SessionReader, u64)> {
+        let mut out = std::io::stdout().lock();
+        let mut total = 0u64;
+        while let Some(m) = reader.recv().context("receiving from the session failed")? {
+            total += m.len() as u64;
+            out.write_all(&m).context("cannot write to stdout")?;
+        }
+        out.flush()?;
+        Ok((reader, total))
+    });
+
+    let start = Instant::now();
+    let mut crc = crc32fast::Hasher::new();
+    let (mut sent, mut messages) = (0u64, 0u64);
+    let mut buf = vec![0u8; chunk];
+    loop {
+        let n = read_full(&mut input, &mut buf).context("cannot read the input")?;
+        if n == 0 {
+            break;
+        }
+        crc.update(&buf[..n]);
+        writer.send(&buf[..n]).context("sending into the session failed")?;
+        sent += n as u64;
+        messages += 1;
+    }
+    writer.finish().context("cannot finish the stream")?;
+    let (reader, received) = printer.join().map_err(|_| anyhow::anyhow!("the receiving thread panicked"))??;
+    let secs = start.elapsed().as_secs_f64();
+    if is_sink {
+        let state = reader.service_state().context("cannot read the sink's state")?;
+        let got_bytes = state.get("bytes").and_then(|v| v.0.as_u64()).unwrap_or(u64::MAX);
+        let got_crc = state.get("crc32").and_then(|v| v.0.as_u64()).unwrap_or(u64::MAX);
+        let want_crc = u64::from(crc.finalize());
+        if got_bytes != sent || got_crc != want_crc {
+            bail!("sink verdict: MISMATCH: sent {sent} bytes crc32 {want_crc:08x}, sink saw {got_bytes} bytes crc32 {got_crc:08x}");
+        }
+        println!(
+            "sink verdict: OK: {sent} bytes in {messages} messages, crc32 {want_crc:08x}, {} ({secs:.3} s)",
+            rate(sent, secs)
+        );
+    } else {
+        log::info!("sent {sent} bytes in {messages} messages, received {received} bytes, {}", rate(sent, secs));
+    }
+    let _ = reader.close();
+    Ok(())
+}
+
+/// Reads until `buf` is full or the input ends.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

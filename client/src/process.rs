@@ -1,0 +1,280 @@
+//! Child processes for demos and tests: a private `dbus-daemon` and a
+//! `shmlinkd` attached to it, both kept in the foreground, killed and reaped
+//! on drop (nothing daemonizes: orphans are not reaped on every machine).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a child gets to start or stop before we give up.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Why a child process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The program is not installed.
+    #[error("{program} not found: {hint}")]
+    Missing {
+        /// The program.
+        program: String,
+        /// What to install.
+        hint: String,
+    },
+    /// Starting or talking to it failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn temp_dir(prefix: &str) -> std::io::Result<PathBuf> {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> {
+    if let Some(status) = child.try_wait()? {
+        return Ok(status);
+    }
+    // SAFETY: kill takes no pointers; the pid is our own unreaped child, so it cannot have been reused.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    log::warn!("pid {} ignored SIGTERM for {grace:?}; killing it", child.id());
+    child.kill()?;
+    child.wait()
+}
+
+/// A private `dbus-daemon` on its own socket in a temporary directory.
+pub struct PrivateBus {
+    child: Child,
+    address: String,
+    dir: PathBuf,
+}
+
+impl PrivateBus {
+    /// Starts `dbus-daemon --nofork` with a session-bus-like policy and
+    /// returns once it printed its address.
+    pub fn start() -> Result<PrivateBus, ProcessError> {
+        Self::start_with_services(None)
+    }
+
+    /// Like [`PrivateBus::start`], with a `<servicedir>` for D-Bus activation.
+    pub fn start_with_services(service_dir: Option<&Path>) -> Result<PrivateBus, ProcessError> {
+        let fail = |m: String| ProcessError::Failed(m);
+        let dir = temp_dir("shmlink-bus").map_err(|e| fail(format!("cannot create a temporary directory: {e}")))?;
+        let servicedir = service_dir.map(|d| format!("<servicedir>{}</servicedir>", d.display())).unwrap_or_default();
+        let config = format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:dir={dir}</listen>
+  <auth>EXTERNAL</auth>
+  {servicedir}
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+  <limit name="max_connections_per_user">10000</limit>
+  <limit name="max_completed_connections">10000</limit>
+  <limit name="max_incomplete_connections">1000</limit>
+  <limit name="max_match_rules_per_connection">50000</limit>
+  <limit name="max_replies_per_connection">50000</limit>
+</busconfig>
+"#,
+            dir = dir.display()
+        );
+        let cfg_path = dir.join("bus.conf");
+        std::fs::write(&cfg_path, config).map_err(|e| fail(format!("cannot write {}: {e}", cfg_path.display())))?;
+        // dbus-daemon's own warnings (e.g. it may not raise its fd limit) go to a log beside it.
+        let bus_log = std::fs::File::create(dir.join("bus.log"))
+            .map_err(|e| fail(format!("cannot create the bus log in {}: {e}", dir.display())))?;
+        let mut child = Command::new("dbus-daemon")
+            .arg("--nofork")
+            .arg(format!("--config-file={}", cfg_path.display()))
+            .arg("--print-address=1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(bus_log)
+            .spawn()
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    ProcessError::Missing {
+                        program: "dbus-daemon".into(),
+                        hint: "install the Debian package dbus-daemon (apt-get install dbus-daemon)".into(),
+                    }
+                } else {
+                    fail(format!("cannot start dbus-daemon: {e}"))
+                }
+            })?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        let address = line.trim().to_owned();
+        if read.is_err() || address.is_empty() {
+            let _ = terminate(&mut child, Duration::from_secs(2));
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(fail("dbus-daemon exited without printing its address".into()));
+        }
+        log::debug!("private bus at {address} (pid {})", child.id());
+        Ok(PrivateBus { child, address, dir })
+    }
+
+    /// The bus address, for `--address` or `DBUS_SESSION_BUS_ADDRESS`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The bus, for [`crate::Client::connect`].
+    pub fn bus(&self) -> crate::Bus {
+        crate::Bus::Address(self.address.clone())
+    }
+
+    /// The dbus-daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the bus and waits for it.
+    pub fn stop(mut self) -> std::io::Result<ExitStatus> {
+        terminate(&mut self.child, Duration::from_secs(5))
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        let _ = terminate(&mut self.child, Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Finds the `shmlinkd` binary: `$SHMLINKD`, next to the running executable
+/// (or one level up, for test binaries in `target/*/deps`), then `$PATH`.
+pub fn locate_daemon() -> Result<PathBuf, ProcessError> {
+    if let Some(p) = std::env::var_os("SHMLINKD") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let cand = dir.join("shmlinkd");
+            if cand.is_file() {
+                return Ok(cand);
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let cand = dir.join("shmlinkd");
+            if cand.is_file() {
+                return Ok(cand);
+            }
+        }
+    }
+    Err(ProcessError::Missing {
+        program: "shmlinkd".into(),
+        hint: "build it with `cargo build --workspace` (it is looked for next to this program, then in $SHMLINKD and $PATH)"
+            .into(),
+    })
+}
+
+/// A `shmlinkd` child process serving a bus.
+pub struct DaemonProcess {
+    child: Option<Child>,
+    log: PathBuf,
+    dir: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Starts `program --address ADDRESS ARGS...` and waits until it owns
+    /// `org.shmlink.Broker1` (or fails with its log).
+    pub fn start(program: &Path, address: &str, args: &[&str]) -> Result<DaemonProcess, ProcessError> {
+        let fail = |m: String| ProcessError::Failed(m);
+        let dir = temp_dir("shmlinkd").map_err(|e| fail(format!("cannot create a temporary directory: {e}")))?;
+        let log = dir.join("shmlinkd.log");
+        let log_file = std::fs::File::create(&log).map_err(|e| fail(format!("cannot create {}: {e}", log.display())))?;
+        let child = Command::new(program)
+            .arg("--address")
+            .arg(address)
+            .args(args)
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .env("RUST_LOG", std::env::var("SHMLINKD_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| fail(format!("cannot start {}: {e}", program.display())))?;
+        let mut d = DaemonProcess { child: Some(child), log, dir };
+        d.wait_for_name(address)?;
+        Ok(d)
+    }
+
+    fn wait_for_name(&mut self, address: &str) -> Result<(), ProcessError> {
+        let fail = |m: String| ProcessError::Failed(m);
+        let client = crate::Client::connect(&crate::Bus::Address(address.into())).map_err(|e| fail(e.to_string()))?;
+        let proxy = client.connection().with_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", crate::CALL_TIMEOUT);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let (owned,): (bool,) = proxy
+                .method_call("org.freedesktop.DBus", "NameHasOwner", (shmlink_interfaces::BUS_NAME,))
+                .map_err(|e| fail(format!("NameHasOwner failed: {e}")))?;
+            if owned {
+                return Ok(());
+            }
+            let child = self.child.as_mut().expect("child present until stopped");
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(fail(format!("shmlinkd exited with {status} before owning its name:\n{}", self.log_text())));
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!("shmlinkd did not own its name within {START_TIMEOUT:?}:\n{}", self.log_text())));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(mut self) -> std::io::Result<ExitStatus> {
+        let mut child = self.child.take().expect("child present until stopped");
+        terminate(&mut child, START_TIMEOUT)
+    }
+
+    /// Sends SIGKILL and reaps the daemon.
+    pub fn kill(mut self) -> std::io::Result<ExitStatus> {
+        let mut child = self.child.take().expect("child present until stopped");
+        child.kill()?;
+        child.wait()
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,358 @@
+//! Sessions: open one with [`SessionBuilder::open`], then send and receive.
+
+use crate::{Client, Error};
+use dbus::arg::{OwnedFd, PropMap, RefArg, Variant};
+use shmlink_endpoint::{Endpoint, EndpointReceiver, EndpointSender, Item, PeerFds, RingFds, Wakeup};
+use shmlink_interfaces::{member, option, param, wakeup, BROKER_INTERFACE, BROKER_PATH, SESSION_INTERFACE};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest message a `Write` adapter sends per `write` call.
+const WRITE_CHUNK: usize = 1 << 20;
+
+/// Options for a new session; finish with [`SessionBuilder::open`].
+pub struct SessionBuilder {
+    client: Client,
+    service: String,
+    options: PropMap,
+    timeout: Option<Duration>,
+}
+
+type OpenReply = (
+    dbus::Path<'static>,
+    u64,
+    OwnedFd,
+    OwnedFd,
+    OwnedFd,
+    u64,
+    OwnedFd,
+    OwnedFd,
+    OwnedFd,
+    OwnedFd,
+    PropMap,
+);
+
+impl SessionBuilder {
+    pub(crate) fn new(client: Client, service: &str) -> Self {
+        SessionBuilder { client, service: service.to_owned(), options: PropMap::new(), timeout: None }
+    }
+
+    /// Bytes per ring (the broker rounds up to whole pages).
+    pub fn capacity(self, bytes: u64) -> Self {
+        self.option(option::CAPACITY, bytes)
+    }
+
+    /// How both sides wait for each other.
+    pub fn wakeup(self, w: Wakeup) -> Self {
+        match w {
+            Wakeup::Park => self.option(option::WAKEUP, wakeup::PARK.to_owned()),
+            Wakeup::Spin(d) => self
+                .option(option::WAKEUP, wakeup::SPIN.to_owned())
+                .option(option::SPIN_US, u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
+        }
+    }
+
+    /// Any option, e.g. a service's own (`message-size` for `source`).
+    pub fn option<T: RefArg + 'static>(mut self, key: &str, value: T) -> Self {
+        self.options.insert(key.to_owned(), Variant(Box::new(value)));
+        self
+    }
+
+    /// Blocking calls on the session fail with a timeout error after this long.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Calls `OpenSession`, checks every fd the broker returned and maps the rings.
+    pub fn open(self) -> Result<Session, Error> {
+        let reply: OpenReply = self.client.proxy(BROKER_PATH).method_call(
+            BROKER_INTERFACE,
+            member::OPEN_SESSION,
+            (self.service.as_str(), self.options),
+        )?;
+        let (path, ts_cap, ts_mem, ts_empty, ts_full, tc_cap, tc_mem, tc_empty, tc_full, hangup, params) = reply;
+        let max_message = params
+            .get(param::MAX_MESSAGE)
+            .and_then(|v| v.0.as_u64())
+            .ok_or_else(|| Error::BadReply("parameters lack max-message".into()))?;
+        let max_message = u32::try_from(max_message).unwrap_or(u32::MAX);
+        let wake = match params.get(param::WAKEUP).and_then(|v| v.0.as_str().map(str::to_owned)).as_deref() {
+            Some(wakeup::SPIN) => {
+                let us = params.get(param::SPIN_US).and_then(|v| v.0.as_u64()).unwrap_or(0);
+                Wakeup::Spin(Duration::from_micros(us.min(u64::from(shmlink_interfaces::limits::MAX_SPIN_US))))
+            }
+            _ => Wakeup::Park,
+        };
+        let fds = PeerFds {
+            to_server: RingFds { capacity: ts_cap, memfd: ts_mem, empty_signal: ts_empty, full_signal: ts_full },
+            to_client: RingFds { capacity: tc_cap, memfd: tc_mem, empty_signal: tc_empty, full_signal: tc_full },
+            hangup,
+        };
+        let mut endpoint = Endpoint::open_client(fds, max_message, wake).inspect_err(|e| {
+            log::error!("refusing the session the broker handed over: {e}");
+        })?;
+        endpoint.set_timeout(self.timeout);
+        log::debug!("opened {path} with {} (capacity {ts_cap}/{tc_cap})", self.service);
+        Ok(Session {
+            endpoint,
+            info: Arc::new(SessionInfo { client: self.client, path: path.to_string(), service: self.service }),
+            leftover: Vec::new(),
+            leftover_pos: 0,
+        })
+    }
+}
+
+/// What both halves of a split session know about it.
+struct SessionInfo {
+    client: Client,
+    path: String,
+    service: String,
+}
+
+impl SessionInfo {
+    fn prop<T: for<'b> dbus::arg::Get<'b> + 'static>(&self, name: &str) -> Result<T, Error> {
+        use dbus::blocking::stdintf::org_freedesktop_dbus::Properties;
+        Ok(self.client.proxy(&self.path).get(SESSION_INTERFACE, name)?)
+    }
+}
+
+/// Counters the broker keeps for a session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Payload bytes the service received.
+    pub bytes_to_server: u64,
+    /// Messages the service received.
+    pub messages_to_server: u64,
+    /// Payload bytes the service queued for us.
+    pub bytes_to_client: u64,
+    /// Messages the service queued for us.
+    pub messages_to_client: u64,
+}
+
+/// An open session. Dropping it closes the hang-up socket, which ends the
+/// session on the broker's side too; [`Session::close`] does so explicitly.
+pub struct Session {
+    endpoint: Endpoint,
+    info: Arc<SessionInfo>,
+    leftover: Vec<u8>,
+    leftover_pos: usize,
+}
+
+impl Session {
+    /// The session's object path on the bus.
+    pub fn path(&self) -> &str {
+        &self.info.path
+    }
+
+    /// The service's name.
+    pub fn service(&self) -> &str {
+        &self.info.service
+    }
+
+    /// Largest message either side may send.
+    pub fn max_message(&self) -> u32 {
+        self.endpoint.max_message()
+    }
+
+    /// Usable bytes of the client→server ring.
+    pub fn send_capacity(&self) -> u64 {
+        self.endpoint.send_capacity()
+    }
+
+    /// Sends one message (0 bytes up to [`Session::max_message`]), waiting while the ring is full.
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
+        Ok(self.endpoint.send(msg)?)
+    }
+
+    /// Tells the service we will send nothing more.
+    pub fn finish(&mut self) -> Result<(), Error> {
+        Ok(self.endpoint.finish()?)
+    }
+
+    /// Receives the next message; `None` once the service finished sending.
+    pub fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.endpoint.recv()?)
+    }
+
+    /// Receives a complete message if one is there, without waiting.
+    pub fn try_recv(&mut self) -> Result<Option<Item>, Error> {
+        Ok(self.endpoint.try_recv()?)
+    }
+
+    /// Limits how long `send` and `recv` may wait (None: forever).
+    pub fn set_timeout(&mut self, t: Option<Duration>) {
+        self.endpoint.set_timeout(t);
+    }
+
+    /// The broker's counters for this session.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        counters(&self.info)
+    }
+
+    /// The service's own state (for `sink`: bytes, messages, crc32).
+    pub fn service_state(&self) -> Result<PropMap, Error> {
+        self.info.prop(member::SERVICE_STATE)
+    }
+
+    /// Closes the session on the broker (`Close`) and unmaps it.
+    pub fn close(self) -> Result<(), Error> {
+        close(&self.info)
+    }
+
+    /// Splits into a writer and a reader usable from two threads.
+    pub fn split(self) -> (SessionWriter, SessionReader) {
+        let (tx, rx) = self.endpoint.split();
+        (
+            SessionWriter { tx, info: self.info.clone() },
+            SessionReader { rx, info: self.info, leftover: self.leftover, leftover_pos: self.leftover_pos },
+        )
+    }
+}
+
+fn counters(info: &SessionInfo) -> Result<Counters, Error> {
+    Ok(Counters {
+        bytes_to_server: info.prop(member::BYTES_TO_SERVER)?,
+        messages_to_server: info.prop(member::MESSAGES_TO_SERVER)?,
+        bytes_to_client: info.prop(member::BYTES_TO_CLIENT)?,
+        messages_to_client: info.prop(member::MESSAGES_TO_CLIENT)?,
+    })
+}
+
+fn close(info: &SessionInfo) -> Result<(), Error> {
+    info.client.proxy(&info.path).method_call::<(), _, _, _>(SESSION_INTERFACE, member::CLOSE, ())?;
+    Ok(())
+}
+
+fn io_err(e: shmlink_endpoint::Error) -> io::Error {
+    let kind = match e {
+        shmlink_endpoint::Error::Closed => io::ErrorKind::BrokenPipe,
+        shmlink_endpoint::Error::TimedOut => io::ErrorKind::TimedOut,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+/// Reads one message at a time into `buf`, keeping what does not fit.
+fn read_stream(
+    buf: &mut [u8],
+    leftover: &mut Vec<u8>,
+    pos: &mut usize,
+    mut recv: impl FnMut() -> Result<Option<Vec<u8>>, shmlink_endpoint::Error>,
+) -> io::Result<usize> {
+    while *pos >= leftover.len() {
+        match recv().map_err(io_err)? {
+            Some(m) => {
+                *leftover = m;
+                *pos = 0;
+            }
+            None => return Ok(0),
+        }
+    }
+    let n = buf.len().min(leftover.len() - *pos);
+    buf[..n].copy_from_slice(&leftover[*pos..*pos + n]);
+    *pos += n;
+    Ok(n)
+}
+
+fn write_stream(buf: &[u8], max: u32, send: impl FnOnce(&[u8]) -> Result<(), shmlink_endpoint::Error>) -> io::Result<usize> {
+    if buf.is_empty() {
+        return Ok(0);
+    }
+    let n = buf.len().min(max as usize).min(WRITE_CHUNK);
+    send(&buf[..n]).map_err(io_err)?;
+    Ok(n)
+}
+
+/// A byte stream: every `write` sends one message.
+impl io::Write for Session {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let max = self.endpoint.max_message();
+        write_stream(buf, max, |b| self.endpoint.send(b))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A byte stream: message boundaries are not preserved; `Ok(0)` at end of stream.
+impl io::Read for Session {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let ep = &mut self.endpoint;
+        read_stream(buf, &mut self.leftover, &mut self.leftover_pos, || ep.recv())
+    }
+}
+
+/// The sending half of a split session.
+pub struct SessionWriter {
+    tx: EndpointSender,
+    info: Arc<SessionInfo>,
+}
+
+impl SessionWriter {
+    /// Sends one message.
+    pub fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
+        Ok(self.tx.send(msg)?)
+    }
+    /// Tells the service we will send nothing more.
+    pub fn finish(&mut self) -> Result<(), Error> {
+        Ok(self.tx.finish()?)
+    }
+    /// The session's object path.
+    pub fn path(&self) -> &str {
+        &self.info.path
+    }
+    /// Limits how long `send` may wait.
+    pub fn set_timeout(&mut self, t: Option<Duration>) {
+        self.tx.set_timeout(t);
+    }
+}
+
+impl io::Write for SessionWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let max = self.tx.max_message();
+        write_stream(buf, max, |b| self.tx.send(b))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The receiving half of a split session.
+pub struct SessionReader {
+    rx: EndpointReceiver,
+    info: Arc<SessionInfo>,
+    leftover: Vec<u8>,
+    leftover_pos: usize,
+}
+
+impl SessionReader {
+    /// Receives the next message; `None` once the service finished sending.
+    pub fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.rx.recv()?)
+    }
+    /// The broker's counters for this session.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        counters(&self.info)
+    }
+    /// The service's own state.
+    pub fn service_state(&self) -> Result<PropMap, Error> {
+        self.info.prop(member::SERVICE_STATE)
+    }
+    /// Closes the session on the broker.
+    pub fn close(self) -> Result<(), Error> {
+        close(&self.info)
+    }
+    /// Limits how long `recv` may wait.
+    pub fn set_timeout(&mut self, t: Option<Duration>) {
+        self.rx.set_timeout(t);
+    }
+}
+
+impl io::Read for SessionReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let rx = &mut self.rx;
+        read_stream(buf, &mut self.leftover, &mut self.leftover_pos, || rx.recv())
+    }
+}

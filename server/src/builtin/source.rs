@@ -1,0 +1,66 @@
+use crate::{Caller, Options, Outbox, Service, ServiceError, SessionHandler};
+use shmlink_interfaces::{option, service, source_pattern_byte};
+
+/// Default size of each message `source` sends.
+pub const DEFAULT_MESSAGE_SIZE: u64 = 64 * 1024;
+/// Default number of messages `source` sends.
+pub const DEFAULT_COUNT: u64 = 16;
+
+/// Sends `count` messages of `message-size` bytes whose content the client
+/// can verify (see `source_pattern_byte`), then end-of-stream.
+pub struct Source;
+
+impl Service for Source {
+    fn name(&self) -> &str {
+        service::SOURCE
+    }
+    fn open(&self, _caller: &Caller, options: &Options) -> Result<Box<dyn SessionHandler>, ServiceError> {
+        let size = options.u64(option::MESSAGE_SIZE)?.unwrap_or(DEFAULT_MESSAGE_SIZE);
+        let count = options.u64(option::COUNT)?.unwrap_or(DEFAULT_COUNT);
+        if size > options.max_message() {
+            return Err(ServiceError::InvalidOption(format!(
+                "option {:?} is {size}, above the maximum message size of {}",
+                option::MESSAGE_SIZE,
+                options.max_message()
+            )));
+        }
+        Ok(Box::new(SourceSession { size, count, next: 0, template: Vec::new() }))
+    }
+}
+
+struct SourceSession {
+    size: u64,
+    count: u64,
+    next: u64,
+    /// One period (251 bytes) of the pattern plus a message, sliced per message.
+    template: Vec<u8>,
+}
+
+impl SessionHandler for SourceSession {
+    fn on_message(&mut self, _msg: Vec<u8>, _out: &mut Outbox) -> Result<(), ServiceError> {
+        Err(ServiceError::Protocol("the source service accepts no messages".into()))
+    }
+
+    fn on_end(&mut self, _out: &mut Outbox) -> Result<(), ServiceError> {
+        Ok(())
+    }
+
+    fn wants_to_produce(&self) -> bool {
+        true
+    }
+
+    fn produce(&mut self, out: &mut Outbox) -> Result<(), ServiceError> {
+        if self.next >= self.count {
+            out.finish();
+            return Ok(());
+        }
+        let size = self.size as usize;
+        if self.template.is_empty() {
+            self.template = (0..size as u64 + 251).map(|i| source_pattern_byte(0, i)).collect();
+        }
+        let start = (self.next % 251) as usize;
+        out.send(self.template[start..start + size].to_vec())?;
+        self.next += 1;
+        Ok(())
+    }
+}

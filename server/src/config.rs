@@ -1,0 +1,196 @@
+//! Broker configuration: limits and per-service access, from
+//! `/etc/shmlink/shmlinkd.toml` (or `--config FILE`) and command-line overrides.
+//!
+//! ```toml
+//! [limits]
+//! max_capacity = 67108864          # bytes per ring
+//! max_message = 67108864           # bytes per message
+//! sessions_per_connection = 128
+//! sessions_per_user = 512
+//! memory_per_user = 1073741824     # ring bytes (both rings) per uid
+//! memory_total = 4294967296        # ring bytes for all sessions
+//!
+//! [engine]
+//! workers = 0                      # 0: one per CPU, at most 8
+//!
+//! [services.sink]
+//! allow_users = [0, 1000]          # uids; absent: everyone
+//! allow_groups = [100]             # gids; a caller in any of them may use it
+//! ```
+
+use serde::Deserialize;
+use shmlink_interfaces::limits as defaults;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Where the daemon looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/shmlink/shmlinkd.toml";
+
+/// A configuration problem, reported at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid configuration in {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's explanation, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Resource limits the broker enforces per connection, per user and in total.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest ring capacity in bytes.
+    pub max_capacity: u64,
+    /// Largest message in bytes.
+    pub max_message: u64,
+    /// Open sessions per bus connection.
+    pub sessions_per_connection: u32,
+    /// Open sessions per uid.
+    pub sessions_per_user: u32,
+    /// Ring memory in bytes (both rings of every session) per uid.
+    pub memory_per_user: u64,
+    /// Ring memory in bytes for all sessions together.
+    pub memory_total: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_capacity: defaults::DEFAULT_MAX_CAPACITY,
+            max_message: defaults::DEFAULT_MAX_MESSAGE,
+            sessions_per_connection: 128,
+            sessions_per_user: 512,
+            memory_per_user: 1 << 30,
+            memory_total: 4 << 30,
+        }
+    }
+}
+
+/// Event-loop settings.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Worker threads; 0 picks one per CPU, at most 8.
+    pub workers: usize,
+}
+
+/// Who may open sessions with one service. Empty lists mean everyone.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceAccess {
+    /// uids allowed.
+    pub allow_users: Vec<u32>,
+    /// gids allowed (primary or supplementary).
+    pub allow_groups: Vec<u32>,
+}
+
+impl ServiceAccess {
+    /// Whether a caller with `uid` and `gids` may use the service. Root always may.
+    pub fn allows(&self, uid: u32, gids: &[u32]) -> bool {
+        if uid == 0 || (self.allow_users.is_empty() && self.allow_groups.is_empty()) {
+            return true;
+        }
+        self.allow_users.contains(&uid) || gids.iter().any(|g| self.allow_groups.contains(g))
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Resource limits.
+    pub limits: Limits,
+    /// Event loop.
+    pub engine: EngineConfig,
+    /// Access rules by service name.
+    pub services: BTreeMap<String, ServiceAccess>,
+}
+
+impl Config {
+    /// Parses a configuration from TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
+        Ok(cfg)
+    }
+
+    /// Reads `path`; when `required` is false a missing file gives the defaults.
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config::default()),
+            Err(e) => Err(ConfigError::Read { path: path.display().to_string(), source: e }),
+        }
+    }
+
+    /// Checks that the values make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if l.max_capacity < defaults::MIN_CAPACITY {
+            return bad(format!("limits.max_capacity must be at least {}", defaults::MIN_CAPACITY));
+        }
+        if l.max_capacity > 1 << 40 {
+            return bad("limits.max_capacity must be at most 1 TiB".into());
+        }
+        if l.max_message == 0 || l.max_message > defaults::HARD_MAX_MESSAGE {
+            return bad(format!("limits.max_message must be between 1 and {}", defaults::HARD_MAX_MESSAGE));
+        }
+        if l.sessions_per_connection == 0 || l.sessions_per_user == 0 {
+            return bad("limits.sessions_per_connection and sessions_per_user must be at least 1".into());
+        }
+        if l.memory_per_user < 2 * defaults::MIN_CAPACITY || l.memory_total < 2 * defaults::MIN_CAPACITY {
+            return bad("limits.memory_per_user and memory_total must fit at least one session".into());
+        }
+        if self.engine.workers > 256 {
+            return bad("engine.workers must be at most 256".into());
+        }
+        Ok(())
+    }
+
+    /// Worker threads to start.
+    pub fn worker_count(&self) -> usize {
+        if self.engine.workers > 0 {
+            return self.engine.workers;
+        }
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let c = Config::parse("[limits]\nmax_capacity = 4096\n[services.echo]\nallow_users = [1000]\n", "t").unwrap();
+        assert_eq!(c.limits.max_capacity, 4096);
+        c.validate().unwrap();
+        assert!(c.services["echo"].allows(1000, &[]));
+        assert!(!c.services["echo"].allows(1001, &[5]));
+        assert!(c.services["echo"].allows(0, &[]));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let e = Config::parse("[limits]\nmax_capcity = 1\n", "f.toml").unwrap_err();
+        assert!(e.to_string().contains("max_capcity"), "{e}");
+        let c = Config::parse("[limits]\nmax_capacity = 1\n", "f.toml").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("max_capacity"));
+    }
+}

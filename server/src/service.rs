@@ -1,0 +1,194 @@
+//! What a service author implements: [`Service`] opens per-session
+//! [`SessionHandler`]s, which turn incoming messages into outgoing ones.
+//!
+//! The broker's event loop owns the rings; a handler never touches shared
+//! memory. It sees whole messages, queues replies in an [`Outbox`], and the
+//! loop writes them out with backpressure: while the outbox is not empty, the
+//! loop reads no further input, so a client that stops reading stalls only
+//! its own session and the broker's memory per session stays bounded.
+
+use dbus::arg::{PropMap, RefArg, Variant};
+use std::collections::VecDeque;
+
+/// Why a service refused or ended a session. The message reaches the client
+/// as the D-Bus error text or the `SessionClosed` reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// An option is unknown to the service, ill-typed or out of range.
+    #[error("{0}")]
+    InvalidOption(String),
+    /// The client broke the service's own protocol.
+    #[error("{0}")]
+    Protocol(String),
+    /// The service failed for a reason of its own.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The options of an `OpenSession` call, with typed accessors that produce
+/// precise errors. Every key a service reads is marked as used; the broker
+/// refuses the call if any key is left unused.
+pub struct Options {
+    map: PropMap,
+    used: std::cell::RefCell<Vec<String>>,
+    max_message: u64,
+}
+
+impl Options {
+    /// Wraps the `a{sv}` dictionary of a call for a session whose messages
+    /// may be at most `max_message` bytes.
+    pub fn new(map: PropMap, max_message: u64) -> Self {
+        Options { map, used: Default::default(), max_message }
+    }
+
+    /// The largest message the session will carry; services check their own
+    /// message sizes against it.
+    pub fn max_message(&self) -> u64 {
+        self.max_message
+    }
+
+    fn mark(&self, key: &str) {
+        self.used.borrow_mut().push(key.to_owned());
+    }
+
+    /// An unsigned integer option (`t`, `u`, `q` or `y`; non-negative `x`, `i` accepted too).
+    pub fn u64(&self, key: &str) -> Result<Option<u64>, ServiceError> {
+        self.mark(key);
+        let Some(v) = self.map.get(key) else { return Ok(None) };
+        let inner = &v.0;
+        let sig = inner.signature();
+        match &*sig {
+            "t" | "u" | "q" | "y" => Ok(inner.as_u64()),
+            "x" | "i" | "n" => match inner.as_i64() {
+                Some(n) if n >= 0 => Ok(Some(n as u64)),
+                _ => Err(ServiceError::InvalidOption(format!("option {key:?} must not be negative"))),
+            },
+            other => Err(ServiceError::InvalidOption(format!(
+                "option {key:?} must be an unsigned integer (t or u), got type {other:?}"
+            ))),
+        }
+    }
+
+    /// A string option (`s`).
+    pub fn string(&self, key: &str) -> Result<Option<String>, ServiceError> {
+        self.mark(key);
+        let Some(v) = self.map.get(key) else { return Ok(None) };
+        match v.0.as_str() {
+            Some(s) if &*v.0.signature() == "s" => Ok(Some(s.to_owned())),
+            _ => Err(ServiceError::InvalidOption(format!(
+                "option {key:?} must be a string (s), got type {:?}",
+                &*v.0.signature()
+            ))),
+        }
+    }
+
+    /// Keys present in the call that nobody read.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.borrow();
+        let mut keys: Vec<String> = self.map.keys().filter(|k| !used.contains(k)).cloned().collect();
+        keys.sort();
+        keys
+    }
+}
+
+/// Who opened a session, as the bus reported it.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Unique bus name of the connection.
+    pub bus_name: String,
+    /// Unix user id.
+    pub uid: u32,
+    /// Process id (0 when the bus did not say).
+    pub pid: u32,
+    /// Unix group ids (primary and supplementary) when the bus reported them.
+    pub gids: Vec<u32>,
+}
+
+/// Outgoing messages a handler queues for the client.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queue: VecDeque<Vec<u8>>,
+    finished: bool,
+    max_message: u64,
+}
+
+impl Outbox {
+    pub(crate) fn new(max_message: u64) -> Self {
+        Outbox { queue: VecDeque::new(), finished: false, max_message }
+    }
+
+    /// Queues one message for the client.
+    pub fn send(&mut self, msg: Vec<u8>) -> Result<(), ServiceError> {
+        if self.finished {
+            return Err(ServiceError::Failed("service sent after finishing".into()));
+        }
+        if msg.len() as u64 > self.max_message {
+            return Err(ServiceError::Failed(format!(
+                "service produced a {}-byte message, above the session maximum of {}",
+                msg.len(),
+                self.max_message
+            )));
+        }
+        self.queue.push_back(msg);
+        Ok(())
+    }
+
+    /// Declares that the service will send nothing more: once the queue is
+    /// flushed, the client receives end-of-stream.
+    pub fn finish(&mut self) {
+        self.finished = true;
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Vec<u8>> {
+        self.queue.pop_front()
+    }
+
+    pub(crate) fn finished(&self) -> bool {
+        self.finished
+    }
+}
+
+/// A service the broker hosts, such as `echo`.
+pub trait Service: Send + Sync + 'static {
+    /// The name clients pass to `OpenSession`.
+    fn name(&self) -> &str;
+    /// Checks the service's options and creates the per-session handler.
+    ///
+    /// Read every option the service understands through `options`; keys
+    /// nobody reads make the broker refuse the call.
+    fn open(&self, caller: &Caller, options: &Options) -> Result<Box<dyn SessionHandler>, ServiceError>;
+}
+
+/// One session's logic, driven by the broker's event loop.
+pub trait SessionHandler: Send + 'static {
+    /// A complete message arrived from the client.
+    fn on_message(&mut self, msg: Vec<u8>, out: &mut Outbox) -> Result<(), ServiceError>;
+
+    /// The client finished sending. The default finishes too.
+    fn on_end(&mut self, out: &mut Outbox) -> Result<(), ServiceError> {
+        out.finish();
+        Ok(())
+    }
+
+    /// Whether [`SessionHandler::produce`] has something to send on its own.
+    fn wants_to_produce(&self) -> bool {
+        false
+    }
+
+    /// Called when the outbox is empty and `wants_to_produce` is true: queue
+    /// the next message(s), or finish.
+    fn produce(&mut self, out: &mut Outbox) -> Result<(), ServiceError> {
+        let _ = out;
+        Ok(())
+    }
+
+    /// Service-specific state for the `ServiceState` property.
+    fn state(&self) -> PropMap {
+        PropMap::new()
+    }
+}
+
+/// Wraps a value for a [`PropMap`].
+pub fn prop<T: RefArg + 'static>(v: T) -> Variant<Box<dyn RefArg>> {
+    Variant(Box::new(v))
+}
