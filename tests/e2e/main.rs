@@ -7,4 +7,4 @@ mod echo;
 mod introspection;
 mod liveness;
 mod streaming;
-// mod systemd;  (helper wires this in)
+mod systemd;
