@@ -51,7 +51,10 @@ fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> 
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    log::warn!("pid {} ignored SIGTERM for {grace:?}; killing it", child.id());
+    log::warn!(
+        "pid {} ignored SIGTERM for {grace:?}; killing it",
+        child.id()
+    );
     child.kill()?;
     child.wait()
 }
@@ -73,8 +76,11 @@ impl PrivateBus {
     /// Like [`PrivateBus::start`], with a `<servicedir>` for D-Bus activation.
     pub fn start_with_services(service_dir: Option<&Path>) -> Result<PrivateBus, ProcessError> {
         let fail = |m: String| ProcessError::Failed(m);
-        let dir = temp_dir("shmlink-bus").map_err(|e| fail(format!("cannot create a temporary directory: {e}")))?;
-        let servicedir = service_dir.map(|d| format!("<servicedir>{}</servicedir>", d.display())).unwrap_or_default();
+        let dir = temp_dir("shmlink-bus")
+            .map_err(|e| fail(format!("cannot create a temporary directory: {e}")))?;
+        let servicedir = service_dir
+            .map(|d| format!("<servicedir>{}</servicedir>", d.display()))
+            .unwrap_or_default();
         let config = format!(
             r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -84,6 +90,8 @@ impl PrivateBus {
   <auth>EXTERNAL</auth>
   {servicedir}
   <policy context="default">
+    <!-- Any local user may connect: tests run clients under other uids. -->
+    <allow user="*"/>
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
     <allow own="*"/>
@@ -98,10 +106,15 @@ impl PrivateBus {
             dir = dir.display()
         );
         let cfg_path = dir.join("bus.conf");
-        std::fs::write(&cfg_path, config).map_err(|e| fail(format!("cannot write {}: {e}", cfg_path.display())))?;
+        std::fs::write(&cfg_path, config)
+            .map_err(|e| fail(format!("cannot write {}: {e}", cfg_path.display())))?;
         // dbus-daemon's own warnings (e.g. it may not raise its fd limit) go to a log beside it.
-        let bus_log = std::fs::File::create(dir.join("bus.log"))
-            .map_err(|e| fail(format!("cannot create the bus log in {}: {e}", dir.display())))?;
+        let bus_log = std::fs::File::create(dir.join("bus.log")).map_err(|e| {
+            fail(format!(
+                "cannot create the bus log in {}: {e}",
+                dir.display()
+            ))
+        })?;
         let mut child = Command::new("dbus-daemon")
             .arg("--nofork")
             .arg(format!("--config-file={}", cfg_path.display()))
@@ -114,7 +127,9 @@ impl PrivateBus {
                 if e.kind() == std::io::ErrorKind::NotFound {
                     ProcessError::Missing {
                         program: "dbus-daemon".into(),
-                        hint: "install the Debian package dbus-daemon (apt-get install dbus-daemon)".into(),
+                        hint:
+                            "install the Debian package dbus-daemon (apt-get install dbus-daemon)"
+                                .into(),
                     }
                 } else {
                     fail(format!("cannot start dbus-daemon: {e}"))
@@ -127,10 +142,16 @@ impl PrivateBus {
         if read.is_err() || address.is_empty() {
             let _ = terminate(&mut child, Duration::from_secs(2));
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(fail("dbus-daemon exited without printing its address".into()));
+            return Err(fail(
+                "dbus-daemon exited without printing its address".into(),
+            ));
         }
         log::debug!("private bus at {address} (pid {})", child.id());
-        Ok(PrivateBus { child, address, dir })
+        Ok(PrivateBus {
+            child,
+            address,
+            dir,
+        })
     }
 
     /// The bus address, for `--address` or `DBUS_SESSION_BUS_ADDRESS`.
@@ -200,46 +221,74 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Starts `program --address ADDRESS ARGS...` and waits until it owns
     /// `org.shmlink.Broker1` (or fails with its log).
-    pub fn start(program: &Path, address: &str, args: &[&str]) -> Result<DaemonProcess, ProcessError> {
+    pub fn start(
+        program: &Path,
+        address: &str,
+        args: &[&str],
+    ) -> Result<DaemonProcess, ProcessError> {
         let fail = |m: String| ProcessError::Failed(m);
-        let dir = temp_dir("shmlinkd").map_err(|e| fail(format!("cannot create a temporary directory: {e}")))?;
+        let dir = temp_dir("shmlinkd")
+            .map_err(|e| fail(format!("cannot create a temporary directory: {e}")))?;
         let log = dir.join("shmlinkd.log");
-        let log_file = std::fs::File::create(&log).map_err(|e| fail(format!("cannot create {}: {e}", log.display())))?;
+        let log_file = std::fs::File::create(&log)
+            .map_err(|e| fail(format!("cannot create {}: {e}", log.display())))?;
         let child = Command::new(program)
             .arg("--address")
             .arg(address)
             .args(args)
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET")
-            .env("RUST_LOG", std::env::var("SHMLINKD_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SHMLINKD_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
             .map_err(|e| fail(format!("cannot start {}: {e}", program.display())))?;
-        let mut d = DaemonProcess { child: Some(child), log, dir };
+        let mut d = DaemonProcess {
+            child: Some(child),
+            log,
+            dir,
+        };
         d.wait_for_name(address)?;
         Ok(d)
     }
 
     fn wait_for_name(&mut self, address: &str) -> Result<(), ProcessError> {
         let fail = |m: String| ProcessError::Failed(m);
-        let client = crate::Client::connect(&crate::Bus::Address(address.into())).map_err(|e| fail(e.to_string()))?;
-        let proxy = client.connection().with_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", crate::CALL_TIMEOUT);
+        let client = crate::Client::connect(&crate::Bus::Address(address.into()))
+            .map_err(|e| fail(e.to_string()))?;
+        let proxy = client.connection().with_proxy(
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            crate::CALL_TIMEOUT,
+        );
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let (owned,): (bool,) = proxy
-                .method_call("org.freedesktop.DBus", "NameHasOwner", (shmlink_interfaces::BUS_NAME,))
+                .method_call(
+                    "org.freedesktop.DBus",
+                    "NameHasOwner",
+                    (shmlink_interfaces::BUS_NAME,),
+                )
                 .map_err(|e| fail(format!("NameHasOwner failed: {e}")))?;
             if owned {
                 return Ok(());
             }
             let child = self.child.as_mut().expect("child present until stopped");
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(fail(format!("shmlinkd exited with {status} before owning its name:\n{}", self.log_text())));
+                return Err(fail(format!(
+                    "shmlinkd exited with {status} before owning its name:\n{}",
+                    self.log_text()
+                )));
             }
             if Instant::now() > deadline {
-                return Err(fail(format!("shmlinkd did not own its name within {START_TIMEOUT:?}:\n{}", self.log_text())));
+                return Err(fail(format!(
+                    "shmlinkd did not own its name within {START_TIMEOUT:?}:\n{}",
+                    self.log_text()
+                )));
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -264,8 +313,9 @@ impl DaemonProcess {
     /// Sends SIGKILL and reaps the daemon.
     pub fn kill(mut self) -> std::io::Result<ExitStatus> {
         let mut child = self.child.take().expect("child present until stopped");
-        child.kill()?;
-        child.wait()
+        let killed = child.kill();
+        let status = child.wait()?;
+        killed.map(|()| status)
     }
 }
 

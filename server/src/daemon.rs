@@ -21,7 +21,9 @@ use dbus::message::MessageType;
 use dbus::{Message, Path};
 use dbus_crossroads::{Context, Crossroads, IfaceToken, MethodErr};
 use shmlink_endpoint::sys;
-use shmlink_interfaces::{member, BROKER_INTERFACE, BROKER_PATH, BUS_NAME, SESSION_INTERFACE, SESSION_PATH_PREFIX};
+use shmlink_interfaces::{
+    member, BROKER_INTERFACE, BROKER_PATH, BUS_NAME, SESSION_INTERFACE, SESSION_PATH_PREFIX,
+};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::mpsc;
@@ -74,6 +76,9 @@ struct State {
     broker: Broker,
     /// Credentials of connections we have seen, by unique name.
     callers: HashMap<String, Caller>,
+    /// Sender of the method call being dispatched (crossroads does not pass
+    /// the message to property getters called from `GetAll`).
+    current_sender: String,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -102,7 +107,10 @@ pub struct Daemon {
 
 fn connect(bus: &Bus) -> Result<Channel, DaemonError> {
     let label = format!("{bus:?}");
-    let err = |source| DaemonError::Connect { bus: label.clone(), source };
+    let err = |source| DaemonError::Connect {
+        bus: label.clone(),
+        source,
+    };
     match bus {
         Bus::Session => Channel::get_private(BusType::Session).map_err(err),
         Bus::System => Channel::get_private(BusType::System).map_err(err),
@@ -114,9 +122,18 @@ fn connect(bus: &Bus) -> Result<Channel, DaemonError> {
     }
 }
 
-fn bus_call(channel: &Channel, member: &str, args: impl FnOnce(Message) -> Message) -> Result<Message, dbus::Error> {
-    let m = Message::new_method_call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", member)
-        .map_err(|e| dbus::Error::new_failed(&e))?;
+fn bus_call(
+    channel: &Channel,
+    member: &str,
+    args: impl FnOnce(Message) -> Message,
+) -> Result<Message, dbus::Error> {
+    let m = Message::new_method_call(
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        member,
+    )
+    .map_err(|e| dbus::Error::new_failed(&e))?;
     channel.send_with_reply_and_block(args(m), BUS_CALL_TIMEOUT)
 }
 
@@ -124,29 +141,50 @@ fn bus_call(channel: &Channel, member: &str, args: impl FnOnce(Message) -> Messa
 fn lookup_caller(channel: &Channel, sender: &str) -> Result<Caller, dbus::Error> {
     let reply = bus_call(channel, "GetConnectionCredentials", |m| m.append1(sender))?;
     let creds: PropMap = reply.read1()?;
-    let uid = creds.get("UnixUserID").and_then(|v| v.0.as_u64()).ok_or_else(|| dbus::Error::new_failed("bus did not report UnixUserID"))?;
-    let pid = creds.get("ProcessID").and_then(|v| v.0.as_u64()).unwrap_or(0);
+    let uid = creds
+        .get("UnixUserID")
+        .and_then(|v| v.0.as_u64())
+        .ok_or_else(|| dbus::Error::new_failed("bus did not report UnixUserID"))?;
+    let pid = creds
+        .get("ProcessID")
+        .and_then(|v| v.0.as_u64())
+        .unwrap_or(0);
     let gids = creds
         .get("UnixGroupIDs")
         .and_then(|v| v.0.as_iter())
         .map(|it| it.filter_map(|g| g.as_u64()).map(|g| g as u32).collect())
         .unwrap_or_default();
-    Ok(Caller { bus_name: sender.to_owned(), uid: uid as u32, pid: pid as u32, gids })
+    Ok(Caller {
+        bus_name: sender.to_owned(),
+        uid: uid as u32,
+        pid: pid as u32,
+        gids,
+    })
 }
 
 impl Daemon {
     /// Connects to `bus`, starts the engine, registers the interfaces and
     /// takes the well-known name. Serve with [`Daemon::run`].
-    pub fn create(bus: &Bus, config: Config, services: Vec<Arc<dyn Service>>) -> Result<Daemon, DaemonError> {
+    pub fn create(
+        bus: &Bus,
+        config: Config,
+        services: Vec<Arc<dyn Service>>,
+    ) -> Result<Daemon, DaemonError> {
         let channel = connect(bus)?;
         let (closed_tx, closed_rx) = mpsc::channel();
         let engine = Engine::start(config.worker_count(), closed_tx)?;
         let broker = Broker::new(config, services, engine.clone());
-        let state: Shared = Arc::new(Mutex::new(State { broker, callers: HashMap::new() }));
+        let state: Shared = Arc::new(Mutex::new(State {
+            broker,
+            callers: HashMap::new(),
+            current_sender: String::new(),
+        }));
         let mut cr = Crossroads::new();
         let session_token = register_session(&mut cr, state.clone());
         let broker_token = register_broker(&mut cr, state.clone(), session_token);
         cr.insert(BROKER_PATH, &[broker_token], ());
+        // An empty parent node, so `busctl tree` and introspection list the sessions.
+        cr.insert(SESSION_PATH_PREFIX.trim_end_matches('/'), &[], ());
 
         // Learn when clients leave the bus.
         bus_call(&channel, "AddMatch", |m| {
@@ -154,11 +192,22 @@ impl Daemon {
         })
         .map_err(|e| DaemonError::Connect { bus: format!("{bus:?}"), source: e })?;
         // DBUS_NAME_FLAG_DO_NOT_QUEUE = 4; reply 1 = primary owner.
-        let reply = bus_call(&channel, "RequestName", |m| m.append2(BUS_NAME, 4u32))
-            .map_err(|e| DaemonError::Name { name: BUS_NAME.into(), reason: e.to_string() })?;
-        let code: u32 = reply.read1().map_err(|e| DaemonError::Name { name: BUS_NAME.into(), reason: e.to_string() })?;
+        let reply =
+            bus_call(&channel, "RequestName", |m| m.append2(BUS_NAME, 4u32)).map_err(|e| {
+                DaemonError::Name {
+                    name: BUS_NAME.into(),
+                    reason: e.to_string(),
+                }
+            })?;
+        let code: u32 = reply.read1().map_err(|e| DaemonError::Name {
+            name: BUS_NAME.into(),
+            reason: e.to_string(),
+        })?;
         if code != 1 {
-            return Err(DaemonError::Name { name: BUS_NAME.into(), reason: "another process owns it".into() });
+            return Err(DaemonError::Name {
+                name: BUS_NAME.into(),
+                reason: "another process owns it".into(),
+            });
         }
         log::info!(
             "serving {BUS_NAME} on {} as {} with {} worker thread(s)",
@@ -169,7 +218,15 @@ impl Daemon {
             channel.unique_name().unwrap_or("?"),
             engine.worker_count()
         );
-        Ok(Daemon { channel, cr, state, engine, closed_rx, session_token, bus_label: format!("{bus:?}") })
+        Ok(Daemon {
+            channel,
+            cr,
+            state,
+            engine,
+            closed_rx,
+            session_token,
+            bus_label: format!("{bus:?}"),
+        })
     }
 
     /// Serves until `stop` becomes readable (e.g. a signalfd for SIGTERM) or
@@ -200,7 +257,10 @@ impl Daemon {
             }
             let ready = sys::poll_readable(&fds, None)?;
             if ready.get(2).is_some_and(|r| r.readable) {
-                log::info!("stop requested; closing {} session(s)", lock(&self.state).broker.session_count());
+                log::info!(
+                    "stop requested; closing {} session(s)",
+                    lock(&self.state).broker.session_count()
+                );
                 return Ok(());
             }
             if ready[1].readable {
@@ -217,6 +277,7 @@ impl Daemon {
             MessageType::MethodCall => {
                 if let Some(sender) = msg.sender() {
                     let sender = sender.to_string();
+                    lock(&self.state).current_sender = sender.clone();
                     let known = lock(&self.state).callers.contains_key(&sender);
                     if !known {
                         match lookup_caller(&self.channel, &sender) {
@@ -255,12 +316,22 @@ impl Daemon {
     fn unknown_session_reply(&self, msg: &Message) -> Option<Message> {
         let path = msg.path()?;
         let id = path.strip_prefix(SESSION_PATH_PREFIX)?;
-        let exists = id.parse::<u64>().ok().is_some_and(|id| lock(&self.state).broker.session(id).is_some());
-        if exists || msg.interface().is_some_and(|i| &*i == "org.freedesktop.DBus.Introspectable") {
+        let exists = id
+            .parse::<u64>()
+            .ok()
+            .is_some_and(|id| lock(&self.state).broker.session(id).is_some());
+        if exists
+            || msg
+                .interface()
+                .is_some_and(|i| &*i == "org.freedesktop.DBus.Introspectable")
+        {
             return None;
         }
         let text = format!("no session at {}", &*path);
-        Some(msg.error(&shmlink_interfaces::error::UNKNOWN_SESSION.into(), &std::ffi::CString::new(text).ok()?))
+        Some(msg.error(
+            &shmlink_interfaces::error::UNKNOWN_SESSION.into(),
+            &std::ffi::CString::new(text).ok()?,
+        ))
     }
 
     fn client_left(&mut self, name: &str) {
@@ -291,7 +362,11 @@ impl Daemon {
             }
         };
         if let Some(info) = info {
-            log::info!("session {id} ({}, owner {}) ended: {reason}", info.service, info.owner.bus_name);
+            log::info!(
+                "session {id} ({}, owner {}) ended: {reason}",
+                info.service,
+                info.owner.bus_name
+            );
             self.cr.remove::<SessionObject>(&info.path);
             let _ = self.channel.send(session_closed_signal(&info.path, reason));
         }
@@ -311,21 +386,46 @@ impl Daemon {
 }
 
 fn session_closed_signal(path: &Path<'static>, reason: &str) -> Message {
-    Message::signal(&BROKER_PATH.into(), &BROKER_INTERFACE.into(), &member::SESSION_CLOSED.into())
-        .append2(path.clone(), reason)
+    Message::signal(
+        &BROKER_PATH.into(),
+        &BROKER_INTERFACE.into(),
+        &member::SESSION_CLOSED.into(),
+    )
+    .append2(path.clone(), reason)
 }
 
 /// Looks up the caller of the current method in the credentials cache.
 fn caller_of(st: &State, msg: &Message) -> Result<Caller, MethodErr> {
-    let sender = msg.sender().ok_or_else(|| MethodErr::failed("message without sender"))?;
+    let sender = msg
+        .sender()
+        .ok_or_else(|| MethodErr::failed("message without sender"))?;
     st.callers.get(&*sender).cloned().ok_or_else(|| {
-        MethodErr::from((shmlink_interfaces::error::INTERNAL, format!("could not learn the credentials of {sender}")))
+        MethodErr::from((
+            shmlink_interfaces::error::INTERNAL,
+            format!("could not learn the credentials of {sender}"),
+        ))
     })
 }
 
-type OpenReply = (Path<'static>, u64, OwnedFd, OwnedFd, OwnedFd, u64, OwnedFd, OwnedFd, OwnedFd, OwnedFd, PropMap);
+type OpenReply = (
+    Path<'static>,
+    u64,
+    OwnedFd,
+    OwnedFd,
+    OwnedFd,
+    u64,
+    OwnedFd,
+    OwnedFd,
+    OwnedFd,
+    OwnedFd,
+    PropMap,
+);
 
-fn register_broker(cr: &mut Crossroads, state: Shared, session_token: IfaceToken<SessionObject>) -> IfaceToken<()> {
+fn register_broker(
+    cr: &mut Crossroads,
+    state: Shared,
+    session_token: IfaceToken<SessionObject>,
+) -> IfaceToken<()> {
     cr.register(BROKER_INTERFACE, move |b| {
         let st = state.clone();
         b.method_with_cr(
@@ -344,15 +444,26 @@ fn register_broker(cr: &mut Crossroads, state: Shared, session_token: IfaceToken
                 "hangup",
                 "parameters",
             ),
-            move |ctx: &mut Context, cr: &mut Crossroads, (service, options): (String, PropMap)| -> Result<OpenReply, MethodErr> {
+            move |ctx: &mut Context,
+                  cr: &mut Crossroads,
+                  (service, options): (String, PropMap)|
+                  -> Result<OpenReply, MethodErr> {
                 let mut guard = lock(&st);
                 let caller = caller_of(&guard, ctx.message())?;
                 let opened = guard.broker.open(&caller, &service, options).map_err(|e| {
-                    log::warn!("OpenSession({service:?}) from {} (uid {}) refused: {e}", caller.bus_name, caller.uid);
+                    log::warn!(
+                        "OpenSession({service:?}) from {} (uid {}) refused: {e}",
+                        caller.bus_name,
+                        caller.uid
+                    );
                     method_err(e)
                 })?;
                 drop(guard);
-                cr.insert(opened.path.clone(), &[session_token], SessionObject(opened.id));
+                cr.insert(
+                    opened.path.clone(),
+                    &[session_token],
+                    SessionObject(opened.id),
+                );
                 let f = opened.fds;
                 Ok((
                     opened.path,
@@ -370,19 +481,36 @@ fn register_broker(cr: &mut Crossroads, state: Shared, session_token: IfaceToken
             },
         );
         let st = state.clone();
-        b.method(member::LIST_SESSIONS, (), ("sessions",), move |_ctx, _: &mut (), ()| {
-            let guard = lock(&st);
-            let list: Vec<(Path<'static>, String, String, u32, u32)> = guard
-                .broker
-                .sessions()
-                .map(|s| (s.path.clone(), s.service.clone(), s.owner.bus_name.clone(), s.owner.uid, s.owner.pid))
-                .collect();
-            Ok((list,))
-        });
+        b.method(
+            member::LIST_SESSIONS,
+            (),
+            ("sessions",),
+            move |_ctx, _: &mut (), ()| {
+                let guard = lock(&st);
+                let list: Vec<(Path<'static>, String, String, u32, u32)> = guard
+                    .broker
+                    .sessions()
+                    .map(|s| {
+                        (
+                            s.path.clone(),
+                            s.service.clone(),
+                            s.owner.bus_name.clone(),
+                            s.owner.uid,
+                            s.owner.pid,
+                        )
+                    })
+                    .collect();
+                Ok((list,))
+            },
+        );
         b.signal::<(Path<'static>, String), _>(member::SESSION_CLOSED, ("session", "reason"));
-        b.property(member::VERSION).emits_changed_const().get(|_, _: &mut ()| Ok(env!("CARGO_PKG_VERSION").to_owned()));
+        b.property(member::VERSION)
+            .emits_changed_const()
+            .get(|_, _: &mut ()| Ok(env!("CARGO_PKG_VERSION").to_owned()));
         let st = state.clone();
-        b.property(member::SERVICES).emits_changed_const().get(move |_, _: &mut ()| Ok(lock(&st).broker.service_names()));
+        b.property(member::SERVICES)
+            .emits_changed_const()
+            .get(move |_, _: &mut ()| Ok(lock(&st).broker.service_names()));
         let st = state.clone();
         b.property(member::SESSION_COUNT)
             .emits_changed_false()
@@ -409,49 +537,72 @@ fn with_session<R>(
 ) -> Result<R, MethodErr> {
     let guard = lock(st);
     if !owner_only {
-        let info = guard
-            .broker
-            .session(obj.0)
-            .ok_or_else(|| method_err(BrokerError::UnknownSession(format!("{SESSION_PATH_PREFIX}{}", obj.0))))?;
+        let info = guard.broker.session(obj.0).ok_or_else(|| {
+            method_err(BrokerError::UnknownSession(format!(
+                "{SESSION_PATH_PREFIX}{}",
+                obj.0
+            )))
+        })?;
         return Ok(f(info));
     }
-    let msg = ctx.message().ok_or_else(|| MethodErr::failed("no message"))?;
-    let sender = msg.sender().map(|s| s.to_string()).unwrap_or_default();
+    let sender = match ctx.message() {
+        Some(msg) => msg.sender().map(|s| s.to_string()).unwrap_or_default(),
+        None => guard.current_sender.clone(),
+    };
     let caller = guard.callers.get(&sender);
-    let info = guard.broker.authorize(obj.0, caller, &sender).map_err(method_err)?;
+    let info = guard
+        .broker
+        .authorize(obj.0, caller, &sender)
+        .map_err(method_err)?;
     Ok(f(info))
 }
 
 fn register_session(cr: &mut Crossroads, state: Shared) -> IfaceToken<SessionObject> {
     cr.register(SESSION_INTERFACE, move |b| {
         let st = state.clone();
-        b.method_with_cr(member::CLOSE, (), (), move |ctx: &mut Context, cr: &mut Crossroads, ()| {
-            let id = cr
-                .data_mut::<SessionObject>(ctx.path())
-                .map(|o| o.0)
-                .ok_or_else(|| method_err(BrokerError::UnknownSession(ctx.path().to_string())))?;
-            let mut guard = lock(&st);
-            let sender = ctx.message().sender().map(|s| s.to_string()).unwrap_or_default();
-            let caller = guard.callers.get(&sender).cloned();
-            guard.broker.authorize(id, caller.as_ref(), &sender).map_err(|e| {
-                log::warn!("Close of session {id} by {sender} refused: {e}");
-                method_err(e)
-            })?;
-            let info = guard.broker.close(id);
-            drop(guard);
-            if let Some(info) = info {
-                log::info!("session {id} ({}) closed by {sender}", info.service);
-                cr.remove::<SessionObject>(&info.path);
-                ctx.push_msg(session_closed_signal(&info.path, "closed by its owner"));
-            }
-            Ok(())
-        });
+        b.method_with_cr(
+            member::CLOSE,
+            (),
+            (),
+            move |ctx: &mut Context, cr: &mut Crossroads, ()| {
+                let id = cr
+                    .data_mut::<SessionObject>(ctx.path())
+                    .map(|o| o.0)
+                    .ok_or_else(|| {
+                        method_err(BrokerError::UnknownSession(ctx.path().to_string()))
+                    })?;
+                let mut guard = lock(&st);
+                let sender = ctx
+                    .message()
+                    .sender()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                let caller = guard.callers.get(&sender).cloned();
+                guard
+                    .broker
+                    .authorize(id, caller.as_ref(), &sender)
+                    .map_err(|e| {
+                        log::warn!("Close of session {id} by {sender} refused: {e}");
+                        method_err(e)
+                    })?;
+                let info = guard.broker.close(id);
+                drop(guard);
+                if let Some(info) = info {
+                    log::info!("session {id} ({}) closed by {sender}", info.service);
+                    cr.remove::<SessionObject>(&info.path);
+                    ctx.push_msg(session_closed_signal(&info.path, "closed by its owner"));
+                }
+                Ok(())
+            },
+        );
         macro_rules! prop {
             ($name:expr, $owner_only:expr, $ty:ty, $f:expr) => {{
                 let st = state.clone();
-                b.property::<$ty, _>($name).emits_changed_false().get(move |ctx, obj: &mut SessionObject| {
-                    with_session(&st, ctx, obj, $owner_only, $f)
-                });
+                b.property::<$ty, _>($name).emits_changed_false().get(
+                    move |ctx, obj: &mut SessionObject| {
+                        with_session(&st, ctx, obj, $owner_only, $f)
+                    },
+                );
             }};
         }
         use std::sync::atomic::Ordering::Relaxed;
@@ -459,11 +610,30 @@ fn register_session(cr: &mut Crossroads, state: Shared) -> IfaceToken<SessionObj
         prop!(member::OWNER, false, String, |s| s.owner.bus_name.clone());
         prop!(member::OWNER_UID, false, u32, |s| s.owner.uid);
         prop!(member::OWNER_PID, false, u32, |s| s.owner.pid);
-        prop!(member::BYTES_TO_SERVER, true, u64, |s| s.slot.counters.bytes_to_server.load(Relaxed));
-        prop!(member::MESSAGES_TO_SERVER, true, u64, |s| s.slot.counters.messages_to_server.load(Relaxed));
-        prop!(member::BYTES_TO_CLIENT, true, u64, |s| s.slot.counters.bytes_to_client.load(Relaxed));
-        prop!(member::MESSAGES_TO_CLIENT, true, u64, |s| s.slot.counters.messages_to_client.load(Relaxed));
-        prop!(member::SERVICE_STATE, true, PropMap, |s| s.slot.service_state().unwrap_or_default());
+        prop!(member::BYTES_TO_SERVER, true, u64, |s| s
+            .slot
+            .counters
+            .bytes_to_server
+            .load(Relaxed));
+        prop!(member::MESSAGES_TO_SERVER, true, u64, |s| s
+            .slot
+            .counters
+            .messages_to_server
+            .load(Relaxed));
+        prop!(member::BYTES_TO_CLIENT, true, u64, |s| s
+            .slot
+            .counters
+            .bytes_to_client
+            .load(Relaxed));
+        prop!(member::MESSAGES_TO_CLIENT, true, u64, |s| s
+            .slot
+            .counters
+            .messages_to_client
+            .load(Relaxed));
+        prop!(member::SERVICE_STATE, true, PropMap, |s| s
+            .slot
+            .service_state()
+            .unwrap_or_default());
     })
 }
 

@@ -97,15 +97,32 @@ pub struct Engine {
 }
 
 fn epoll_add(epoll: BorrowedFd<'_>, fd: BorrowedFd<'_>, token: u64) -> std::io::Result<()> {
-    let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: token,
+    };
     // SAFETY: `ev` is a valid epoll_event; both fds are live.
-    cvt(unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) })?;
+    cvt(unsafe {
+        libc::epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd.as_raw_fd(),
+            &mut ev,
+        )
+    })?;
     Ok(())
 }
 
 fn epoll_del(epoll: BorrowedFd<'_>, fd: BorrowedFd<'_>) {
     // SAFETY: a null event pointer is allowed for EPOLL_CTL_DEL; both fds are live.
-    let r = cvt(unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd.as_raw_fd(), std::ptr::null_mut()) });
+    let r = cvt(unsafe {
+        libc::epoll_ctl(
+            epoll.as_raw_fd(),
+            libc::EPOLL_CTL_DEL,
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+        )
+    });
     if let Err(e) = r {
         log::warn!("epoll_ctl(DEL) failed: {e}");
     }
@@ -132,7 +149,11 @@ impl Engine {
             let epoll = unsafe { OwnedFd::from_raw_fd(ep) };
             let wake = new_eventfd()?;
             epoll_add(epoll.as_fd(), wake.as_fd(), WAKE_TOKEN)?;
-            ws.push(Arc::new(Worker { epoll, wake, slots: Mutex::new(HashMap::new()) }));
+            ws.push(Arc::new(Worker {
+                epoll,
+                wake,
+                slots: Mutex::new(HashMap::new()),
+            }));
         }
         let engine = Arc::new(Engine {
             workers: ws,
@@ -168,14 +189,22 @@ impl Engine {
     }
 
     /// Starts serving a session; returns its slot.
-    pub fn add(&self, id: u64, endpoint: Endpoint, handler: Box<dyn SessionHandler>) -> std::io::Result<Arc<Slot>> {
+    pub fn add(
+        &self,
+        id: u64,
+        endpoint: Endpoint,
+        handler: Box<dyn SessionHandler>,
+    ) -> std::io::Result<Arc<Slot>> {
         let worker = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         let w = &self.workers[worker];
         let max_message = u64::from(endpoint.max_message());
-        let fds: Vec<OwnedFd> = [endpoint.readable_fd(), endpoint.writable_fd(), endpoint.hangup_fd()]
-            .iter()
-            .map(|fd| fd.try_clone_to_owned())
-            .collect::<Result<_, _>>()?;
+        // Register the endpoint's own fds (not duplicates): epoll keys its
+        // entries by fd number and file, and `close` removes them by the same fds.
+        let raw: [std::os::fd::RawFd; 3] = [
+            endpoint.readable_fd().as_raw_fd(),
+            endpoint.writable_fd().as_raw_fd(),
+            endpoint.hangup_fd().as_raw_fd(),
+        ];
         let slot = Arc::new(Slot {
             id,
             worker,
@@ -189,13 +218,22 @@ impl Engine {
             })),
             counters: Counters::default(),
         });
-        w.slots.lock().unwrap_or_else(|e| e.into_inner()).insert(id, slot.clone());
-        for (n, fd) in fds.iter().enumerate() {
-            if let Err(e) = epoll_add(w.epoll.as_fd(), fd.as_fd(), id) {
-                for done in &fds[..n] {
-                    epoll_del(w.epoll.as_fd(), done.as_fd());
+        w.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, slot.clone());
+        for (n, &fd) in raw.iter().enumerate() {
+            // SAFETY: the fds belong to the endpoint now owned by `slot`, which we hold.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            if let Err(e) = epoll_add(w.epoll.as_fd(), borrowed, id) {
+                for &done in &raw[..n] {
+                    // SAFETY: as above; the endpoint is still alive in `slot`.
+                    epoll_del(w.epoll.as_fd(), unsafe { BorrowedFd::borrow_raw(done) });
                 }
-                w.slots.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                w.slots
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
                 return Err(e);
             }
         }
@@ -208,12 +246,21 @@ impl Engine {
     /// hang-up socket close. Returns false if it was already gone.
     pub fn close(&self, id: u64, worker: usize) -> bool {
         let w = &self.workers[worker];
-        let Some(slot) = w.slots.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) else {
+        let Some(slot) = w
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+        else {
             return false;
         };
         let live = slot.lock().take();
         if let Some(live) = live {
-            for fd in [live.endpoint.readable_fd(), live.endpoint.writable_fd(), live.endpoint.hangup_fd()] {
+            for fd in [
+                live.endpoint.readable_fd(),
+                live.endpoint.writable_fd(),
+                live.endpoint.hangup_fd(),
+            ] {
                 epoll_del(w.epoll.as_fd(), fd);
             }
         }
@@ -227,7 +274,11 @@ impl Engine {
 
     fn closed_by_engine(&self, id: u64, worker: usize, reason: String) {
         if self.close(id, worker) {
-            let _ = self.closed_tx.lock().unwrap_or_else(|e| e.into_inner()).send(Closed { id, reason });
+            let _ = self
+                .closed_tx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(Closed { id, reason });
             let _ = sys::eventfd_signal(self.notify.as_fd());
         }
     }
@@ -243,7 +294,13 @@ impl Engine {
             let _ = t.join();
         }
         for (i, w) in self.workers.iter().enumerate() {
-            let ids: Vec<u64> = w.slots.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+            let ids: Vec<u64> = w
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .copied()
+                .collect();
             for id in ids {
                 self.close(id, i);
             }
@@ -272,7 +329,14 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
     loop {
         let timeout = if runq.is_empty() { -1 } else { 0 };
         // SAFETY: `events` is a valid buffer of `events.len()` epoll_event structs.
-        let n = unsafe { libc::epoll_wait(w.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, timeout) };
+        let n = unsafe {
+            libc::epoll_wait(
+                w.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                timeout,
+            )
+        };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
@@ -286,7 +350,13 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
             if token == WAKE_TOKEN {
                 let _ = sys::eventfd_drain(w.wake.as_fd());
                 // New sessions may have work before any fd fires.
-                runq.extend(w.slots.lock().unwrap_or_else(|e| e.into_inner()).keys().copied());
+                runq.extend(
+                    w.slots
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .keys()
+                        .copied(),
+                );
             } else if !runq.contains(&token) {
                 runq.push_back(token);
             }
@@ -294,19 +364,30 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Some(engine) = engine.upgrade() else { return };
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
         for _ in 0..runq.len() {
             let Some(id) = runq.pop_front() else { break };
-            let slot = w.slots.lock().unwrap_or_else(|e| e.into_inner()).get(&id).cloned();
+            let slot = w
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .cloned();
             let Some(slot) = slot else { continue };
             let outcome = {
                 let mut guard = slot.lock();
                 match guard.as_mut() {
                     None => Pump::Idle,
-                    Some(live) => match catch_unwind(AssertUnwindSafe(|| pump(live, &slot.counters))) {
-                        Ok(p) => p,
-                        Err(_) => Pump::End("internal error: the session's service panicked".into()),
-                    },
+                    Some(live) => {
+                        match catch_unwind(AssertUnwindSafe(|| pump(live, &slot.counters))) {
+                            Ok(p) => p,
+                            Err(_) => {
+                                Pump::End("internal error: the session's service panicked".into())
+                            }
+                        }
+                    }
                 }
             };
             match outcome {
@@ -358,7 +439,9 @@ fn pump_inner(live: &mut Live, counters: &Counters) -> Result<Pump, String> {
             live.pending = None;
         }
         if let Some(msg) = live.outbox.pop() {
-            counters.bytes_to_client.fetch_add(msg.len() as u64, Ordering::Relaxed);
+            counters
+                .bytes_to_client
+                .fetch_add(msg.len() as u64, Ordering::Relaxed);
             counters.messages_to_client.fetch_add(1, Ordering::Relaxed);
             bytes += msg.len() as u64;
             live.pending = Some(OutFrame::message(msg));
@@ -373,7 +456,9 @@ fn pump_inner(live: &mut Live, counters: &Counters) -> Result<Pump, String> {
                 live.end_sent = true;
             }
         } else if live.handler.wants_to_produce() {
-            live.handler.produce(&mut live.outbox).map_err(|e| format!("service failed: {e}"))?;
+            live.handler
+                .produce(&mut live.outbox)
+                .map_err(|e| format!("service failed: {e}"))?;
             msgs += 1;
             if msgs >= SLICE_MESSAGES || bytes >= SLICE_BYTES {
                 return Ok(Pump::More);
@@ -383,14 +468,20 @@ fn pump_inner(live: &mut Live, counters: &Counters) -> Result<Pump, String> {
         // 2. Read input.
         match live.endpoint.rx().read_item().map_err(ep_err)? {
             Some(Item::Message(m)) => {
-                counters.bytes_to_server.fetch_add(m.len() as u64, Ordering::Relaxed);
+                counters
+                    .bytes_to_server
+                    .fetch_add(m.len() as u64, Ordering::Relaxed);
                 counters.messages_to_server.fetch_add(1, Ordering::Relaxed);
                 bytes += m.len() as u64;
                 msgs += 1;
-                live.handler.on_message(m, &mut live.outbox).map_err(|e| format!("service refused input: {e}"))?;
+                live.handler
+                    .on_message(m, &mut live.outbox)
+                    .map_err(|e| format!("service refused input: {e}"))?;
             }
             Some(Item::End) => {
-                live.handler.on_end(&mut live.outbox).map_err(|e| format!("service failed: {e}"))?;
+                live.handler
+                    .on_end(&mut live.outbox)
+                    .map_err(|e| format!("service failed: {e}"))?;
             }
             None => {
                 if spin.is_zero() || !spin_for(&mut live.endpoint, spin, false) {

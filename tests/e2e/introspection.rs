@@ -1,6 +1,8 @@
 //! The live introspection of a running daemon matches interfaces/*.xml.
 
-use shmlink_interfaces::{BROKER_INTERFACE, BROKER_PATH, BROKER_XML, BUS_NAME, SESSION_INTERFACE, SESSION_XML};
+use shmlink_interfaces::{
+    BROKER_INTERFACE, BROKER_PATH, BROKER_XML, BUS_NAME, SESSION_INTERFACE, SESSION_XML,
+};
 use shmlink_tests::Harness;
 use std::collections::BTreeSet;
 
@@ -8,7 +10,10 @@ use std::collections::BTreeSet;
 fn shape(xml: &str, interface: &str) -> BTreeSet<String> {
     let doc = roxmltree::Document::parse_with_options(
         xml,
-        roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() },
+        roxmltree::ParsingOptions {
+            allow_dtd: true,
+            ..Default::default()
+        },
     )
     .expect("valid XML");
     let iface = doc
@@ -25,8 +30,17 @@ fn shape(xml: &str, interface: &str) -> BTreeSet<String> {
                     .children()
                     .filter(|a| a.has_tag_name("arg"))
                     .map(|a| {
-                        let dir = if kind == "signal" { "out" } else { a.attribute("direction").unwrap_or("in") };
-                        format!("{}:{}:{}", a.attribute("name").unwrap_or(""), a.attribute("type").unwrap_or(""), dir)
+                        let dir = if kind == "signal" {
+                            "out"
+                        } else {
+                            a.attribute("direction").unwrap_or("in")
+                        };
+                        format!(
+                            "{}:{}:{}",
+                            a.attribute("name").unwrap_or(""),
+                            a.attribute("type").unwrap_or(""),
+                            dir
+                        )
                     })
                     .collect();
                 out.insert(format!("{kind} {name}({})", args.join(", ")));
@@ -47,8 +61,9 @@ fn shape(xml: &str, interface: &str) -> BTreeSet<String> {
 fn introspect(h: &Harness, path: &str) -> String {
     let conn = dbus::blocking::Connection::new_address(h.address()).expect("connect");
     let proxy = conn.with_proxy(BUS_NAME, path, std::time::Duration::from_secs(5));
-    let (xml,): (String,) =
-        proxy.method_call("org.freedesktop.DBus.Introspectable", "Introspect", ()).expect("Introspect");
+    let (xml,): (String,) = proxy
+        .method_call("org.freedesktop.DBus.Introspectable", "Introspect", ())
+        .expect("Introspect");
     xml
 }
 
@@ -56,28 +71,61 @@ fn introspect(h: &Harness, path: &str) -> String {
 fn live_introspection_matches_the_documented_xml() {
     let h = Harness::start();
     let live = introspect(&h, BROKER_PATH);
-    assert_eq!(shape(&live, BROKER_INTERFACE), shape(BROKER_XML, BROKER_INTERFACE), "Broker1 drifted");
-    let s = h.client().session("echo").capacity(4096).open().expect("open");
+    assert_eq!(
+        shape(&live, BROKER_INTERFACE),
+        shape(BROKER_XML, BROKER_INTERFACE),
+        "Broker1 drifted"
+    );
+    let s = h
+        .client()
+        .session("echo")
+        .capacity(4096)
+        .open()
+        .expect("open");
     let live = introspect(&h, s.path());
-    assert_eq!(shape(&live, SESSION_INTERFACE), shape(SESSION_XML, SESSION_INTERFACE), "Session1 drifted");
+    assert_eq!(
+        shape(&live, SESSION_INTERFACE),
+        shape(SESSION_XML, SESSION_INTERFACE),
+        "Session1 drifted"
+    );
     // The broker's node lists the session as a child, so `busctl tree` finds it.
     let root = introspect(&h, "/org/shmlink/Broker1/session");
-    assert!(root.contains(&format!("name=\"{}\"", s.path().rsplit('/').next().unwrap())), "{root}");
+    assert!(
+        root.contains(&format!(
+            "name=\"{}\"",
+            s.path().rsplit('/').next().unwrap()
+        )),
+        "{root}"
+    );
 }
 
 #[test]
 fn the_documented_xml_documents_every_member() {
-    for (xml, iface) in [(BROKER_XML, BROKER_INTERFACE), (SESSION_XML, SESSION_INTERFACE)] {
+    for (xml, iface) in [
+        (BROKER_XML, BROKER_INTERFACE),
+        (SESSION_XML, SESSION_INTERFACE),
+    ] {
         let doc = roxmltree::Document::parse_with_options(
             xml,
-            roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() },
+            roxmltree::ParsingOptions {
+                allow_dtd: true,
+                ..Default::default()
+            },
         )
         .expect("valid XML");
-        for m in doc.descendants().filter(|n| ["method", "signal", "property", "interface"].contains(&n.tag_name().name())) {
+        for m in doc.descendants().filter(|n| {
+            ["method", "signal", "property", "interface"].contains(&n.tag_name().name())
+        }) {
             let documented = m.children().any(|c| {
-                c.has_tag_name("annotation") && c.attribute("name") == Some("org.freedesktop.DBus.DocString")
+                c.has_tag_name("annotation")
+                    && c.attribute("name") == Some("org.freedesktop.DBus.DocString")
             });
-            assert!(documented, "{iface}: {} {:?} lacks a DocString annotation", m.tag_name().name(), m.attribute("name"));
+            assert!(
+                documented,
+                "{iface}: {} {:?} lacks a DocString annotation",
+                m.tag_name().name(),
+                m.attribute("name")
+            );
         }
     }
 }

@@ -1,5 +1,6 @@
 //! shmlink: talk to shmlinkd from the command line. See `shmlink --help`.
 
+mod close;
 mod demo;
 mod ping;
 mod send;
@@ -33,6 +34,8 @@ enum Cmd {
     Send(send::Args),
     /// Show the daemon's version, services and sessions (like ipcs).
     Status(status::Args),
+    /// End a session by its object path (its owner or root only).
+    Close(close::Args),
 }
 
 fn main() {
@@ -49,6 +52,7 @@ fn main() {
         Cmd::Ping(a) => ping::run(&bus.unwrap_or(Bus::Session), a),
         Cmd::Send(a) => send::run(&bus.unwrap_or(Bus::Session), a),
         Cmd::Status(a) => status::run(&bus.unwrap_or(Bus::Session), a),
+        Cmd::Close(a) => close::run(&bus.unwrap_or(Bus::Session), a),
     };
     if let Err(e) = result {
         eprintln!("shmlink: error: {e:#}");
@@ -68,7 +72,9 @@ pub fn rate(bytes: u64, secs: f64) -> String {
 
 /// Parses `-o KEY=VALUE`: integers become `t`, `true`/`false` become `b`, the rest `s`.
 pub fn parse_option(s: &str) -> Result<(String, OptValue), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("option {s:?} is not KEY=VALUE"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("option {s:?} is not KEY=VALUE"))?;
     let v = if let Ok(n) = v.parse::<u64>() {
         OptValue::U64(n)
     } else if let Ok(b) = v.parse::<bool>() {
@@ -91,7 +97,10 @@ pub enum OptValue {
 }
 
 /// Applies `-o` options to a session builder.
-pub fn apply_options(mut b: shmlink::SessionBuilder, opts: &[(String, OptValue)]) -> shmlink::SessionBuilder {
+pub fn apply_options(
+    mut b: shmlink::SessionBuilder,
+    opts: &[(String, OptValue)],
+) -> shmlink::SessionBuilder {
     for (k, v) in opts {
         b = match v.clone() {
             OptValue::U64(n) => b.option(k, n),

@@ -1,0 +1,35 @@
+//! The shmlink binary's command line. (Having an integration test here also
+//! makes `cargo test --workspace` build `shmlink` for the end-to-end tests.)
+
+use std::process::Command;
+
+fn shmlink() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shmlink"))
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let out = shmlink()
+        .arg("--help")
+        .output()
+        .expect("run shmlink --help");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["demo", "ping", "send", "status"] {
+        assert!(text.contains(cmd), "--help lacks {cmd}:\n{text}");
+    }
+}
+
+#[test]
+fn an_unreachable_bus_is_a_clear_error_and_a_failure() {
+    let out = shmlink()
+        .args(["--bus", "unix:path=/nonexistent/bus", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the bus at unix:path=/nonexistent/bus"),
+        "{err}"
+    );
+}
