@@ -14,9 +14,13 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(feature = "tokio")]
+mod async_session;
 pub mod process;
 mod session;
 
+#[cfg(feature = "tokio")]
+pub use async_session::AsyncSession;
 pub use session::{Counters, Session, SessionBuilder, SessionReader, SessionWriter};
 pub use shmlink_endpoint::Wakeup;
 
@@ -104,7 +108,10 @@ impl Error {
 impl From<dbus::Error> for Error {
     fn from(e: dbus::Error) -> Self {
         Error::Refused {
-            name: e.name().unwrap_or("org.freedesktop.DBus.Error.Failed").to_owned(),
+            name: e
+                .name()
+                .unwrap_or("org.freedesktop.DBus.Error.Failed")
+                .to_owned(),
             message: e.message().unwrap_or("").to_owned(),
         }
     }
@@ -135,24 +142,34 @@ pub struct Client {
 impl Client {
     /// Connects to `bus`. Nothing is asked of the broker yet.
     pub fn connect(bus: &Bus) -> Result<Client, Error> {
-        let err = |m: String| Error::Connect { bus: bus.to_string(), message: m };
+        let err = |m: String| Error::Connect {
+            bus: bus.to_string(),
+            message: m,
+        };
         let channel = match bus {
             Bus::Session => {
                 if std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_none() {
-                    return Err(err("DBUS_SESSION_BUS_ADDRESS is not set (no session bus here); \
+                    return Err(err(
+                        "DBUS_SESSION_BUS_ADDRESS is not set (no session bus here); \
                                     give --bus ADDRESS, or run `shmlink demo` for a private bus"
-                        .into()));
+                            .into(),
+                    ));
                 }
-                Channel::get_private(dbus::channel::BusType::Session).map_err(|e| err(e.to_string()))?
+                Channel::get_private(dbus::channel::BusType::Session)
+                    .map_err(|e| err(e.to_string()))?
             }
-            Bus::System => Channel::get_private(dbus::channel::BusType::System).map_err(|e| err(e.to_string()))?,
+            Bus::System => Channel::get_private(dbus::channel::BusType::System)
+                .map_err(|e| err(e.to_string()))?,
             Bus::Address(a) => {
                 let mut c = Channel::open_private(a).map_err(|e| err(e.to_string()))?;
                 c.register().map_err(|e| err(e.to_string()))?;
                 c
             }
         };
-        Ok(Client { conn: Arc::new(SyncConnection::from(channel)), bus: bus.clone() })
+        Ok(Client {
+            conn: Arc::new(SyncConnection::from(channel)),
+            bus: bus.clone(),
+        })
     }
 
     /// The bus this client talks on.
@@ -165,7 +182,10 @@ impl Client {
         self.conn.unique_name().to_string()
     }
 
-    pub(crate) fn proxy<'a>(&'a self, path: &'a str) -> dbus::blocking::Proxy<'a, &'a SyncConnection> {
+    pub(crate) fn proxy<'a>(
+        &'a self,
+        path: &'a str,
+    ) -> dbus::blocking::Proxy<'a, &'a SyncConnection> {
         self.conn.with_proxy(BUS_NAME, path, CALL_TIMEOUT)
     }
 
@@ -183,7 +203,11 @@ impl Client {
     /// On a bus with activation this also starts the broker.
     pub fn ping(&self) -> Result<Duration, Error> {
         let start = Instant::now();
-        self.proxy(BROKER_PATH).method_call::<(), _, _, _>("org.freedesktop.DBus.Peer", "Ping", ())?;
+        self.proxy(BROKER_PATH).method_call::<(), _, _, _>(
+            "org.freedesktop.DBus.Peer",
+            "Ping",
+            (),
+        )?;
         Ok(start.elapsed())
     }
 
@@ -218,22 +242,36 @@ impl Client {
 
     /// Every open session.
     pub fn list_sessions(&self) -> Result<Vec<SessionEntry>, Error> {
-        let (list,): (Vec<(dbus::Path<'static>, String, String, u32, u32)>,) =
-            self.proxy(BROKER_PATH).method_call(BROKER_INTERFACE, member::LIST_SESSIONS, ())?;
+        type Row = (dbus::Path<'static>, String, String, u32, u32);
+        let (list,): (Vec<Row>,) =
+            self.proxy(BROKER_PATH)
+                .method_call(BROKER_INTERFACE, member::LIST_SESSIONS, ())?;
         Ok(list
             .into_iter()
-            .map(|(path, service, owner, uid, pid)| SessionEntry { path: path.to_string(), service, owner, uid, pid })
+            .map(|(path, service, owner, uid, pid)| SessionEntry {
+                path: path.to_string(),
+                service,
+                owner,
+                uid,
+                pid,
+            })
             .collect())
     }
 
     /// Calls `Close` on a session by path (owner or root only).
     pub fn close_session(&self, path: &str) -> Result<(), Error> {
-        self.proxy(path).method_call::<(), _, _, _>(shmlink_interfaces::SESSION_INTERFACE, member::CLOSE, ())?;
+        self.proxy(path).method_call::<(), _, _, _>(
+            shmlink_interfaces::SESSION_INTERFACE,
+            member::CLOSE,
+            (),
+        )?;
         Ok(())
     }
 
     /// All readable properties of a session (owner or root sees the counters).
     pub fn session_properties(&self, path: &str) -> Result<PropMap, Error> {
-        Ok(self.proxy(path).get_all(shmlink_interfaces::SESSION_INTERFACE)?)
+        Ok(self
+            .proxy(path)
+            .get_all(shmlink_interfaces::SESSION_INTERFACE)?)
     }
 }
