@@ -146,7 +146,10 @@ fn parse_wakeup(opts: &Options) -> Result<Wakeup, BrokerError> {
 impl Broker {
     /// A broker hosting `services` with `config`, serving rings on `engine`.
     pub fn new(config: Config, services: Vec<Arc<dyn Service>>, engine: Arc<Engine>) -> Self {
-        let services = services.into_iter().map(|s| (s.name().to_owned(), s)).collect();
+        let services = services
+            .into_iter()
+            .map(|s| (s.name().to_owned(), s))
+            .collect();
         Broker {
             config,
             services,
@@ -185,8 +188,17 @@ impl Broker {
     }
 
     /// Creates a session for `caller`. Nothing is created unless everything succeeds.
-    pub fn open(&mut self, caller: &Caller, service: &str, options: PropMap) -> Result<Opened, BrokerError> {
-        let svc = self.services.get(service).cloned().ok_or_else(|| BrokerError::UnknownService(service.into()))?;
+    pub fn open(
+        &mut self,
+        caller: &Caller,
+        service: &str,
+        options: PropMap,
+    ) -> Result<Opened, BrokerError> {
+        let svc = self
+            .services
+            .get(service)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownService(service.into()))?;
         let limits = &self.config.limits;
         if let Some(access) = self.config.services.get(service) {
             if !access.allows(caller.uid, &caller.gids) {
@@ -197,7 +209,9 @@ impl Broker {
             }
         }
         let opts = Options::new(options, limits.max_message);
-        let capacity = opts.u64(option::CAPACITY)?.unwrap_or(limits::DEFAULT_CAPACITY);
+        let capacity = opts
+            .u64(option::CAPACITY)?
+            .unwrap_or(limits::DEFAULT_CAPACITY);
         if capacity < limits::MIN_CAPACITY || capacity > limits.max_capacity {
             return Err(BrokerError::InvalidCapacity(format!(
                 "capacity {capacity} is outside {}..={} bytes",
@@ -223,22 +237,34 @@ impl Broker {
             .map_err(|e| BrokerError::Internal(format!("could not create the rings: {e}")))?;
         let id = self.next_id;
         self.next_id += 1;
-        let slot = self
-            .engine
-            .add(id, endpoint, handler)
-            .map_err(|e| BrokerError::Internal(format!("could not start serving the session: {e}")))?;
+        let slot = self.engine.add(id, endpoint, handler).map_err(|e| {
+            BrokerError::Internal(format!("could not start serving the session: {e}"))
+        })?;
         let path = dbus::Path::from(format!("{SESSION_PATH_PREFIX}{id}"));
-        *self.per_connection.entry(caller.bus_name.clone()).or_default() += 1;
+        *self
+            .per_connection
+            .entry(caller.bus_name.clone())
+            .or_default() += 1;
         let u = self.per_user.entry(caller.uid).or_default();
         u.sessions += 1;
         u.memory += ring_bytes;
         self.memory_total += ring_bytes;
         self.sessions.insert(
             id,
-            SessionInfo { id, path: path.clone(), service: service.into(), owner: caller.clone(), ring_bytes, slot },
+            SessionInfo {
+                id,
+                path: path.clone(),
+                service: service.into(),
+                owner: caller.clone(),
+                ring_bytes,
+                slot,
+            },
         );
         let mut params = PropMap::new();
-        params.insert(param::MAX_MESSAGE.into(), crate::service::prop(limits.max_message));
+        params.insert(
+            param::MAX_MESSAGE.into(),
+            crate::service::prop(limits.max_message),
+        );
         let (mode, us) = match wake {
             Wakeup::Park => (wakeup::PARK, 0u32),
             Wakeup::Spin(d) => (wakeup::SPIN, d.as_micros() as u32),
@@ -252,19 +278,32 @@ impl Broker {
             caller.pid,
             fds.to_server.capacity
         );
-        Ok(Opened { id, path, fds, params })
+        Ok(Opened {
+            id,
+            path,
+            fds,
+            params,
+        })
     }
 
     fn check_limits(&self, caller: &Caller, ring_bytes: u64) -> Result<(), BrokerError> {
         let l = &self.config.limits;
-        let conn = self.per_connection.get(&caller.bus_name).copied().unwrap_or(0);
+        let conn = self
+            .per_connection
+            .get(&caller.bus_name)
+            .copied()
+            .unwrap_or(0);
         if conn >= l.sessions_per_connection {
             return Err(BrokerError::LimitExceeded(format!(
                 "sessions_per_connection: this connection already has {conn} sessions (limit {})",
                 l.sessions_per_connection
             )));
         }
-        let (sessions, memory) = self.per_user.get(&caller.uid).map(|u| (u.sessions, u.memory)).unwrap_or((0, 0));
+        let (sessions, memory) = self
+            .per_user
+            .get(&caller.uid)
+            .map(|u| (u.sessions, u.memory))
+            .unwrap_or((0, 0));
         if sessions >= l.sessions_per_user {
             return Err(BrokerError::LimitExceeded(format!(
                 "sessions_per_user: uid {} already has {sessions} sessions (limit {})",
@@ -287,8 +326,16 @@ impl Broker {
     }
 
     /// Checks that `caller` may act on session `id` (its owner, or root).
-    pub fn authorize(&self, id: u64, caller: Option<&Caller>, sender: &str) -> Result<&SessionInfo, BrokerError> {
-        let info = self.sessions.get(&id).ok_or_else(|| BrokerError::UnknownSession(format!("{SESSION_PATH_PREFIX}{id}")))?;
+    pub fn authorize(
+        &self,
+        id: u64,
+        caller: Option<&Caller>,
+        sender: &str,
+    ) -> Result<&SessionInfo, BrokerError> {
+        let info = self
+            .sessions
+            .get(&id)
+            .ok_or_else(|| BrokerError::UnknownSession(format!("{SESSION_PATH_PREFIX}{id}")))?;
         let root = caller.is_some_and(|c| c.uid == 0);
         if info.owner.bus_name != sender && !root {
             return Err(BrokerError::AccessDenied(format!(
@@ -328,6 +375,10 @@ impl Broker {
 
     /// Ids of the sessions a bus connection owns.
     pub fn sessions_of(&self, bus_name: &str) -> Vec<u64> {
-        self.sessions.values().filter(|s| s.owner.bus_name == bus_name).map(|s| s.id).collect()
+        self.sessions
+            .values()
+            .filter(|s| s.owner.bus_name == bus_name)
+            .map(|s| s.id)
+            .collect()
     }
 }

@@ -124,8 +124,10 @@ pub struct Config {
 impl Config {
     /// Parses a configuration from TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.into(),
+            message: e.to_string(),
+        })?;
         Ok(cfg)
     }
 
@@ -133,8 +135,13 @@ impl Config {
     pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Config::parse(&text, &path.display().to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config::default()),
-            Err(e) => Err(ConfigError::Read { path: path.display().to_string(), source: e }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Config::default())
+            }
+            Err(e) => Err(ConfigError::Read {
+                path: path.display().to_string(),
+                source: e,
+            }),
         }
     }
 
@@ -143,19 +150,31 @@ impl Config {
         let l = &self.limits;
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if l.max_capacity < defaults::MIN_CAPACITY {
-            return bad(format!("limits.max_capacity must be at least {}", defaults::MIN_CAPACITY));
+            return bad(format!(
+                "limits.max_capacity must be at least {}",
+                defaults::MIN_CAPACITY
+            ));
         }
         if l.max_capacity > 1 << 40 {
             return bad("limits.max_capacity must be at most 1 TiB".into());
         }
         if l.max_message == 0 || l.max_message > defaults::HARD_MAX_MESSAGE {
-            return bad(format!("limits.max_message must be between 1 and {}", defaults::HARD_MAX_MESSAGE));
+            return bad(format!(
+                "limits.max_message must be between 1 and {}",
+                defaults::HARD_MAX_MESSAGE
+            ));
         }
         if l.sessions_per_connection == 0 || l.sessions_per_user == 0 {
-            return bad("limits.sessions_per_connection and sessions_per_user must be at least 1".into());
+            return bad(
+                "limits.sessions_per_connection and sessions_per_user must be at least 1".into(),
+            );
         }
-        if l.memory_per_user < 2 * defaults::MIN_CAPACITY || l.memory_total < 2 * defaults::MIN_CAPACITY {
-            return bad("limits.memory_per_user and memory_total must fit at least one session".into());
+        if l.memory_per_user < 2 * defaults::MIN_CAPACITY
+            || l.memory_total < 2 * defaults::MIN_CAPACITY
+        {
+            return bad(
+                "limits.memory_per_user and memory_total must fit at least one session".into(),
+            );
         }
         if self.engine.workers > 256 {
             return bad("engine.workers must be at most 256".into());
@@ -168,7 +187,10 @@ impl Config {
         if self.engine.workers > 0 {
             return self.engine.workers;
         }
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(8)
     }
 }
 
@@ -178,7 +200,11 @@ mod tests {
 
     #[test]
     fn parses_and_validates() {
-        let c = Config::parse("[limits]\nmax_capacity = 4096\n[services.echo]\nallow_users = [1000]\n", "t").unwrap();
+        let c = Config::parse(
+            "[limits]\nmax_capacity = 4096\n[services.echo]\nallow_users = [1000]\n",
+            "t",
+        )
+        .unwrap();
         assert_eq!(c.limits.max_capacity, 4096);
         c.validate().unwrap();
         assert!(c.services["echo"].allows(1000, &[]));
@@ -191,6 +217,10 @@ mod tests {
         let e = Config::parse("[limits]\nmax_capcity = 1\n", "f.toml").unwrap_err();
         assert!(e.to_string().contains("max_capcity"), "{e}");
         let c = Config::parse("[limits]\nmax_capacity = 1\n", "f.toml").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("max_capacity"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_capacity"));
     }
 }

@@ -38,7 +38,11 @@ impl Options {
     /// Wraps the `a{sv}` dictionary of a call for a session whose messages
     /// may be at most `max_message` bytes.
     pub fn new(map: PropMap, max_message: u64) -> Self {
-        Options { map, used: Default::default(), max_message }
+        Options {
+            map,
+            used: Default::default(),
+            max_message,
+        }
     }
 
     /// The largest message the session will carry; services check their own
@@ -54,14 +58,18 @@ impl Options {
     /// An unsigned integer option (`t`, `u`, `q` or `y`; non-negative `x`, `i` accepted too).
     pub fn u64(&self, key: &str) -> Result<Option<u64>, ServiceError> {
         self.mark(key);
-        let Some(v) = self.map.get(key) else { return Ok(None) };
+        let Some(v) = self.map.get(key) else {
+            return Ok(None);
+        };
         let inner = &v.0;
         let sig = inner.signature();
         match &*sig {
             "t" | "u" | "q" | "y" => Ok(inner.as_u64()),
             "x" | "i" | "n" => match inner.as_i64() {
                 Some(n) if n >= 0 => Ok(Some(n as u64)),
-                _ => Err(ServiceError::InvalidOption(format!("option {key:?} must not be negative"))),
+                _ => Err(ServiceError::InvalidOption(format!(
+                    "option {key:?} must not be negative"
+                ))),
             },
             other => Err(ServiceError::InvalidOption(format!(
                 "option {key:?} must be an unsigned integer (t or u), got type {other:?}"
@@ -72,7 +80,9 @@ impl Options {
     /// A string option (`s`).
     pub fn string(&self, key: &str) -> Result<Option<String>, ServiceError> {
         self.mark(key);
-        let Some(v) = self.map.get(key) else { return Ok(None) };
+        let Some(v) = self.map.get(key) else {
+            return Ok(None);
+        };
         match v.0.as_str() {
             Some(s) if &*v.0.signature() == "s" => Ok(Some(s.to_owned())),
             _ => Err(ServiceError::InvalidOption(format!(
@@ -85,7 +95,12 @@ impl Options {
     /// Keys present in the call that nobody read.
     pub fn unused(&self) -> Vec<String> {
         let used = self.used.borrow();
-        let mut keys: Vec<String> = self.map.keys().filter(|k| !used.contains(k)).cloned().collect();
+        let mut keys: Vec<String> = self
+            .map
+            .keys()
+            .filter(|k| !used.contains(k))
+            .cloned()
+            .collect();
         keys.sort();
         keys
     }
@@ -114,7 +129,11 @@ pub struct Outbox {
 
 impl Outbox {
     pub(crate) fn new(max_message: u64) -> Self {
-        Outbox { queue: VecDeque::new(), finished: false, max_message }
+        Outbox {
+            queue: VecDeque::new(),
+            finished: false,
+            max_message,
+        }
     }
 
     /// Queues one message for the client.
@@ -156,7 +175,11 @@ pub trait Service: Send + Sync + 'static {
     ///
     /// Read every option the service understands through `options`; keys
     /// nobody reads make the broker refuse the call.
-    fn open(&self, caller: &Caller, options: &Options) -> Result<Box<dyn SessionHandler>, ServiceError>;
+    fn open(
+        &self,
+        caller: &Caller,
+        options: &Options,
+    ) -> Result<Box<dyn SessionHandler>, ServiceError>;
 }
 
 /// One session's logic, driven by the broker's event loop.

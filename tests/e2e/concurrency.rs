@@ -12,22 +12,34 @@ fn eight_clients_each_with_their_own_sessions() {
             std::thread::spawn(move || {
                 let client = shmlink::Client::connect(&bus).expect("connect");
                 // One echo session (verified replies) and one sink session (verified checksum).
-                let echo = client.session("echo").capacity(16 * 1024).open().expect("open echo");
+                let echo = client
+                    .session("echo")
+                    .capacity(16 * 1024)
+                    .open()
+                    .expect("open echo");
                 let (mut w, mut r) = echo.split();
                 let reader = std::thread::spawn(move || {
                     for i in 0..500u64 {
                         let m = r.recv().expect("recv").expect("echo ended early");
-                        assert!(m == payload(c * 10_000 + i, (i as usize * 37) % 20_000), "client {c} msg {i}");
+                        assert!(
+                            m == payload(c * 10_000 + i, (i as usize * 37) % 20_000),
+                            "client {c} msg {i}"
+                        );
                     }
                     assert_eq!(r.recv().expect("end"), None);
                 });
                 for i in 0..500u64 {
-                    w.send(&payload(c * 10_000 + i, (i as usize * 37) % 20_000)).expect("send");
+                    w.send(&payload(c * 10_000 + i, (i as usize * 37) % 20_000))
+                        .expect("send");
                 }
                 w.finish().expect("finish");
                 reader.join().expect("echo reader");
 
-                let mut sink = client.session("sink").capacity(64 * 1024).open().expect("open sink");
+                let mut sink = client
+                    .session("sink")
+                    .capacity(64 * 1024)
+                    .open()
+                    .expect("open sink");
                 let mut crc = crc32fast::Hasher::new();
                 for i in 0..200u64 {
                     let m = payload(c * 777 + i, 50_000);
@@ -37,7 +49,11 @@ fn eight_clients_each_with_their_own_sessions() {
                 sink.finish().expect("finish sink");
                 assert_eq!(sink.recv().expect("sink end"), None);
                 let st = sink.service_state().expect("state");
-                assert_eq!(st.get("crc32").and_then(|v| v.0.as_u64()), Some(u64::from(crc.finalize())), "client {c}");
+                assert_eq!(
+                    st.get("crc32").and_then(|v| v.0.as_u64()),
+                    Some(u64::from(crc.finalize())),
+                    "client {c}"
+                );
             })
         })
         .collect();

@@ -6,7 +6,11 @@ use shmlink_tests::{payload, Harness};
 fn echo_round_trips_every_edge_size_byte_for_byte() {
     let h = Harness::start();
     let client = h.client();
-    let session = client.session("echo").capacity(4096).open().expect("open echo");
+    let session = client
+        .session("echo")
+        .capacity(4096)
+        .open()
+        .expect("open echo");
     let cap = session.send_capacity() as usize;
     assert!(cap >= 4096, "capacity {cap} below what was asked");
     let sizes = [0, 1, 63, 64, 4095, 4096, cap - 1, cap, cap + 1, 10 * cap];
@@ -24,7 +28,11 @@ fn echo_round_trips_every_edge_size_byte_for_byte() {
                 n += 1;
             }
         }
-        assert_eq!(r.recv().expect("recv end"), None, "echo must end the stream after ours");
+        assert_eq!(
+            r.recv().expect("recv end"),
+            None,
+            "echo must end the stream after ours"
+        );
         n
     });
     for round in 0..rounds {
@@ -33,16 +41,29 @@ fn echo_round_trips_every_edge_size_byte_for_byte() {
         }
     }
     w.finish().expect("finish");
-    assert_eq!(reader.join().expect("reader thread"), rounds * sizes.len() as u64);
+    assert_eq!(
+        reader.join().expect("reader thread"),
+        rounds * sizes.len() as u64
+    );
 }
 
 #[test]
 fn messages_above_the_maximum_are_refused_clearly() {
     let h = Harness::with_args(&["--max-message", "100000"]);
-    let mut s = h.client().session("echo").capacity(4096).open().expect("open echo");
+    let mut s = h
+        .client()
+        .session("echo")
+        .capacity(4096)
+        .open()
+        .expect("open echo");
     assert_eq!(s.max_message(), 100_000);
-    let err = s.send(&vec![0u8; 100_001]).expect_err("a message above max-message must be refused");
-    assert!(err.to_string().contains("exceeds the session maximum"), "{err}");
+    let err = s
+        .send(&vec![0u8; 100_001])
+        .expect_err("a message above max-message must be refused");
+    assert!(
+        err.to_string().contains("exceeds the session maximum"),
+        "{err}"
+    );
     // The session still works after the refusal.
     s.send(&[1, 2, 3]).expect("send after refusal");
     assert_eq!(s.recv().expect("recv"), Some(vec![1, 2, 3]));
@@ -52,7 +73,12 @@ fn messages_above_the_maximum_are_refused_clearly() {
 fn read_and_write_adapters_stream_bytes() {
     use std::io::{Read, Write};
     let h = Harness::start();
-    let session = h.client().session("echo").capacity(8192).open().expect("open echo");
+    let session = h
+        .client()
+        .session("echo")
+        .capacity(8192)
+        .open()
+        .expect("open echo");
     let (mut w, mut r) = session.split();
     let data = payload(7, 300_000);
     let expected = data.clone();
@@ -63,5 +89,8 @@ fn read_and_write_adapters_stream_bytes() {
     });
     w.write_all(&data).expect("write_all");
     w.finish().expect("finish");
-    assert!(reader.join().expect("reader") == expected, "byte stream differs");
+    assert!(
+        reader.join().expect("reader") == expected,
+        "byte stream differs"
+    );
 }

@@ -16,12 +16,19 @@ fn killed_client_sessions_vanish_and_others_are_unaffected() {
     let stop2 = stop.clone();
     let honest = std::thread::spawn(move || {
         let client = shmlink::Client::connect(&bus).expect("connect");
-        let mut s = client.session("echo").capacity(8192).open().expect("open echo");
+        let mut s = client
+            .session("echo")
+            .capacity(8192)
+            .open()
+            .expect("open echo");
         let mut n = 0u64;
         while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
             let m = payload(n, 3000 + (n as usize % 5000));
             s.send(&m).expect("honest send");
-            assert!(s.recv().expect("honest recv").as_deref() == Some(&m[..]), "honest echo {n} differs");
+            assert!(
+                s.recv().expect("honest recv").as_deref() == Some(&m[..]),
+                "honest echo {n} differs"
+            );
             n += 1;
         }
         n
@@ -54,13 +61,20 @@ fn killed_client_sessions_vanish_and_others_are_unaffected() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let rounds = honest.join().expect("honest client");
     assert!(rounds > 0);
-    assert!(h.daemon_log().contains("client hung up") || h.daemon_log().contains("owner left the bus"));
+    assert!(
+        h.daemon_log().contains("client hung up") || h.daemon_log().contains("owner left the bus")
+    );
 }
 
 #[test]
 fn dead_daemon_wakes_a_blocked_receiver_with_an_error() {
     let mut h = Harness::start();
-    let mut s = h.client().session("echo").capacity(8192).open().expect("open echo");
+    let mut s = h
+        .client()
+        .session("echo")
+        .capacity(8192)
+        .open()
+        .expect("open echo");
     let (tx, rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
         let r = s.recv();
@@ -68,16 +82,26 @@ fn dead_daemon_wakes_a_blocked_receiver_with_an_error() {
         r
     });
     h.take_daemon().kill().expect("SIGKILL the daemon");
-    let errored = rx.recv_timeout(DEADLINE).expect("blocked recv did not return after the daemon died");
+    let errored = rx
+        .recv_timeout(DEADLINE)
+        .expect("blocked recv did not return after the daemon died");
     assert!(errored, "recv must fail, not return data");
     let err = t.join().expect("thread").expect_err("recv error");
-    assert!(err.to_string().contains("closed by the other side"), "{err}");
+    assert!(
+        err.to_string().contains("closed by the other side"),
+        "{err}"
+    );
 }
 
 #[test]
 fn dead_daemon_wakes_a_blocked_sender_with_an_error() {
     let mut h = Harness::start();
-    let mut s = h.client().session("echo").capacity(4096).open().expect("open echo");
+    let mut s = h
+        .client()
+        .session("echo")
+        .capacity(4096)
+        .open()
+        .expect("open echo");
     // Fill both rings: we never read, so echo stops reading and our send blocks.
     let (tx, rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
@@ -96,16 +120,24 @@ fn dead_daemon_wakes_a_blocked_sender_with_an_error() {
         "send should block while nobody reads"
     );
     h.take_daemon().kill().expect("SIGKILL the daemon");
-    rx.recv_timeout(DEADLINE).expect("blocked send did not return after the daemon died");
+    rx.recv_timeout(DEADLINE)
+        .expect("blocked send did not return after the daemon died");
     let err = t.join().expect("thread");
-    assert!(err.to_string().contains("closed by the other side"), "{err}");
+    assert!(
+        err.to_string().contains("closed by the other side"),
+        "{err}"
+    );
 }
 
 #[test]
 fn closing_a_session_wakes_its_client() {
     let h = Harness::start();
     let client = h.client();
-    let s = client.session("echo").capacity(4096).open().expect("open echo");
+    let s = client
+        .session("echo")
+        .capacity(4096)
+        .open()
+        .expect("open echo");
     let path = s.path().to_owned();
     let (_w, mut r) = s.split();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -113,7 +145,9 @@ fn closing_a_session_wakes_its_client() {
         let _ = tx.send(r.recv().map(|_| ()));
     });
     client.close_session(&path).expect("Close by the owner");
-    let woke = rx.recv_timeout(DEADLINE).expect("receiver not woken by Close");
+    let woke = rx
+        .recv_timeout(DEADLINE)
+        .expect("receiver not woken by Close");
     assert!(woke.is_err(), "recv after Close must fail");
     assert_eq!(h.session_count(), 0);
 }

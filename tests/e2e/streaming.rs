@@ -6,7 +6,12 @@ use shmlink_tests::{payload, Harness};
 #[test]
 fn one_gib_into_sink_with_checksum() {
     let h = Harness::start();
-    let session = h.client().session("sink").capacity(1 << 20).open().expect("open sink");
+    let session = h
+        .client()
+        .session("sink")
+        .capacity(1 << 20)
+        .open()
+        .expect("open sink");
     let (mut w, mut r) = session.split();
     let block = payload(42, 64 * 1024);
     let total: u64 = 1 << 30;
@@ -27,7 +32,10 @@ fn one_gib_into_sink_with_checksum() {
     let state = r.service_state().expect("ServiceState");
     assert_eq!(state.get("bytes").and_then(|v| v.0.as_u64()), Some(total));
     assert_eq!(state.get("messages").and_then(|v| v.0.as_u64()), Some(i));
-    assert_eq!(state.get("crc32").and_then(|v| v.0.as_u64()), Some(u64::from(crc.finalize())));
+    assert_eq!(
+        state.get("crc32").and_then(|v| v.0.as_u64()),
+        Some(u64::from(crc.finalize()))
+    );
     let c = r.counters().expect("counters");
     assert_eq!(c.bytes_to_server, total);
     assert_eq!(c.messages_to_server, i);
@@ -59,19 +67,28 @@ fn source_stream_is_verified_by_the_client() {
 fn both_directions_at_once_do_not_deadlock() {
     let h = Harness::start();
     // A small ring and large messages force both rings to fill at the same time.
-    let session = h.client().session("echo").capacity(4096).open().expect("open echo");
+    let session = h
+        .client()
+        .session("echo")
+        .capacity(4096)
+        .open()
+        .expect("open echo");
     let (mut w, mut r) = session.split();
     let count = 2000u64;
     let reader = std::thread::spawn(move || {
         let mut n = 0;
         while let Some(m) = r.recv().expect("recv") {
-            assert!(m == payload(n, 1000 + (n as usize % 9000)), "message {n} differs");
+            assert!(
+                m == payload(n, 1000 + (n as usize % 9000)),
+                "message {n} differs"
+            );
             n += 1;
         }
         n
     });
     for n in 0..count {
-        w.send(&payload(n, 1000 + (n as usize % 9000))).expect("send");
+        w.send(&payload(n, 1000 + (n as usize % 9000)))
+            .expect("send");
     }
     w.finish().expect("finish");
     assert_eq!(reader.join().expect("reader"), count);

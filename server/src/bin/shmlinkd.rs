@@ -78,13 +78,20 @@ fn load_config(args: &Args) -> Result<Config> {
 }
 
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `lim` is a valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
+    {
         lim.rlim_cur = lim.rlim_max;
         // SAFETY: `lim` is a valid, initialised rlimit.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            log::warn!("could not raise the open-file limit: {}", std::io::Error::last_os_error());
+            log::warn!(
+                "could not raise the open-file limit: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

@@ -8,7 +8,11 @@ impl Service for Echo {
     fn name(&self) -> &str {
         service::ECHO
     }
-    fn open(&self, _caller: &Caller, _options: &Options) -> Result<Box<dyn SessionHandler>, ServiceError> {
+    fn open(
+        &self,
+        _caller: &Caller,
+        _options: &Options,
+    ) -> Result<Box<dyn SessionHandler>, ServiceError> {
         Ok(Box::new(EchoSession))
     }
 }

@@ -11,7 +11,11 @@ impl Service for Sink {
     fn name(&self) -> &str {
         service::SINK
     }
-    fn open(&self, _caller: &Caller, _options: &Options) -> Result<Box<dyn SessionHandler>, ServiceError> {
+    fn open(
+        &self,
+        _caller: &Caller,
+        _options: &Options,
+    ) -> Result<Box<dyn SessionHandler>, ServiceError> {
         Ok(Box::new(SinkSession::default()))
     }
 }

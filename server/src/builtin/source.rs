@@ -14,8 +14,14 @@ impl Service for Source {
     fn name(&self) -> &str {
         service::SOURCE
     }
-    fn open(&self, _caller: &Caller, options: &Options) -> Result<Box<dyn SessionHandler>, ServiceError> {
-        let size = options.u64(option::MESSAGE_SIZE)?.unwrap_or(DEFAULT_MESSAGE_SIZE);
+    fn open(
+        &self,
+        _caller: &Caller,
+        options: &Options,
+    ) -> Result<Box<dyn SessionHandler>, ServiceError> {
+        let size = options
+            .u64(option::MESSAGE_SIZE)?
+            .unwrap_or(DEFAULT_MESSAGE_SIZE);
         let count = options.u64(option::COUNT)?.unwrap_or(DEFAULT_COUNT);
         if size > options.max_message() {
             return Err(ServiceError::InvalidOption(format!(
@@ -24,7 +30,12 @@ impl Service for Source {
                 options.max_message()
             )));
         }
-        Ok(Box::new(SourceSession { size, count, next: 0, template: Vec::new() }))
+        Ok(Box::new(SourceSession {
+            size,
+            count,
+            next: 0,
+            template: Vec::new(),
+        }))
     }
 }
 
@@ -38,7 +49,9 @@ struct SourceSession {
 
 impl SessionHandler for SourceSession {
     fn on_message(&mut self, _msg: Vec<u8>, _out: &mut Outbox) -> Result<(), ServiceError> {
-        Err(ServiceError::Protocol("the source service accepts no messages".into()))
+        Err(ServiceError::Protocol(
+            "the source service accepts no messages".into(),
+        ))
     }
 
     fn on_end(&mut self, _out: &mut Outbox) -> Result<(), ServiceError> {
@@ -56,7 +69,9 @@ impl SessionHandler for SourceSession {
         }
         let size = self.size as usize;
         if self.template.is_empty() {
-            self.template = (0..size as u64 + 251).map(|i| source_pattern_byte(0, i)).collect();
+            self.template = (0..size as u64 + 251)
+                .map(|i| source_pattern_byte(0, i))
+                .collect();
         }
         let start = (self.next % 251) as usize;
         out.send(self.template[start..start + size].to_vec())?;

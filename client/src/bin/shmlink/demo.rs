@@ -26,7 +26,11 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         Some(b) => b,
         None => {
             let private = PrivateBus::start().context("cannot start a private dbus-daemon")?;
-            println!("started a private dbus-daemon (pid {}) at {}", private.pid(), private.address());
+            println!(
+                "started a private dbus-daemon (pid {}) at {}",
+                private.pid(),
+                private.address()
+            );
             let program = locate_daemon()?;
             let daemon = DaemonProcess::start(&program, private.address(), &[])
                 .with_context(|| format!("cannot start {}", program.display()))?;
@@ -37,31 +41,60 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         }
     };
     let client = Client::connect(&bus).with_context(|| format!("cannot reach the {bus}"))?;
-    println!("shmlinkd {} serves: {}", client.version()?, client.services()?.join(", "));
+    println!(
+        "shmlinkd {} serves: {}",
+        client.version()?,
+        client.services()?.join(", ")
+    );
 
     // Echo: a few round trips, including one larger than the ring.
-    let mut echo = client.session(service::ECHO).capacity(64 * 1024).open().context("cannot open an echo session")?;
+    let mut echo = client
+        .session(service::ECHO)
+        .capacity(64 * 1024)
+        .open()
+        .context("cannot open an echo session")?;
     let greeting = b"hello through shared memory";
     let t = Instant::now();
     echo.send(greeting)?;
     let back = echo.recv()?.context("echo ended early")?;
     let rtt = t.elapsed();
     ensure!(back == greeting, "echo returned different bytes");
-    println!("echo: {:?} came back in {:.1} µs ({})", String::from_utf8_lossy(&back), rtt.as_secs_f64() * 1e6, echo.path());
-    let big: Vec<u8> = (0..(echo.send_capacity() * 3 + 7)).map(|i| (i % 253) as u8).collect();
+    println!(
+        "echo: {:?} came back in {:.1} µs ({})",
+        String::from_utf8_lossy(&back),
+        rtt.as_secs_f64() * 1e6,
+        echo.path()
+    );
+    let big: Vec<u8> = (0..(echo.send_capacity() * 3 + 7))
+        .map(|i| (i % 253) as u8)
+        .collect();
     let (mut w, mut r) = echo.split();
     let reader = std::thread::spawn(move || r.recv().map(|m| (m, r)));
     w.send(&big)?;
-    let (m, r) = reader.join().map_err(|_| anyhow::anyhow!("echo reader panicked"))??;
-    ensure!(m.as_deref() == Some(&big[..]), "echo returned a different large message");
-    println!("echo: a {}-byte message (3× the ring) came back intact", big.len());
+    let (m, r) = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("echo reader panicked"))??;
+    ensure!(
+        m.as_deref() == Some(&big[..]),
+        "echo returned a different large message"
+    );
+    println!(
+        "echo: a {}-byte message (3× the ring) came back intact",
+        big.len()
+    );
     r.close()?;
 
     // Sink: stream and verify by checksum.
-    let sink = client.session(service::SINK).capacity(1 << 20).open().context("cannot open a sink session")?;
+    let sink = client
+        .session(service::SINK)
+        .capacity(1 << 20)
+        .open()
+        .context("cannot open a sink session")?;
     let (mut w, mut r) = sink.split();
     let total = args.sink_mib << 20;
-    let msg: Vec<u8> = (0..args.message_size).map(|i| (i * 7 % 256) as u8).collect();
+    let msg: Vec<u8> = (0..args.message_size)
+        .map(|i| (i * 7 % 256) as u8)
+        .collect();
     let mut crc = crc32fast::Hasher::new();
     let t = Instant::now();
     let mut sent = 0u64;
@@ -76,7 +109,10 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
     let secs = t.elapsed().as_secs_f64();
     let state = r.service_state()?;
     let got = state.get("crc32").and_then(|v| v.0.as_u64());
-    ensure!(got == Some(u64::from(crc.finalize())), "sink checksum mismatch");
+    ensure!(
+        got == Some(u64::from(crc.finalize())),
+        "sink checksum mismatch"
+    );
     println!(
         "sink: {} MiB in {}-byte messages in {secs:.3} s = {}, checksum verified",
         args.sink_mib,
@@ -95,11 +131,19 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
     let t = Instant::now();
     let mut n = 0u64;
     while let Some(m) = src.recv()? {
-        ensure!(m.iter().enumerate().all(|(i, &b)| b == source_pattern_byte(n, i as u64)), "source message {n} corrupt");
+        ensure!(
+            m.iter()
+                .enumerate()
+                .all(|(i, &b)| b == source_pattern_byte(n, i as u64)),
+            "source message {n} corrupt"
+        );
         n += 1;
     }
     let secs = t.elapsed().as_secs_f64();
-    println!("source: {n} messages of 64 KiB verified, {}", rate(n * 65536, secs));
+    println!(
+        "source: {n} messages of 64 KiB verified, {}",
+        rate(n * 65536, secs)
+    );
     src.close()?;
 
     if let Some((private, daemon)) = children {

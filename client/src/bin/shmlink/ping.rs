@@ -14,13 +14,24 @@ pub struct Args {
 
 pub fn run(bus: &Bus, args: Args) -> Result<()> {
     let client = Client::connect(bus).with_context(|| format!("cannot reach the {bus}"))?;
-    let dbus_rtt = client.ping().with_context(|| format!("shmlinkd does not answer on the {bus}"))?;
-    let version = client.version().context("cannot read the broker's Version")?;
-    println!("shmlinkd {version} on the {bus}: D-Bus ping {}", micros(dbus_rtt));
+    let dbus_rtt = client
+        .ping()
+        .with_context(|| format!("shmlinkd does not answer on the {bus}"))?;
+    let version = client
+        .version()
+        .context("cannot read the broker's Version")?;
+    println!(
+        "shmlinkd {version} on the {bus}: D-Bus ping {}",
+        micros(dbus_rtt)
+    );
     if args.count == 0 {
         return Ok(());
     }
-    let mut session = client.session("echo").capacity(64 * 1024).open().context("cannot open an echo session")?;
+    let mut session = client
+        .session("echo")
+        .capacity(64 * 1024)
+        .open()
+        .context("cannot open an echo session")?;
     let msg = [0x5au8; 64];
     let mut times = Vec::with_capacity(args.count as usize);
     for _ in 0..args.count {

@@ -32,7 +32,9 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
     let mut input: Box<dyn Read> = match &args.file {
         None => Box::new(std::io::stdin().lock()),
         Some(p) if p.as_os_str() == "-" => Box::new(std::io::stdin().lock()),
-        Some(p) => Box::new(std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
+        Some(p) => Box::new(
+            std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
+        ),
     };
     let client = Client::connect(bus).with_context(|| format!("cannot reach the {bus}"))?;
     let mut builder = client.session(&args.service);
@@ -68,17 +70,29 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
             break;
         }
         crc.update(&buf[..n]);
-        writer.send(&buf[..n]).context("sending into the session failed")?;
+        writer
+            .send(&buf[..n])
+            .context("sending into the session failed")?;
         sent += n as u64;
         messages += 1;
     }
     writer.finish().context("cannot finish the stream")?;
-    let (reader, received) = printer.join().map_err(|_| anyhow::anyhow!("the receiving thread panicked"))??;
+    let (reader, received) = printer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receiving thread panicked"))??;
     let secs = start.elapsed().as_secs_f64();
     if is_sink {
-        let state = reader.service_state().context("cannot read the sink's state")?;
-        let got_bytes = state.get("bytes").and_then(|v| v.0.as_u64()).unwrap_or(u64::MAX);
-        let got_crc = state.get("crc32").and_then(|v| v.0.as_u64()).unwrap_or(u64::MAX);
+        let state = reader
+            .service_state()
+            .context("cannot read the sink's state")?;
+        let got_bytes = state
+            .get("bytes")
+            .and_then(|v| v.0.as_u64())
+            .unwrap_or(u64::MAX);
+        let got_crc = state
+            .get("crc32")
+            .and_then(|v| v.0.as_u64())
+            .unwrap_or(u64::MAX);
         let want_crc = u64::from(crc.finalize());
         if got_bytes != sent || got_crc != want_crc {
             bail!("sink verdict: MISMATCH: sent {sent} bytes crc32 {want_crc:08x}, sink saw {got_bytes} bytes crc32 {got_crc:08x}");
@@ -88,7 +102,10 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
             rate(sent, secs)
         );
     } else {
-        log::info!("sent {sent} bytes in {messages} messages, received {received} bytes, {}", rate(sent, secs));
+        log::info!(
+            "sent {sent} bytes in {messages} messages, received {received} bytes, {}",
+            rate(sent, secs)
+        );
     }
     let _ = reader.close();
     Ok(())

@@ -9,7 +9,9 @@ pub struct Args {}
 
 pub fn run(bus: &Bus, _args: Args) -> Result<()> {
     let client = Client::connect(bus).with_context(|| format!("cannot reach the {bus}"))?;
-    let version = client.version().with_context(|| format!("shmlinkd does not answer on the {bus}"))?;
+    let version = client
+        .version()
+        .with_context(|| format!("shmlinkd does not answer on the {bus}"))?;
     let services = client.services()?;
     let sessions = client.list_sessions()?;
     println!("shmlinkd {version} on the {bus}");
@@ -21,9 +23,15 @@ pub fn run(bus: &Bus, _args: Args) -> Result<()> {
     );
     println!("sessions: {}", sessions.len());
     if !sessions.is_empty() {
-        println!("{:<36} {:<10} {:<12} {:>6} {:>8}", "PATH", "SERVICE", "OWNER", "UID", "PID");
+        println!(
+            "{:<36} {:<10} {:<12} {:>6} {:>8}",
+            "PATH", "SERVICE", "OWNER", "UID", "PID"
+        );
         for s in sessions {
-            println!("{:<36} {:<10} {:<12} {:>6} {:>8}", s.path, s.service, s.owner, s.uid, s.pid);
+            println!(
+                "{:<36} {:<10} {:<12} {:>6} {:>8}",
+                s.path, s.service, s.owner, s.uid, s.pid
+            );
         }
     }
     Ok(())
