@@ -145,6 +145,18 @@ fn systemd_deployment_under_real_systemd() {
     );
     steps.done("boot systemd as PID 1");
 
+    // The guest is the host's root: say clearly what the host lacks, if anything.
+    let tools = sd.sh(
+        "for c in make install sed busctl dbus-send systemd-analyze systemd-run systemd-sysusers \
+                  journalctl setpriv cmp getent; do command -v $c > /dev/null || echo $c; done; \
+         test -e /usr/lib/systemd/user/dbus.socket || echo dbus-user-session",
+    );
+    assert_eq!(
+        tools.ok().trim(),
+        "",
+        "missing on the host (Debian: apt-get install make dbus-bin dbus-user-session diffutils)"
+    );
+
     // 1. Install with the project's own install path, exactly as DEPLOYING.md says.
     sd.run(&[
         "make",

@@ -34,19 +34,29 @@ if [ "$cmd" != __inner ]; then
   CG=$CG2/shmlink-sdboot-$(basename "$W")
 fi
 
+# True while process $1 exists and is not a zombie: the unshare process is
+# orphaned once `up` returns, and an init that does not reap would keep it as
+# a zombie, which `kill -0` still finds.
+alive() {
+  local state
+  [ -r "/proc/$1/stat" ] || return 1
+  state=$(sed -E 's/^[0-9]+ \(.*\) ([A-Za-z]).*/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
 down() {
   local p="" u=""
   [ -f "$W/pid1" ] && p=$(cat "$W/pid1")
   [ -f "$W/unshare.pid" ] && u=$(cat "$W/unshare.pid")
-  if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
+  if [ -n "$p" ] && alive "$p"; then
     timeout 10 nsenter -t "$p" -a systemctl poweroff --no-block >/dev/null 2>&1 || true
   fi
   if [ -n "$u" ]; then
-    for _ in $(seq 200); do kill -0 "$u" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$u" 2>/dev/null; then
+    for _ in $(seq 200); do alive "$u" || break; sleep 0.1; done
+    if alive "$u"; then
       # Killing PID 1 of a PID namespace kills every process in it.
       [ -n "$p" ] && kill -KILL "$p" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$u" 2>/dev/null || break; sleep 0.1; done
+      for _ in $(seq 50); do alive "$u" || break; sleep 0.1; done
     fi
   fi
   if [ -d "$CG" ]; then
@@ -65,6 +75,12 @@ down() {
 case $cmd in
 up)
   [ "$(id -u)" = 0 ] || die "must run as root"
+  missing=""
+  for c in unshare nsenter setpriv findmnt pgrep timeout systemctl dbus-daemon; do
+    command -v "$c" > /dev/null || missing="$missing $c"
+  done
+  [ -x /lib/systemd/systemd ] || missing="$missing /lib/systemd/systemd"
+  [ -z "$missing" ] || die "missing on the host:$missing (Debian: apt-get install systemd dbus util-linux procps)"
   [ ! -e "$W" ] || down
   mkdir -p "$W/rw" "$W/root" "$CG"
   binds=()
@@ -87,7 +103,7 @@ up)
     # unshare --fork's child sets up the root, then execs systemd.
     p=$(pgrep -P "$(cat "$W/unshare.pid")" -x systemd 2>/dev/null | head -1 || true)
     [ -n "$p" ] && break
-    kill -0 "$(cat "$W/unshare.pid")" 2>/dev/null || break
+    alive "$(cat "$W/unshare.pid")" || break
     sleep 0.1
   done
   [ -n "$p" ] || { cat "$W/boot.log" >&2; die "systemd did not start"; }
