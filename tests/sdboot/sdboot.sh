@@ -80,6 +80,7 @@ up)
     command -v "$c" > /dev/null || missing="$missing $c"
   done
   [ -x /lib/systemd/systemd ] || missing="$missing /lib/systemd/systemd"
+  [ -e /lib/systemd/system/dbus.service ] || missing="$missing dbus.service"
   [ -z "$missing" ] || die "missing on the host:$missing (Debian: apt-get install systemd dbus util-linux procps)"
   [ ! -e "$W" ] || down
   mkdir -p "$W/rw" "$W/root" "$CG"
