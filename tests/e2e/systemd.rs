@@ -11,7 +11,8 @@
 //!    data both ways over the system bus as root and as `nobody`;
 //! 4. shows the bus policy: a forbidden call and a foreign name owner get
 //!    `AccessDenied`, and a transient unit running shmlinkd as another user
-//!    fails to take the name;
+//!    fails to take the name; a configuration file in /etc restricting a
+//!    service is honoured by the sandboxed daemon;
 //! 5. stops the service (clean exit) and re-activates it with a client call
 //!    through the activation file's `SystemdService=`;
 //! 6. reads the daemon's structured log lines back with `journalctl -u shmlinkd`;
@@ -281,7 +282,6 @@ fn systemd_deployment_under_real_systemd() {
     let status_text = show(&sd, false, "shmlinkd.service", "StatusText");
     assert!(!status_text.is_empty(), "no STATUS= from sd_notify");
     eprintln!("[systemd e2e] StatusText={status_text}");
-    let first_invocation = show(&sd, false, "shmlinkd.service", "InvocationID");
     sd.sh(&format!(
         "install -d -m 0755 /run/shmlink-e2e && head -c {PAYLOAD_BYTES} /dev/urandom > /run/shmlink-e2e/data && \
          chmod 0644 /run/shmlink-e2e/data"
@@ -386,8 +386,40 @@ fn systemd_deployment_under_real_systemd() {
     );
     steps.done("bus policy: allowed and denied calls");
 
+    // The administrator's configuration in /etc is read by the sandboxed daemon
+    // (ProtectSystem=strict leaves /etc readable): restrict `sink` to root.
+    sd.sh("install -d -m 0755 /etc/shmlink && \
+         printf '[services.sink]\\nallow_users = [0]\\n' > /etc/shmlink/shmlinkd.toml && \
+         systemctl restart shmlinkd.service")
+        .ok();
+    sd.run(&[
+        "shmlink",
+        "--bus",
+        "system",
+        "send",
+        "sink",
+        "/run/shmlink-e2e/data",
+    ])
+    .ok();
+    let refused = sd.sh(&format!(
+        "{nobody}shmlink --bus system send sink /run/shmlink-e2e/data"
+    ));
+    refused.failed();
+    assert!(
+        refused.stderr.contains("AccessDenied") && refused.stderr.contains("may not use service"),
+        "nobody's sink session should be refused by the configuration: {refused}"
+    );
+    sd.sh(&format!(
+        "{nobody}shmlink --bus system send echo /run/shmlink-e2e/data | cmp /run/shmlink-e2e/data -"
+    ))
+    .ok();
+    sd.sh("rm /etc/shmlink/shmlinkd.toml && systemctl restart shmlinkd.service")
+        .ok();
+    steps.done("configuration in /etc honoured under the sandbox");
+
     // 5. Stop (clean exit on SIGTERM), show a unit without the policy's user is
     // refused the name, then let a client call activate the service again.
+    let first_invocation = show(&sd, false, "shmlinkd.service", "InvocationID");
     sd.run(&["systemctl", "stop", "shmlinkd.service"]).ok();
     assert_eq!(
         show(&sd, false, "shmlinkd.service", "ActiveState"),
