@@ -588,9 +588,15 @@ fn register_session(cr: &mut Crossroads, state: Shared) -> IfaceToken<SessionObj
                 let info = guard.broker.close(id);
                 drop(guard);
                 if let Some(info) = info {
-                    log::info!("session {id} ({}) closed by {sender}", info.service);
+                    // `authorize` let through the owner or root; say which.
+                    let reason = if info.owner.bus_name == sender {
+                        "closed by its owner".to_owned()
+                    } else {
+                        format!("closed by root ({sender})")
+                    };
+                    log::info!("session {id} ({}) ended: {reason}", info.service);
                     cr.remove::<SessionObject>(&info.path);
-                    ctx.push_msg(session_closed_signal(&info.path, "closed by its owner"));
+                    ctx.push_msg(session_closed_signal(&info.path, &reason));
                 }
                 Ok(())
             },

@@ -4,6 +4,7 @@
 mod bad_input;
 mod concurrency;
 mod echo;
+mod hostile;
 mod introspection;
 mod liveness;
 mod streaming;

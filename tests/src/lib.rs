@@ -6,6 +6,7 @@
 //! sleeps to synchronise.
 #![deny(missing_docs)]
 
+pub mod hostile;
 pub mod sdboot;
 
 use shmlink::process::{locate_daemon, DaemonProcess, PrivateBus};

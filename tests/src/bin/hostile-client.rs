@@ -1,0 +1,131 @@
+//! A hostile (or merely dying) shmlink client as a separate process, for the
+//! tests that need one: SIGKILL mid-stream, exit in the middle of a call, or
+//! another uid (run under `setpriv`).
+//!
+//! ```text
+//! hostile-client ADDR open SERVICE        open one session, print "PATH p", wait for stdin EOF
+//! hostile-client ADDR hold SERVICE N      open N sessions, print "READY N", wait for stdin EOF
+//! hostile-client ADDR stream              open a sink session, print "PATH p", stream until killed
+//! hostile-client ADDR close PATH          call Close; print "OK" or "ERR name message"
+//! hostile-client ADDR counters PATH       read BytesToServer; print "OK n" or "ERR name message"
+//! hostile-client ADDR vanish SERVICE      send OpenSession and exit without waiting
+//! hostile-client ADDR vanish-known SERVICE  same, after a first call (credentials cached)
+//! ```
+//! Exit status: 0 on success, 2 when the daemon refused, 1 on a local failure.
+
+use shmlink_interfaces::{member, SESSION_INTERFACE, BUS_NAME};
+use shmlink_tests::hostile::{self, RawSession};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+fn refused(e: &dbus::Error) -> ! {
+    println!("ERR {} {}", e.name().unwrap_or("?"), e.message().unwrap_or(""));
+    std::process::exit(2)
+}
+
+fn wait_for_stdin_eof() {
+    let mut buf = [0u8; 64];
+    let mut stdin = std::io::stdin();
+    while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 2 {
+        eprintln!("usage: hostile-client ADDR COMMAND ARGS... (see the source)");
+        std::process::exit(1);
+    }
+    let addr = &args[0];
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or("echo");
+    let conn = match hostile::connect(addr) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hostile-client: cannot connect to {addr}: {e}");
+            std::process::exit(1)
+        }
+    };
+    let mut out = std::io::stdout();
+    match args[1].as_str() {
+        "open" => {
+            let s = match RawSession::open_on(conn, arg(2), hostile::capacity_option(4096)) {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("ERR {e}");
+                    std::process::exit(2)
+                }
+            };
+            let _ = writeln!(out, "PATH {}", s.path);
+            let _ = out.flush();
+            wait_for_stdin_eof();
+        }
+        "hold" => {
+            let n: usize = arg(3).parse().unwrap_or(1);
+            let mut replies = Vec::with_capacity(n);
+            for _ in 0..n {
+                match hostile::open_session_raw(&conn, arg(2), hostile::capacity_option(4096)) {
+                    Ok(r) => replies.push(r),
+                    Err(e) => refused(&e),
+                }
+            }
+            let _ = writeln!(out, "READY {}", replies.len());
+            let _ = out.flush();
+            wait_for_stdin_eof();
+        }
+        "stream" => {
+            let mut s = match RawSession::open_on(conn, "sink", hostile::capacity_option(16 * 1024)) {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("ERR {e}");
+                    std::process::exit(2)
+                }
+            };
+            let _ = writeln!(out, "PATH {}", s.path);
+            let _ = out.flush();
+            let block = shmlink_tests::payload(7, 3000);
+            loop {
+                if let Err(e) = s.send_message(&block, Duration::from_secs(60)) {
+                    eprintln!("hostile-client: stream stopped: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        "close" => {
+            let r: Result<(), dbus::Error> = conn
+                .with_proxy(BUS_NAME, arg(2), hostile::CALL_TIMEOUT)
+                .method_call(SESSION_INTERFACE, member::CLOSE, ());
+            match r {
+                Ok(()) => println!("OK"),
+                Err(e) => refused(&e),
+            }
+        }
+        "counters" => {
+            use dbus::blocking::stdintf::org_freedesktop_dbus::Properties;
+            let r: Result<u64, dbus::Error> =
+                conn.with_proxy(BUS_NAME, arg(2), hostile::CALL_TIMEOUT).get(SESSION_INTERFACE, member::BYTES_TO_SERVER);
+            match r {
+                Ok(n) => println!("OK {n}"),
+                Err(e) => refused(&e),
+            }
+        }
+        "vanish" | "vanish-known" => {
+            if args[1] == "vanish-known" {
+                let r: Result<(), dbus::Error> = conn
+                    .with_proxy(BUS_NAME, shmlink_interfaces::BROKER_PATH, hostile::CALL_TIMEOUT)
+                    .method_call("org.freedesktop.DBus.Peer", "Ping", ());
+                if let Err(e) = r {
+                    refused(&e);
+                }
+            }
+            if let Err(e) = hostile::send_open_and_forget(&conn, arg(2)) {
+                eprintln!("hostile-client: {e}");
+                std::process::exit(1);
+            }
+            // Leave in the middle of the call: no reply is read, nothing is cleaned up.
+            std::process::exit(0);
+        }
+        other => {
+            eprintln!("hostile-client: unknown command {other:?}");
+            std::process::exit(1);
+        }
+    }
+}
