@@ -2,8 +2,12 @@
 
 use crate::{Client, Error};
 use dbus::arg::{OwnedFd, PropMap, RefArg, Variant};
-use shmlink_endpoint::{Endpoint, EndpointReceiver, EndpointSender, Item, PeerFds, RingFds, Wakeup};
-use shmlink_interfaces::{member, option, param, wakeup, BROKER_INTERFACE, BROKER_PATH, SESSION_INTERFACE};
+use shmlink_endpoint::{
+    Endpoint, EndpointReceiver, EndpointSender, Item, PeerFds, RingFds, Wakeup,
+};
+use shmlink_interfaces::{
+    member, option, param, wakeup, BROKER_INTERFACE, BROKER_PATH, SESSION_INTERFACE,
+};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +39,12 @@ type OpenReply = (
 
 impl SessionBuilder {
     pub(crate) fn new(client: Client, service: &str) -> Self {
-        SessionBuilder { client, service: service.to_owned(), options: PropMap::new(), timeout: None }
+        SessionBuilder {
+            client,
+            service: service.to_owned(),
+            options: PropMap::new(),
+            timeout: None,
+        }
     }
 
     /// Bytes per ring (the broker rounds up to whole pages).
@@ -47,15 +56,17 @@ impl SessionBuilder {
     pub fn wakeup(self, w: Wakeup) -> Self {
         match w {
             Wakeup::Park => self.option(option::WAKEUP, wakeup::PARK.to_owned()),
-            Wakeup::Spin(d) => self
-                .option(option::WAKEUP, wakeup::SPIN.to_owned())
-                .option(option::SPIN_US, u32::try_from(d.as_micros()).unwrap_or(u32::MAX)),
+            Wakeup::Spin(d) => self.option(option::WAKEUP, wakeup::SPIN.to_owned()).option(
+                option::SPIN_US,
+                u32::try_from(d.as_micros()).unwrap_or(u32::MAX),
+            ),
         }
     }
 
     /// Any option, e.g. a service's own (`message-size` for `source`).
     pub fn option<T: RefArg + 'static>(mut self, key: &str, value: T) -> Self {
-        self.options.insert(key.to_owned(), Variant(Box::new(value)));
+        self.options
+            .insert(key.to_owned(), Variant(Box::new(value)));
         self
     }
 
@@ -72,32 +83,70 @@ impl SessionBuilder {
             member::OPEN_SESSION,
             (self.service.as_str(), self.options),
         )?;
-        let (path, ts_cap, ts_mem, ts_empty, ts_full, tc_cap, tc_mem, tc_empty, tc_full, hangup, params) = reply;
+        let (
+            path,
+            ts_cap,
+            ts_mem,
+            ts_empty,
+            ts_full,
+            tc_cap,
+            tc_mem,
+            tc_empty,
+            tc_full,
+            hangup,
+            params,
+        ) = reply;
         let max_message = params
             .get(param::MAX_MESSAGE)
             .and_then(|v| v.0.as_u64())
             .ok_or_else(|| Error::BadReply("parameters lack max-message".into()))?;
         let max_message = u32::try_from(max_message).unwrap_or(u32::MAX);
-        let wake = match params.get(param::WAKEUP).and_then(|v| v.0.as_str().map(str::to_owned)).as_deref() {
+        let wake = match params
+            .get(param::WAKEUP)
+            .and_then(|v| v.0.as_str().map(str::to_owned))
+            .as_deref()
+        {
             Some(wakeup::SPIN) => {
-                let us = params.get(param::SPIN_US).and_then(|v| v.0.as_u64()).unwrap_or(0);
-                Wakeup::Spin(Duration::from_micros(us.min(u64::from(shmlink_interfaces::limits::MAX_SPIN_US))))
+                let us = params
+                    .get(param::SPIN_US)
+                    .and_then(|v| v.0.as_u64())
+                    .unwrap_or(0);
+                Wakeup::Spin(Duration::from_micros(
+                    us.min(u64::from(shmlink_interfaces::limits::MAX_SPIN_US)),
+                ))
             }
             _ => Wakeup::Park,
         };
         let fds = PeerFds {
-            to_server: RingFds { capacity: ts_cap, memfd: ts_mem, empty_signal: ts_empty, full_signal: ts_full },
-            to_client: RingFds { capacity: tc_cap, memfd: tc_mem, empty_signal: tc_empty, full_signal: tc_full },
+            to_server: RingFds {
+                capacity: ts_cap,
+                memfd: ts_mem,
+                empty_signal: ts_empty,
+                full_signal: ts_full,
+            },
+            to_client: RingFds {
+                capacity: tc_cap,
+                memfd: tc_mem,
+                empty_signal: tc_empty,
+                full_signal: tc_full,
+            },
             hangup,
         };
         let mut endpoint = Endpoint::open_client(fds, max_message, wake).inspect_err(|e| {
             log::error!("refusing the session the broker handed over: {e}");
         })?;
         endpoint.set_timeout(self.timeout);
-        log::debug!("opened {path} with {} (capacity {ts_cap}/{tc_cap})", self.service);
+        log::debug!(
+            "opened {path} with {} (capacity {ts_cap}/{tc_cap})",
+            self.service
+        );
         Ok(Session {
             endpoint,
-            info: Arc::new(SessionInfo { client: self.client, path: path.to_string(), service: self.service }),
+            info: Arc::new(SessionInfo {
+                client: self.client,
+                path: path.to_string(),
+                service: self.service,
+            }),
             leftover: Vec::new(),
             leftover_pos: 0,
         })
@@ -105,14 +154,17 @@ impl SessionBuilder {
 }
 
 /// What both halves of a split session know about it.
-struct SessionInfo {
-    client: Client,
-    path: String,
-    service: String,
+pub(crate) struct SessionInfo {
+    pub(crate) client: Client,
+    pub(crate) path: String,
+    pub(crate) service: String,
 }
 
 impl SessionInfo {
-    fn prop<T: for<'b> dbus::arg::Get<'b> + 'static>(&self, name: &str) -> Result<T, Error> {
+    pub(crate) fn prop<T: for<'b> dbus::arg::Get<'b> + 'static>(
+        &self,
+        name: &str,
+    ) -> Result<T, Error> {
         use dbus::blocking::stdintf::org_freedesktop_dbus::Properties;
         Ok(self.client.proxy(&self.path).get(SESSION_INTERFACE, name)?)
     }
@@ -134,10 +186,10 @@ pub struct Counters {
 /// An open session. Dropping it closes the hang-up socket, which ends the
 /// session on the broker's side too; [`Session::close`] does so explicitly.
 pub struct Session {
-    endpoint: Endpoint,
-    info: Arc<SessionInfo>,
-    leftover: Vec<u8>,
-    leftover_pos: usize,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) info: Arc<SessionInfo>,
+    pub(crate) leftover: Vec<u8>,
+    pub(crate) leftover_pos: usize,
 }
 
 impl Session {
@@ -205,13 +257,21 @@ impl Session {
     pub fn split(self) -> (SessionWriter, SessionReader) {
         let (tx, rx) = self.endpoint.split();
         (
-            SessionWriter { tx, info: self.info.clone() },
-            SessionReader { rx, info: self.info, leftover: self.leftover, leftover_pos: self.leftover_pos },
+            SessionWriter {
+                tx,
+                info: self.info.clone(),
+            },
+            SessionReader {
+                rx,
+                info: self.info,
+                leftover: self.leftover,
+                leftover_pos: self.leftover_pos,
+            },
         )
     }
 }
 
-fn counters(info: &SessionInfo) -> Result<Counters, Error> {
+pub(crate) fn counters(info: &SessionInfo) -> Result<Counters, Error> {
     Ok(Counters {
         bytes_to_server: info.prop(member::BYTES_TO_SERVER)?,
         messages_to_server: info.prop(member::MESSAGES_TO_SERVER)?,
@@ -220,12 +280,16 @@ fn counters(info: &SessionInfo) -> Result<Counters, Error> {
     })
 }
 
-fn close(info: &SessionInfo) -> Result<(), Error> {
-    info.client.proxy(&info.path).method_call::<(), _, _, _>(SESSION_INTERFACE, member::CLOSE, ())?;
+pub(crate) fn close(info: &SessionInfo) -> Result<(), Error> {
+    info.client.proxy(&info.path).method_call::<(), _, _, _>(
+        SESSION_INTERFACE,
+        member::CLOSE,
+        (),
+    )?;
     Ok(())
 }
 
-fn io_err(e: shmlink_endpoint::Error) -> io::Error {
+pub(crate) fn io_err(e: shmlink_endpoint::Error) -> io::Error {
     let kind = match e {
         shmlink_endpoint::Error::Closed => io::ErrorKind::BrokenPipe,
         shmlink_endpoint::Error::TimedOut => io::ErrorKind::TimedOut,
@@ -256,7 +320,11 @@ fn read_stream(
     Ok(n)
 }
 
-fn write_stream(buf: &[u8], max: u32, send: impl FnOnce(&[u8]) -> Result<(), shmlink_endpoint::Error>) -> io::Result<usize> {
+fn write_stream(
+    buf: &[u8],
+    max: u32,
+    send: impl FnOnce(&[u8]) -> Result<(), shmlink_endpoint::Error>,
+) -> io::Result<usize> {
     if buf.is_empty() {
         return Ok(0);
     }
@@ -280,7 +348,9 @@ impl io::Write for Session {
 impl io::Read for Session {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let ep = &mut self.endpoint;
-        read_stream(buf, &mut self.leftover, &mut self.leftover_pos, || ep.recv())
+        read_stream(buf, &mut self.leftover, &mut self.leftover_pos, || {
+            ep.recv()
+        })
     }
 }
 
@@ -353,6 +423,8 @@ impl SessionReader {
 impl io::Read for SessionReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let rx = &mut self.rx;
-        read_stream(buf, &mut self.leftover, &mut self.leftover_pos, || rx.recv())
+        read_stream(buf, &mut self.leftover, &mut self.leftover_pos, || {
+            rx.recv()
+        })
     }
 }

@@ -226,6 +226,23 @@ impl<B: AsRef<[u8]>> OutFrame<B> {
         &self.payload
     }
 
+    /// Whether some, but not all, of the frame has been written: the stream
+    /// is mid-frame and this frame must be finished before any other.
+    pub fn is_partial(&self) -> bool {
+        self.written > 0 && !self.is_done()
+    }
+
+    /// The same frame with an owned copy of its payload, keeping how much was
+    /// written (so that an async sender whose future was dropped mid-frame
+    /// can finish the frame later).
+    pub fn into_owned(self) -> OutFrame<Vec<u8>> {
+        OutFrame {
+            header: self.header,
+            payload: self.payload.as_ref().to_vec(),
+            written: self.written,
+        }
+    }
+
     /// Copies the next unwritten bytes into `dst`, returning how many.
     ///
     /// # Safety
