@@ -296,14 +296,13 @@ impl Daemon {
                     log::warn!("crossroads could not handle a method call");
                 }
             }
-            MessageType::Signal => {
+            MessageType::Signal
                 if msg.member().is_some_and(|m| &*m == "NameOwnerChanged")
-                    && msg.sender().is_some_and(|s| &*s == "org.freedesktop.DBus")
-                {
-                    if let Ok((name, _old, new)) = msg.read3::<String, String, String>() {
-                        if new.is_empty() && name.starts_with(':') {
-                            self.client_left(&name);
-                        }
+                    && msg.sender().is_some_and(|s| &*s == "org.freedesktop.DBus") =>
+            {
+                if let Ok((name, _old, new)) = msg.read3::<String, String, String>() {
+                    if new.is_empty() && name.starts_with(':') {
+                        self.client_left(&name);
                     }
                 }
             }

@@ -39,6 +39,10 @@ enum Cmd {
 }
 
 fn main() {
+    // Like other Unix tools, end quietly when the reader of our output goes
+    // away (`shmlink status | head -1`) instead of panicking in println!.
+    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",
