@@ -76,6 +76,8 @@ pub mod option {
     pub const MESSAGE_SIZE: &str = "message-size";
     /// `source` service: number of messages (`t` or `u`).
     pub const COUNT: &str = "count";
+    /// `channel` service: name of the channel to join (`s`, required).
+    pub const CHANNEL: &str = "channel";
 }
 
 /// Keys of the `parameters` dictionary `OpenSession` returns.
@@ -140,6 +142,8 @@ pub mod service {
     pub const SINK: &str = "sink";
     /// Sends `count` messages of `message-size` bytes with a verifiable pattern.
     pub const SOURCE: &str = "source";
+    /// Named channels: every message a member sends reaches every other member.
+    pub const CHANNEL: &str = "channel";
 }
 
 /// The byte at `offset` of message number `index` that the `source` service sends.

@@ -9,11 +9,11 @@
 //! is used (then it is re-queued, so one busy session cannot starve others).
 //! A failing or panicking session is closed alone; its worker carries on.
 
-use crate::service::{Outbox, SessionHandler};
+use crate::service::{Outbox, SessionHandler, SessionWaker};
 use shmlink_endpoint::frame::OutFrame;
 use shmlink_endpoint::sys::{self, cvt};
 use shmlink_endpoint::{Endpoint, Item, Wakeup};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -84,6 +84,19 @@ struct Worker {
     epoll: OwnedFd,
     wake: OwnedFd,
     slots: Mutex<HashMap<u64, Arc<Slot>>>,
+    /// Sessions to pump on the next wake-up even if none of their fds fired
+    /// (new sessions, and sessions woken by a [`SessionWaker`]).
+    kicks: Mutex<Vec<u64>>,
+}
+
+impl Worker {
+    fn kick(&self, id: u64) {
+        self.kicks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id);
+        let _ = sys::eventfd_signal(self.wake.as_fd());
+    }
 }
 
 /// The pool of workers.
@@ -153,6 +166,7 @@ impl Engine {
                 epoll,
                 wake,
                 slots: Mutex::new(HashMap::new()),
+                kicks: Mutex::new(Vec::new()),
             }));
         }
         let engine = Arc::new(Engine {
@@ -237,8 +251,19 @@ impl Engine {
                 return Err(e);
             }
         }
+        let waker_worker = Arc::downgrade(w);
+        let waker = SessionWaker::new(move || {
+            if let Some(w) = waker_worker.upgrade() {
+                w.kick(id);
+            }
+        });
+        slot.lock()
+            .as_mut()
+            .expect("just created")
+            .handler
+            .attach(waker);
         // Sessions like `source` have work before the client sends anything.
-        let _ = sys::eventfd_signal(w.wake.as_fd());
+        w.kick(id);
         Ok(slot)
     }
 
@@ -326,6 +351,8 @@ enum Pump {
 fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicBool>) {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut runq: VecDeque<u64> = VecDeque::new();
+    // The ids in `runq`, so that a session is queued at most once.
+    let mut queued: HashSet<u64> = HashSet::new();
     loop {
         let timeout = if runq.is_empty() { -1 } else { 0 };
         // SAFETY: `events` is a valid buffer of `events.len()` epoll_event structs.
@@ -349,15 +376,14 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
             let token = ev.u64;
             if token == WAKE_TOKEN {
                 let _ = sys::eventfd_drain(w.wake.as_fd());
-                // New sessions may have work before any fd fires.
-                runq.extend(
-                    w.slots
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .keys()
-                        .copied(),
-                );
-            } else if !runq.contains(&token) {
+                let kicked =
+                    std::mem::take(&mut *w.kicks.lock().unwrap_or_else(|e| e.into_inner()));
+                for id in kicked {
+                    if queued.insert(id) {
+                        runq.push_back(id);
+                    }
+                }
+            } else if queued.insert(token) {
                 runq.push_back(token);
             }
         }
@@ -369,6 +395,7 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
         };
         for _ in 0..runq.len() {
             let Some(id) = runq.pop_front() else { break };
+            queued.remove(&id);
             let slot = w
                 .slots
                 .lock()
@@ -392,7 +419,11 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
             };
             match outcome {
                 Pump::Idle => {}
-                Pump::More => runq.push_back(id),
+                Pump::More => {
+                    if queued.insert(id) {
+                        runq.push_back(id);
+                    }
+                }
                 Pump::End(reason) => {
                     log::info!("session {id} closed: {reason}");
                     engine.closed_by_engine(id, slot.worker, reason);

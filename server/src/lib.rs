@@ -25,4 +25,4 @@ pub mod signals;
 pub mod systemd;
 
 pub use daemon::{Bus, Daemon};
-pub use service::{Caller, Options, Outbox, Service, ServiceError, SessionHandler};
+pub use service::{Caller, Options, Outbox, Service, ServiceError, SessionHandler, SessionWaker};

@@ -167,6 +167,29 @@ impl Outbox {
     }
 }
 
+/// Wakes a session's event loop from outside its own fds: another session
+/// (a channel publishing to it), a timer or a producer thread. After a wake,
+/// the loop calls `wants_to_produce`/`produce` again. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionWaker(std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl SessionWaker {
+    pub(crate) fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        SessionWaker(std::sync::Arc::new(f))
+    }
+
+    /// Asks the event loop to run this session soon. Never blocks.
+    pub fn wake(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for SessionWaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionWaker")
+    }
+}
+
 /// A service the broker hosts, such as `echo`.
 pub trait Service: Send + Sync + 'static {
     /// The name clients pass to `OpenSession`.
@@ -203,6 +226,12 @@ pub trait SessionHandler: Send + 'static {
     fn produce(&mut self, out: &mut Outbox) -> Result<(), ServiceError> {
         let _ = out;
         Ok(())
+    }
+
+    /// Called once when the session starts being served, with the handle
+    /// that wakes it from outside (see [`SessionWaker`]).
+    fn attach(&mut self, waker: SessionWaker) {
+        let _ = waker;
     }
 
     /// Service-specific state for the `ServiceState` property.

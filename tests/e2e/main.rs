@@ -1,11 +1,15 @@
 //! shmlink's end-to-end tests: one binary, one module per concern, every
 //! test against a real dbus-daemon and a real shmlinkd (see `shmlink_tests`).
 
+mod async_api;
 mod bad_input;
+mod channels;
 mod concurrency;
 mod echo;
 mod hostile;
 mod introspection;
+mod leaks;
 mod liveness;
+mod scale;
 mod streaming;
 mod systemd;
