@@ -1,7 +1,7 @@
 //! Sessions: open one with [`SessionBuilder::open`], then send and receive.
 
 use crate::{Client, Error};
-use dbus::arg::{OwnedFd, PropMap, RefArg, Variant};
+use dbus::arg::{PropMap, RefArg, Variant};
 use shmlink_endpoint::{
     Endpoint, EndpointReceiver, EndpointSender, Item, PeerFds, RingFds, Wakeup,
 };
@@ -22,20 +22,6 @@ pub struct SessionBuilder {
     options: PropMap,
     timeout: Option<Duration>,
 }
-
-type OpenReply = (
-    dbus::Path<'static>,
-    u64,
-    OwnedFd,
-    OwnedFd,
-    OwnedFd,
-    u64,
-    OwnedFd,
-    OwnedFd,
-    OwnedFd,
-    OwnedFd,
-    PropMap,
-);
 
 impl SessionBuilder {
     pub(crate) fn new(client: Client, service: &str) -> Self {
@@ -78,11 +64,12 @@ impl SessionBuilder {
 
     /// Calls `OpenSession`, checks every fd the broker returned and maps the rings.
     pub fn open(self) -> Result<Session, Error> {
-        let reply: OpenReply = self.client.proxy(BROKER_PATH).method_call(
-            BROKER_INTERFACE,
-            member::OPEN_SESSION,
-            (self.service.as_str(), self.options),
-        )?;
+        let reply: shmlink_interfaces::OpenSessionReply =
+            self.client.proxy(BROKER_PATH).method_call(
+                BROKER_INTERFACE,
+                member::OPEN_SESSION,
+                (self.service.as_str(), self.options),
+            )?;
         let (
             path,
             ts_cap,

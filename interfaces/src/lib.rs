@@ -24,6 +24,23 @@ pub const BROKER_XML: &str = include_str!("../org.shmlink.Broker1.xml");
 /// Introspection XML of `org.shmlink.Session1`, with documentation.
 pub const SESSION_XML: &str = include_str!("../org.shmlink.Session1.xml");
 
+/// The reply of `OpenSession`, in wire order: session path; client→server
+/// ring capacity, memfd, empty and full eventfds; the same four for the
+/// server→client ring; the hang-up socket; the parameters dictionary.
+pub type OpenSessionReply = (
+    dbus::Path<'static>,
+    u64,
+    dbus::arg::OwnedFd,
+    dbus::arg::OwnedFd,
+    dbus::arg::OwnedFd,
+    u64,
+    dbus::arg::OwnedFd,
+    dbus::arg::OwnedFd,
+    dbus::arg::OwnedFd,
+    dbus::arg::OwnedFd,
+    dbus::arg::PropMap,
+);
+
 /// Members of `org.shmlink.Broker1` and `org.shmlink.Session1`.
 pub mod member {
     /// Broker method that creates a session.

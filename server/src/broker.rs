@@ -211,7 +211,8 @@ impl Broker {
         let opts = Options::new(options, limits.max_message);
         let capacity = opts
             .u64(option::CAPACITY)?
-            .unwrap_or(limits::DEFAULT_CAPACITY);
+            // A client that does not ask gets the default, or the maximum if that is lower.
+            .unwrap_or(limits::DEFAULT_CAPACITY.min(limits.max_capacity));
         if capacity < limits::MIN_CAPACITY || capacity > limits.max_capacity {
             return Err(BrokerError::InvalidCapacity(format!(
                 "capacity {capacity} is outside {}..={} bytes",

@@ -14,7 +14,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::engine::{Closed, Engine};
 use crate::service::{Caller, Service};
-use dbus::arg::{OwnedFd, PropMap};
+use dbus::arg::PropMap;
 use dbus::channel::{BusType, Channel};
 
 use dbus::message::MessageType;
@@ -406,20 +406,6 @@ fn caller_of(st: &State, msg: &Message) -> Result<Caller, MethodErr> {
     })
 }
 
-type OpenReply = (
-    Path<'static>,
-    u64,
-    OwnedFd,
-    OwnedFd,
-    OwnedFd,
-    u64,
-    OwnedFd,
-    OwnedFd,
-    OwnedFd,
-    OwnedFd,
-    PropMap,
-);
-
 fn register_broker(
     cr: &mut Crossroads,
     state: Shared,
@@ -446,7 +432,7 @@ fn register_broker(
             move |ctx: &mut Context,
                   cr: &mut Crossroads,
                   (service, options): (String, PropMap)|
-                  -> Result<OpenReply, MethodErr> {
+                  -> Result<shmlink_interfaces::OpenSessionReply, MethodErr> {
                 let mut guard = lock(&st);
                 let caller = caller_of(&guard, ctx.message())?;
                 let opened = guard.broker.open(&caller, &service, options).map_err(|e| {
