@@ -14,7 +14,8 @@ pub struct Args {
     service: String,
     /// File to send; standard input when absent or `-`.
     file: Option<PathBuf>,
-    /// Bytes per message sent.
+    /// Most bytes per message sent (a file is sent in chunks of this size;
+    /// a terminal or pipe, as its data arrives).
     #[arg(long, default_value_t = 64 * 1024)]
     chunk: usize,
     /// Ring capacity in bytes.
@@ -65,7 +66,7 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
     let (mut sent, mut messages) = (0u64, 0u64);
     let mut buf = vec![0u8; chunk];
     loop {
-        let n = read_full(&mut input, &mut buf).context("cannot read the input")?;
+        let n = read_some(&mut input, &mut buf).context("cannot read the input")?;
         if n == 0 {
             break;
         }
@@ -111,16 +112,13 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Reads until `buf` is full or the input ends.
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
+/// Reads what the input has now, up to `buf.len()` bytes (0 at its end):
+/// a file arrives in full chunks, a terminal or pipe line by line as typed.
+fn read_some(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match r.read(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            other => return other,
         }
     }
-    Ok(n)
 }
