@@ -1,6 +1,7 @@
 //! shmlink's end-to-end tests: one binary, one module per concern, every
 //! test against a real dbus-daemon and a real shmlinkd (see `shmlink_tests`).
 
+mod access;
 mod async_api;
 mod bad_input;
 mod channels;

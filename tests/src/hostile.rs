@@ -639,3 +639,66 @@ pub fn hostile_binary() -> std::path::PathBuf {
     assert!(b.is_file(), "{} missing (run the tests with `cargo test --workspace`)", b.display());
     b
 }
+
+/// Sends all `msgs` at once on `channel`, then collects their replies (in
+/// order), so that thousands of calls cost one round trip each way.
+pub fn pipelined_calls(channel: &Channel, msgs: Vec<Message>) -> Vec<Result<Message, String>> {
+    let mut serials = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        serials.push(channel.send(m).expect("queue a call"));
+    }
+    channel.flush();
+    let mut replies: HashMap<u32, Result<Message, String>> = HashMap::new();
+    let end = Instant::now() + CALL_TIMEOUT;
+    while replies.len() < serials.len() {
+        let left = end.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "no reply to {} of {} pipelined calls", serials.len() - replies.len(), serials.len());
+        let Ok(Some(mut msg)) = channel.blocking_pop_message(left) else { continue };
+        let Some(serial) = msg.get_reply_serial() else { continue };
+        let r = match msg.msg_type() {
+            dbus::MessageType::Error => {
+                let text = msg.get1::<String>().unwrap_or_default();
+                let name = msg.as_result().err().and_then(|e| e.name().map(str::to_owned)).unwrap_or_default();
+                Err(format!("{name}: {text}"))
+            }
+            _ => Ok(msg),
+        };
+        replies.insert(serial, r);
+    }
+    serials.into_iter().map(|s| replies.remove(&s).expect("reply present")).collect()
+}
+
+/// Opens `n` sessions with `service` on `channel` in one pipelined batch;
+/// returns each reply (holding the session's fds: drop them to hang up).
+pub fn open_many(channel: &Channel, service: &str, capacity: u64, n: usize) -> Vec<Result<OpenReply, String>> {
+    let msgs = (0..n)
+        .map(|_| {
+            Message::new_method_call(BUS_NAME, BROKER_PATH, BROKER_INTERFACE, member::OPEN_SESSION)
+                .expect("OpenSession message")
+                .append2(service, capacity_option(capacity))
+        })
+        .collect();
+    pipelined_calls(channel, msgs)
+        .into_iter()
+        .map(|r| r.and_then(|m| m.read_all::<OpenReply>().map_err(|e| e.to_string())))
+        .collect()
+}
+
+/// Calls `Close` on every path in one pipelined batch.
+pub fn close_many(channel: &Channel, paths: &[String]) -> Vec<Result<(), String>> {
+    let msgs = paths
+        .iter()
+        .map(|p| {
+            Message::new_method_call(BUS_NAME, p.as_str(), shmlink_interfaces::SESSION_INTERFACE, member::CLOSE)
+                .expect("Close message")
+        })
+        .collect();
+    pipelined_calls(channel, msgs).into_iter().map(|r| r.map(|_| ())).collect()
+}
+
+/// A fresh registered channel to the bus at `address`.
+pub fn channel(address: &str) -> Channel {
+    let mut ch = Channel::open_private(address).expect("connect to the bus");
+    ch.register().expect("register on the bus");
+    ch
+}

@@ -60,14 +60,19 @@ fn main() {
         }
         "hold" => {
             let n: usize = arg(3).parse().unwrap_or(1);
-            let mut replies = Vec::with_capacity(n);
-            for _ in 0..n {
-                match hostile::open_session_raw(&conn, arg(2), hostile::capacity_option(4096)) {
-                    Ok(r) => replies.push(r),
-                    Err(e) => refused(&e),
+            // One pipelined batch; the replies (and their fds) stay alive until we die.
+            let replies = hostile::open_many(conn.channel(), arg(2), 64, n);
+            let mut held = Vec::with_capacity(n);
+            for r in replies {
+                match r {
+                    Ok(r) => held.push(r),
+                    Err(e) => {
+                        println!("ERR {e}");
+                        std::process::exit(2)
+                    }
                 }
             }
-            let _ = writeln!(out, "READY {}", replies.len());
+            let _ = writeln!(out, "READY {}", held.len());
             let _ = out.flush();
             wait_for_stdin_eof();
         }
