@@ -12,5 +12,6 @@ mod introspection;
 mod leaks;
 mod liveness;
 mod scale;
+mod soak;
 mod streaming;
 mod systemd;
