@@ -11,6 +11,8 @@
 
 mod endpoint;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ring;
 pub mod sys;
 

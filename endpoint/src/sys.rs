@@ -104,10 +104,139 @@ pub fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
     if n == 0 || pfd.revents & libc::POLLOUT == 0 {
         return Err(io::Error::from(io::ErrorKind::WouldBlock));
     }
+    eventfd_add_one(fd)
+}
+
+/// Writes 1 to an eventfd, the step after [`eventfd_signal`]'s check.
+///
+/// The peer shares the open file description: it can clear `O_NONBLOCK` and
+/// saturate the counter between our check and this write, which would then
+/// block. On a thread that called [`write_guard::protect_this_thread`], a
+/// watchdog interrupts a write stuck for more than [`write_guard::STUCK`]; an
+/// interrupted write (`EINTR`, only possible when the write blocked, that is
+/// when the counter was full) is reported as `WouldBlock`, like a flood.
+fn eventfd_add_one(fd: BorrowedFd<'_>) -> io::Result<()> {
     let one = 1u64.to_ne_bytes();
+    let guard = write_guard::enter();
     // SAFETY: `one` is 8 readable bytes; `fd` is a live borrowed fd.
-    retry(|| cvt(unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) }))?;
-    Ok(())
+    let r = cvt(unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) });
+    drop(guard);
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+            Err(io::Error::from(io::ErrorKind::WouldBlock))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A watchdog that un-sticks protected threads blocked in an eventfd write.
+///
+/// Each protected thread counts its writes in a sequence number (odd while
+/// inside one: two relaxed atomic increments, no system call). Every
+/// [`STUCK`] the watchdog thread looks at all of them; a thread seen inside
+/// the same write twice in a row gets `SIGURG`, whose handler does nothing
+/// and is installed without `SA_RESTART`, so the blocked `write` returns
+/// `EINTR`. A signal that arrives just after the write finished only
+/// interrupts something else, which every call on a protected thread retries
+/// (`epoll_wait`, `poll`, `preadv2`) or never sees (futexes restart).
+pub mod write_guard {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, Once};
+    use std::time::Duration;
+
+    /// How long a write may block before the watchdog interrupts it.
+    pub const STUCK: Duration = Duration::from_millis(20);
+
+    struct Slot {
+        thread: libc::pthread_t,
+        seq: AtomicU64,
+    }
+
+    static SLOTS: Mutex<Vec<&'static Slot>> = Mutex::new(Vec::new());
+    static START: Once = Once::new();
+
+    thread_local! {
+        static MINE: Cell<Option<&'static Slot>> = const { Cell::new(None) };
+    }
+
+    extern "C" fn on_sigurg(_: libc::c_int) {}
+
+    fn start_watchdog() -> std::io::Result<()> {
+        // SAFETY: an all-zero sigaction is a valid value to fill in.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_sigurg as *const () as libc::sighandler_t;
+        sa.sa_flags = 0; // no SA_RESTART: the blocked write must return EINTR
+                         // SAFETY: `sa.sa_mask` is a valid sigset_t to initialise.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        // SAFETY: `sa` is initialised; the handler is async-signal-safe (it does nothing).
+        if unsafe { libc::sigaction(libc::SIGURG, &sa, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::thread::Builder::new().name("shmlink-write-watchdog".into()).spawn(|| {
+            let mut last: Vec<u64> = Vec::new();
+            loop {
+                std::thread::sleep(STUCK);
+                let slots = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+                last.resize(slots.len(), 0);
+                for (slot, seen) in slots.iter().zip(last.iter_mut()) {
+                    let now = slot.seq.load(Ordering::Acquire);
+                    if now % 2 == 1 && now == *seen {
+                        log::warn!("an eventfd write has blocked for {STUCK:?}: the peer cleared O_NONBLOCK and filled the counter; interrupting it");
+                        // SAFETY: the thread registered itself and, being a
+                        // long-lived worker, is still running; SIGURG has our no-op handler.
+                        unsafe { libc::pthread_kill(slot.thread, libc::SIGURG) };
+                    }
+                    *seen = now;
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Protects the calling thread: its eventfd writes that block are
+    /// interrupted. For long-lived threads only (the daemon's workers); the
+    /// registration lasts for the life of the process.
+    pub fn protect_this_thread() -> std::io::Result<()> {
+        let mut err = None;
+        START.call_once(|| err = start_watchdog().err());
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if MINE.with(|m| m.get().is_some()) {
+            return Ok(());
+        }
+        // SAFETY: pthread_self has no preconditions.
+        let thread = unsafe { libc::pthread_self() };
+        // One small slot per protected thread, kept for the life of the process.
+        let slot: &'static Slot = Box::leak(Box::new(Slot {
+            thread,
+            seq: AtomicU64::new(0),
+        }));
+        SLOTS.lock().unwrap_or_else(|e| e.into_inner()).push(slot);
+        MINE.with(|m| m.set(Some(slot)));
+        Ok(())
+    }
+
+    /// Marks the calling thread as inside a write until the guard drops.
+    pub(crate) struct Guard(Option<&'static Slot>);
+
+    pub(crate) fn enter() -> Guard {
+        let slot = MINE.with(|m| m.get());
+        if let Some(s) = slot {
+            s.seq.fetch_add(1, Ordering::AcqRel);
+        }
+        Guard(slot)
+    }
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(s) = self.0 {
+                s.seq.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
 }
 
 /// Sets O_NONBLOCK on an open file description.
@@ -240,5 +369,41 @@ pub fn spin_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
         if i % 64 == 0 && start.elapsed() >= budget {
             return ready();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// A peer cleared O_NONBLOCK and filled the counter after our check: the
+    /// write blocks, and the watchdog must interrupt it on a protected thread.
+    #[test]
+    fn a_blocked_eventfd_write_is_interrupted_on_a_protected_thread() {
+        // SAFETY: eventfd takes no pointers; blocking mode on purpose.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) }).expect("eventfd");
+        // SAFETY: eventfd returned a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let full = 0xffff_ffff_ffff_fffeu64.to_ne_bytes();
+        // SAFETY: `full` is 8 readable bytes; the counter is 0, so this cannot block.
+        assert_eq!(
+            unsafe { libc::write(fd.as_raw_fd(), full.as_ptr().cast(), 8) },
+            8
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            write_guard::protect_this_thread().expect("protect");
+            let start = Instant::now();
+            let r = eventfd_add_one(fd.as_fd());
+            let _ = tx.send(());
+            (r.map_err(|e| e.kind()), start.elapsed())
+        });
+        // Bounded wait: if the write stays blocked the test fails instead of hanging.
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the blocked write was never interrupted");
+        let (r, took) = t.join().expect("thread");
+        assert_eq!(r, Err(io::ErrorKind::WouldBlock));
+        assert!(took < Duration::from_secs(5), "took {took:?}");
     }
 }

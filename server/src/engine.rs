@@ -349,6 +349,11 @@ enum Pump {
 }
 
 fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicBool>) {
+    // A client can make our wake-up write block (it shares the eventfd's
+    // O_NONBLOCK flag and counter); have such a write interrupted.
+    if let Err(e) = sys::write_guard::protect_this_thread() {
+        log::warn!("cannot guard worker against blocking eventfd writes: {e}");
+    }
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut runq: VecDeque<u64> = VecDeque::new();
     // The ids in `runq`, so that a session is queued at most once.

@@ -27,7 +27,10 @@ impl Arena {
         let h = Harness::start();
         let watcher = ClosedWatcher::new(h.address());
         let honest = Honest::start(h.bus());
-        assert!(honest.progresses(20, DEADLINE), "the honest client does not stream");
+        assert!(
+            honest.progresses(20, DEADLINE),
+            "the honest client does not stream"
+        );
         Arena { h, watcher, honest }
     }
 
@@ -38,15 +41,18 @@ impl Arena {
     /// The hostile session must end with a reason containing one of `expect`,
     /// announced and logged; returns the reason.
     fn expect_closed(&mut self, path: &str, expect: &[&str]) -> String {
-        let reason = self
-            .watcher
-            .wait_for(path, DEADLINE)
-            .unwrap_or_else(|| panic!("no SessionClosed for {path}; log:\n{}", self.h.daemon_log()));
-        assert!(expect.iter().any(|e| reason.contains(e)), "reason {reason:?} should mention one of {expect:?}");
+        let reason = self.watcher.wait_for(path, DEADLINE).unwrap_or_else(|| {
+            panic!("no SessionClosed for {path}; log:\n{}", self.h.daemon_log())
+        });
+        assert!(
+            expect.iter().any(|e| reason.contains(e)),
+            "reason {reason:?} should mention one of {expect:?}"
+        );
         let id = path.rsplit('/').next().expect("id");
         let log = self.h.daemon_log();
         assert!(
-            log.lines().any(|l| l.contains(&format!("session {id} ")) && l.contains(&reason)),
+            log.lines()
+                .any(|l| l.contains(&format!("session {id} ")) && l.contains(&reason)),
             "the daemon log does not give session {id}'s reason {reason:?}:\n{log}"
         );
         reason
@@ -55,12 +61,24 @@ impl Arena {
     /// The daemon survived and serves; the honest client kept streaming and
     /// every byte it got back was right.
     fn finish(self) {
-        assert!(self.honest.progresses(50, DEADLINE), "the honest client stalled after the attack");
+        assert!(
+            self.honest.progresses(50, DEADLINE),
+            "the honest client stalled after the attack"
+        );
         let rounds = self.honest.finish();
         assert!(rounds > 70);
-        let mut s = self.h.client().session("echo").capacity(4096).open().expect("the daemon still opens sessions");
+        let mut s = self
+            .h
+            .client()
+            .session("echo")
+            .capacity(4096)
+            .open()
+            .expect("the daemon still opens sessions");
         s.send(b"still there").expect("send");
-        assert_eq!(s.recv().expect("recv").as_deref(), Some(&b"still there"[..]));
+        assert_eq!(
+            s.recv().expect("recv").as_deref(),
+            Some(&b"still there"[..])
+        );
         s.close().expect("close");
     }
 }
@@ -68,7 +86,10 @@ impl Arena {
 /// An honest round trip through the hostile client's own echo session.
 fn raw_echo(s: &mut RawSession, msg: &[u8]) {
     s.send_message(msg, DEADLINE).expect("raw send");
-    assert_eq!(s.recv_message(DEADLINE).expect("raw recv").as_deref(), Some(msg));
+    assert_eq!(
+        s.recv_message(DEADLINE).expect("raw recv").as_deref(),
+        Some(msg)
+    );
 }
 
 #[test]
@@ -122,7 +143,11 @@ fn frame_headers_announcing_impossible_lengths_or_kinds() {
     let mut a = Arena::start();
     let cases: [(u32, u32, &str); 4] = [
         (KIND_MESSAGE, u32::MAX, "frame announces 4294967295 bytes"),
-        (KIND_MESSAGE, (64 << 20) + 1, "more than the session maximum"),
+        (
+            KIND_MESSAGE,
+            (64 << 20) + 1,
+            "more than the session maximum",
+        ),
         (7, 1, "unknown kind 7"),
         (KIND_END, 5, "end-of-stream frame carries 5 bytes"),
     ];
@@ -175,7 +200,10 @@ fn flooded_eventfd_counter_ends_the_session() {
         hostile::flood(data_signal).expect("flood the daemon's data signal");
         // The echo makes the daemon signal us: it finds the counter full.
         s.send_message(b"wake me", DEADLINE).expect("send");
-        a.expect_closed(&s.path, &["client misbehaved: the other side flooded a wake-up eventfd"]);
+        a.expect_closed(
+            &s.path,
+            &["client misbehaved: the other side flooded a wake-up eventfd"],
+        );
     }
     a.finish();
 }
@@ -190,7 +218,10 @@ fn fds_closed_early() {
     s.to_server.close_all();
     s.to_client.close_all();
     assert!(a.honest.progresses(20, DEADLINE));
-    assert!(a.watcher.seen().get(&s.path).is_none(), "closing ring fds alone must not end the session");
+    assert!(
+        a.watcher.seen().get(&s.path).is_none(),
+        "closing ring fds alone must not end the session"
+    );
     s.hangup = None;
     a.expect_closed(&s.path, &["client hung up"]);
     // Everything closed at once but the bus connection.
@@ -229,8 +260,14 @@ fn client_that_never_reads_stalls_only_itself() {
         s.to_client.count()
     );
     // The honest client keeps its full speed meanwhile.
-    assert!(a.honest.progresses(300, DEADLINE), "the honest client stalled behind a client that never reads");
-    assert!(a.watcher.seen().get(&s.path).is_none(), "a slow reader is not hostile");
+    assert!(
+        a.honest.progresses(300, DEADLINE),
+        "the honest client stalled behind a client that never reads"
+    );
+    assert!(
+        a.watcher.seen().get(&s.path).is_none(),
+        "a slow reader is not hostile"
+    );
     assert_eq!(a.h.session_count(), 2);
     // Leaving the bus ends it.
     s.conn = None;
@@ -243,8 +280,14 @@ fn writing_to_the_hangup_socket_ends_the_session() {
     let mut a = Arena::start();
     let mut s = a.open("echo");
     raw_echo(&mut s, b"hello");
-    assert_eq!(s.write_hangup(b"!").expect("write to the hang-up socket"), 1);
-    a.expect_closed(&s.path, &["client misbehaved: the other side wrote to the hang-up socket"]);
+    assert_eq!(
+        s.write_hangup(b"!").expect("write to the hang-up socket"),
+        1
+    );
+    a.expect_closed(
+        &s.path,
+        &["client misbehaved: the other side wrote to the hang-up socket"],
+    );
     a.finish();
 }
 
@@ -279,8 +322,14 @@ fn sigkill_mid_stream() {
         .spawn()
         .expect("spawn hostile-client stream");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read PATH");
-    let path = line.trim().strip_prefix("PATH ").expect("PATH line").to_owned();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read PATH");
+    let path = line
+        .trim()
+        .strip_prefix("PATH ")
+        .expect("PATH line")
+        .to_owned();
     let c = a.h.client();
     assert!(
         wait_until(DEADLINE, || {
@@ -306,7 +355,11 @@ fn sigterm_closes_every_session_wakes_blocked_clients_and_exits_zero() {
     let recv_session = client.session("echo").capacity(4096).open().expect("open");
     let send_session = client.session("echo").capacity(4096).open().expect("open");
     let idle = client.session("sink").capacity(4096).open().expect("open");
-    let paths = [recv_session.path().to_owned(), send_session.path().to_owned(), idle.path().to_owned()];
+    let paths = [
+        recv_session.path().to_owned(),
+        send_session.path().to_owned(),
+        idle.path().to_owned(),
+    ];
     let (tx, rx) = std::sync::mpsc::channel();
     let (_w, mut r) = recv_session.split();
     let tx1 = tx.clone();
@@ -324,16 +377,23 @@ fn sigterm_closes_every_session_wakes_blocked_clients_and_exits_zero() {
         let _ = tx.send(("send", res));
     });
     // Both must really be blocked before the signal.
-    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "a call returned before SIGTERM");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a call returned before SIGTERM"
+    );
     let status = h.take_daemon().stop().expect("SIGTERM and wait");
     assert!(status.success(), "shmlinkd exited with {status} on SIGTERM");
     for _ in 0..2 {
-        let (what, res) = rx.recv_timeout(DEADLINE).expect("a blocked call did not return after SIGTERM");
+        let (what, res) = rx
+            .recv_timeout(DEADLINE)
+            .expect("a blocked call did not return after SIGTERM");
         let err = res.expect_err("a blocked call must fail when the daemon stops");
         assert!(err.contains("closed by the other side"), "{what}: {err}");
     }
     for p in &paths {
-        let reason = watcher.wait_for(p, DEADLINE).unwrap_or_else(|| panic!("no SessionClosed for {p}"));
+        let reason = watcher
+            .wait_for(p, DEADLINE)
+            .unwrap_or_else(|| panic!("no SessionClosed for {p}"));
         assert_eq!(reason, "the daemon is shutting down");
     }
     drop(idle);

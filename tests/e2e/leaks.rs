@@ -47,8 +47,14 @@ fn churn_by_sigkill(h: &Harness, n: usize) {
             .spawn()
             .expect("spawn hostile-client hold");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("READY line");
-        assert_eq!(line.trim(), format!("READY {BATCH}"), "hostile-client hold failed");
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("READY line");
+        assert_eq!(
+            line.trim(),
+            format!("READY {BATCH}"),
+            "hostile-client hold failed"
+        );
         child.kill().expect("SIGKILL");
         child.wait().expect("reap");
     }
@@ -106,7 +112,13 @@ fn ten_thousand_sessions_leave_no_fd_and_no_memory_behind() {
         "daemon VmRSS grew from {rss0} kB to {rss1} kB (tolerance {RSS_TOLERANCE_KB} kB)"
     );
     // And it still serves.
-    let mut s = h.client().session("echo").capacity(4096).timeout(Duration::from_secs(10)).open().expect("open");
+    let mut s = h
+        .client()
+        .session("echo")
+        .capacity(4096)
+        .timeout(Duration::from_secs(10))
+        .open()
+        .expect("open");
     s.send(b"after 10k").expect("send");
     assert_eq!(s.recv().expect("recv").as_deref(), Some(&b"after 10k"[..]));
 }

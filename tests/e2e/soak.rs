@@ -17,7 +17,10 @@ const CLIENTS: u64 = 32;
 const RSS_TOLERANCE_KB: u64 = 8192;
 
 fn soak_time() -> Duration {
-    let secs = std::env::var("SHMLINK_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let secs = std::env::var("SHMLINK_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     Duration::from_secs(secs)
 }
 
@@ -66,7 +69,12 @@ fn honest_echo(bus: &shmlink::Bus, rng: &mut Rng, t: &Tally) {
 /// A sink transfer checked by CRC-32, then the session is dropped (hang-up).
 fn honest_sink(bus: &shmlink::Bus, rng: &mut Rng, t: &Tally) {
     let c = shmlink::Client::connect(bus).expect("connect");
-    let mut s = c.session("sink").capacity(65536).timeout(Duration::from_secs(20)).open().expect("open sink");
+    let mut s = c
+        .session("sink")
+        .capacity(65536)
+        .timeout(Duration::from_secs(20))
+        .open()
+        .expect("open sink");
     let mut crc = crc32fast::Hasher::new();
     let mut bytes = 0u64;
     for _ in 0..(1 + rng.below(100)) {
@@ -79,7 +87,11 @@ fn honest_sink(bus: &shmlink::Bus, rng: &mut Rng, t: &Tally) {
     assert_eq!(s.recv().expect("sink end"), None);
     let st = s.service_state().expect("ServiceState");
     assert_eq!(st.get("bytes").and_then(|v| v.0.as_u64()), Some(bytes));
-    assert_eq!(st.get("crc32").and_then(|v| v.0.as_u64()), Some(u64::from(crc.finalize())), "sink checksum");
+    assert_eq!(
+        st.get("crc32").and_then(|v| v.0.as_u64()),
+        Some(u64::from(crc.finalize())),
+        "sink checksum"
+    );
     t.sink_bytes.fetch_add(bytes, Ordering::Relaxed);
     t.sessions.fetch_add(1, Ordering::Relaxed);
 }
@@ -92,7 +104,9 @@ fn killed_process(address: &str, rng: &mut Rng, t: &Tally) {
         .spawn()
         .expect("spawn hostile-client stream");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("PATH line");
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("PATH line");
     assert!(line.starts_with("PATH "), "hostile-client stream: {line:?}");
     // Let it stream for a moment (it blocks on a full ring at worst).
     let until = Instant::now() + Duration::from_millis(rng.below(50));
@@ -107,7 +121,12 @@ fn killed_process(address: &str, rng: &mut Rng, t: &Tally) {
 
 /// A raw session that breaks a rule, or just vanishes mid-stream.
 fn misbehave(address: &str, rng: &mut Rng, t: &Tally) {
-    let mut s = RawSession::open(address, if rng.below(2) == 0 { "echo" } else { "sink" }, 4096).expect("raw open");
+    let mut s = RawSession::open(
+        address,
+        if rng.below(2) == 0 { "echo" } else { "sink" },
+        4096,
+    )
+    .expect("raw open");
     let _ = s.send_message(&payload(rng.next(), 3000), Duration::from_secs(5));
     match rng.below(5) {
         0 => {
@@ -156,7 +175,8 @@ fn thirty_two_clients_churning() {
         .map(|i| {
             let (bus, address, t) = (h.bus(), h.address().to_owned(), tally.clone());
             std::thread::spawn(move || {
-                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (i + 1).wrapping_mul(0x1234_5678_9abc_def1));
+                let mut rng =
+                    Rng(0x9E37_79B9_7F4A_7C15 ^ (i + 1).wrapping_mul(0x1234_5678_9abc_def1));
                 while Instant::now() < end {
                     match i % 4 {
                         0 => honest_echo(&bus, &mut rng, &t),
@@ -171,7 +191,10 @@ fn thirty_two_clients_churning() {
     let mut peak_fds = 0;
     while threads.iter().any(|t| !t.is_finished()) {
         peak_fds = peak_fds.max(fd_count(pid));
-        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "shmlinkd died during the soak");
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "shmlinkd died during the soak"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     for t in threads {
@@ -195,10 +218,20 @@ fn thirty_two_clients_churning() {
         tally.attacks.load(Ordering::Relaxed),
     );
     assert!(settled, "daemon fds went from {fds0} to {fds1}");
-    assert!(rss1 <= rss0 + RSS_TOLERANCE_KB, "daemon VmRSS grew from {rss0} kB to {rss1} kB");
-    assert!(tally.echo_msgs.load(Ordering::Relaxed) > 0 && tally.killed.load(Ordering::Relaxed) > 0);
+    assert!(
+        rss1 <= rss0 + RSS_TOLERANCE_KB,
+        "daemon VmRSS grew from {rss0} kB to {rss1} kB"
+    );
+    assert!(
+        tally.echo_msgs.load(Ordering::Relaxed) > 0 && tally.killed.load(Ordering::Relaxed) > 0
+    );
     // The daemon still serves.
-    let mut s = h.client().session("echo").capacity(4096).open().expect("open after the soak");
+    let mut s = h
+        .client()
+        .session("echo")
+        .capacity(4096)
+        .open()
+        .expect("open after the soak");
     s.send(b"done").expect("send");
     assert_eq!(s.recv().expect("recv").as_deref(), Some(&b"done"[..]));
 }

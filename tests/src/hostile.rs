@@ -82,7 +82,10 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Mapping { base: p.cast(), len })
+        Ok(Mapping {
+            base: p.cast(),
+            len,
+        })
     }
 
     fn count(&self) -> &AtomicUsize {
@@ -130,7 +133,12 @@ pub struct RawRing {
 }
 
 impl RawRing {
-    fn new(capacity: u64, memfd: OwnedFd, empty_signal: OwnedFd, full_signal: OwnedFd) -> std::io::Result<RawRing> {
+    fn new(
+        capacity: u64,
+        memfd: OwnedFd,
+        empty_signal: OwnedFd,
+        full_signal: OwnedFd,
+    ) -> std::io::Result<RawRing> {
         let size = match sys::fd_kind(memfd.as_fd())? {
             sys::FdKind::Memfd { size, .. } => size as usize,
             other => return Err(std::io::Error::other(format!("not a memfd: {other:?}"))),
@@ -251,7 +259,11 @@ impl RawRing {
 
     /// The eventfds of this ring that are still open.
     pub fn eventfds(&self) -> Vec<BorrowedFd<'_>> {
-        [&self.empty_signal, &self.full_signal].into_iter().flatten().map(|f| f.as_fd()).collect()
+        [&self.empty_signal, &self.full_signal]
+            .into_iter()
+            .flatten()
+            .map(|f| f.as_fd())
+            .collect()
     }
 }
 
@@ -282,7 +294,11 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> std::io::Result<()> {
     if flags < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let flags = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+    let flags = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
     // SAFETY: F_SETFL takes an int argument; `fd` is live.
     if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) } < 0 {
         return Err(std::io::Error::last_os_error());
@@ -316,18 +332,22 @@ pub struct RawSession {
 }
 
 /// Calls `OpenSession(service, options)` on `conn` and returns the raw reply.
-pub fn open_session_raw(conn: &Connection, service: &str, options: PropMap) -> Result<OpenReply, dbus::Error> {
-    conn.with_proxy(BUS_NAME, BROKER_PATH, CALL_TIMEOUT).method_call(
-        BROKER_INTERFACE,
-        member::OPEN_SESSION,
-        (service, options),
-    )
+pub fn open_session_raw(
+    conn: &Connection,
+    service: &str,
+    options: PropMap,
+) -> Result<OpenReply, dbus::Error> {
+    conn.with_proxy(BUS_NAME, BROKER_PATH, CALL_TIMEOUT)
+        .method_call(BROKER_INTERFACE, member::OPEN_SESSION, (service, options))
 }
 
 /// Options with just a capacity.
 pub fn capacity_option(capacity: u64) -> PropMap {
     let mut m = PropMap::new();
-    m.insert(shmlink_interfaces::option::CAPACITY.into(), dbus::arg::Variant(Box::new(capacity)));
+    m.insert(
+        shmlink_interfaces::option::CAPACITY.into(),
+        dbus::arg::Variant(Box::new(capacity)),
+    );
     m
 }
 
@@ -339,14 +359,34 @@ impl RawSession {
     }
 
     /// Opens a session on an existing connection and maps its rings.
-    pub fn open_on(conn: Connection, service: &str, options: PropMap) -> Result<RawSession, String> {
-        let reply = open_session_raw(&conn, service, options).map_err(|e| {
-            format!("{}: {}", e.name().unwrap_or("?"), e.message().unwrap_or(""))
-        })?;
-        let (path, ts_cap, ts_mem, ts_empty, ts_full, tc_cap, tc_mem, tc_empty, tc_full, hangup, params) = reply;
-        let max_message = params.get(param::MAX_MESSAGE).and_then(|v| v.0.as_u64()).unwrap_or(0);
-        let to_server = RawRing::new(ts_cap, ts_mem, ts_empty, ts_full).map_err(|e| format!("map: {e}"))?;
-        let to_client = RawRing::new(tc_cap, tc_mem, tc_empty, tc_full).map_err(|e| format!("map: {e}"))?;
+    pub fn open_on(
+        conn: Connection,
+        service: &str,
+        options: PropMap,
+    ) -> Result<RawSession, String> {
+        let reply = open_session_raw(&conn, service, options)
+            .map_err(|e| format!("{}: {}", e.name().unwrap_or("?"), e.message().unwrap_or("")))?;
+        let (
+            path,
+            ts_cap,
+            ts_mem,
+            ts_empty,
+            ts_full,
+            tc_cap,
+            tc_mem,
+            tc_empty,
+            tc_full,
+            hangup,
+            params,
+        ) = reply;
+        let max_message = params
+            .get(param::MAX_MESSAGE)
+            .and_then(|v| v.0.as_u64())
+            .unwrap_or(0);
+        let to_server =
+            RawRing::new(ts_cap, ts_mem, ts_empty, ts_full).map_err(|e| format!("map: {e}"))?;
+        let to_client =
+            RawRing::new(tc_cap, tc_mem, tc_empty, tc_full).map_err(|e| format!("map: {e}"))?;
         Ok(RawSession {
             conn: Some(conn),
             path: path.to_string(),
@@ -374,14 +414,28 @@ impl RawSession {
     }
 
     fn wait(&self, for_room: bool, end: Instant) -> Result<(), String> {
-        let ring = if for_room { &self.to_server } else { &self.to_client };
-        let fd = if for_room { &ring.full_signal } else { &ring.empty_signal };
+        let ring = if for_room {
+            &self.to_server
+        } else {
+            &self.to_client
+        };
+        let fd = if for_room {
+            &ring.full_signal
+        } else {
+            &ring.empty_signal
+        };
         let fd = fd.as_ref().ok_or("eventfd closed")?;
         if Instant::now() >= end {
-            return Err(format!("timed out waiting for {}", if for_room { "room" } else { "data" }));
+            return Err(format!(
+                "timed out waiting for {}",
+                if for_room { "room" } else { "data" }
+            ));
         }
         // Wake at least every 10 ms: the count is the truth, the eventfd only a hint.
-        let _ = sys::poll_readable(&[fd.as_fd()], Some((Instant::now() + Duration::from_millis(10)).min(end)));
+        let _ = sys::poll_readable(
+            &[fd.as_fd()],
+            Some((Instant::now() + Duration::from_millis(10)).min(end)),
+        );
         let _ = sys::eventfd_drain(fd.as_fd());
         Ok(())
     }
@@ -403,7 +457,10 @@ impl RawSession {
         let end = Instant::now() + deadline;
         loop {
             while !self.inbuf.is_empty() {
-                let (used, item) = self.decoder.decode(&self.inbuf[..]).map_err(|e| e.to_string())?;
+                let (used, item) = self
+                    .decoder
+                    .decode(&self.inbuf[..])
+                    .map_err(|e| e.to_string())?;
                 self.inbuf.drain(..used);
                 match item {
                     Some(Item::Message(m)) => return Ok(Some(m)),
@@ -436,9 +493,19 @@ impl RawSession {
 
     /// Writes `bytes` into the hang-up socket, which must stay silent.
     pub fn write_hangup(&self, bytes: &[u8]) -> std::io::Result<usize> {
-        let fd = self.hangup.as_ref().ok_or_else(|| std::io::Error::other("hang-up closed"))?;
+        let fd = self
+            .hangup
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("hang-up closed"))?;
         // SAFETY: `bytes` is readable for its length; `fd` is a live socket.
-        let r = unsafe { libc::send(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
+        let r = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
         if r < 0 {
             Err(std::io::Error::last_os_error())
         } else {
@@ -448,12 +515,12 @@ impl RawSession {
 
     /// Calls `Close` on the session.
     pub fn close(&self) -> Result<(), dbus::Error> {
-        let conn = self.conn.as_ref().ok_or_else(|| dbus::Error::new_failed("connection dropped"))?;
-        conn.with_proxy(BUS_NAME, self.path.as_str(), CALL_TIMEOUT).method_call(
-            shmlink_interfaces::SESSION_INTERFACE,
-            member::CLOSE,
-            (),
-        )
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(|| dbus::Error::new_failed("connection dropped"))?;
+        conn.with_proxy(BUS_NAME, self.path.as_str(), CALL_TIMEOUT)
+            .method_call(shmlink_interfaces::SESSION_INTERFACE, member::CLOSE, ())
     }
 }
 
@@ -471,18 +538,24 @@ impl Hammer {
         let thread = std::thread::spawn(move || {
             let mut n = 0u64;
             while !s.load(Ordering::Relaxed) {
-                count.set(if n % 2 == 0 { a } else { b });
+                count.set(if n.is_multiple_of(2) { a } else { b });
                 n += 1;
             }
             n
         });
-        Hammer { stop, thread: Some(thread) }
+        Hammer {
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// Stops the thread; returns how many times it stored the count.
     pub fn stop(mut self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().map(|t| t.join().expect("hammer thread")).unwrap_or(0)
+        self.thread
+            .take()
+            .map(|t| t.join().expect("hammer thread"))
+            .unwrap_or(0)
     }
 }
 
@@ -498,9 +571,14 @@ impl Drop for Hammer {
 /// Sends `OpenSession` and returns at once without reading the reply, for a
 /// process that exits in the middle of the call.
 pub fn send_open_and_forget(conn: &Connection, service: &str) -> Result<(), String> {
-    let msg = Message::new_method_call(BUS_NAME, BROKER_PATH, BROKER_INTERFACE, member::OPEN_SESSION)
-        .map_err(|e| e.to_string())?
-        .append2(service, PropMap::new());
+    let msg = Message::new_method_call(
+        BUS_NAME,
+        BROKER_PATH,
+        BROKER_INTERFACE,
+        member::OPEN_SESSION,
+    )
+    .map_err(|e| e.to_string())?
+    .append2(service, PropMap::new());
     conn.send(msg).map_err(|_| "send failed".to_string())?;
     conn.channel().flush();
     Ok(())
@@ -517,12 +595,25 @@ impl ClosedWatcher {
     pub fn new(address: &str) -> ClosedWatcher {
         let mut channel = Channel::open_private(address).expect("watcher connects");
         channel.register().expect("watcher registers");
-        let rule = format!("type='signal',interface='{BROKER_INTERFACE}',member='{}'", member::SESSION_CLOSED);
-        let m = Message::new_method_call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch")
-            .expect("AddMatch message")
-            .append1(rule);
-        channel.send_with_reply_and_block(m, CALL_TIMEOUT).expect("AddMatch");
-        ClosedWatcher { channel, seen: HashMap::new() }
+        let rule = format!(
+            "type='signal',interface='{BROKER_INTERFACE}',member='{}'",
+            member::SESSION_CLOSED
+        );
+        let m = Message::new_method_call(
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "AddMatch",
+        )
+        .expect("AddMatch message")
+        .append1(rule);
+        channel
+            .send_with_reply_and_block(m, CALL_TIMEOUT)
+            .expect("AddMatch");
+        ClosedWatcher {
+            channel,
+            seen: HashMap::new(),
+        }
     }
 
     fn pump(&mut self, timeout: Duration) {
@@ -586,8 +677,12 @@ impl Honest {
             let mut n = 0u64;
             while !s.load(Ordering::SeqCst) {
                 let m = crate::payload(n, 1000 + (n as usize * 7919) % 30_000);
-                session.send(&m).map_err(|e| format!("honest send {n}: {e}"))?;
-                let back = session.recv().map_err(|e| format!("honest recv {n}: {e}"))?;
+                session
+                    .send(&m)
+                    .map_err(|e| format!("honest send {n}: {e}"))?;
+                let back = session
+                    .recv()
+                    .map_err(|e| format!("honest recv {n}: {e}"))?;
                 if back.as_deref() != Some(&m[..]) {
                     return Err(format!("honest message {n} came back different"));
                 }
@@ -598,7 +693,11 @@ impl Honest {
             Ok(n)
         });
         let _ = ready_rx.recv_timeout(crate::DEADLINE);
-        Honest { stop, rounds, thread: Some(thread) }
+        Honest {
+            stop,
+            rounds,
+            thread: Some(thread),
+        }
     }
 
     /// Messages echoed and verified so far.
@@ -636,7 +735,11 @@ impl Drop for Honest {
 pub fn hostile_binary() -> std::path::PathBuf {
     let d = crate::daemon_binary();
     let b = d.with_file_name("hostile-client");
-    assert!(b.is_file(), "{} missing (run the tests with `cargo test --workspace`)", b.display());
+    assert!(
+        b.is_file(),
+        "{} missing (run the tests with `cargo test --workspace`)",
+        b.display()
+    );
     b
 }
 
@@ -652,30 +755,56 @@ pub fn pipelined_calls(channel: &Channel, msgs: Vec<Message>) -> Vec<Result<Mess
     let end = Instant::now() + CALL_TIMEOUT;
     while replies.len() < serials.len() {
         let left = end.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no reply to {} of {} pipelined calls", serials.len() - replies.len(), serials.len());
-        let Ok(Some(mut msg)) = channel.blocking_pop_message(left) else { continue };
-        let Some(serial) = msg.get_reply_serial() else { continue };
+        assert!(
+            !left.is_zero(),
+            "no reply to {} of {} pipelined calls",
+            serials.len() - replies.len(),
+            serials.len()
+        );
+        let Ok(Some(mut msg)) = channel.blocking_pop_message(left) else {
+            continue;
+        };
+        let Some(serial) = msg.get_reply_serial() else {
+            continue;
+        };
         let r = match msg.msg_type() {
             dbus::MessageType::Error => {
                 let text = msg.get1::<String>().unwrap_or_default();
-                let name = msg.as_result().err().and_then(|e| e.name().map(str::to_owned)).unwrap_or_default();
+                let name = msg
+                    .as_result()
+                    .err()
+                    .and_then(|e| e.name().map(str::to_owned))
+                    .unwrap_or_default();
                 Err(format!("{name}: {text}"))
             }
             _ => Ok(msg),
         };
         replies.insert(serial, r);
     }
-    serials.into_iter().map(|s| replies.remove(&s).expect("reply present")).collect()
+    serials
+        .into_iter()
+        .map(|s| replies.remove(&s).expect("reply present"))
+        .collect()
 }
 
 /// Opens `n` sessions with `service` on `channel` in one pipelined batch;
 /// returns each reply (holding the session's fds: drop them to hang up).
-pub fn open_many(channel: &Channel, service: &str, capacity: u64, n: usize) -> Vec<Result<OpenReply, String>> {
+pub fn open_many(
+    channel: &Channel,
+    service: &str,
+    capacity: u64,
+    n: usize,
+) -> Vec<Result<OpenReply, String>> {
     let msgs = (0..n)
         .map(|_| {
-            Message::new_method_call(BUS_NAME, BROKER_PATH, BROKER_INTERFACE, member::OPEN_SESSION)
-                .expect("OpenSession message")
-                .append2(service, capacity_option(capacity))
+            Message::new_method_call(
+                BUS_NAME,
+                BROKER_PATH,
+                BROKER_INTERFACE,
+                member::OPEN_SESSION,
+            )
+            .expect("OpenSession message")
+            .append2(service, capacity_option(capacity))
         })
         .collect();
     pipelined_calls(channel, msgs)
@@ -689,11 +818,19 @@ pub fn close_many(channel: &Channel, paths: &[String]) -> Vec<Result<(), String>
     let msgs = paths
         .iter()
         .map(|p| {
-            Message::new_method_call(BUS_NAME, p.as_str(), shmlink_interfaces::SESSION_INTERFACE, member::CLOSE)
-                .expect("Close message")
+            Message::new_method_call(
+                BUS_NAME,
+                p.as_str(),
+                shmlink_interfaces::SESSION_INTERFACE,
+                member::CLOSE,
+            )
+            .expect("Close message")
         })
         .collect();
-    pipelined_calls(channel, msgs).into_iter().map(|r| r.map(|_| ())).collect()
+    pipelined_calls(channel, msgs)
+        .into_iter()
+        .map(|r| r.map(|_| ()))
+        .collect()
 }
 
 /// A fresh registered channel to the bus at `address`.

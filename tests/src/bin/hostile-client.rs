@@ -13,13 +13,17 @@
 //! ```
 //! Exit status: 0 on success, 2 when the daemon refused, 1 on a local failure.
 
-use shmlink_interfaces::{member, SESSION_INTERFACE, BUS_NAME};
+use shmlink_interfaces::{member, BUS_NAME, SESSION_INTERFACE};
 use shmlink_tests::hostile::{self, RawSession};
 use std::io::{Read, Write};
 use std::time::Duration;
 
 fn refused(e: &dbus::Error) -> ! {
-    println!("ERR {} {}", e.name().unwrap_or("?"), e.message().unwrap_or(""));
+    println!(
+        "ERR {} {}",
+        e.name().unwrap_or("?"),
+        e.message().unwrap_or("")
+    );
     std::process::exit(2)
 }
 
@@ -77,7 +81,8 @@ fn main() {
             wait_for_stdin_eof();
         }
         "stream" => {
-            let mut s = match RawSession::open_on(conn, "sink", hostile::capacity_option(16 * 1024)) {
+            let mut s = match RawSession::open_on(conn, "sink", hostile::capacity_option(16 * 1024))
+            {
                 Ok(s) => s,
                 Err(e) => {
                     println!("ERR {e}");
@@ -105,8 +110,9 @@ fn main() {
         }
         "counters" => {
             use dbus::blocking::stdintf::org_freedesktop_dbus::Properties;
-            let r: Result<u64, dbus::Error> =
-                conn.with_proxy(BUS_NAME, arg(2), hostile::CALL_TIMEOUT).get(SESSION_INTERFACE, member::BYTES_TO_SERVER);
+            let r: Result<u64, dbus::Error> = conn
+                .with_proxy(BUS_NAME, arg(2), hostile::CALL_TIMEOUT)
+                .get(SESSION_INTERFACE, member::BYTES_TO_SERVER);
             match r {
                 Ok(n) => println!("OK {n}"),
                 Err(e) => refused(&e),
@@ -115,7 +121,11 @@ fn main() {
         "vanish" | "vanish-known" => {
             if args[1] == "vanish-known" {
                 let r: Result<(), dbus::Error> = conn
-                    .with_proxy(BUS_NAME, shmlink_interfaces::BROKER_PATH, hostile::CALL_TIMEOUT)
+                    .with_proxy(
+                        BUS_NAME,
+                        shmlink_interfaces::BROKER_PATH,
+                        hostile::CALL_TIMEOUT,
+                    )
                     .method_call("org.freedesktop.DBus.Peer", "Ping", ());
                 if let Err(e) = r {
                     refused(&e);
