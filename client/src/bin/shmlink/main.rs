@@ -1,5 +1,6 @@
 //! shmlink: talk to shmlinkd from the command line. See `shmlink --help`.
 
+mod bench;
 mod close;
 mod demo;
 mod ping;
@@ -36,6 +37,11 @@ enum Cmd {
     Status(status::Args),
     /// End a session by its object path (its owner or root only).
     Close(close::Args),
+    /// Measure shmlink against Unix sockets, pipes, D-Bus and memcpy (private bus and daemon unless --bus).
+    Bench(bench::Args),
+    /// The other process of `bench`'s two-process baselines.
+    #[command(name = "__bench-peer", hide = true)]
+    BenchPeer(bench::PeerArgs),
 }
 
 fn main() {
@@ -57,6 +63,8 @@ fn main() {
         Cmd::Send(a) => send::run(&bus.unwrap_or(Bus::Session), a),
         Cmd::Status(a) => status::run(&bus.unwrap_or(Bus::Session), a),
         Cmd::Close(a) => close::run(&bus.unwrap_or(Bus::Session), a),
+        Cmd::Bench(a) => bench::run(bus, a),
+        Cmd::BenchPeer(a) => bench::peer(a),
     };
     if let Err(e) = result {
         eprintln!("shmlink: error: {e:#}");
