@@ -280,8 +280,11 @@ impl AsyncSession {
     /// Closes the session on the broker (`Close`) and unmaps it.
     pub async fn close(self) -> Result<(), Error> {
         let info = self.info.clone();
+        // Close while the rings are still mapped, as the blocking API does:
+        // dropping first would end the session by hang-up before the call.
+        let closed = blocking(move || session::close(&info)).await;
         drop(self);
-        blocking(move || session::close(&info)).await
+        closed
     }
 }
 
