@@ -219,10 +219,12 @@ pub mod write_guard {
         Ok(())
     }
 
-    /// Marks the calling thread as inside a write until the guard drops.
-    pub(crate) struct Guard(Option<&'static Slot>);
+    /// While alive, marks the calling thread as inside a write that the
+    /// watchdog may interrupt (if the thread is protected; otherwise inert).
+    pub struct Guard(Option<&'static Slot>);
 
-    pub(crate) fn enter() -> Guard {
+    /// Marks the calling thread as inside a write until the guard drops.
+    pub fn enter() -> Guard {
         let slot = MINE.with(|m| m.get());
         if let Some(s) = slot {
             s.seq.fetch_add(1, Ordering::AcqRel);

@@ -398,3 +398,48 @@ fn sigterm_closes_every_session_wakes_blocked_clients_and_exits_zero() {
     }
     drop(idle);
 }
+
+/// The narrowest attack: the counter filled and `O_NONBLOCK` cleared between
+/// the daemon's check and its write. Timing-dependent: the test sweeps the
+/// moment of our last write around the daemon's, for a bounded time, and
+/// requires only that nothing stalls; the daemon's log says how often its
+/// write really blocked and was interrupted.
+#[test]
+fn eventfd_filled_and_made_blocking_between_check_and_write() {
+    let mut a = Arena::start();
+    // Our own write can lose the race and block: have it interrupted.
+    shmlink_endpoint::sys::write_guard::protect_this_thread().expect("guard the attacker");
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    let (mut closed, mut too_late, mut undecided, mut delay) = (0u32, 0u32, 0u32, 0u32);
+    let mut s = a.open("echo");
+    while std::time::Instant::now() < end {
+        match hostile::race_blocking_flood(&mut s, 4000, delay, Duration::from_secs(2)) {
+            hostile::RaceOutcome::TooLate => {
+                too_late += 1;
+                delay = delay.saturating_sub(1 + delay / 8);
+            }
+            outcome => {
+                if outcome == hostile::RaceOutcome::Closed {
+                    closed += 1;
+                } else {
+                    undecided += 1;
+                }
+                delay += 1 + delay / 8;
+                s = a.open("echo");
+            }
+        }
+    }
+    let interrupted =
+        a.h.daemon_log()
+            .matches("an eventfd write has blocked")
+            .count();
+    eprintln!(
+        "race: {closed} sessions closed, {too_late} too late, {undecided} undecided, \
+         {interrupted} blocked daemon writes interrupted (last delay {delay})"
+    );
+    assert!(
+        a.honest.progresses(1, Duration::from_secs(2)),
+        "the honest client stalled"
+    );
+    a.finish();
+}

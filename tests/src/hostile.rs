@@ -249,6 +249,33 @@ impl RawRing {
         out
     }
 
+    /// Our position in the ring (next byte to write or read).
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The data byte at `i` (modulo the ring length), read without a reference.
+    pub fn data_byte(&self, i: usize) -> u8 {
+        // SAFETY: `i % len < len` keeps the byte inside our mapping's data area.
+        unsafe {
+            self.map()
+                .base
+                .add(RING_HEADER + i % self.len)
+                .read_volatile()
+        }
+    }
+
+    /// Overwrites the data byte at `i` (modulo the ring length).
+    pub fn set_data_byte(&self, i: usize, v: u8) {
+        // SAFETY: as in `data_byte`.
+        unsafe {
+            self.map()
+                .base
+                .add(RING_HEADER + i % self.len)
+                .write_volatile(v)
+        }
+    }
+
     /// Unmaps the ring and closes its memfd and eventfds.
     pub fn close_all(&mut self) {
         self.map = None;
@@ -838,4 +865,84 @@ pub fn channel(address: &str) -> Channel {
     let mut ch = Channel::open_private(address).expect("connect to the bus");
     ch.register().expect("register on the bus");
     ch
+}
+
+/// How one round of [`race_blocking_flood`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RaceOutcome {
+    /// The daemon signalled before we filled the counter: try again with less delay.
+    TooLate,
+    /// The daemon ended the session (it saw the full counter, or its blocked write was interrupted).
+    Closed,
+    /// Neither within the deadline.
+    Undecided,
+}
+
+/// One try at the narrowest attack on the daemon's wake-ups: `O_NONBLOCK`
+/// cleared on the eventfd the daemon writes, its counter at `EVENTFD_MAX - 1`
+/// (still writable), an echo of `msg_len` bytes requested; when the reply's
+/// last byte lands in the ring, wait `delay_spins` and add the last 1,
+/// hoping the daemon checked the counter before and writes it after: a write
+/// that then blocks (until the daemon's watchdog interrupts it). Our own
+/// write may lose the race and block instead: call
+/// `shmlink_endpoint::sys::write_guard::protect_this_thread` first.
+pub fn race_blocking_flood(
+    s: &mut RawSession,
+    msg_len: usize,
+    delay_spins: u32,
+    deadline: Duration,
+) -> RaceOutcome {
+    let fd = s
+        .to_client
+        .empty_signal
+        .as_ref()
+        .expect("eventfd")
+        .as_raw_fd();
+    // SAFETY: `fd` belongs to `s`, which outlives every use below.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = set_nonblocking(fd, true);
+    let _ = sys::eventfd_drain(fd);
+    let almost = (EVENTFD_MAX - 1).to_ne_bytes();
+    // SAFETY: 8 readable bytes; non-blocking, so this cannot block.
+    unsafe { libc::write(fd.as_raw_fd(), almost.as_ptr().cast(), 8) };
+    let _ = set_nonblocking(fd, false);
+    // Make room for the reply, mark where its last byte will land, ask for it.
+    let _ = s.to_client.read(usize::MAX);
+    let last = s.to_client.position() + frame::HEADER_LEN + msg_len - 1;
+    s.to_client.set_data_byte(last, 0);
+    let mut req = frame::encode_header(frame::KIND_MESSAGE, msg_len as u32).to_vec();
+    req.resize(frame::HEADER_LEN + msg_len, 0xab);
+    s.to_server.write(&req);
+    let spin_end = Instant::now() + deadline;
+    while s.to_client.data_byte(last) != 0xab && Instant::now() < spin_end {
+        std::hint::spin_loop();
+    }
+    for _ in 0..delay_spins {
+        std::hint::spin_loop();
+    }
+    let one = 1u64.to_ne_bytes();
+    let guard = sys::write_guard::enter();
+    // SAFETY: 8 readable bytes. It blocks if the daemon's 1 came first; the
+    // caller's write guard interrupts it then.
+    let r = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    drop(guard);
+    if r != 8 {
+        let _ = set_nonblocking(fd, true);
+        return RaceOutcome::TooLate;
+    }
+    let _ = set_nonblocking(fd, false);
+    let end = Instant::now() + deadline;
+    let hangup = s.hangup.as_ref().expect("hang-up").as_fd();
+    loop {
+        if sys::hangup_state(hangup).is_ok_and(|h| h == sys::HangupState::Closed) {
+            return RaceOutcome::Closed;
+        }
+        if Instant::now() >= end {
+            return RaceOutcome::Undecided;
+        }
+        let _ = sys::poll_readable(
+            &[hangup],
+            Some((Instant::now() + Duration::from_millis(5)).min(end)),
+        );
+    }
 }
