@@ -356,6 +356,11 @@ pub fn page_size() -> usize {
 }
 
 /// Spins until `ready()` or `budget` has passed; returns whether it became ready.
+///
+/// Every 256 polls the spinner also yields its CPU: when the peer it waits
+/// for is runnable on the same CPU (more spinners than free cores), a plain
+/// spin would hold it off for the whole budget; with nothing else runnable,
+/// `sched_yield` returns at once.
 pub fn spin_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
     if budget.is_zero() {
         return ready();
@@ -368,8 +373,13 @@ pub fn spin_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
         }
         std::hint::spin_loop();
         i = i.wrapping_add(1);
-        if i % 64 == 0 && start.elapsed() >= budget {
-            return ready();
+        if i % 64 == 0 {
+            if start.elapsed() >= budget {
+                return ready();
+            }
+            if i % 256 == 0 {
+                std::thread::yield_now();
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::service::{Outbox, SessionHandler, SessionWaker};
 use shmlink_endpoint::frame::OutFrame;
 use shmlink_endpoint::sys::{self, cvt};
 use shmlink_endpoint::{Endpoint, Item, Wakeup};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -27,6 +27,15 @@ const SLICE_MESSAGES: u32 = 512;
 const SLICE_BYTES: u64 = 8 << 20;
 /// epoll token of a worker's own wake-up eventfd.
 const WAKE_TOKEN: u64 = u64::MAX;
+/// A session's epoll token is `id << 2 | which fd`, so that a wake-up
+/// touches only the fd that fired: these bits, also used as a set.
+const FIRED_DATA: u8 = 1;
+const FIRED_ROOM: u8 = 2;
+const FIRED_HANGUP: u8 = 4;
+
+fn token(id: u64, fd_index: usize) -> u64 {
+    (id << 2) | fd_index as u64
+}
 
 /// Byte and message counters of one session, readable from any thread.
 #[derive(Debug, Default)]
@@ -239,7 +248,7 @@ impl Engine {
         for (n, &fd) in raw.iter().enumerate() {
             // SAFETY: the fds belong to the endpoint now owned by `slot`, which we hold.
             let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-            if let Err(e) = epoll_add(w.epoll.as_fd(), borrowed, id) {
+            if let Err(e) = epoll_add(w.epoll.as_fd(), borrowed, token(id, n)) {
                 for &done in &raw[..n] {
                     // SAFETY: as above; the endpoint is still alive in `slot`.
                     epoll_del(w.epoll.as_fd(), unsafe { BorrowedFd::borrow_raw(done) });
@@ -356,8 +365,9 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
     }
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut runq: VecDeque<u64> = VecDeque::new();
-    // The ids in `runq`, so that a session is queued at most once.
-    let mut queued: HashSet<u64> = HashSet::new();
+    // The ids in `runq` (so that a session is queued at most once), with
+    // the set of its fds that fired since it was queued.
+    let mut queued: HashMap<u64, u8> = HashMap::new();
     loop {
         let timeout = if runq.is_empty() { -1 } else { 0 };
         // SAFETY: `events` is a valid buffer of `events.len()` epoll_event structs.
@@ -384,12 +394,22 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
                 let kicked =
                     std::mem::take(&mut *w.kicks.lock().unwrap_or_else(|e| e.into_inner()));
                 for id in kicked {
-                    if queued.insert(id) {
+                    if queued.insert(id, 0).is_none() {
                         runq.push_back(id);
                     }
                 }
-            } else if queued.insert(token) {
-                runq.push_back(token);
+            } else {
+                let (id, fired) = (
+                    token >> 2,
+                    [FIRED_DATA, FIRED_ROOM, FIRED_HANGUP][(token & 3).min(2) as usize],
+                );
+                match queued.entry(id) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => *e.get_mut() |= fired,
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(fired);
+                        runq.push_back(id);
+                    }
+                }
             }
         }
         if stop.load(Ordering::SeqCst) {
@@ -400,7 +420,7 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
         };
         for _ in 0..runq.len() {
             let Some(id) = runq.pop_front() else { break };
-            queued.remove(&id);
+            let fired = queued.remove(&id).unwrap_or(0);
             let slot = w
                 .slots
                 .lock()
@@ -413,7 +433,7 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
                 match guard.as_mut() {
                     None => Pump::Idle,
                     Some(live) => {
-                        match catch_unwind(AssertUnwindSafe(|| pump(live, &slot.counters))) {
+                        match catch_unwind(AssertUnwindSafe(|| pump(live, &slot.counters, fired))) {
                             Ok(p) => p,
                             Err(_) => {
                                 Pump::End("internal error: the session's service panicked".into())
@@ -425,7 +445,7 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
             match outcome {
                 Pump::Idle => {}
                 Pump::More => {
-                    if queued.insert(id) {
+                    if queued.insert(id, 0).is_none() {
                         runq.push_back(id);
                     }
                 }
@@ -438,15 +458,16 @@ fn run_worker(w: Arc<Worker>, engine: std::sync::Weak<Engine>, stop: Arc<AtomicB
     }
 }
 
-/// Moves as much data as the rings allow for one session.
-fn pump(live: &mut Live, counters: &Counters) -> Pump {
-    match pump_inner(live, counters) {
+/// Moves as much data as the rings allow for one session; `fired` says
+/// which of its fds woke us (none for a kick or a re-queued time slice).
+fn pump(live: &mut Live, counters: &Counters, fired: u8) -> Pump {
+    match pump_inner(live, counters, fired) {
         Ok(p) => p,
         Err(reason) => Pump::End(reason),
     }
 }
 
-fn pump_inner(live: &mut Live, counters: &Counters) -> Result<Pump, String> {
+fn pump_inner(live: &mut Live, counters: &Counters, fired: u8) -> Result<Pump, String> {
     let ep_err = |e: shmlink_endpoint::Error| {
         if e.is_peer_fault() {
             format!("client misbehaved: {e}")
@@ -454,8 +475,17 @@ fn pump_inner(live: &mut Live, counters: &Counters) -> Result<Pump, String> {
             e.to_string()
         }
     };
-    live.endpoint.drain_signals().map_err(ep_err)?;
-    if live.endpoint.peer_gone().map_err(ep_err)? {
+    // Reset only the eventfds that fired (level-triggered: an undrained one
+    // fires again), and look at the hang-up socket only when it fired: the
+    // rings are re-checked below whatever woke us, so a wake-up costs one
+    // system call instead of three.
+    if fired & FIRED_DATA != 0 {
+        sys::eventfd_drain(live.endpoint.readable_fd()).map_err(|e| ep_err(e.into()))?;
+    }
+    if fired & FIRED_ROOM != 0 {
+        sys::eventfd_drain(live.endpoint.writable_fd()).map_err(|e| ep_err(e.into()))?;
+    }
+    if fired & FIRED_HANGUP != 0 && live.endpoint.peer_gone().map_err(ep_err)? {
         return Err("client hung up".into());
     }
     let spin = match live.endpoint.wakeup() {
