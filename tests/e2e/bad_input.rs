@@ -105,7 +105,7 @@ fn open_session_refuses_bad_arguments_with_specific_errors() {
 fn cli_as_nobody(h: &Harness, args: &[&str]) -> std::process::Output {
     std::process::Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(shmlink_tests::cli_binary())
+        .arg(shmlink_tests::world_executable(&shmlink_tests::cli_binary()))
         .args(["--bus", h.address()])
         .args(args)
         .output()

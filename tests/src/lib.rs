@@ -34,8 +34,13 @@ impl Harness {
     /// A bus and a daemon started with extra command-line arguments.
     pub fn with_args(args: &[&str]) -> Harness {
         let bus = PrivateBus::start().expect("start a private dbus-daemon");
-        let daemon = DaemonProcess::start(&daemon_binary(), bus.address(), args).expect("start shmlinkd");
-        Harness { daemon: Some(daemon), bus, daemon_args: args.iter().map(|s| s.to_string()).collect() }
+        let daemon =
+            DaemonProcess::start(&daemon_binary(), bus.address(), args).expect("start shmlinkd");
+        Harness {
+            daemon: Some(daemon),
+            bus,
+            daemon_args: args.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     /// The bus address.
@@ -60,7 +65,10 @@ impl Harness {
 
     /// The daemon's log so far.
     pub fn daemon_log(&self) -> String {
-        self.daemon.as_ref().map(|d| d.log_text()).unwrap_or_default()
+        self.daemon
+            .as_ref()
+            .map(|d| d.log_text())
+            .unwrap_or_default()
     }
 
     /// Takes the daemon process out (to kill or stop it in a test).
@@ -71,7 +79,10 @@ impl Harness {
     /// Starts a fresh daemon on the same bus with the same arguments.
     pub fn restart_daemon(&mut self) {
         let args: Vec<&str> = self.daemon_args.iter().map(String::as_str).collect();
-        self.daemon = Some(DaemonProcess::start(&daemon_binary(), self.bus.address(), &args).expect("restart shmlinkd"));
+        self.daemon = Some(
+            DaemonProcess::start(&daemon_binary(), self.bus.address(), &args)
+                .expect("restart shmlinkd"),
+        );
     }
 
     /// `SessionCount` as the daemon reports it.
@@ -99,7 +110,11 @@ pub fn daemon_binary() -> PathBuf {
 pub fn cli_binary() -> PathBuf {
     let d = daemon_binary();
     let cli = d.with_file_name("shmlink");
-    assert!(cli.is_file(), "{} missing (run the tests with `cargo test --workspace`)", cli.display());
+    assert!(
+        cli.is_file(),
+        "{} missing (run the tests with `cargo test --workspace`)",
+        cli.display()
+    );
     cli
 }
 
@@ -132,7 +147,9 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
 
 /// Number of open fds of process `pid`, from `/proc/PID/fd`.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// A field of `/proc/PID/status` in kB (e.g. `VmRSS`), or threads for `Threads`.
@@ -143,4 +160,38 @@ pub fn proc_status(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// A copy of `bin` that any user can execute, wherever the build directory is
+/// (a checkout under a 0700 home directory is not reachable by `nobody`).
+///
+/// One copy per binary and test process, in a 0755 directory under the
+/// system temp dir; copies left by finished test processes are removed.
+pub fn world_executable(bin: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static COPIES: std::sync::Mutex<Vec<(PathBuf, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut copies = COPIES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, copy)) = copies.iter().find(|(src, _)| src == bin) {
+        return copy.clone();
+    }
+    let dir = std::env::temp_dir().join("shmlink-world-exec");
+    std::fs::create_dir_all(&dir).expect("create the shared binary directory");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod 0755");
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.rsplit('-').next().unwrap_or("");
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let name = bin
+        .file_name()
+        .expect("a file")
+        .to_string_lossy()
+        .into_owned();
+    let copy = dir.join(format!("{name}-{}", std::process::id()));
+    std::fs::copy(bin, &copy).expect("copy the binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod 0755");
+    copies.push((bin.to_path_buf(), copy.clone()));
+    copy
 }
