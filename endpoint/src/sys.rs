@@ -399,10 +399,8 @@ mod tests {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let full = 0xffff_ffff_ffff_fffeu64.to_ne_bytes();
         // SAFETY: `full` is 8 readable bytes; the counter is 0, so this cannot block.
-        assert_eq!(
-            unsafe { libc::write(fd.as_raw_fd(), full.as_ptr().cast(), 8) },
-            8
-        );
+        let written = unsafe { libc::write(fd.as_raw_fd(), full.as_ptr().cast(), 8) };
+        assert_eq!(written, 8);
         let (tx, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
             write_guard::protect_this_thread().expect("protect");

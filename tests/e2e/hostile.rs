@@ -406,7 +406,7 @@ fn sigterm_closes_every_session_wakes_blocked_clients_and_exits_zero() {
 /// write really blocked and was interrupted.
 #[test]
 fn eventfd_filled_and_made_blocking_between_check_and_write() {
-    let mut a = Arena::start();
+    let a = Arena::start();
     // Our own write can lose the race and block: have it interrupted.
     shmlink_endpoint::sys::write_guard::protect_this_thread().expect("guard the attacker");
     let end = std::time::Instant::now() + Duration::from_secs(3);
