@@ -14,35 +14,10 @@ use std::time::{Duration, Instant};
 /// uid and gid of `nobody`/`nogroup` on Debian.
 const NOBODY: u32 = 65534;
 
-/// A copy of `hostile-client` that `nobody` can execute wherever the build
-/// directory is (a checkout under a 0700 home directory is not reachable).
-fn nobody_binary() -> &'static std::path::Path {
-    static COPY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
-    COPY.get_or_init(|| {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join("shmlink-nobody");
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-        // Remove copies left by earlier runs whose process is gone.
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name.rsplit('-').next().unwrap_or("");
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let bin = dir.join(format!("hostile-client-{}", std::process::id()));
-        std::fs::copy(hostile_binary(), &bin).expect("copy hostile-client");
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
-            .expect("chmod binary");
-        bin
-    })
-}
-
 fn as_nobody() -> Command {
     let mut c = Command::new("setpriv");
     c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(nobody_binary());
+        .arg(shmlink_tests::world_executable(&hostile_binary()));
     c
 }
 
