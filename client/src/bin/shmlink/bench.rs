@@ -47,6 +47,9 @@ pub struct Args {
     /// A short run (about a quarter of the time): rougher numbers, same table.
     #[arg(long)]
     quick: bool,
+    /// Run one section only (to profile it): throughput, latency, setup or aggregate.
+    #[arg(long, value_name = "SECTION")]
+    only: Option<String>,
 }
 
 /// Arguments of the hidden peer subcommand.
@@ -194,9 +197,17 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         bar.set_message(msg);
     };
 
+    let want = |section: &str| args.only.as_deref().map_or(true, |o| o == section);
+    if let Some(o) = args.only.as_deref() {
+        ensure!(
+            ["throughput", "latency", "setup", "aggregate"].contains(&o),
+            "--only takes throughput, latency, setup or aggregate, not {o:?}"
+        );
+    }
+
     // Throughput.
     let mut throughput = Vec::new();
-    for &size in &SIZES {
+    for &size in SIZES.iter().filter(|_| want("throughput")) {
         let msg: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
         step(format!("throughput {size} B: shmlink sink"));
         throughput.push(shmlink_sink(&client, &msg, budget.stream)?);
@@ -220,39 +231,42 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
 
     // Latency of a small round trip.
     let mut latency = Vec::new();
-    step("latency: shmlink echo, park".into());
-    latency.push(shmlink_rtt(
-        "shmlink echo (park)",
-        &client,
-        Wakeup::Park,
-        &budget,
-    )?);
-    bar.inc(1);
-    step("latency: shmlink echo, spin".into());
-    latency.push(shmlink_rtt(
-        "shmlink echo (spin)",
-        &client,
-        Wakeup::Spin(SPIN),
-        &budget,
-    )?);
-    bar.inc(1);
-    step("latency: eventfd ping-pong".into());
-    latency.push(eventfd_rtt(&budget)?);
-    bar.inc(1);
-    step("latency: unix socket ping-pong".into());
-    latency.push(unix_rtt(&budget)?);
-    bar.inc(1);
-    step("latency: D-Bus method call".into());
-    latency.push(dbus_rtt(&dbus, &budget)?);
-    bar.inc(1);
+    if want("latency") {
+        step("latency: shmlink echo, park".into());
+        latency.push(shmlink_rtt(
+            "shmlink echo (park)",
+            &client,
+            Wakeup::Park,
+            &budget,
+        )?);
+        bar.inc(1);
+        step("latency: shmlink echo, spin".into());
+        latency.push(shmlink_rtt(
+            "shmlink echo (spin)",
+            &client,
+            Wakeup::Spin(SPIN),
+            &budget,
+        )?);
+        bar.inc(1);
+        step("latency: eventfd ping-pong".into());
+        latency.push(eventfd_rtt(&budget)?);
+        bar.inc(1);
+        step("latency: unix socket ping-pong".into());
+        latency.push(unix_rtt(&budget)?);
+        bar.inc(1);
+        step("latency: D-Bus method call".into());
+        latency.push(dbus_rtt(&dbus, &budget)?);
+        bar.inc(1);
+    }
 
     // Session set-up against a bare call to the same daemon.
+    let setups = if want("setup") { budget.setups } else { 0 };
     step("set-up: OpenSession + mapping".into());
-    let open_session = open_session_times(&client, budget.setups)?;
+    let open_session = open_session_times(&client, setups)?;
     bar.inc(1);
     step("set-up: bare D-Bus call".into());
-    let mut pings = Vec::with_capacity(budget.setups);
-    for _ in 0..budget.setups {
+    let mut pings = Vec::with_capacity(setups);
+    for _ in 0..setups {
         pings.push(client.ping()?);
     }
     let dbus_call = Latency::from_samples("D-Bus method call (Peer.Ping to shmlinkd)", pings);
@@ -260,7 +274,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
 
     // Aggregate throughput with several clients.
     let mut aggregate = Vec::new();
-    for clients in [1usize, 2, 4, 8] {
+    for clients in [1usize, 2, 4, 8].into_iter().filter(|_| want("aggregate")) {
         step(format!("aggregate: {clients} client(s)"));
         aggregate.push(Aggregate {
             clients,
