@@ -187,7 +187,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         .and_then(|mut c| c.register().map(|_| c))
         .context("D-Bus connection")?;
 
-    let steps = (SIZES.len() * 6 + 5 + 2 + 4) as u64;
+    let steps = (SIZES.len() * 7 + 5 + 2 + 4) as u64;
     let bar = ProgressBar::new(steps);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
@@ -210,7 +210,15 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
     for &size in SIZES.iter().filter(|_| want("throughput")) {
         let msg: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
         step(format!("throughput {size} B: shmlink sink"));
-        throughput.push(shmlink_sink(&client, &msg, budget.stream)?);
+        throughput.push(shmlink_sink(&client, &msg, budget.stream, Wakeup::Park)?);
+        bar.inc(1);
+        step(format!("throughput {size} B: shmlink sink, spin"));
+        throughput.push(shmlink_sink(
+            &client,
+            &msg,
+            budget.stream,
+            Wakeup::Spin(SPIN),
+        )?);
         bar.inc(1);
         step(format!("throughput {size} B: shmlink echo"));
         throughput.push(shmlink_echo(&client, &msg, budget.stream)?);
@@ -381,10 +389,11 @@ fn cell(transport: &'static str, size: usize, messages: u64, secs: f64) -> Throu
 
 /// One-way into the `sink` service; the clock stops when the sink has
 /// consumed everything (its end-of-stream reply).
-fn shmlink_sink(client: &Client, msg: &[u8], budget: Duration) -> Result<Throughput> {
+fn shmlink_sink(client: &Client, msg: &[u8], budget: Duration, wake: Wakeup) -> Result<Throughput> {
     let mut s = client
         .session(service::SINK)
         .capacity(RING)
+        .wakeup(wake)
         .open()
         .context("open a sink session")?;
     let t = Instant::now();
@@ -393,7 +402,11 @@ fn shmlink_sink(client: &Client, msg: &[u8], budget: Duration) -> Result<Through
     ensure!(s.recv()?.is_none(), "sink sent data back");
     let secs = t.elapsed().as_secs_f64();
     s.close()?;
-    Ok(cell("shmlink sink", msg.len(), n, secs))
+    let label = match wake {
+        Wakeup::Park => "shmlink sink",
+        Wakeup::Spin(_) => "shmlink sink (spin)",
+    };
+    Ok(cell(label, msg.len(), n, secs))
 }
 
 /// Through `echo` and back, counted one way; sender and receiver are two threads.
@@ -782,6 +795,7 @@ fn targets(t: &[Throughput], lat: &[Latency], open: &Latency, call: &Latency) ->
             .unwrap_or(f64::NAN)
     };
     let shm = bps("shmlink sink");
+    let spin = bps("shmlink sink (spin)");
     let mut ratio = |what: &str, value: f64, min: f64| {
         out.push(Target {
             what: what.into(),
@@ -803,6 +817,21 @@ fn targets(t: &[Throughput], lat: &[Latency], open: &Latency, call: &Latency) ->
     ratio(
         "64 KiB one-way: shmlink sink / memcpy",
         shm / bps("memcpy"),
+        0.5,
+    );
+    ratio(
+        "64 KiB one-way, spin: sink / unix socket",
+        spin / bps("unix socket"),
+        4.0,
+    );
+    ratio(
+        "64 KiB one-way, spin: sink / D-Bus &[u8]",
+        spin / bps("D-Bus &[u8]"),
+        50.0,
+    );
+    ratio(
+        "64 KiB one-way, spin: sink / memcpy",
+        spin / bps("memcpy"),
         0.5,
     );
     let p50 = |name: &str| {
@@ -875,6 +904,7 @@ fn print_report(r: &Report) {
     println!();
     for tr in [
         "shmlink sink",
+        "shmlink sink (spin)",
         "shmlink echo",
         "unix socket",
         "pipe",
