@@ -44,7 +44,7 @@ pub struct Args {
     /// Print the results as JSON on stdout instead of tables.
     #[arg(long)]
     json: bool,
-    /// A short run (about a quarter of the time): rougher numbers, same table.
+    /// A short run (about a tenth of the time): rougher numbers, same table.
     #[arg(long)]
     quick: bool,
     /// Run one section only (to profile it): throughput, latency, setup or aggregate.
@@ -148,10 +148,10 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         }
     } else {
         Budget {
-            stream: Duration::from_millis(500),
-            round_trips: 20_000,
-            latency_cap: Duration::from_secs(3),
-            setups: 300,
+            stream: Duration::from_secs(1),
+            round_trips: 50_000,
+            latency_cap: Duration::from_secs(4),
+            setups: 500,
         }
     };
     let machine = machine();
