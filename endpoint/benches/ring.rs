@@ -119,5 +119,25 @@ fn memcpy(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, ring_throughput, memcpy);
+/// The data-plane part of opening a session, without D-Bus: the server
+/// creates the rings (memfds, eventfds, hang-up socket) and the client checks
+/// every fd and maps both rings (64 KiB rings, as `shmlink bench` opens).
+fn setup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("session_rings");
+    group
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    group.bench_function("create_server+open_client", |b| {
+        b.iter(|| {
+            let (server, fds) =
+                Endpoint::create_server(64 << 10, 1 << 20, Wakeup::Park).expect("create");
+            let client = Endpoint::open_client(fds, 1 << 20, Wakeup::Park).expect("open");
+            (server, client)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, ring_throughput, memcpy, setup);
 criterion_main!(benches);
