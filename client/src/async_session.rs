@@ -64,13 +64,18 @@ impl Session {
         };
         let data = dup(self.endpoint.readable_fd())?;
         let room = dup(self.endpoint.writable_fd())?;
-        let hangup = dup(self.endpoint.hangup_fd())?;
+        // One registration of the hang-up socket per direction: an AsyncFd
+        // keeps one read waker, and a reader and a writer task (after
+        // `tokio::io::split`) must both be woken when the peer leaves.
+        let hangup_in = dup(self.endpoint.hangup_fd())?;
+        let hangup_out = dup(self.endpoint.hangup_fd())?;
         Ok(AsyncSession {
             endpoint: self.endpoint,
             info: self.info,
             data,
             room,
-            hangup,
+            hangup_in,
+            hangup_out,
             pending: None,
             finished: false,
             leftover: self.leftover,
@@ -89,7 +94,8 @@ pub struct AsyncSession {
     info: Arc<SessionInfo>,
     data: AsyncFd<OwnedFd>,
     room: AsyncFd<OwnedFd>,
-    hangup: AsyncFd<OwnedFd>,
+    hangup_in: AsyncFd<OwnedFd>,
+    hangup_out: AsyncFd<OwnedFd>,
     /// The rest of a frame whose sending started but did not finish (ring
     /// full in `poll_write`, or a dropped `send` future): it goes first.
     pending: Option<OutFrame<Vec<u8>>>,
@@ -201,7 +207,7 @@ impl AsyncSession {
             cx,
             &mut self.endpoint,
             &self.room,
-            &self.hangup,
+            &self.hangup_out,
             Dir::Out,
             |ep| { Ok(ep.tx().write_frame(frame)?.then_some(())) }
         ))?;
@@ -231,7 +237,7 @@ impl AsyncSession {
             stash: &mut self.pending,
         };
         let ep = &mut self.endpoint;
-        let (room, hangup) = (&self.room, &self.hangup);
+        let (room, hangup) = (&self.room, &self.hangup_out);
         poll_fn(|cx| {
             let frame = sending.frame.as_mut().expect("frame present until done");
             poll_ring(cx, ep, room, hangup, Dir::Out, |ep| {
@@ -260,7 +266,7 @@ impl AsyncSession {
 
     /// Receives the next message; `None` once the service finished sending.
     pub async fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
-        let (data, hangup) = (&self.data, &self.hangup);
+        let (data, hangup) = (&self.data, &self.hangup_in);
         let ep = &mut self.endpoint;
         Ok(poll_fn(|cx| poll_ring(cx, ep, data, hangup, Dir::In, next_item)).await?)
     }
@@ -326,7 +332,7 @@ impl AsyncRead for AsyncSession {
                 cx,
                 &mut this.endpoint,
                 &this.data,
-                &this.hangup,
+                &this.hangup_in,
                 Dir::In,
                 next_item
             ));
@@ -371,7 +377,7 @@ impl AsyncWrite for AsyncSession {
             cx,
             &mut this.endpoint,
             &this.room,
-            &this.hangup,
+            &this.hangup_out,
             Dir::Out,
             |ep| {
                 let done = ep.tx().write_frame(&mut frame)?;
