@@ -67,25 +67,79 @@ fn a_member_that_never_reads_does_not_stall_the_publisher() {
     let mut pa = join(&a, "firehose");
     let lazy_s = join(&lazy, "firehose");
     let keen_s = join(&keen, "firehose");
+    let keen_path = keen_s.path().to_owned();
     let (_kw, mut kr) = keen_s.split();
     let count = 5000u64;
+    // Message i carries i in its first 8 bytes, then a pattern.
+    let msg = |i: u64| {
+        let mut m = payload(i, 4096);
+        m[..8].copy_from_slice(&i.to_le_bytes());
+        m
+    };
+    let (expect_tx, expect_rx) = std::sync::mpsc::channel::<u64>();
     let reader = std::thread::spawn(move || {
-        for i in 0..count {
-            let m = kr.recv().expect("keen recv").expect("ended early");
-            assert!(m == payload(i, 4096), "keen message {i} differs");
+        // A reader that keeps up may still lose messages when the publisher
+        // outruns it; what it gets must be intact and in order. It learns how
+        // many to expect once the publisher is done, so it waits in short steps.
+        kr.set_timeout(Some(std::time::Duration::from_millis(20)));
+        let (mut got, mut last, mut expected) = (0u64, None, None);
+        while expected != Some(got) {
+            if expected.is_none() {
+                expected = expect_rx.try_recv().ok();
+                if expected == Some(got) {
+                    break;
+                }
+            }
+            let m = match kr.recv() {
+                Ok(m) => m.expect("ended early"),
+                Err(e) if e.to_string().contains("timed out") => continue,
+                Err(e) => panic!("keen recv: {e}"),
+            };
+            let i = u64::from_le_bytes(m[..8].try_into().unwrap());
+            assert!(last.is_none_or(|l| i > l), "keen got {i} after {last:?}");
+            assert!(m == msg(i), "keen message {i} differs");
+            last = Some(i);
+            got += 1;
         }
+        got
     });
     // 5000 × 4 KiB = 20 MiB: more than the lazy member's ring and inbox hold.
     for i in 0..count {
-        pa.send(&payload(i, 4096))
+        pa.send(&msg(i))
             .expect("the publisher must never block on a lazy member");
     }
-    reader.join().expect("keen reader");
+    // Once our own end of stream comes back, every message was fanned out.
+    pa.finish().expect("finish");
+    assert_eq!(pa.recv().expect("publisher end"), None);
+    let keen_dropped = {
+        use dbus::blocking::stdintf::org_freedesktop_dbus::Properties;
+        let _ = &keen;
+        let conn = dbus::blocking::Connection::new_address(h.address()).expect("connect");
+        let proxy = conn.with_proxy(
+            shmlink_interfaces::BUS_NAME,
+            &keen_path,
+            shmlink::CALL_TIMEOUT,
+        );
+        let st: dbus::arg::PropMap = proxy
+            .get(shmlink_interfaces::SESSION_INTERFACE, "ServiceState")
+            .expect("keen's state (as root)");
+        st.get("dropped")
+            .and_then(|v| v.0.as_u64())
+            .expect("keen's dropped counter")
+    };
+    expect_tx
+        .send(count - keen_dropped)
+        .expect("tell the reader");
+    assert_eq!(reader.join().expect("keen reader"), count - keen_dropped);
     let st = lazy_s.service_state().expect("lazy state");
     let dropped = st.get("dropped").and_then(|v| v.0.as_u64()).unwrap_or(0);
     assert!(
         dropped > 0,
         "the lazy member should have lost messages, state {st:?}"
+    );
+    assert!(
+        keen_dropped < dropped,
+        "the reader that keeps up loses less ({keen_dropped} vs {dropped})"
     );
 }
 
