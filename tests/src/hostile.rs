@@ -32,20 +32,8 @@ pub const EVENTFD_MAX: u64 = 0xffff_ffff_ffff_fffe;
 /// Timeout of the raw D-Bus calls.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The reply of `OpenSession`, in wire order.
-pub type OpenReply = (
-    dbus::Path<'static>,
-    u64,
-    OwnedFd,
-    OwnedFd,
-    OwnedFd,
-    u64,
-    OwnedFd,
-    OwnedFd,
-    OwnedFd,
-    OwnedFd,
-    PropMap,
-);
+/// The reply of `OpenSession`, in wire order (the contract's type).
+pub use shmlink_interfaces::OpenSessionReply as OpenReply;
 
 /// Connects to the bus at `address` as a fresh, registered connection.
 pub fn connect(address: &str) -> Result<Connection, dbus::Error> {
