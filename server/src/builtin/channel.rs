@@ -17,6 +17,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Members' inboxes by channel name, then by member id.
+type Groups = Arc<Mutex<HashMap<String, HashMap<u64, Arc<Inbox>>>>>;
+
 /// Named channels that fan out between clients: every message one member
 /// sends reaches every other member of the same channel.
 ///
@@ -24,7 +27,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// not fit is dropped for that member alone (and counted).
 #[derive(Default)]
 pub struct Channel {
-    groups: Arc<Mutex<HashMap<String, HashMap<u64, Arc<Inbox>>>>>,
+    groups: Groups,
     next_member: AtomicU64,
 }
 
@@ -98,7 +101,7 @@ impl Service for Channel {
 }
 
 struct Member {
-    groups: Arc<Mutex<HashMap<String, HashMap<u64, Arc<Inbox>>>>>,
+    groups: Groups,
     name: String,
     id: u64,
     inbox: Arc<Inbox>,
