@@ -192,7 +192,10 @@ impl EndpointSender {
             return Err(Error::AlreadyFinished);
         }
         if msg.len() > self.link.max_message as usize {
-            return Err(Error::TooLarge { len: msg.len(), max: self.link.max_message });
+            return Err(Error::TooLarge {
+                len: msg.len(),
+                max: self.link.max_message,
+            });
         }
         self.send_frame(OutFrame::message(msg))
     }
@@ -295,11 +298,33 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    fn assemble(tx: RingTx, rx: RingRx, hangup: OwnedFd, wakeup: Wakeup, max_message: u32, caps: (u64, u64)) -> Self {
-        let link = Arc::new(Link { hangup, wakeup, max_message });
+    fn assemble(
+        tx: RingTx,
+        rx: RingRx,
+        hangup: OwnedFd,
+        wakeup: Wakeup,
+        max_message: u32,
+        caps: (u64, u64),
+    ) -> Self {
+        let link = Arc::new(Link {
+            hangup,
+            wakeup,
+            max_message,
+        });
         Endpoint {
-            sender: EndpointSender { tx, link: link.clone(), timeout: None, sent_end: false, capacity: caps.0 },
-            receiver: EndpointReceiver { rx, link, timeout: None, capacity: caps.1 },
+            sender: EndpointSender {
+                tx,
+                link: link.clone(),
+                timeout: None,
+                sent_end: false,
+                capacity: caps.0,
+            },
+            receiver: EndpointReceiver {
+                rx,
+                link,
+                timeout: None,
+                capacity: caps.1,
+            },
         }
     }
 
@@ -307,14 +332,24 @@ impl Endpoint {
     /// the fds to hand to the client.
     ///
     /// `capacity` is rounded up as shmem-ipc rounds it; the rounded value is in the returned fds.
-    pub fn create_server(capacity: u64, max_message: u32, wakeup: Wakeup) -> Result<(Endpoint, PeerFds), Error> {
+    pub fn create_server(
+        capacity: u64,
+        max_message: u32,
+        wakeup: Wakeup,
+    ) -> Result<(Endpoint, PeerFds), Error> {
         let capacity = rounded_capacity(capacity);
-        let cap = usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
+        let cap =
+            usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
         let rx_ring = Receiver::<u8>::new(cap).map_err(setup)?;
         let tx_ring = Sender::<u8>::new(cap).map_err(setup)?;
         // We never block on these eventfds; non-blocking writes keep a peer
         // that stops reading them from stalling us.
-        for f in [rx_ring.empty_signal(), rx_ring.full_signal(), tx_ring.empty_signal(), tx_ring.full_signal()] {
+        for f in [
+            rx_ring.empty_signal(),
+            rx_ring.full_signal(),
+            tx_ring.empty_signal(),
+            tx_ring.full_signal(),
+        ] {
             sys::set_nonblocking(f.as_fd())?;
         }
         let (ours, theirs) = sys::socketpair()?;
@@ -351,15 +386,29 @@ impl Endpoint {
         validate_ring("server-to-client ring", &fds.to_client)?;
         match sys::fd_kind(fds.hangup.as_fd())? {
             FdKind::Socket => {}
-            other => return Err(Error::BadFd(format!("hang-up fd is not a socket ({other:?})"))),
+            other => {
+                return Err(Error::BadFd(format!(
+                    "hang-up fd is not a socket ({other:?})"
+                )))
+            }
         }
         let open_tx = |r: RingFds| {
-            Sender::<u8>::open(r.capacity as usize, r.memfd.into(), r.empty_signal.into(), r.full_signal.into())
-                .map_err(setup)
+            Sender::<u8>::open(
+                r.capacity as usize,
+                r.memfd.into(),
+                r.empty_signal.into(),
+                r.full_signal.into(),
+            )
+            .map_err(setup)
         };
         let open_rx = |r: RingFds| {
-            Receiver::<u8>::open(r.capacity as usize, r.memfd.into(), r.empty_signal.into(), r.full_signal.into())
-                .map_err(setup)
+            Receiver::<u8>::open(
+                r.capacity as usize,
+                r.memfd.into(),
+                r.empty_signal.into(),
+                r.full_signal.into(),
+            )
+            .map_err(setup)
         };
         let caps = (fds.to_server.capacity, fds.to_client.capacity);
         Ok(Endpoint::assemble(

@@ -16,7 +16,9 @@ pub mod fuzzing;
 mod ring;
 pub mod sys;
 
-pub use endpoint::{rounded_capacity, Endpoint, EndpointReceiver, EndpointSender, PeerFds, RingFds, Wakeup};
+pub use endpoint::{
+    rounded_capacity, Endpoint, EndpointReceiver, EndpointSender, PeerFds, RingFds, Wakeup,
+};
 pub use frame::{FrameError, Item, OutFrame};
 pub use ring::{RingRx, RingTx};
 
