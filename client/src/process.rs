@@ -1,6 +1,7 @@
 //! Child processes for demos and tests: a private `dbus-daemon` and a
 //! `shmlinkd` attached to it, both kept in the foreground, killed and reaped
-//! on drop (nothing daemonizes: orphans are not reaped on every machine).
+//! on drop (nothing daemonizes: orphans are not reaped on every machine), and
+//! killed by the kernel if the thread that started them ends first.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -36,6 +37,28 @@ fn temp_dir(prefix: &str) -> std::io::Result<PathBuf> {
     ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// Makes the child get SIGKILL when the thread that started it ends, so that
+/// a test binary or demo killed outright leaves no bus or daemon behind
+/// (nothing else would stop them: orphans are not reaped here).
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // prctl and getppid, which are async-signal-safe; it touches no memory
+    // shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() == 1 {
+                return Err(std::io::Error::other("parent exited during spawn"));
+            }
+            Ok(())
+        })
+    }
 }
 
 fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> {
@@ -115,7 +138,7 @@ impl PrivateBus {
                 dir.display()
             ))
         })?;
-        let mut child = Command::new("dbus-daemon")
+        let mut child = die_with_parent(&mut Command::new("dbus-daemon"))
             .arg("--nofork")
             .arg(format!("--config-file={}", cfg_path.display()))
             .arg("--print-address=1")
@@ -232,7 +255,7 @@ impl DaemonProcess {
         let log = dir.join("shmlinkd.log");
         let log_file = std::fs::File::create(&log)
             .map_err(|e| fail(format!("cannot create {}: {e}", log.display())))?;
-        let child = Command::new(program)
+        let child = die_with_parent(&mut Command::new(program))
             .arg("--address")
             .arg(address)
             .args(args)
