@@ -351,3 +351,20 @@ impl Drop for DaemonProcess {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Number of open fds of process `pid`, from `/proc/PID/fd` (0 if unreadable).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A numeric field of `/proc/PID/status`: `VmRSS` (kB), `Threads`, ... (0 if absent).
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}

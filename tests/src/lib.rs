@@ -145,22 +145,7 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Number of open fds of process `pid`, from `/proc/PID/fd`.
-pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// A field of `/proc/PID/status` in kB (e.g. `VmRSS`), or threads for `Threads`.
-pub fn proc_status(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
+pub use shmlink::process::{fd_count, proc_status};
 
 /// A copy of `bin` that any user can execute, wherever the build directory is
 /// (a checkout under a 0700 home directory is not reachable by `nobody`).

@@ -74,11 +74,17 @@ fn main() {
 
 /// Formats a byte rate for humans.
 pub fn rate(bytes: u64, secs: f64) -> String {
-    let r = bytes as f64 / secs.max(1e-9);
-    if r >= 1e9 {
-        format!("{:.2} GB/s", r / 1e9)
+    human_rate(bytes as f64 / secs.max(1e-9))
+}
+
+/// Formats bytes per second for humans (GB/s, MB/s or kB/s).
+pub fn human_rate(bps: f64) -> String {
+    if bps >= 1e9 {
+        format!("{:.2} GB/s", bps / 1e9)
+    } else if bps >= 1e6 {
+        format!("{:.1} MB/s", bps / 1e6)
     } else {
-        format!("{:.1} MB/s", r / 1e6)
+        format!("{:.1} kB/s", bps / 1e3)
     }
 }
 

@@ -1,0 +1,429 @@
+//! The measurements of `shmlink bench`: shmlink sessions and the baselines
+//! (Unix socket, pipe, D-Bus, eventfd, memcpy), each returning raw numbers.
+
+use super::*;
+
+/// Sends `msg` repeatedly with `send` until `budget` has passed; returns messages sent.
+pub(super) fn stream_for(budget: Duration, mut send: impl FnMut() -> Result<()>) -> Result<u64> {
+    let start = Instant::now();
+    let mut n = 0u64;
+    loop {
+        // Look at the clock every few messages only: 64-byte sends take tens of ns.
+        for _ in 0..16 {
+            send()?;
+            n += 1;
+        }
+        if start.elapsed() >= budget {
+            return Ok(n);
+        }
+    }
+}
+
+pub(super) fn cell(transport: &'static str, size: usize, messages: u64, secs: f64) -> Throughput {
+    Throughput {
+        transport,
+        size,
+        bytes_per_sec: (messages * size as u64) as f64 / secs,
+        messages,
+    }
+}
+
+/// One-way into the `sink` service; the clock stops when the sink has
+/// consumed everything (its end-of-stream reply).
+pub(super) fn shmlink_sink(
+    client: &Client,
+    msg: &[u8],
+    budget: Duration,
+    wake: Wakeup,
+) -> Result<Throughput> {
+    let mut s = client
+        .session(service::SINK)
+        .capacity(RING)
+        .wakeup(wake)
+        .open()
+        .context("open a sink session")?;
+    let t = Instant::now();
+    let n = stream_for(budget, || Ok(s.send(msg)?))?;
+    s.finish()?;
+    ensure!(s.recv()?.is_none(), "sink sent data back");
+    let secs = t.elapsed().as_secs_f64();
+    s.close()?;
+    let label = match wake {
+        Wakeup::Park => "shmlink sink",
+        Wakeup::Spin(_) => "shmlink sink (spin)",
+    };
+    Ok(cell(label, msg.len(), n, secs))
+}
+
+/// Through `echo` and back, counted one way; sender and receiver are two threads.
+pub(super) fn shmlink_echo(client: &Client, msg: &[u8], budget: Duration) -> Result<Throughput> {
+    let s = client
+        .session(service::ECHO)
+        .capacity(RING)
+        .open()
+        .context("open an echo session")?;
+    let (mut w, mut r) = s.split();
+    let len = msg.len();
+    let t = Instant::now();
+    let reader = std::thread::spawn(move || -> Result<(u64, shmlink::SessionReader)> {
+        let mut n = 0u64;
+        while let Some(m) = r.recv()? {
+            ensure!(m.len() == len, "echo returned {} bytes for {len}", m.len());
+            n += 1;
+        }
+        Ok((n, r))
+    });
+    let sent = stream_for(budget, || Ok(w.send(msg)?))?;
+    w.finish()?;
+    let (got, r) = reader
+        .join()
+        .map_err(|_| anyhow!("echo reader panicked"))??;
+    let secs = t.elapsed().as_secs_f64();
+    ensure!(got == sent, "echo returned {got} of {sent} messages");
+    r.close()?;
+    Ok(cell("shmlink echo", len, sent, secs))
+}
+
+/// A child process running `shmlink __bench-peer ROLE`, killed and reaped on drop.
+pub(super) struct Peer {
+    child: Child,
+}
+
+impl Peer {
+    pub(super) fn spawn(role: &str, extra: &[&str], stdin: Stdio, stdout: Stdio) -> Result<Peer> {
+        let exe = std::env::current_exe()
+            .context("cannot find this program to run the benchmark's peer")?;
+        let child = Command::new(exe)
+            .arg("__bench-peer")
+            .arg(role)
+            .args(extra)
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start the {role} peer"))?;
+        Ok(Peer { child })
+    }
+
+    /// Waits for the peer's "ready" line on its stdout.
+    pub(super) fn await_ready(mut self) -> Result<Peer> {
+        let out = self.child.stdout.take().context("peer stdout")?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        ensure!(
+            line.trim() == "ready",
+            "the D-Bus peer did not start (said {line:?})"
+        );
+        Ok(self)
+    }
+
+    pub(super) fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One-way into a child that reads until end of file, then reports the byte count.
+pub(super) fn stream_sink(
+    transport: &'static str,
+    unix: bool,
+    msg: &[u8],
+    budget: Duration,
+) -> Result<Throughput> {
+    let t;
+    let n;
+    let mut count = [0u8; 8];
+    if unix {
+        let (mut ours, theirs) = UnixStream::pair()?;
+        let theirs_out = theirs.try_clone()?;
+        let peer = Peer::spawn(
+            "stream-sink",
+            &[],
+            Stdio::from(OwnedFd::from(theirs)),
+            Stdio::from(OwnedFd::from(theirs_out)),
+        )?;
+        t = Instant::now();
+        n = stream_for(budget, || Ok(ours.write_all(msg)?))?;
+        ours.shutdown(std::net::Shutdown::Write)?;
+        ours.read_exact(&mut count)
+            .context("the stream peer did not report")?;
+        peer.stop();
+    } else {
+        let (data_r, mut data_w) = pipe()?;
+        let (mut ack_r, ack_w) = pipe()?;
+        let peer = Peer::spawn("stream-sink", &[], Stdio::from(data_r), Stdio::from(ack_w))?;
+        t = Instant::now();
+        n = stream_for(budget, || Ok(data_w.write_all(msg)?))?;
+        drop(data_w);
+        ack_r
+            .read_exact(&mut count)
+            .context("the stream peer did not report")?;
+        peer.stop();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    ensure!(
+        u64::from_le_bytes(count) == n * msg.len() as u64,
+        "the stream peer lost bytes"
+    );
+    Ok(cell(transport, msg.len(), n, secs))
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub(super) fn pipe() -> Result<(std::fs::File, std::fs::File)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 writes.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    ensure!(r == 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: pipe2 succeeded: both fds are open and owned by nobody else.
+    Ok(unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+pub(super) fn dbus_call(dbus: &Channel, member: &str, payload: Option<&[u8]>) -> Result<Message> {
+    let m = Message::new_method_call(PEER_NAME, "/", PEER_IFACE, member).map_err(|e| anyhow!(e))?;
+    let m = match payload {
+        Some(p) => m.append1(p),
+        None => m,
+    };
+    Ok(dbus.send_with_reply_and_block(m, DBUS_TIMEOUT)?)
+}
+
+/// One method call per message, the bytes as `ay` read and written as `&[u8]`.
+pub(super) fn dbus_sink(dbus: &Channel, msg: &[u8], budget: Duration) -> Result<Throughput> {
+    let t = Instant::now();
+    let n = stream_for(budget / 4, || {
+        let reply = dbus_call(dbus, "Sink", Some(msg))?;
+        ensure!(
+            reply.read1::<u32>()? as usize == msg.len(),
+            "D-Bus peer lost bytes"
+        );
+        Ok(())
+    })?;
+    Ok(cell("D-Bus &[u8]", msg.len(), n, t.elapsed().as_secs_f64()))
+}
+
+/// One thread copying `msg` into a ring-sized destination it walks through,
+/// as a ring writer does (the destination stays cache-resident like a ring).
+pub(super) fn memcpy(msg: &[u8], budget: Duration) -> Throughput {
+    let mut dst = vec![0u8; RING as usize + msg.len()];
+    let mut off = 0usize;
+    let t = Instant::now();
+    let copy = || -> Result<()> {
+        dst[off..off + msg.len()].copy_from_slice(std::hint::black_box(msg));
+        std::hint::black_box(&mut dst);
+        off += msg.len();
+        if off >= RING as usize {
+            off = 0;
+        }
+        Ok(())
+    };
+    // Copying cannot fail; stream_for is shared with the fallible transports.
+    let n = stream_for(budget, copy).unwrap_or(0);
+    cell("memcpy", msg.len(), n, t.elapsed().as_secs_f64())
+}
+
+impl Latency {
+    pub(super) fn from_samples(name: &'static str, mut samples: Vec<Duration>) -> Latency {
+        samples.sort();
+        let q = |p: f64| -> f64 {
+            if samples.is_empty() {
+                return f64::NAN;
+            }
+            let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[i].as_secs_f64() * 1e6
+        };
+        Latency {
+            name,
+            samples: samples.len(),
+            p50_us: q(0.50),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+        }
+    }
+}
+
+/// Times round trips with `once` after a warm-up, up to the budget's count or time cap.
+pub(super) fn time_round_trips(
+    name: &'static str,
+    budget: &Budget,
+    mut once: impl FnMut() -> Result<()>,
+) -> Result<Latency> {
+    for _ in 0..200 {
+        once()?;
+    }
+    let mut samples = Vec::with_capacity(budget.round_trips);
+    let start = Instant::now();
+    while samples.len() < budget.round_trips && start.elapsed() < budget.latency_cap {
+        let t = Instant::now();
+        once()?;
+        samples.push(t.elapsed());
+    }
+    Ok(Latency::from_samples(name, samples))
+}
+
+pub(super) fn shmlink_rtt(
+    name: &'static str,
+    client: &Client,
+    wake: Wakeup,
+    budget: &Budget,
+) -> Result<Latency> {
+    let mut s = client
+        .session(service::ECHO)
+        .capacity(64 << 10)
+        .wakeup(wake)
+        .open()
+        .context("open an echo session")?;
+    let msg = [0x5au8; PING];
+    let lat = time_round_trips(name, budget, || {
+        s.send(&msg)?;
+        let back = s.recv()?.context("echo ended early")?;
+        ensure!(back.len() == PING, "echo returned {} bytes", back.len());
+        Ok(())
+    })?;
+    s.close()?;
+    Ok(lat)
+}
+
+pub(super) fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    ensure!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+    // SAFETY: eventfd returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(super) fn eventfd_write(fd: &impl AsRawFd, v: u64) -> std::io::Result<()> {
+    let b = v.to_ne_bytes();
+    // SAFETY: `b` is 8 readable bytes; the fd is live.
+    let r = unsafe { libc::write(fd.as_raw_fd(), b.as_ptr().cast(), 8) };
+    if r == 8 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+pub(super) fn eventfd_read(fd: &impl AsRawFd) -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is 8 writable bytes; the fd is live.
+    let r = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+    if r == 8 {
+        Ok(u64::from_ne_bytes(b))
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Two blocking eventfds and a child that answers each ping: the kernel's
+/// cost of a blocking wake-up round trip between two processes.
+pub(super) fn eventfd_rtt(budget: &Budget) -> Result<Latency> {
+    let ping = eventfd()?;
+    let pong = eventfd()?;
+    let peer = Peer::spawn(
+        "eventfd-echo",
+        &[],
+        Stdio::from(ping.try_clone()?),
+        Stdio::from(pong.try_clone()?),
+    )?;
+    let lat = time_round_trips("raw eventfd ping-pong", budget, || {
+        eventfd_write(&ping, 1)?;
+        eventfd_read(&pong)?;
+        Ok(())
+    })?;
+    eventfd_write(&ping, QUIT)?;
+    peer.stop();
+    Ok(lat)
+}
+
+pub(super) fn unix_rtt(budget: &Budget) -> Result<Latency> {
+    let (mut ours, theirs) = UnixStream::pair()?;
+    let out = theirs.try_clone()?;
+    let size = PING.to_string();
+    let peer = Peer::spawn(
+        "stream-echo",
+        &["--size", &size],
+        Stdio::from(OwnedFd::from(theirs)),
+        Stdio::from(OwnedFd::from(out)),
+    )?;
+    let msg = [0x5au8; PING];
+    let mut back = [0u8; PING];
+    let lat = time_round_trips("unix socket ping-pong", budget, || {
+        ours.write_all(&msg)?;
+        ours.read_exact(&mut back)?;
+        Ok(())
+    })?;
+    drop(ours);
+    peer.stop();
+    Ok(lat)
+}
+
+pub(super) fn dbus_rtt(dbus: &Channel, budget: &Budget) -> Result<Latency> {
+    let msg = [0x5au8; PING];
+    let b = Budget {
+        round_trips: budget.round_trips / 4,
+        ..*budget
+    };
+    time_round_trips("D-Bus method call (64 B ay echo)", &b, || {
+        let reply = dbus_call(dbus, "Echo", Some(&msg))?;
+        let back: &[u8] = reply.read1()?;
+        ensure!(
+            back.len() == PING,
+            "D-Bus echo returned {} bytes",
+            back.len()
+        );
+        Ok(())
+    })
+}
+
+/// OpenSession and the client-side checks and mappings, to a usable session.
+pub(super) fn open_session_times(client: &Client, n: usize) -> Result<Latency> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let s = client.session(service::ECHO).capacity(64 << 10).open()?;
+        samples.push(t.elapsed());
+        s.close()?;
+    }
+    Ok(Latency::from_samples("OpenSession + mapping", samples))
+}
+
+/// `clients` connections, each streaming 64 KiB messages into its own sink at once.
+pub(super) fn aggregate_sink(bus: &Bus, clients: usize, budget: Duration) -> Result<f64> {
+    let msg: Arc<Vec<u8>> = Arc::new((0..64usize << 10).map(|i| i as u8).collect());
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (bus, msg, barrier) = (bus.clone(), msg.clone(), barrier.clone());
+            std::thread::spawn(move || -> Result<u64> {
+                let opened = Client::connect(&bus)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| Ok((c.session(service::SINK).capacity(RING).open()?, c)));
+                barrier.wait();
+                let (mut s, _client) = opened?;
+                let n = stream_for(budget, || Ok(s.send(&msg)?))?;
+                s.finish()?;
+                ensure!(s.recv()?.is_none(), "sink sent data back");
+                s.close()?;
+                Ok(n * msg.len() as u64)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let t = Instant::now();
+    let mut bytes = 0;
+    for th in threads {
+        bytes += th.join().map_err(|_| anyhow!("client thread panicked"))??;
+    }
+    Ok(bytes as f64 / t.elapsed().as_secs_f64())
+}

@@ -1,0 +1,104 @@
+//! The other process of `shmlink bench`'s two-process baselines:
+//! `shmlink __bench-peer ROLE`.
+
+use super::*;
+
+pub fn peer(args: PeerArgs) -> Result<()> {
+    match args.role.as_str() {
+        "stream-sink" => {
+            let mut input = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0u64;
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => total += n as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let mut out = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+            out.write_all(&total.to_le_bytes())?;
+            Ok(())
+        }
+        "stream-echo" => {
+            let mut input = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+            let mut out = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned()?);
+            let mut buf = vec![0u8; args.size];
+            loop {
+                if let Err(e) = input.read_exact(&mut buf) {
+                    return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        Ok(())
+                    } else {
+                        Err(e.into())
+                    };
+                }
+                out.write_all(&buf)?;
+            }
+        }
+        "eventfd-echo" => {
+            let ping = std::io::stdin().as_fd().try_clone_to_owned()?;
+            let pong = std::io::stdout().as_fd().try_clone_to_owned()?;
+            loop {
+                if eventfd_read(&ping)? >= QUIT {
+                    return Ok(());
+                }
+                eventfd_write(&pong, 1)?;
+            }
+        }
+        "dbus-echo" => dbus_peer(
+            args.address
+                .as_deref()
+                .context("dbus-echo needs --address")?,
+        ),
+        other => bail!("unknown peer role {other:?}"),
+    }
+}
+
+/// A minimal D-Bus service: `Echo(ay) -> ay`, `Sink(ay) -> u` (the length),
+/// both reading and writing the bytes as `&[u8]`, the fast path.
+pub(super) fn dbus_peer(address: &str) -> Result<()> {
+    let mut c = Channel::open_private(address)?;
+    c.register()?;
+    let req = Message::new_method_call(
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        "org.freedesktop.DBus",
+        "RequestName",
+    )
+    .map_err(|e| anyhow!(e))?
+    .append2(PEER_NAME, 4u32);
+    let (code,): (u32,) = c.send_with_reply_and_block(req, DBUS_TIMEOUT)?.read_all()?;
+    ensure!(code == 1, "cannot own {PEER_NAME} (reply {code})");
+    println!("ready");
+    std::io::stdout().flush()?;
+    loop {
+        if c.read_write(None).is_err() {
+            return Ok(());
+        }
+        while let Some(msg) = c.pop_message() {
+            if msg.msg_type() != MessageType::MethodCall {
+                continue;
+            }
+            let reply = match msg.member().as_deref() {
+                Some("Echo") => match msg.read1::<&[u8]>() {
+                    Ok(b) => msg.method_return().append1(b),
+                    Err(e) => msg.error(
+                        &"org.shmlink.Error.Bench".into(),
+                        &std::ffi::CString::new(e.to_string())?,
+                    ),
+                },
+                Some("Sink") => match msg.read1::<&[u8]>() {
+                    Ok(b) => msg.method_return().append1(b.len() as u32),
+                    Err(e) => msg.error(
+                        &"org.shmlink.Error.Bench".into(),
+                        &std::ffi::CString::new(e.to_string())?,
+                    ),
+                },
+                _ => msg.method_return(),
+            };
+            let _ = c.send(reply);
+        }
+        c.flush();
+    }
+}
