@@ -25,7 +25,7 @@ use shmlink_interfaces::{
     member, BROKER_INTERFACE, BROKER_PATH, BUS_NAME, SESSION_INTERFACE, SESSION_PATH_PREFIX,
 };
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -101,7 +101,6 @@ pub struct Daemon {
     state: Shared,
     engine: Arc<Engine>,
     closed_rx: mpsc::Receiver<Closed>,
-    session_token: IfaceToken<SessionObject>,
     bus_label: String,
 }
 
@@ -224,7 +223,6 @@ impl Daemon {
             state,
             engine,
             closed_rx,
-            session_token,
             bus_label: format!("{bus:?}"),
         })
     }
@@ -380,7 +378,6 @@ impl Daemon {
         self.channel.flush();
         let _ = bus_call(&self.channel, "ReleaseName", |m| m.append1(BUS_NAME));
         log::info!("stopped serving on {}", self.bus_label);
-        let _ = &self.session_token;
     }
 }
 
@@ -626,10 +623,4 @@ fn register_session(cr: &mut Crossroads, state: Shared) -> IfaceToken<SessionObj
             .service_state()
             .unwrap_or_default());
     })
-}
-
-impl AsFd for Daemon {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.engine.notify_fd()
-    }
 }
