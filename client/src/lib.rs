@@ -21,7 +21,9 @@ mod session;
 
 #[cfg(feature = "tokio")]
 pub use async_session::AsyncSession;
-pub use session::{Counters, Session, SessionBuilder, SessionReader, SessionWriter};
+pub use session::{
+    unpack_open_reply, Counters, Session, SessionBuilder, SessionReader, SessionWriter,
+};
 pub use shmlink_endpoint::Wakeup;
 
 use dbus::arg::PropMap;

@@ -15,6 +15,38 @@ use std::time::Duration;
 /// Largest message a `Write` adapter sends per `write` call.
 const WRITE_CHUNK: usize = 1 << 20;
 
+/// Splits an `OpenSession` reply into the session path, the fds in their
+/// roles, and the parameters: the one place that knows the reply's order.
+pub fn unpack_open_reply(
+    reply: shmlink_interfaces::OpenSessionReply,
+) -> (dbus::Path<'static>, PeerFds, PropMap) {
+    let (
+        path,
+        ts_cap,
+        ts_mem,
+        ts_empty,
+        ts_full,
+        tc_cap,
+        tc_mem,
+        tc_empty,
+        tc_full,
+        hangup,
+        params,
+    ) = reply;
+    let ring = |capacity, memfd, empty_signal, full_signal| RingFds {
+        capacity,
+        memfd,
+        empty_signal,
+        full_signal,
+    };
+    let fds = PeerFds {
+        to_server: ring(ts_cap, ts_mem, ts_empty, ts_full),
+        to_client: ring(tc_cap, tc_mem, tc_empty, tc_full),
+        hangup,
+    };
+    (path, fds, params)
+}
+
 /// Options for a new session; finish with [`SessionBuilder::open`].
 pub struct SessionBuilder {
     client: Client,
@@ -70,19 +102,8 @@ impl SessionBuilder {
                 member::OPEN_SESSION,
                 (self.service.as_str(), self.options),
             )?;
-        let (
-            path,
-            ts_cap,
-            ts_mem,
-            ts_empty,
-            ts_full,
-            tc_cap,
-            tc_mem,
-            tc_empty,
-            tc_full,
-            hangup,
-            params,
-        ) = reply;
+        let (path, fds, params) = unpack_open_reply(reply);
+        let (ts_cap, tc_cap) = (fds.to_server.capacity, fds.to_client.capacity);
         let max_message = params
             .get(param::MAX_MESSAGE)
             .and_then(|v| v.0.as_u64())
@@ -103,21 +124,6 @@ impl SessionBuilder {
                 ))
             }
             _ => Wakeup::Park,
-        };
-        let fds = PeerFds {
-            to_server: RingFds {
-                capacity: ts_cap,
-                memfd: ts_mem,
-                empty_signal: ts_empty,
-                full_signal: ts_full,
-            },
-            to_client: RingFds {
-                capacity: tc_cap,
-                memfd: tc_mem,
-                empty_signal: tc_empty,
-                full_signal: tc_full,
-            },
-            hangup,
         };
         let mut endpoint = Endpoint::open_client(fds, max_message, wake).inspect_err(|e| {
             log::error!("refusing the session the broker handed over: {e}");

@@ -381,33 +381,23 @@ impl RawSession {
     ) -> Result<RawSession, String> {
         let reply = open_session_raw(&conn, service, options)
             .map_err(|e| format!("{}: {}", e.name().unwrap_or("?"), e.message().unwrap_or("")))?;
-        let (
-            path,
-            ts_cap,
-            ts_mem,
-            ts_empty,
-            ts_full,
-            tc_cap,
-            tc_mem,
-            tc_empty,
-            tc_full,
-            hangup,
-            params,
-        ) = reply;
+        let (path, fds, params) = shmlink::unpack_open_reply(reply);
         let max_message = params
             .get(param::MAX_MESSAGE)
             .and_then(|v| v.0.as_u64())
             .unwrap_or(0);
-        let to_server =
-            RawRing::new(ts_cap, ts_mem, ts_empty, ts_full).map_err(|e| format!("map: {e}"))?;
-        let to_client =
-            RawRing::new(tc_cap, tc_mem, tc_empty, tc_full).map_err(|e| format!("map: {e}"))?;
+        let ring = |r: shmlink_endpoint::RingFds| {
+            RawRing::new(r.capacity, r.memfd, r.empty_signal, r.full_signal)
+                .map_err(|e| format!("map: {e}"))
+        };
+        let to_server = ring(fds.to_server)?;
+        let to_client = ring(fds.to_client)?;
         Ok(RawSession {
             conn: Some(conn),
             path: path.to_string(),
             to_server,
             to_client,
-            hangup: Some(hangup),
+            hangup: Some(fds.hangup),
             max_message,
             inbuf: Vec::new(),
             decoder: Decoder::new(u32::try_from(max_message).unwrap_or(u32::MAX)),
