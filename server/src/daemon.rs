@@ -275,8 +275,11 @@ impl Daemon {
             MessageType::MethodCall => {
                 if let Some(sender) = msg.sender() {
                     let sender = sender.to_string();
-                    lock(&self.state).current_sender = sender.clone();
-                    let known = lock(&self.state).callers.contains_key(&sender);
+                    let known = {
+                        let mut st = lock(&self.state);
+                        st.current_sender = sender.clone();
+                        st.callers.contains_key(&sender)
+                    };
                     if !known {
                         match lookup_caller(&self.channel, &sender) {
                             Ok(c) => {
