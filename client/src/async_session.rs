@@ -132,8 +132,8 @@ fn poll_ring<T>(
     }
     if let Wakeup::Spin(budget) = ep.wakeup() {
         let ready = sys::spin_until(budget, || match dir {
-            Dir::In => ep.rx().has_data().unwrap_or(true),
-            Dir::Out => ep.tx().has_room().unwrap_or(true),
+            Dir::In => ep.ring_receiver().has_data().unwrap_or(true),
+            Dir::Out => ep.ring_sender().has_room().unwrap_or(true),
         });
         if ready {
             if let Some(v) = progress(ep)? {
@@ -209,7 +209,7 @@ impl AsyncSession {
             &self.room,
             &self.hangup_out,
             Dir::Out,
-            |ep| { Ok(ep.tx().write_frame(frame)?.then_some(())) }
+            |ep| { Ok(ep.ring_sender().write_frame(frame)?.then_some(())) }
         ))?;
         self.pending = None;
         Poll::Ready(Ok(()))
@@ -241,7 +241,7 @@ impl AsyncSession {
         poll_fn(|cx| {
             let frame = sending.frame.as_mut().expect("frame present until done");
             poll_ring(cx, ep, room, hangup, Dir::Out, |ep| {
-                Ok(ep.tx().write_frame(frame)?.then_some(()))
+                Ok(ep.ring_sender().write_frame(frame)?.then_some(()))
             })
         })
         .await?;
@@ -380,7 +380,7 @@ impl AsyncWrite for AsyncSession {
             &this.hangup_out,
             Dir::Out,
             |ep| {
-                let done = ep.tx().write_frame(&mut frame)?;
+                let done = ep.ring_sender().write_frame(&mut frame)?;
                 Ok((done || frame.is_partial()).then_some(()))
             }
         ))

@@ -21,54 +21,19 @@ mod session;
 
 #[cfg(feature = "tokio")]
 pub use async_session::AsyncSession;
-pub use session::{
-    unpack_open_reply, Counters, Session, SessionBuilder, SessionReader, SessionWriter,
-};
+pub use session::{Counters, Session, SessionBuilder, SessionReader, SessionWriter};
 pub use shmlink_endpoint::Wakeup;
+pub use shmlink_interfaces::Bus;
 
 use dbus::arg::PropMap;
 use dbus::blocking::stdintf::org_freedesktop_dbus::Properties;
 use dbus::blocking::SyncConnection;
-use dbus::channel::Channel;
 use shmlink_interfaces::{member, BROKER_INTERFACE, BROKER_PATH, BUS_NAME};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Timeout for D-Bus calls to the broker.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Which bus to find the broker on.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Bus {
-    /// The session bus (`DBUS_SESSION_BUS_ADDRESS`).
-    Session,
-    /// The system bus.
-    System,
-    /// A bus by address.
-    Address(String),
-}
-
-impl std::str::FromStr for Bus {
-    type Err = std::convert::Infallible;
-    /// `session`, `system`, or anything else as an address.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "session" => Bus::Session,
-            "system" => Bus::System,
-            other => Bus::Address(other.to_owned()),
-        })
-    }
-}
-
-impl std::fmt::Display for Bus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Bus::Session => f.write_str("session bus"),
-            Bus::System => f.write_str("system bus"),
-            Bus::Address(a) => write!(f, "bus at {a}"),
-        }
-    }
-}
 
 /// Everything the client library can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -144,30 +109,10 @@ pub struct Client {
 impl Client {
     /// Connects to `bus`. Nothing is asked of the broker yet.
     pub fn connect(bus: &Bus) -> Result<Client, Error> {
-        let err = |m: String| Error::Connect {
+        let channel = bus.connect().map_err(|e| Error::Connect {
             bus: bus.to_string(),
-            message: m,
-        };
-        let channel = match bus {
-            Bus::Session => {
-                if std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_none() {
-                    return Err(err(
-                        "DBUS_SESSION_BUS_ADDRESS is not set (no session bus here); \
-                                    give --bus ADDRESS, or run `shmlink demo` for a private bus"
-                            .into(),
-                    ));
-                }
-                Channel::get_private(dbus::channel::BusType::Session)
-                    .map_err(|e| err(e.to_string()))?
-            }
-            Bus::System => Channel::get_private(dbus::channel::BusType::System)
-                .map_err(|e| err(e.to_string()))?,
-            Bus::Address(a) => {
-                let mut c = Channel::open_private(a).map_err(|e| err(e.to_string()))?;
-                c.register().map_err(|e| err(e.to_string()))?;
-                c
-            }
-        };
+            message: e.message().unwrap_or("unknown error").to_owned(),
+        })?;
         Ok(Client {
             conn: Arc::new(SyncConnection::from(channel)),
             bus: bus.clone(),

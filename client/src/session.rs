@@ -2,11 +2,10 @@
 
 use crate::{Client, Error};
 use dbus::arg::{PropMap, RefArg, Variant};
-use shmlink_endpoint::{
-    Endpoint, EndpointReceiver, EndpointSender, Item, PeerFds, RingFds, Wakeup,
-};
+use shmlink_endpoint::{Endpoint, EndpointReceiver, EndpointSender, Item, Wakeup};
 use shmlink_interfaces::{
-    member, option, param, wakeup, BROKER_INTERFACE, BROKER_PATH, SESSION_INTERFACE,
+    member, option, param, wakeup, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
+    BROKER_PATH, SESSION_INTERFACE,
 };
 use std::io;
 use std::sync::Arc;
@@ -14,38 +13,6 @@ use std::time::Duration;
 
 /// Largest message a `Write` adapter sends per `write` call.
 const WRITE_CHUNK: usize = 1 << 20;
-
-/// Splits an `OpenSession` reply into the session path, the fds in their
-/// roles, and the parameters: the one place that knows the reply's order.
-pub fn unpack_open_reply(
-    reply: shmlink_interfaces::OpenSessionReply,
-) -> (dbus::Path<'static>, PeerFds, PropMap) {
-    let (
-        path,
-        ts_cap,
-        ts_mem,
-        ts_empty,
-        ts_full,
-        tc_cap,
-        tc_mem,
-        tc_empty,
-        tc_full,
-        hangup,
-        params,
-    ) = reply;
-    let ring = |capacity, memfd, empty_signal, full_signal| RingFds {
-        capacity,
-        memfd,
-        empty_signal,
-        full_signal,
-    };
-    let fds = PeerFds {
-        to_server: ring(ts_cap, ts_mem, ts_empty, ts_full),
-        to_client: ring(tc_cap, tc_mem, tc_empty, tc_full),
-        hangup,
-    };
-    (path, fds, params)
-}
 
 /// Options for a new session; finish with [`SessionBuilder::open`].
 pub struct SessionBuilder {
@@ -96,13 +63,16 @@ impl SessionBuilder {
 
     /// Calls `OpenSession`, checks every fd the broker returned and maps the rings.
     pub fn open(self) -> Result<Session, Error> {
-        let reply: shmlink_interfaces::OpenSessionReply =
-            self.client.proxy(BROKER_PATH).method_call(
-                BROKER_INTERFACE,
-                member::OPEN_SESSION,
-                (self.service.as_str(), self.options),
-            )?;
-        let (path, fds, params) = unpack_open_reply(reply);
+        let reply: OpenSessionArgs = self.client.proxy(BROKER_PATH).method_call(
+            BROKER_INTERFACE,
+            member::OPEN_SESSION,
+            (self.service.as_str(), self.options),
+        )?;
+        let OpenSessionReply {
+            session: path,
+            fds,
+            parameters: params,
+        } = reply.into();
         let (ts_cap, tc_cap) = (fds.to_server.capacity, fds.to_client.capacity);
         let max_message = params
             .get(param::MAX_MESSAGE)

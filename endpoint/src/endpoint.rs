@@ -1,17 +1,16 @@
 //! One side of a session: two rings, a hang-up socket, blocking and non-blocking I/O.
 
 use crate::frame::{Item, OutFrame};
-use crate::ring::{RingRx, RingTx};
+use crate::ring::{RingReceiver, RingSender};
 use crate::sys::{self, FdKind, HangupState};
 use crate::Error;
 use shmem_ipc::sharedring::{Receiver, Sender};
+use shmlink_interfaces::{PeerFds, RingFds, RING_HEADER};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Bytes shmem-ipc reserves at the start of each ring's memfd.
-const RING_HEADER: u64 = 64;
 /// Largest ring capacity a client agrees to map, whatever the server says.
 const CLIENT_MAX_CAPACITY: u64 = 1 << 40;
 
@@ -22,30 +21,6 @@ pub enum Wakeup {
     Park,
     /// Busy-poll the ring for up to this long before sleeping (lowest latency).
     Spin(Duration),
-}
-
-/// The file descriptors of one ring, as they cross the bus.
-#[derive(Debug)]
-pub struct RingFds {
-    /// Usable bytes of the ring.
-    pub capacity: u64,
-    /// The memfd holding the ring.
-    pub memfd: OwnedFd,
-    /// eventfd written when the ring goes from empty to non-empty.
-    pub empty_signal: OwnedFd,
-    /// eventfd written when the ring goes from full to not full.
-    pub full_signal: OwnedFd,
-}
-
-/// Everything the server hands a client for one session.
-#[derive(Debug)]
-pub struct PeerFds {
-    /// The client-to-server ring.
-    pub to_server: RingFds,
-    /// The server-to-client ring.
-    pub to_client: RingFds,
-    /// The client's end of the hang-up socket pair.
-    pub hangup: OwnedFd,
 }
 
 /// Usable ring bytes shmem-ipc will provide for a requested capacity: the
@@ -178,7 +153,7 @@ impl Link {
 
 /// The sending half of an endpoint; see [`Endpoint::split`].
 pub struct EndpointSender {
-    tx: RingTx,
+    tx: RingSender,
     link: Arc<Link>,
     timeout: Option<Duration>,
     sent_end: bool,
@@ -241,7 +216,7 @@ impl EndpointSender {
 
 /// The receiving half of an endpoint; see [`Endpoint::split`].
 pub struct EndpointReceiver {
-    rx: RingRx,
+    rx: RingReceiver,
     link: Arc<Link>,
     timeout: Option<Duration>,
     capacity: u64,
@@ -299,8 +274,8 @@ pub struct Endpoint {
 
 impl Endpoint {
     fn assemble(
-        tx: RingTx,
-        rx: RingRx,
+        tx: RingSender,
+        rx: RingReceiver,
         hangup: OwnedFd,
         wakeup: Wakeup,
         max_message: u32,
@@ -369,8 +344,8 @@ impl Endpoint {
             hangup: theirs,
         };
         let ep = Endpoint::assemble(
-            RingTx::new(tx_ring),
-            RingRx::new(rx_ring, max_message),
+            RingSender::new(tx_ring),
+            RingReceiver::new(rx_ring, max_message),
             ours,
             wakeup,
             max_message,
@@ -412,8 +387,8 @@ impl Endpoint {
         };
         let caps = (fds.to_server.capacity, fds.to_client.capacity);
         Ok(Endpoint::assemble(
-            RingTx::new(open_tx(fds.to_server)?),
-            RingRx::new(open_rx(fds.to_client)?, max_message),
+            RingSender::new(open_tx(fds.to_server)?),
+            RingReceiver::new(open_rx(fds.to_client)?, max_message),
             fds.hangup,
             wakeup,
             max_message,
@@ -453,12 +428,12 @@ impl Endpoint {
     }
 
     /// The outgoing ring, for event loops.
-    pub fn tx(&mut self) -> &mut RingTx {
+    pub fn ring_sender(&mut self) -> &mut RingSender {
         &mut self.sender.tx
     }
 
     /// The incoming ring, for event loops.
-    pub fn rx(&mut self) -> &mut RingRx {
+    pub fn ring_receiver(&mut self) -> &mut RingReceiver {
         &mut self.receiver.rx
     }
 

@@ -205,7 +205,7 @@ pub fn ring_reader(data: &[u8]) {
                     inbound.count().fetch_add(f.len(), Ordering::SeqCst);
                 }
             }
-            4 | 5 => match ep.rx().read_item() {
+            4 | 5 => match ep.ring_receiver().read_item() {
                 Ok(Some(Item::Message(m))) => {
                     assert!(!rx_broken, "a corrupt ring yielded a message");
                     assert!(
@@ -219,13 +219,13 @@ pub fn ring_reader(data: &[u8]) {
                 Err(e) => panic!("unexpected reader error {e}"),
             },
             6 => {
-                let r = ep.rx().has_data();
+                let r = ep.ring_receiver().has_data();
                 assert!(!(rx_broken && r.is_ok()), "a corrupt ring was read again");
             }
             7 => {
                 let n = take(data, &mut pos, 2) as usize % (max_message as usize + 1);
                 let mut f = OutFrame::message(vec![op; n]);
-                match ep.tx().write_frame(&mut f) {
+                match ep.ring_sender().write_frame(&mut f) {
                     Ok(_) => assert!(!tx_broken, "a corrupt ring was written again"),
                     Err(Error::Corrupt(_)) => tx_broken = true,
                     Err(Error::SignalFlooded) => {}

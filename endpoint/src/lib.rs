@@ -16,11 +16,10 @@ pub mod fuzzing;
 mod ring;
 pub mod sys;
 
-pub use endpoint::{
-    rounded_capacity, Endpoint, EndpointReceiver, EndpointSender, PeerFds, RingFds, Wakeup,
-};
+pub use endpoint::{rounded_capacity, Endpoint, EndpointReceiver, EndpointSender, Wakeup};
 pub use frame::{FrameError, Item, OutFrame};
-pub use ring::{RingRx, RingTx};
+pub use ring::{RingReceiver, RingSender};
+pub use shmlink_interfaces::{PeerFds, RingFds};
 
 /// Everything that can go wrong on the data plane.
 #[derive(Debug, thiserror::Error)]

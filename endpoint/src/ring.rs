@@ -66,14 +66,14 @@ impl ByteSource for SharedBytes {
 }
 
 /// The sending half of one ring.
-pub struct RingTx {
+pub struct RingSender {
     ring: Sender<u8>,
     broken: bool,
 }
 
-impl RingTx {
+impl RingSender {
     pub(crate) fn new(ring: Sender<u8>) -> Self {
-        RingTx {
+        RingSender {
             ring,
             broken: false,
         }
@@ -117,15 +117,15 @@ impl RingTx {
 }
 
 /// The receiving half of one ring, with its frame decoder.
-pub struct RingRx {
+pub struct RingReceiver {
     ring: Receiver<u8>,
     decoder: Decoder,
     broken: bool,
 }
 
-impl RingRx {
+impl RingReceiver {
     pub(crate) fn new(ring: Receiver<u8>, max_message: u32) -> Self {
-        RingRx {
+        RingReceiver {
             ring,
             decoder: Decoder::new(max_message),
             broken: false,

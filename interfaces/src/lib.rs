@@ -7,6 +7,9 @@
 //! embedded here so that tests can compare it with a live daemon, and
 //! `DATA-PLANE.md` documents what flows through the rings.
 #![deny(missing_docs)]
+//!
+//! Without the default `dbus` feature the crate holds only plain data (names,
+//! limits, the fd roles), so the data plane can use it without linking libdbus.
 
 /// Well-known bus name the broker owns.
 pub const BUS_NAME: &str = "org.shmlink.Broker1";
@@ -24,22 +27,38 @@ pub const BROKER_XML: &str = include_str!("../org.shmlink.Broker1.xml");
 /// Introspection XML of `org.shmlink.Session1`, with documentation.
 pub const SESSION_XML: &str = include_str!("../org.shmlink.Session1.xml");
 
-/// The reply of `OpenSession`, in wire order: session path; client→server
-/// ring capacity, memfd, empty and full eventfds; the same four for the
-/// server→client ring; the hang-up socket; the parameters dictionary.
-pub type OpenSessionReply = (
-    dbus::Path<'static>,
-    u64,
-    dbus::arg::OwnedFd,
-    dbus::arg::OwnedFd,
-    dbus::arg::OwnedFd,
-    u64,
-    dbus::arg::OwnedFd,
-    dbus::arg::OwnedFd,
-    dbus::arg::OwnedFd,
-    dbus::arg::OwnedFd,
-    dbus::arg::PropMap,
-);
+/// Bytes shmem-ipc reserves at the start of each ring's memfd (the shared
+/// `count` and padding); ring data starts at this offset.
+pub const RING_HEADER: u64 = 64;
+
+/// The file descriptors of one ring, as they cross the bus.
+#[derive(Debug)]
+pub struct RingFds {
+    /// Usable bytes of the ring.
+    pub capacity: u64,
+    /// The memfd holding the ring.
+    pub memfd: std::os::fd::OwnedFd,
+    /// eventfd written when the ring goes from empty to non-empty.
+    pub empty_signal: std::os::fd::OwnedFd,
+    /// eventfd written when the ring goes from full to not full.
+    pub full_signal: std::os::fd::OwnedFd,
+}
+
+/// Everything the server hands a client for one session.
+#[derive(Debug)]
+pub struct PeerFds {
+    /// The client-to-server ring.
+    pub to_server: RingFds,
+    /// The server-to-client ring.
+    pub to_client: RingFds,
+    /// The client's end of the hang-up socket pair.
+    pub hangup: std::os::fd::OwnedFd,
+}
+
+#[cfg(feature = "dbus")]
+mod bus;
+#[cfg(feature = "dbus")]
+pub use bus::{Bus, OpenSessionArgs, OpenSessionReply};
 
 /// Members of `org.shmlink.Broker1` and `org.shmlink.Session1`.
 pub mod member {

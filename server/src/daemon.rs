@@ -15,7 +15,8 @@ use crate::config::Config;
 use crate::engine::{Closed, Engine};
 use crate::service::{Caller, Service};
 use dbus::arg::PropMap;
-use dbus::channel::{BusType, Channel};
+use dbus::channel::Channel;
+pub use shmlink_interfaces::Bus;
 
 use dbus::message::MessageType;
 use dbus::{Message, Path};
@@ -29,17 +30,6 @@ use std::os::fd::BorrowedFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-
-/// Which bus to serve on.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Bus {
-    /// The user's session bus (`DBUS_SESSION_BUS_ADDRESS`).
-    Session,
-    /// The system bus.
-    System,
-    /// A bus by address, e.g. `unix:path=/run/x`.
-    Address(String),
-}
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -105,20 +95,10 @@ pub struct Daemon {
 }
 
 fn connect(bus: &Bus) -> Result<Channel, DaemonError> {
-    let label = format!("{bus:?}");
-    let err = |source| DaemonError::Connect {
-        bus: label.clone(),
+    bus.connect().map_err(|source| DaemonError::Connect {
+        bus: bus.to_string(),
         source,
-    };
-    match bus {
-        Bus::Session => Channel::get_private(BusType::Session).map_err(err),
-        Bus::System => Channel::get_private(BusType::System).map_err(err),
-        Bus::Address(a) => {
-            let mut c = Channel::open_private(a).map_err(err)?;
-            c.register().map_err(err)?;
-            Ok(c)
-        }
-    }
+    })
 }
 
 fn bus_call(
@@ -432,7 +412,7 @@ fn register_broker(
             move |ctx: &mut Context,
                   cr: &mut Crossroads,
                   (service, options): (String, PropMap)|
-                  -> Result<shmlink_interfaces::OpenSessionReply, MethodErr> {
+                  -> Result<shmlink_interfaces::OpenSessionArgs, MethodErr> {
                 let mut guard = lock(&st);
                 let caller = caller_of(&guard, ctx.message())?;
                 let opened = guard.broker.open(&caller, &service, options).map_err(|e| {
@@ -449,20 +429,12 @@ fn register_broker(
                     &[session_token],
                     SessionObject(opened.id),
                 );
-                let f = opened.fds;
-                Ok((
-                    opened.path,
-                    f.to_server.capacity,
-                    f.to_server.memfd,
-                    f.to_server.empty_signal,
-                    f.to_server.full_signal,
-                    f.to_client.capacity,
-                    f.to_client.memfd,
-                    f.to_client.empty_signal,
-                    f.to_client.full_signal,
-                    f.hangup,
-                    opened.params,
-                ))
+                Ok(shmlink_interfaces::OpenSessionReply {
+                    session: opened.path,
+                    fds: opened.fds,
+                    parameters: opened.params,
+                }
+                .into())
             },
         );
         let st = state.clone();

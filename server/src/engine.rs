@@ -499,7 +499,12 @@ fn pump_inner(live: &mut Live, counters: &Counters, fired: u8) -> Result<Pump, S
     loop {
         // 1. Flush what the service queued.
         if let Some(frame) = live.pending.as_mut() {
-            if !live.endpoint.tx().write_frame(frame).map_err(ep_err)? {
+            if !live
+                .endpoint
+                .ring_sender()
+                .write_frame(frame)
+                .map_err(ep_err)?
+            {
                 if spin.is_zero() || !spin_for(&mut live.endpoint, spin, true) {
                     return Ok(Pump::Idle);
                 }
@@ -519,7 +524,12 @@ fn pump_inner(live: &mut Live, counters: &Counters, fired: u8) -> Result<Pump, S
         if live.outbox.finished() {
             if !live.end_sent {
                 let end = live.end_frame.get_or_insert_with(OutFrame::end);
-                if !live.endpoint.tx().write_frame(end).map_err(ep_err)? {
+                if !live
+                    .endpoint
+                    .ring_sender()
+                    .write_frame(end)
+                    .map_err(ep_err)?
+                {
                     return Ok(Pump::Idle);
                 }
                 live.end_sent = true;
@@ -535,7 +545,7 @@ fn pump_inner(live: &mut Live, counters: &Counters, fired: u8) -> Result<Pump, S
             continue;
         }
         // 2. Read input.
-        match live.endpoint.rx().read_item().map_err(ep_err)? {
+        match live.endpoint.ring_receiver().read_item().map_err(ep_err)? {
             Some(Item::Message(m)) => {
                 counters
                     .bytes_to_server
@@ -568,9 +578,9 @@ fn pump_inner(live: &mut Live, counters: &Counters, fired: u8) -> Result<Pump, S
 fn spin_for(ep: &mut Endpoint, budget: Duration, for_room: bool) -> bool {
     sys::spin_until(budget, || {
         if for_room {
-            ep.tx().has_room().unwrap_or(true)
+            ep.ring_sender().has_room().unwrap_or(true)
         } else {
-            ep.rx().has_data().unwrap_or(true)
+            ep.ring_receiver().has_data().unwrap_or(true)
         }
     })
 }

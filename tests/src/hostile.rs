@@ -26,14 +26,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Bytes shmem-ipc reserves at the start of each ring's memfd (the count lives at offset 0).
-pub const RING_HEADER: usize = 64;
+pub const RING_HEADER: usize = shmlink_interfaces::RING_HEADER as usize;
 /// The largest value an eventfd counter can hold.
 pub const EVENTFD_MAX: u64 = 0xffff_ffff_ffff_fffe;
 /// Timeout of the raw D-Bus calls.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The reply of `OpenSession`, in wire order (the contract's type).
-pub use shmlink_interfaces::OpenSessionReply as OpenReply;
+pub use shmlink_interfaces::OpenSessionArgs as OpenReply;
 
 /// Connects to the bus at `address` as a fresh, registered connection.
 pub fn connect(address: &str) -> Result<Connection, dbus::Error> {
@@ -381,7 +381,11 @@ impl RawSession {
     ) -> Result<RawSession, String> {
         let reply = open_session_raw(&conn, service, options)
             .map_err(|e| format!("{}: {}", e.name().unwrap_or("?"), e.message().unwrap_or("")))?;
-        let (path, fds, params) = shmlink::unpack_open_reply(reply);
+        let shmlink_interfaces::OpenSessionReply {
+            session: path,
+            fds,
+            parameters: params,
+        } = reply.into();
         let max_message = params
             .get(param::MAX_MESSAGE)
             .and_then(|v| v.0.as_u64())
