@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use shmlink_server::config::{Config, DEFAULT_CONFIG_PATH};
+use shmlink_server::config::{Config, Overrides, DEFAULT_CONFIG_PATH};
 use shmlink_server::{builtin, signals, Bus, Daemon};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -23,27 +23,8 @@ struct Args {
     /// Configuration file (default /etc/shmlink/shmlinkd.toml, if present).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Override limits.max_capacity (bytes per ring).
-    #[arg(long, value_name = "BYTES")]
-    max_capacity: Option<u64>,
-    /// Override limits.max_message (bytes per message).
-    #[arg(long, value_name = "BYTES")]
-    max_message: Option<u64>,
-    /// Override limits.sessions_per_connection.
-    #[arg(long, value_name = "N")]
-    sessions_per_connection: Option<u32>,
-    /// Override limits.sessions_per_user.
-    #[arg(long, value_name = "N")]
-    sessions_per_user: Option<u32>,
-    /// Override limits.memory_per_user (bytes of rings).
-    #[arg(long, value_name = "BYTES")]
-    memory_per_user: Option<u64>,
-    /// Override limits.memory_total (bytes of rings).
-    #[arg(long, value_name = "BYTES")]
-    memory_total: Option<u64>,
-    /// Override engine.workers (0: one per CPU).
-    #[arg(long, value_name = "N")]
-    workers: Option<usize>,
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 fn load_config(args: &Args) -> Result<Config> {
@@ -51,48 +32,16 @@ fn load_config(args: &Args) -> Result<Config> {
         Some(p) => Config::load(p, true)?,
         None => Config::load(DEFAULT_CONFIG_PATH.as_ref(), false)?,
     };
-    let l = &mut cfg.limits;
-    if let Some(v) = args.max_capacity {
-        l.max_capacity = v;
-    }
-    if let Some(v) = args.max_message {
-        l.max_message = v;
-    }
-    if let Some(v) = args.sessions_per_connection {
-        l.sessions_per_connection = v;
-    }
-    if let Some(v) = args.sessions_per_user {
-        l.sessions_per_user = v;
-    }
-    if let Some(v) = args.memory_per_user {
-        l.memory_per_user = v;
-    }
-    if let Some(v) = args.memory_total {
-        l.memory_total = v;
-    }
-    if let Some(v) = args.workers {
-        cfg.engine.workers = v;
-    }
+    args.overrides.apply(&mut cfg);
     cfg.validate()?;
     Ok(cfg)
 }
 
+/// Lifts the soft open-file limit to the hard one: every session holds
+/// several fds, and the soft limit (often 1024) would cap sessions first.
 fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 && lim.rlim_cur < lim.rlim_max
-    {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: `lim` is a valid, initialised rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            log::warn!(
-                "could not raise the open-file limit: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
+        log::warn!("could not raise the open-file limit: {err}");
     }
 }
 
