@@ -452,13 +452,6 @@ impl Endpoint {
         self.sender.link.hangup.as_fd()
     }
 
-    /// Resets both wake-up eventfds we wait on, without blocking.
-    pub fn drain_signals(&self) -> Result<(), Error> {
-        sys::eventfd_drain(self.readable_fd())?;
-        sys::eventfd_drain(self.writable_fd())?;
-        Ok(())
-    }
-
     /// Checks the hang-up socket without blocking: Ok(true) if the peer left.
     pub fn peer_gone(&self) -> Result<bool, Error> {
         self.sender.link.peer_gone()
