@@ -7,7 +7,7 @@ use crate::Error;
 use shmem_ipc::sharedring::{Receiver, Sender};
 use shmlink_interfaces::{PeerFds, RingFds, RING_HEADER};
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -101,18 +101,19 @@ impl Link {
         }
     }
 
-    /// Blocks until `ready()` says the ring can make progress, the peer
-    /// leaves, or the deadline passes. `signal` is the eventfd the peer
-    /// writes when it made progress for us.
-    fn wait(
+    /// Blocks until `ready(ring)` says the ring can make progress, the peer
+    /// leaves, or the deadline passes. `signal(ring)` is the eventfd the
+    /// peer writes when it made progress for us.
+    fn wait<R>(
         &self,
-        signal: BorrowedFd<'_>,
+        ring: &mut R,
+        signal: impl Fn(&R) -> BorrowedFd<'_>,
         deadline: Option<Instant>,
-        mut ready: impl FnMut() -> Result<bool, Error>,
+        mut ready: impl FnMut(&mut R) -> Result<bool, Error>,
     ) -> Result<(), Error> {
         if let Wakeup::Spin(budget) = self.wakeup {
             let mut failed = None;
-            let now_ready = sys::spin_until(budget, || match ready() {
+            let now_ready = sys::spin_until(budget, || match ready(ring) {
                 Ok(r) => r,
                 Err(e) => {
                     failed = Some(e);
@@ -127,16 +128,16 @@ impl Link {
             }
         }
         loop {
-            if ready()? {
+            if ready(ring)? {
                 return Ok(());
             }
-            let polled = sys::poll_readable(&[signal, self.hangup.as_fd()], deadline)?;
+            let polled = sys::poll_readable(&[signal(ring), self.hangup.as_fd()], deadline)?;
             if polled[0].readable {
-                sys::eventfd_drain(signal)?;
+                sys::eventfd_drain(signal(ring))?;
             }
             if polled[1].readable || polled[1].hangup {
                 // Data the peer wrote before leaving is still ours to read.
-                if ready()? {
+                if ready(ring)? {
                     return Ok(());
                 }
                 if self.peer_gone()? {
@@ -188,12 +189,12 @@ impl EndpointSender {
     fn send_frame<B: AsRef<[u8]>>(&mut self, mut frame: OutFrame<B>) -> Result<(), Error> {
         let deadline = self.timeout.map(|t| Instant::now() + t);
         while !self.tx.write_frame(&mut frame)? {
-            let raw = self.tx.space_signal().as_raw_fd();
-            // SAFETY: the eventfd is owned by `self.tx`, which outlives this call
-            // and is not dropped or replaced while we wait.
-            let signal = unsafe { BorrowedFd::borrow_raw(raw) };
-            let tx = &mut self.tx;
-            self.link.wait(signal, deadline, || tx.has_room())?;
+            self.link.wait(
+                &mut self.tx,
+                RingSender::space_signal,
+                deadline,
+                RingSender::has_room,
+            )?;
         }
         Ok(())
     }
@@ -236,12 +237,12 @@ impl EndpointReceiver {
                 Some(Item::Message(m)) => return Ok(Some(m)),
                 Some(Item::End) => return Ok(None),
                 None => {
-                    let raw = self.rx.data_signal().as_raw_fd();
-                    // SAFETY: the eventfd is owned by `self.rx`, which outlives this
-                    // call and is not dropped or replaced while we wait.
-                    let signal = unsafe { BorrowedFd::borrow_raw(raw) };
-                    let rx = &mut self.rx;
-                    self.link.wait(signal, deadline, || rx.has_data())?;
+                    self.link.wait(
+                        &mut self.rx,
+                        RingReceiver::data_signal,
+                        deadline,
+                        RingReceiver::has_data,
+                    )?;
                 }
             }
         }
@@ -450,13 +451,6 @@ impl Endpoint {
     /// The hang-up socket, readable when the peer closed its end.
     pub fn hangup_fd(&self) -> BorrowedFd<'_> {
         self.sender.link.hangup.as_fd()
-    }
-
-    /// Resets both wake-up eventfds we wait on, without blocking.
-    pub fn drain_signals(&self) -> Result<(), Error> {
-        sys::eventfd_drain(self.readable_fd())?;
-        sys::eventfd_drain(self.writable_fd())?;
-        Ok(())
     }
 
     /// Checks the hang-up socket without blocking: Ok(true) if the peer left.

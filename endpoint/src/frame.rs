@@ -113,13 +113,8 @@ impl Decoder {
     }
 
     /// Whether the end-of-stream frame has been decoded.
-    pub fn ended(&self) -> bool {
+    pub(crate) fn ended(&self) -> bool {
         self.ended
-    }
-
-    /// Whether the decoder holds part of a frame.
-    pub fn mid_frame(&self) -> bool {
-        self.header_len > 0 || self.body.is_some()
     }
 
     /// Consumes bytes from `src` up to the end of the next complete frame.
@@ -212,18 +207,13 @@ impl<B: AsRef<[u8]>> OutFrame<B> {
     }
 
     /// Total bytes of the frame, header included.
-    pub fn total_len(&self) -> usize {
+    pub(crate) fn total_len(&self) -> usize {
         HEADER_LEN + self.payload.as_ref().len()
     }
 
     /// Whether every byte has been written.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.written == self.total_len()
-    }
-
-    /// The payload.
-    pub fn payload(&self) -> &B {
-        &self.payload
     }
 
     /// Whether some, but not all, of the frame has been written: the stream
@@ -247,7 +237,7 @@ impl<B: AsRef<[u8]>> OutFrame<B> {
     ///
     /// # Safety
     /// `dst` must be valid for writes of `room` bytes.
-    pub unsafe fn write_into(&mut self, dst: *mut u8, room: usize) -> usize {
+    pub(crate) unsafe fn write_into(&mut self, dst: *mut u8, room: usize) -> usize {
         let mut done = 0;
         while done < room && !self.is_done() {
             let (src, start): (&[u8], usize) = if self.written < HEADER_LEN {

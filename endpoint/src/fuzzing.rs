@@ -5,11 +5,13 @@
 //! The same functions run under cargo-fuzz (`fuzz/`, nightly, libFuzzer) and
 //! on stable, in this crate's tests, over a fixed-seed stream of random
 //! inputs for a bounded time ([`run_random`]). They panic on any broken
-//! invariant, so a panic is a finding. Not part of the stable API.
+//! invariant, so a panic is a finding. Built for this crate's tests and
+//! with the `fuzzing` feature (which `fuzz/` enables); not part of the stable API.
 
 use crate::frame::{self, Decoder, Item, OutFrame};
 use crate::{Endpoint, Error, Wakeup};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use memmap2::{MmapOptions, MmapRaw};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -106,57 +108,43 @@ pub fn frame_decoder(data: &[u8]) {
     }
 }
 
+/// Bytes before a ring's data area (the shared count and padding).
+const HEADER: usize = shmlink_interfaces::RING_HEADER as usize;
+
 /// A memfd mapped shared, as the peer would map it.
 struct Peer {
-    base: *mut u8,
-    len: usize,
+    map: MmapRaw,
 }
 
 impl Peer {
     fn map(fd: BorrowedFd<'_>) -> Peer {
-        // SAFETY: an all-zero `stat` is a valid value to be overwritten by fstat.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `st` is a valid out-pointer; `fd` is live.
-        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
-        let len = st.st_size as usize;
-        // SAFETY: a new shared mapping of a live memfd, at a place the kernel picks.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap the ring");
-        Peer {
-            base: p.cast(),
-            len,
-        }
+        // The whole file (memmap2 takes its length from fstat), read-write, shared.
+        let map = MmapOptions::new().map_raw(&fd).expect("mmap the ring");
+        Peer { map }
+    }
+
+    /// Bytes the data area holds: the mapping after the ring header.
+    fn data_len(&self) -> usize {
+        self.map.len() - HEADER
     }
 
     fn count(&self) -> &AtomicUsize {
-        // SAFETY: the mapping is page-aligned and outlives the borrow; the count
-        // is an atomic that both sides only access atomically.
-        unsafe { &*(self.base as *const AtomicUsize) }
+        // SAFETY: the mapping is page-aligned, at least a page long, and lives
+        // as long as `self`; the count is an atomic that both sides only access
+        // atomically.
+        unsafe { &*self.map.as_mut_ptr().cast::<AtomicUsize>() }
     }
 
     /// Copies `bytes` into the data area at `offset` (wrapping around the ring).
     fn poke(&self, offset: usize, bytes: &[u8]) {
-        let data = self.len - 64;
+        let data = self.data_len();
+        let base = self.map.as_mut_ptr();
         for (i, b) in bytes.iter().enumerate() {
-            // SAFETY: `(offset + i) % data < data`, so the byte is inside our mapping's data area.
-            unsafe { self.base.add(64 + (offset + i) % data).write_volatile(*b) };
+            // SAFETY: `HEADER + (offset + i) % data < map.len()`, so the byte
+            // is inside our mapping; volatile because the ring reads it through
+            // its own mapping of the same memory.
+            unsafe { base.add(HEADER + (offset + i) % data).write_volatile(*b) };
         }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        // SAFETY: we created this mapping and nobody else unmaps it.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
@@ -170,7 +158,7 @@ pub fn ring_reader(data: &[u8]) {
     use std::os::fd::AsFd;
     let inbound = Peer::map(fds.to_server.memfd.as_fd());
     let outbound = Peer::map(fds.to_client.memfd.as_fd());
-    let ring_len = inbound.len - 64;
+    let ring_len = inbound.data_len();
     // Where an honest peer would write next, to mix valid frames with garbage.
     let mut honest_pos = 0usize;
     let (mut rx_broken, mut tx_broken) = (false, false);
@@ -249,31 +237,24 @@ pub fn run_random(
     budget: Duration,
     max_runs: u64,
 ) -> u64 {
-    let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = fastrand::Rng::with_seed(seed);
     let end = Instant::now() + budget;
     let mut runs = 0;
     let mut input = Vec::with_capacity(max_len);
     while runs < max_runs && Instant::now() < end {
         input.clear();
-        let len = (next() as usize) % (max_len + 1);
+        let len = rng.usize(..=max_len);
         // Mostly small numbers and repeated bytes, which reach deeper than uniform noise.
-        let style = next() % 3;
+        let style = rng.u8(..3);
         for _ in 0..len {
-            let r = next();
             input.push(match style {
-                0 => r as u8,
-                1 => (r % 12) as u8,
+                0 => rng.u8(..),
+                1 => rng.u8(..12),
                 _ => {
-                    if r % 4 == 0 {
-                        r as u8
+                    if rng.u8(..4) == 0 {
+                        rng.u8(..)
                     } else {
-                        (r >> 8) as u8 & 0x0f
+                        rng.u8(..16)
                     }
                 }
             });

@@ -11,7 +11,7 @@
 
 mod endpoint;
 pub mod frame;
-#[doc(hidden)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 mod ring;
 pub mod sys;

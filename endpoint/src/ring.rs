@@ -184,9 +184,4 @@ impl RingReceiver {
     pub fn data_signal(&self) -> BorrowedFd<'_> {
         self.ring.empty_signal().as_fd()
     }
-
-    /// The eventfd we write when the ring stops being full.
-    pub fn space_signal(&self) -> BorrowedFd<'_> {
-        self.ring.full_signal().as_fd()
-    }
 }

@@ -1,32 +1,23 @@
-//! Thin wrappers over the Linux system calls the data plane needs.
+//! The Linux calls the data plane needs, through rustix.
 //!
-//! Every libc call goes through [`cvt`], which turns `-1` into `io::Error`,
-//! so the rest of the crate never looks at `errno`.
+//! Everything here is safe code over [`rustix`]; the one part no crate
+//! covers, interrupting an eventfd write that a hostile peer made block,
+//! lives in [`write_guard`].
 
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::fs::{FileType, SealFlags};
+use rustix::io::{retry_on_intr, Errno, ReadWriteFlags};
+use rustix::net::{AddressFamily, RecvFlags, SocketFlags, SocketType};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-/// Turns a libc return value of `-1` into the current `errno` as `io::Error`.
-pub fn cvt<T: PartialEq + From<i8>>(ret: T) -> io::Result<T> {
-    if ret == T::from(-1) {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
+// Its own file, endpoint/src/write_guard.rs: the one part of the plumbing
+// that is hand-written (and unsafe), kept apart from the safe wrappers.
+#[path = "write_guard.rs"]
+pub mod write_guard;
 
-/// Retries `f` while it fails with `EINTR`.
-fn retry<T, F: FnMut() -> io::Result<T>>(mut f: F) -> io::Result<T> {
-    loop {
-        match f() {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
-    }
-}
-
-/// What [`poll`] learnt about one fd.
+/// What [`poll_readable`] learnt about one fd.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ready {
     /// Readable (or, for a socket, closed by the peer).
@@ -39,32 +30,30 @@ pub struct Ready {
 ///
 /// Returns one [`Ready`] per fd; all false means the deadline passed.
 pub fn poll_readable(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::Result<Vec<Ready>> {
-    let mut pfds: Vec<libc::pollfd> = fds
+    let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|&fd| PollFd::from_borrowed_fd(fd, PollFlags::IN))
         .collect();
-    retry(|| {
-        let timeout = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                // Round up so that we never wake just before the deadline and spin.
-                left.as_millis().min(i32::MAX as u128) as i32
-                    + i32::from(left.subsec_nanos() % 1_000_000 != 0)
+    retry_on_intr(|| {
+        // The timeout is a timespec (ppoll): no rounding to milliseconds, so
+        // no early wake-up just before the deadline.
+        let timeout = deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            Timespec {
+                tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
+                tv_nsec: left.subsec_nanos().into(),
             }
-        };
-        // SAFETY: `pfds` is a valid, exclusively borrowed array of `pfds.len()` pollfd structs.
-        cvt(unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) })
+        });
+        rustix::event::poll(&mut pfds, timeout.as_ref())
     })?;
     Ok(pfds
         .iter()
-        .map(|p| Ready {
-            readable: p.revents & libc::POLLIN != 0,
-            hangup: p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
+        .map(|p| {
+            let r = p.revents();
+            Ready {
+                readable: r.contains(PollFlags::IN),
+                hangup: r.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL),
+            }
         })
         .collect())
 }
@@ -72,19 +61,24 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::R
 /// Resets an eventfd's counter without blocking and without touching the
 /// O_NONBLOCK flag that the peer shares (`preadv2` with `RWF_NOWAIT`).
 ///
-/// Returns the counter value read, 0 when it was already zero.
+/// Returns the counter value read (a native-endian `u64`), 0 when it was
+/// already zero.
 pub fn eventfd_drain(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut value = 0u64;
-    let iov = libc::iovec {
-        iov_base: (&mut value as *mut u64).cast(),
-        iov_len: 8,
-    };
-    // SAFETY: `iov` points at 8 writable bytes owned by this frame; `fd` is a live borrowed fd.
-    let r = retry(|| cvt(unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) }));
+    let mut value = [0u8; 8];
+    // rustix passes `u64::MAX` to the kernel as offset -1, "the current
+    // position", the only offset an eventfd accepts (0 gives ESPIPE).
+    let r = retry_on_intr(|| {
+        rustix::io::preadv2(
+            fd,
+            &mut [io::IoSliceMut::new(&mut value)],
+            u64::MAX,
+            ReadWriteFlags::NOWAIT,
+        )
+    });
     match r {
-        Ok(_) => Ok(value),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-        Err(e) => Err(e),
+        Ok(_) => Ok(u64::from_ne_bytes(value)),
+        Err(Errno::AGAIN) => Ok(0),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -94,15 +88,14 @@ pub fn eventfd_drain(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// would block. We check writability first and report a saturated counter as
 /// `WouldBlock`, which callers treat as hostile.
 pub fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
+    let mut pfd = [PollFd::from_borrowed_fd(fd, PollFlags::OUT)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // SAFETY: `pfd` is one valid pollfd; timeout 0 never blocks.
-    let n = retry(|| cvt(unsafe { libc::poll(&mut pfd, 1, 0) }))?;
-    if n == 0 || pfd.revents & libc::POLLOUT == 0 {
-        return Err(io::Error::from(io::ErrorKind::WouldBlock));
+    let n = retry_on_intr(|| rustix::event::poll(&mut pfd, Some(&zero)))?;
+    if n == 0 || !pfd[0].revents().contains(PollFlags::OUT) {
+        return Err(io::ErrorKind::WouldBlock.into());
     }
     eventfd_add_one(fd)
 }
@@ -116,154 +109,31 @@ pub fn eventfd_signal(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// interrupted write (`EINTR`, only possible when the write blocked, that is
 /// when the counter was full) is reported as `WouldBlock`, like a flood.
 fn eventfd_add_one(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one = 1u64.to_ne_bytes();
     let guard = write_guard::enter();
-    // SAFETY: `one` is 8 readable bytes; `fd` is a live borrowed fd.
-    let r = cvt(unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) });
+    let r = rustix::io::write(fd, &1u64.to_ne_bytes());
     drop(guard);
     match r {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-            Err(io::Error::from(io::ErrorKind::WouldBlock))
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// A watchdog that un-sticks protected threads blocked in an eventfd write.
-///
-/// Each protected thread counts its writes in a sequence number (odd while
-/// inside one: two relaxed atomic increments, no system call). Every
-/// [`STUCK`] the watchdog thread looks at all of them; a thread seen inside
-/// the same write twice in a row gets `SIGURG`, whose handler does nothing
-/// and is installed without `SA_RESTART`, so the blocked `write` returns
-/// `EINTR`. A signal that arrives just after the write finished only
-/// interrupts something else, which every call on a protected thread retries
-/// (`epoll_wait`, `poll`, `preadv2`) or never sees (futexes restart).
-pub mod write_guard {
-    use std::cell::Cell;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Mutex, Once};
-    use std::time::Duration;
-
-    /// How long a write may block before the watchdog interrupts it.
-    pub const STUCK: Duration = Duration::from_millis(20);
-
-    struct Slot {
-        thread: libc::pthread_t,
-        seq: AtomicU64,
-    }
-
-    static SLOTS: Mutex<Vec<&'static Slot>> = Mutex::new(Vec::new());
-    static START: Once = Once::new();
-
-    thread_local! {
-        static MINE: Cell<Option<&'static Slot>> = const { Cell::new(None) };
-    }
-
-    extern "C" fn on_sigurg(_: libc::c_int) {}
-
-    fn start_watchdog() -> std::io::Result<()> {
-        // SAFETY: an all-zero sigaction is a valid value to fill in.
-        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-        sa.sa_sigaction = on_sigurg as *const () as libc::sighandler_t;
-        sa.sa_flags = 0; // no SA_RESTART: the blocked write must return EINTR
-                         // SAFETY: `sa.sa_mask` is a valid sigset_t to initialise.
-        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
-        // SAFETY: `sa` is initialised; the handler is async-signal-safe (it does nothing).
-        if unsafe { libc::sigaction(libc::SIGURG, &sa, std::ptr::null_mut()) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        std::thread::Builder::new().name("shmlink-write-watchdog".into()).spawn(|| {
-            let mut last: Vec<u64> = Vec::new();
-            loop {
-                std::thread::sleep(STUCK);
-                let slots = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
-                last.resize(slots.len(), 0);
-                for (slot, seen) in slots.iter().zip(last.iter_mut()) {
-                    let now = slot.seq.load(Ordering::Acquire);
-                    if now % 2 == 1 && now == *seen {
-                        log::warn!("an eventfd write has blocked for {STUCK:?}: the peer cleared O_NONBLOCK and filled the counter; interrupting it");
-                        // SAFETY: the thread registered itself and, being a
-                        // long-lived worker, is still running; SIGURG has our no-op handler.
-                        unsafe { libc::pthread_kill(slot.thread, libc::SIGURG) };
-                    }
-                    *seen = now;
-                }
-            }
-        })?;
-        Ok(())
-    }
-
-    /// Protects the calling thread: its eventfd writes that block are
-    /// interrupted. For long-lived threads only (the daemon's workers); the
-    /// registration lasts for the life of the process.
-    pub fn protect_this_thread() -> std::io::Result<()> {
-        let mut err = None;
-        START.call_once(|| err = start_watchdog().err());
-        if let Some(e) = err {
-            return Err(e);
-        }
-        if MINE.with(|m| m.get().is_some()) {
-            return Ok(());
-        }
-        // SAFETY: pthread_self has no preconditions.
-        let thread = unsafe { libc::pthread_self() };
-        // One small slot per protected thread, kept for the life of the process.
-        let slot: &'static Slot = Box::leak(Box::new(Slot {
-            thread,
-            seq: AtomicU64::new(0),
-        }));
-        SLOTS.lock().unwrap_or_else(|e| e.into_inner()).push(slot);
-        MINE.with(|m| m.set(Some(slot)));
-        Ok(())
-    }
-
-    /// While alive, marks the calling thread as inside a write that the
-    /// watchdog may interrupt (if the thread is protected; otherwise inert).
-    pub struct Guard(Option<&'static Slot>);
-
-    /// Marks the calling thread as inside a write until the guard drops.
-    pub fn enter() -> Guard {
-        let slot = MINE.with(|m| m.get());
-        if let Some(s) = slot {
-            s.seq.fetch_add(1, Ordering::AcqRel);
-        }
-        Guard(slot)
-    }
-
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            if let Some(s) = self.0 {
-                s.seq.fetch_add(1, Ordering::AcqRel);
-            }
-        }
+        Err(Errno::INTR) => Err(io::ErrorKind::WouldBlock.into()),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Sets O_NONBLOCK on an open file description.
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: F_GETFL takes no pointer argument; `fd` is live.
-    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: F_SETFL takes an int argument; `fd` is live.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?;
     Ok(())
 }
 
 /// Creates a connected pair of `AF_UNIX` stream sockets, close-on-exec.
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` has room for the two fds socketpair writes.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
-    // SAFETY: socketpair succeeded, so both fds are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// State of a hang-up socket as seen without blocking.
@@ -279,31 +149,23 @@ pub enum HangupState {
 
 /// Peeks at a hang-up socket without blocking and without consuming anything.
 pub fn hangup_state(fd: BorrowedFd<'_>) -> io::Result<HangupState> {
-    let mut byte = 0u8;
-    let r = retry(|| {
-        // SAFETY: `byte` is one writable byte; MSG_PEEK|MSG_DONTWAIT neither consumes nor blocks.
-        cvt(unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        })
-    });
+    let mut byte = [0u8; 1];
+    let r =
+        retry_on_intr(|| rustix::net::recv(fd, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT));
     match r {
-        Ok(0) => Ok(HangupState::Closed),
+        Ok((_, 0)) => Ok(HangupState::Closed),
         Ok(_) => Ok(HangupState::Written),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(HangupState::Open),
-        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => Ok(HangupState::Closed),
-        Err(e) => Err(e),
+        Err(Errno::AGAIN) => Ok(HangupState::Open),
+        Err(Errno::CONNRESET) => Ok(HangupState::Closed),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// What kind of file an fd refers to, as far as shmlink cares.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FdKind {
-    /// A memfd (`/memfd:NAME`), with its size and whether `F_SEAL_SHRINK` is set.
+    /// A memfd (a sealable shared-memory file), with its size and whether
+    /// `F_SEAL_SHRINK` is set.
     Memfd {
         /// Size in bytes from `fstat`.
         size: u64,
@@ -318,41 +180,45 @@ pub enum FdKind {
     Other(String),
 }
 
-/// Identifies what `fd` is, from `/proc/self/fd`, `fstat` and `F_GET_SEALS`.
+/// Identifies what `fd` is.
+///
+/// Sockets and memfds are told apart with `fstat` and `F_GET_SEALS` alone:
+/// only shared-memory files answer `F_GET_SEALS`, and of those only memfds
+/// can carry any seal but `F_SEAL_SEAL` (a tmpfs file opened by path is born
+/// with `F_SEAL_SEAL` and so can never gain `F_SEAL_SHRINK`, which the ring
+/// checks require). An eventfd shares one anonymous inode with timerfds,
+/// signalfds and epoll fds, so nothing `fstat` returns distinguishes it; the
+/// kernel names it in the `/proc/self/fd` link (`anon_inode:[eventfd]`),
+/// the one check that neither touches the counter nor wakes the peer.
 pub fn fd_kind(fd: BorrowedFd<'_>) -> io::Result<FdKind> {
+    let st = rustix::fs::fstat(fd)?;
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Socket => return Ok(FdKind::Socket),
+        FileType::RegularFile => match rustix::fs::fcntl_get_seals(fd) {
+            Ok(seals) => {
+                return Ok(FdKind::Memfd {
+                    size: st.st_size.try_into().unwrap_or(0),
+                    shrink_sealed: seals.contains(SealFlags::SHRINK),
+                })
+            }
+            // Not a shared-memory file (or an anonymous inode on kernels
+            // that report those as regular files).
+            Err(Errno::INVAL) => {}
+            Err(e) => return Err(e.into()),
+        },
+        _ => {}
+    }
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
     let link = link.to_string_lossy().into_owned();
-    // SAFETY: an all-zero `stat` is a valid value to be overwritten by fstat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid out-pointer; `fd` is live.
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    let fmt = st.st_mode & libc::S_IFMT;
-    if fmt == libc::S_IFSOCK {
-        return Ok(FdKind::Socket);
-    }
     if link == "anon_inode:[eventfd]" {
         return Ok(FdKind::Eventfd);
-    }
-    if fmt == libc::S_IFREG && link.starts_with("/memfd:") {
-        // SAFETY: F_GET_SEALS takes no argument; `fd` is live.
-        let seals = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })?;
-        return Ok(FdKind::Memfd {
-            size: st.st_size as u64,
-            shrink_sealed: seals & libc::F_SEAL_SHRINK != 0,
-        });
     }
     Ok(FdKind::Other(link))
 }
 
 /// The system page size.
 pub fn page_size() -> usize {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if ps <= 0 {
-        4096
-    } else {
-        ps as usize
-    }
+    rustix::param::page_size()
 }
 
 /// Spins until `ready()` or `budget` has passed; returns whether it became ready.
@@ -387,20 +253,161 @@ pub fn spin_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::event::{eventfd, EventfdFlags};
+    use rustix::fs::{memfd_create, MemfdFlags};
     use std::os::fd::AsFd;
+
+    fn blocking_eventfd(initial: u32) -> OwnedFd {
+        eventfd(initial, EventfdFlags::CLOEXEC).expect("eventfd")
+    }
+
+    fn sealable_memfd(len: u64) -> OwnedFd {
+        let fd = memfd_create(
+            "shmlink-test",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .expect("memfd_create");
+        rustix::fs::ftruncate(&fd, len).expect("ftruncate");
+        fd
+    }
+
+    /// The drain reads through `preadv2` at "the current position": a wrong
+    /// offset would fail with ESPIPE here, and the value must come back whole.
+    #[test]
+    fn drain_returns_the_counter_and_resets_it() {
+        let fd = blocking_eventfd(0);
+        rustix::io::write(&fd, &0x0102_0304_0506_0708u64.to_ne_bytes()).expect("write");
+        assert_eq!(
+            eventfd_drain(fd.as_fd()).expect("drain"),
+            0x0102_0304_0506_0708
+        );
+        assert_eq!(eventfd_drain(fd.as_fd()).expect("drain again"), 0);
+    }
+
+    /// An empty blocking eventfd: the drain returns at once (RWF_NOWAIT) and
+    /// leaves the shared O_NONBLOCK flag alone.
+    #[test]
+    fn drain_of_an_empty_blocking_eventfd_returns_at_once() {
+        let fd = blocking_eventfd(0);
+        let start = Instant::now();
+        assert_eq!(eventfd_drain(fd.as_fd()).expect("drain"), 0);
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let flags = rustix::fs::fcntl_getfl(&fd).expect("getfl");
+        assert!(!flags.contains(rustix::fs::OFlags::NONBLOCK));
+    }
+
+    #[test]
+    fn signal_adds_one_and_a_full_counter_is_refused() {
+        let fd = blocking_eventfd(0);
+        eventfd_signal(fd.as_fd()).expect("signal");
+        eventfd_signal(fd.as_fd()).expect("signal");
+        assert_eq!(eventfd_drain(fd.as_fd()).expect("drain"), 2);
+        rustix::io::write(&fd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).expect("fill");
+        let err = eventfd_signal(fd.as_fd()).expect_err("a full counter");
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(
+            eventfd_drain(fd.as_fd()).expect("drain"),
+            0xffff_ffff_ffff_fffe
+        );
+    }
+
+    #[test]
+    fn poll_reports_readable_hangup_and_deadline() {
+        let ev = blocking_eventfd(0);
+        let (a, b) = socketpair().expect("socketpair");
+        let fds = [ev.as_fd(), a.as_fd()];
+
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(30);
+        let r = poll_readable(&fds, Some(deadline)).expect("poll");
+        assert_eq!(r, vec![Ready::default(); 2]);
+        assert!(Instant::now() >= deadline, "woke before the deadline");
+
+        eventfd_signal(ev.as_fd()).expect("signal");
+        let r = poll_readable(&fds, None).expect("poll");
+        assert!(r[0].readable && !r[1].readable && !r[1].hangup);
+
+        drop(b);
+        let r = poll_readable(&fds[1..], None).expect("poll");
+        assert!(r[0].hangup);
+    }
+
+    #[test]
+    fn hangup_state_tells_open_written_and_closed() {
+        let (a, b) = socketpair().expect("socketpair");
+        assert_eq!(hangup_state(a.as_fd()).expect("peek"), HangupState::Open);
+        rustix::io::write(&b, b"x").expect("write");
+        // Peeking consumes nothing: it stays written.
+        assert_eq!(hangup_state(a.as_fd()).expect("peek"), HangupState::Written);
+        assert_eq!(hangup_state(a.as_fd()).expect("peek"), HangupState::Written);
+        let (c, d) = socketpair().expect("socketpair");
+        drop(d);
+        assert_eq!(hangup_state(c.as_fd()).expect("peek"), HangupState::Closed);
+    }
+
+    #[test]
+    fn fd_kind_identifies_each_kind() {
+        let (a, _b) = socketpair().expect("socketpair");
+        assert_eq!(fd_kind(a.as_fd()).expect("kind"), FdKind::Socket);
+        assert_eq!(
+            fd_kind(blocking_eventfd(0).as_fd()).expect("kind"),
+            FdKind::Eventfd
+        );
+
+        let m = sealable_memfd(10_000);
+        assert_eq!(
+            fd_kind(m.as_fd()).expect("kind"),
+            FdKind::Memfd {
+                size: 10_000,
+                shrink_sealed: false
+            }
+        );
+        rustix::fs::fcntl_add_seals(&m, SealFlags::SHRINK).expect("seal");
+        assert_eq!(
+            fd_kind(m.as_fd()).expect("kind"),
+            FdKind::Memfd {
+                size: 10_000,
+                shrink_sealed: true
+            }
+        );
+
+        let (r, _w) = rustix::pipe::pipe().expect("pipe");
+        assert!(
+            matches!(fd_kind(r.as_fd()).expect("kind"), FdKind::Other(l) if l.starts_with("pipe:"))
+        );
+        let exe = std::fs::File::open(std::env::current_exe().expect("exe")).expect("open");
+        assert!(
+            matches!(fd_kind(exe.as_fd()).expect("kind"), FdKind::Other(l) if l.starts_with('/'))
+        );
+        // Another anonymous-inode fd that is not an eventfd.
+        let ep = rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC)
+            .expect("epoll");
+        assert!(
+            matches!(fd_kind(ep.as_fd()).expect("kind"), FdKind::Other(l) if l.contains("eventpoll"))
+        );
+    }
+
+    #[test]
+    fn set_nonblocking_sets_the_flag() {
+        let fd = blocking_eventfd(0);
+        set_nonblocking(fd.as_fd()).expect("set");
+        let flags = rustix::fs::fcntl_getfl(&fd).expect("getfl");
+        assert!(flags.contains(rustix::fs::OFlags::NONBLOCK));
+    }
+
+    #[test]
+    fn page_size_is_a_power_of_two() {
+        let ps = page_size();
+        assert!(ps >= 4096 && ps.is_power_of_two(), "{ps}");
+    }
 
     /// A peer cleared O_NONBLOCK and filled the counter after our check: the
     /// write blocks, and the watchdog must interrupt it on a protected thread.
     #[test]
     fn a_blocked_eventfd_write_is_interrupted_on_a_protected_thread() {
-        // SAFETY: eventfd takes no pointers; blocking mode on purpose.
-        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) }).expect("eventfd");
-        // SAFETY: eventfd returned a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let full = 0xffff_ffff_ffff_fffeu64.to_ne_bytes();
-        // SAFETY: `full` is 8 readable bytes; the counter is 0, so this cannot block.
-        let written = unsafe { libc::write(fd.as_raw_fd(), full.as_ptr().cast(), 8) };
-        assert_eq!(written, 8);
+        let fd = blocking_eventfd(0);
+        // The counter is 0, so this cannot block.
+        rustix::io::write(&fd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).expect("fill");
         let (tx, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
             write_guard::protect_this_thread().expect("protect");
@@ -415,5 +422,26 @@ mod tests {
         let (r, took) = t.join().expect("thread");
         assert_eq!(r, Err(io::ErrorKind::WouldBlock));
         assert!(took < Duration::from_secs(5), "took {took:?}");
+    }
+
+    /// Protected threads that come and go are taken off the watchdog's list
+    /// when they end, and each new one is still interrupted.
+    #[test]
+    fn protection_survives_threads_that_end() {
+        for _ in 0..3 {
+            let fd = blocking_eventfd(0);
+            rustix::io::write(&fd, &0xffff_ffff_ffff_fffeu64.to_ne_bytes()).expect("fill");
+            let (tx, rx) = std::sync::mpsc::channel();
+            let t = std::thread::spawn(move || {
+                write_guard::protect_this_thread().expect("protect");
+                write_guard::protect_this_thread().expect("protect twice");
+                let _ = tx.send(eventfd_add_one(fd.as_fd()).map_err(|e| e.kind()));
+            });
+            let r = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the blocked write was never interrupted");
+            assert_eq!(r, Err(io::ErrorKind::WouldBlock));
+            t.join().expect("thread");
+        }
     }
 }
