@@ -9,8 +9,8 @@
 pub mod hostile;
 pub mod sdboot;
 
-use shmlink::process::{locate_daemon, DaemonProcess, PrivateBus};
 use shmlink::{Bus, Client};
+use shmlink_test_support::{locate_daemon, DaemonProcess, PrivateBus};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -145,7 +145,7 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-pub use shmlink::process::{fd_count, proc_status};
+pub use shmlink_test_support::{fd_count, proc_status};
 
 /// A copy of `bin` that any user can execute, wherever the build directory is
 /// (a checkout under a 0700 home directory is not reachable by `nobody`).
