@@ -20,7 +20,7 @@ mod session;
 
 #[cfg(feature = "tokio")]
 pub use async_session::AsyncSession;
-pub use session::{Counters, Session, SessionBuilder, SessionReader, SessionWriter};
+pub use session::{Counters, Session, SessionBuilder, SessionReceiver, SessionSender};
 pub use shmlink_endpoint::Wakeup;
 pub use shmlink_interfaces::Bus;
 

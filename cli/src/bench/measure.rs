@@ -65,7 +65,7 @@ pub(super) fn shmlink_echo(client: &Client, msg: &[u8], budget: Duration) -> Res
     let (mut w, mut r) = s.split();
     let len = msg.len();
     let t = Instant::now();
-    let reader = std::thread::spawn(move || -> Result<(u64, shmlink::SessionReader)> {
+    let reader = std::thread::spawn(move || -> Result<(u64, shmlink::SessionReceiver)> {
         let mut n = 0u64;
         while let Some(m) = r.recv()? {
             ensure!(m.len() == len, "echo returned {} bytes for {len}", m.len());
