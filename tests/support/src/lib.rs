@@ -372,3 +372,126 @@ pub fn proc_status(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls `cond` until it holds or `limit` passes.
+    fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + limit;
+        while !cond() {
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// The state letter of `/proc/PID/stat` (`Z` for a zombie), None once reaped.
+    fn proc_state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.chars().next()
+    }
+
+    #[test]
+    fn a_private_bus_answers_and_leaves_nothing_behind() {
+        let bus = PrivateBus::start().expect("start dbus-daemon");
+        let pid = bus.pid();
+        let dir = bus._dir.path().to_owned();
+        assert!(dir.join("bus.conf").is_file());
+        let conn = Connection::from(bus.bus().connect().expect("connect to the private bus"));
+        let proxy = conn.with_proxy(
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            CALL_TIMEOUT,
+        );
+        let (id,): (String,) = proxy
+            .method_call("org.freedesktop.DBus", "GetId", ())
+            .expect("GetId");
+        assert!(!id.is_empty());
+        drop(conn);
+        bus.stop().expect("stop the bus");
+        assert_eq!(proc_state(pid), None, "the bus was not reaped");
+        assert!(!dir.exists(), "{} was not removed", dir.display());
+    }
+
+    #[test]
+    fn a_child_dies_with_the_thread_that_started_it() {
+        let pid = std::thread::spawn(|| {
+            let bus = PrivateBus::start().expect("start dbus-daemon");
+            let pid = bus.pid();
+            // Neither stopped nor dropped: only the death signal can end it.
+            std::mem::forget(bus);
+            pid
+        })
+        .join()
+        .expect("the starting thread");
+        assert!(
+            within(Duration::from_secs(10), || proc_state(pid) == Some('Z')),
+            "dbus-daemon {pid} outlived the thread that started it (state {:?})",
+            proc_state(pid)
+        );
+    }
+
+    #[test]
+    fn a_daemon_that_exits_before_owning_its_name_is_an_error_with_its_log() {
+        use std::os::unix::fs::PermissionsExt;
+        let bus = PrivateBus::start().expect("start dbus-daemon");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fake = dir.path().join("fake-shmlinkd");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho \"no broker here: $*\" >&2\nexit 3\n",
+        )
+        .expect("write the fake daemon");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let err = match DaemonProcess::start(&fake, bus.address(), &["--extra"]) {
+            Ok(_) => panic!("the fake daemon cannot own org.shmlink.Broker1"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("exited with exit status: 3"), "{err}");
+        let args = format!("no broker here: --address {} --extra", bus.address());
+        assert!(err.contains(&args), "{err}");
+    }
+
+    /// `bash -c SCRIPT` with null stdio, run until killed.
+    fn bash(script: &str) -> Child {
+        Command::new("bash")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bash")
+    }
+
+    #[test]
+    fn proc_readings_describe_the_process() {
+        // The same program, one with two more fds open (whatever else both inherit).
+        let mut plain = bash("exec sleep 30");
+        // `{var}<` opens on a free fd (10 or above).
+        let mut more = bash("exec {a}</dev/null {b}</dev/null; exec sleep 30");
+        let (a, b) = (plain.id(), more.id());
+        let is_sleep = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        };
+        // Poll until both have exec'd sleep (the fds are set by then).
+        let started = within(Duration::from_secs(10), || is_sleep(a) && is_sleep(b));
+        let (fds_a, fds_b) = (fd_count(a), fd_count(b));
+        let (threads, rss) = (proc_status(a, "Threads"), proc_status(a, "VmRSS"));
+        let unknown = proc_status(a, "NoSuchField");
+        for c in [&mut plain, &mut more] {
+            c.kill().expect("kill sleep");
+            c.wait().expect("reap sleep");
+        }
+        assert!(started, "sleep did not start");
+        assert!(fds_a >= 3, "stdin, stdout and stderr at least: {fds_a}");
+        assert_eq!(fds_b, fds_a + 2);
+        assert_eq!(threads, 1);
+        assert!(rss > 0);
+        assert_eq!(unknown, 0);
+        assert_eq!(fd_count(a), 0, "a reaped process has no fds to count");
+    }
+}
