@@ -132,17 +132,13 @@ pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A deterministic, non-repeating-looking payload of `len` bytes for message `seed`.
+/// A deterministic, non-repeating-looking payload of `len` bytes for message
+/// `seed`: the same seed and length always give the same bytes, so a
+/// receiver (or another process) can recompute what it should get.
 pub fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut bytes = vec![0u8; len];
+    fastrand::Rng::with_seed(seed).fill(&mut bytes);
+    bytes
 }
 
 pub use shmlink_test_support::{fd_count, proc_status};
