@@ -196,11 +196,6 @@ impl Session {
         Ok(self.endpoint.try_recv()?)
     }
 
-    /// Limits how long `send` and `recv` may wait (None: forever).
-    pub fn set_timeout(&mut self, t: Option<Duration>) {
-        self.endpoint.set_timeout(t);
-    }
-
     /// The broker's counters for this session.
     pub fn counters(&self) -> Result<Counters, Error> {
         counters(&self.info)
@@ -222,7 +217,7 @@ impl Session {
         (
             SessionSender {
                 tx,
-                info: self.info.clone(),
+                _info: self.info.clone(),
             },
             SessionReceiver {
                 rx,
@@ -320,7 +315,9 @@ impl io::Read for Session {
 /// The sending half of a split session.
 pub struct SessionSender {
     tx: EndpointSender,
-    info: Arc<SessionInfo>,
+    // Keeps the D-Bus connection open while this half lives: the broker ends
+    // every session of a connection that leaves the bus.
+    _info: Arc<SessionInfo>,
 }
 
 impl SessionSender {
@@ -331,14 +328,6 @@ impl SessionSender {
     /// Tells the service we will send nothing more.
     pub fn finish(&mut self) -> Result<(), Error> {
         Ok(self.tx.finish()?)
-    }
-    /// The session's object path.
-    pub fn path(&self) -> &str {
-        &self.info.path
-    }
-    /// Limits how long `send` may wait.
-    pub fn set_timeout(&mut self, t: Option<Duration>) {
-        self.tx.set_timeout(t);
     }
 }
 
