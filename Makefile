@@ -57,7 +57,7 @@ endef
 all: build
 
 build:
-	$(CARGO) build --release --locked -p shmlink-server -p shmlink
+	$(CARGO) build --release --locked -p shmlink-server -p shmlink-cli
 
 install: install-bin install-data
 

@@ -50,7 +50,7 @@ impl SessionBuilder {
 impl Session {
     /// Turns this session into an [`AsyncSession`]. Must be called inside a
     /// tokio runtime with an I/O driver.
-    pub fn into_async(self) -> Result<AsyncSession, Error> {
+    pub(crate) fn into_async(self) -> Result<AsyncSession, Error> {
         let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<AsyncFd<OwnedFd>, Error> {
             let owned = fd
                 .try_clone_to_owned()
@@ -84,7 +84,10 @@ impl Session {
     }
 }
 
-/// An open session driven by tokio; see the [module docs](self).
+/// An open session driven by tokio: it waits for data, room or the peer's
+/// hang-up through tokio's reactor (the session's eventfds and hang-up
+/// socket), so no thread blocks. A wake-up is only a hint; the ring is
+/// re-checked after each one.
 ///
 /// It implements [`AsyncRead`] and [`AsyncWrite`] as a byte stream (each
 /// `write` sends one message; reads ignore message boundaries), so
@@ -184,21 +187,6 @@ fn next_item(ep: &mut Endpoint) -> Result<Option<Option<Vec<u8>>>, shmlink_endpo
 }
 
 impl AsyncSession {
-    /// The session's object path on the bus.
-    pub fn path(&self) -> &str {
-        &self.info.path
-    }
-
-    /// The service's name.
-    pub fn service(&self) -> &str {
-        &self.info.service
-    }
-
-    /// Largest message either side may send.
-    pub fn max_message(&self) -> u32 {
-        self.endpoint.max_message()
-    }
-
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), shmlink_endpoint::Error>> {
         let Some(frame) = self.pending.as_mut() else {
             return Poll::Ready(Ok(()));

@@ -16,12 +16,11 @@
 
 #[cfg(feature = "tokio")]
 mod async_session;
-pub mod process;
 mod session;
 
 #[cfg(feature = "tokio")]
 pub use async_session::AsyncSession;
-pub use session::{Counters, Session, SessionBuilder, SessionReader, SessionWriter};
+pub use session::{Counters, Session, SessionBuilder, SessionReceiver, SessionSender};
 pub use shmlink_endpoint::Wakeup;
 pub use shmlink_interfaces::Bus;
 
@@ -103,7 +102,6 @@ pub struct SessionEntry {
 #[derive(Clone)]
 pub struct Client {
     conn: Arc<SyncConnection>,
-    bus: Bus,
 }
 
 impl Client {
@@ -115,18 +113,7 @@ impl Client {
         })?;
         Ok(Client {
             conn: Arc::new(SyncConnection::from(channel)),
-            bus: bus.clone(),
         })
-    }
-
-    /// The bus this client talks on.
-    pub fn bus(&self) -> &Bus {
-        &self.bus
-    }
-
-    /// This connection's unique bus name.
-    pub fn unique_name(&self) -> String {
-        self.conn.unique_name().to_string()
     }
 
     pub(crate) fn proxy<'a>(
@@ -134,10 +121,6 @@ impl Client {
         path: &'a str,
     ) -> dbus::blocking::Proxy<'a, &'a SyncConnection> {
         self.conn.with_proxy(BUS_NAME, path, CALL_TIMEOUT)
-    }
-
-    pub(crate) fn connection(&self) -> &Arc<SyncConnection> {
-        &self.conn
     }
 
     /// Starts building a session with `service`.

@@ -196,11 +196,6 @@ impl Session {
         Ok(self.endpoint.try_recv()?)
     }
 
-    /// Limits how long `send` and `recv` may wait (None: forever).
-    pub fn set_timeout(&mut self, t: Option<Duration>) {
-        self.endpoint.set_timeout(t);
-    }
-
     /// The broker's counters for this session.
     pub fn counters(&self) -> Result<Counters, Error> {
         counters(&self.info)
@@ -216,15 +211,15 @@ impl Session {
         close(&self.info)
     }
 
-    /// Splits into a writer and a reader usable from two threads.
-    pub fn split(self) -> (SessionWriter, SessionReader) {
+    /// Splits into a sender and a receiver usable from two threads.
+    pub fn split(self) -> (SessionSender, SessionReceiver) {
         let (tx, rx) = self.endpoint.split();
         (
-            SessionWriter {
+            SessionSender {
                 tx,
-                info: self.info.clone(),
+                _info: self.info.clone(),
             },
-            SessionReader {
+            SessionReceiver {
                 rx,
                 info: self.info,
                 leftover: self.leftover,
@@ -318,12 +313,14 @@ impl io::Read for Session {
 }
 
 /// The sending half of a split session.
-pub struct SessionWriter {
+pub struct SessionSender {
     tx: EndpointSender,
-    info: Arc<SessionInfo>,
+    // Keeps the D-Bus connection open while this half lives: the broker ends
+    // every session of a connection that leaves the bus.
+    _info: Arc<SessionInfo>,
 }
 
-impl SessionWriter {
+impl SessionSender {
     /// Sends one message.
     pub fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
         Ok(self.tx.send(msg)?)
@@ -332,17 +329,9 @@ impl SessionWriter {
     pub fn finish(&mut self) -> Result<(), Error> {
         Ok(self.tx.finish()?)
     }
-    /// The session's object path.
-    pub fn path(&self) -> &str {
-        &self.info.path
-    }
-    /// Limits how long `send` may wait.
-    pub fn set_timeout(&mut self, t: Option<Duration>) {
-        self.tx.set_timeout(t);
-    }
 }
 
-impl io::Write for SessionWriter {
+impl io::Write for SessionSender {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let max = self.tx.max_message();
         write_stream(buf, max, |b| self.tx.send(b))
@@ -353,14 +342,14 @@ impl io::Write for SessionWriter {
 }
 
 /// The receiving half of a split session.
-pub struct SessionReader {
+pub struct SessionReceiver {
     rx: EndpointReceiver,
     info: Arc<SessionInfo>,
     leftover: Vec<u8>,
     leftover_pos: usize,
 }
 
-impl SessionReader {
+impl SessionReceiver {
     /// Receives the next message; `None` once the service finished sending.
     pub fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
         Ok(self.rx.recv()?)
@@ -383,7 +372,7 @@ impl SessionReader {
     }
 }
 
-impl io::Read for SessionReader {
+impl io::Read for SessionReceiver {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let rx = &mut self.rx;
         read_stream(buf, &mut self.leftover, &mut self.leftover_pos, || {

@@ -4,6 +4,7 @@
 //! survive, every honest byte must arrive intact, and its fd count and memory
 //! must come back to where they started.
 
+use fastrand::Rng;
 use shmlink_tests::hostile::{hostile_binary, RawSession};
 use shmlink_tests::{fd_count, payload, proc_status, wait_until, Harness, DEADLINE};
 use std::io::{BufRead, BufReader};
@@ -24,19 +25,6 @@ fn soak_time() -> Duration {
     Duration::from_secs(secs)
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Default)]
 struct Tally {
     echo_msgs: AtomicU64,
@@ -51,12 +39,12 @@ fn honest_echo(bus: &shmlink::Bus, rng: &mut Rng, t: &Tally) {
     let c = shmlink::Client::connect(bus).expect("connect");
     let mut s = c
         .session("echo")
-        .capacity(4096 << rng.below(6))
+        .capacity(4096 << rng.u64(..6))
         .timeout(Duration::from_secs(20))
         .open()
         .expect("open echo");
-    for i in 0..(1 + rng.below(200)) {
-        let m = payload(rng.next(), rng.below(70_000) as usize);
+    for i in 0..(1 + rng.u64(..200)) {
+        let m = payload(rng.u64(..), rng.u64(..70_000) as usize);
         s.send(&m).expect("echo send");
         let back = s.recv().expect("echo recv").expect("echo ended early");
         assert!(back == m, "echo message {i} came back different");
@@ -77,8 +65,8 @@ fn honest_sink(bus: &shmlink::Bus, rng: &mut Rng, t: &Tally) {
         .expect("open sink");
     let mut crc = crc32fast::Hasher::new();
     let mut bytes = 0u64;
-    for _ in 0..(1 + rng.below(100)) {
-        let m = payload(rng.next(), rng.below(200_000) as usize);
+    for _ in 0..(1 + rng.u64(..100)) {
+        let m = payload(rng.u64(..), rng.u64(..200_000) as usize);
         crc.update(&m);
         bytes += m.len() as u64;
         s.send(&m).expect("sink send");
@@ -109,7 +97,7 @@ fn killed_process(address: &str, rng: &mut Rng, t: &Tally) {
         .expect("PATH line");
     assert!(line.starts_with("PATH "), "hostile-client stream: {line:?}");
     // Let it stream for a moment (it blocks on a full ring at worst).
-    let until = Instant::now() + Duration::from_millis(rng.below(50));
+    let until = Instant::now() + Duration::from_millis(rng.u64(..50));
     while Instant::now() < until && child.try_wait().expect("try_wait").is_none() {
         std::thread::yield_now();
     }
@@ -123,12 +111,12 @@ fn killed_process(address: &str, rng: &mut Rng, t: &Tally) {
 fn misbehave(address: &str, rng: &mut Rng, t: &Tally) {
     let mut s = RawSession::open(
         address,
-        if rng.below(2) == 0 { "echo" } else { "sink" },
+        if rng.u64(..2) == 0 { "echo" } else { "sink" },
         4096,
     )
     .expect("raw open");
-    let _ = s.send_message(&payload(rng.next(), 3000), Duration::from_secs(5));
-    match rng.below(5) {
+    let _ = s.send_message(&payload(rng.u64(..), 3000), Duration::from_secs(5));
+    match rng.u64(..5) {
         0 => {
             s.to_server.set_count(usize::MAX);
             s.poke();
@@ -161,7 +149,7 @@ fn thirty_two_clients_churning() {
     let tally = Arc::new(Tally::default());
     // Warm up each kind once so allocator arenas and tables are in the baseline.
     {
-        let mut rng = Rng(0x5eed);
+        let mut rng = Rng::with_seed(0x5eed);
         honest_echo(&h.bus(), &mut rng, &tally);
         honest_sink(&h.bus(), &mut rng, &tally);
         killed_process(h.address(), &mut rng, &tally);
@@ -175,8 +163,9 @@ fn thirty_two_clients_churning() {
         .map(|i| {
             let (bus, address, t) = (h.bus(), h.address().to_owned(), tally.clone());
             std::thread::spawn(move || {
-                let mut rng =
-                    Rng(0x9E37_79B9_7F4A_7C15 ^ (i + 1).wrapping_mul(0x1234_5678_9abc_def1));
+                let mut rng = Rng::with_seed(
+                    0x9E37_79B9_7F4A_7C15 ^ (i + 1).wrapping_mul(0x1234_5678_9abc_def1),
+                );
                 while Instant::now() < end {
                     match i % 4 {
                         0 => honest_echo(&bus, &mut rng, &t),

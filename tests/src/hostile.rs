@@ -15,6 +15,9 @@ use dbus::arg::{OwnedFd, PropMap};
 use dbus::blocking::Connection;
 use dbus::channel::{Channel, Sender as _};
 use dbus::Message;
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
+use rustix::net::SendFlags;
 use shmlink_endpoint::frame::{self, Decoder, Item};
 use shmlink_endpoint::sys;
 use shmlink_interfaces::{member, param, BROKER_INTERFACE, BROKER_PATH, BUS_NAME};
@@ -43,50 +46,28 @@ pub fn connect(address: &str) -> Result<Connection, dbus::Error> {
 }
 
 /// A memfd mapped shared, read and write; unmapped on drop.
-struct Mapping {
-    base: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory; every access goes through raw
-// pointers or atomics, which is sound from any thread.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; no `&` to non-atomic shared bytes is ever formed.
-unsafe impl Sync for Mapping {}
+///
+/// A raw mapping: the daemon may change any byte at any time, so every access
+/// goes through raw pointers or atomics and no `&[u8]` into it is ever formed.
+struct Mapping(MmapRaw);
 
 impl Mapping {
     fn new(fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Mapping> {
-        // SAFETY: mmap with a null hint creates a new mapping; `fd` is a live memfd.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Mapping {
-            base: p.cast(),
-            len,
-        })
+        MmapOptions::new()
+            .len(len)
+            .map_raw(fd.as_raw_fd())
+            .map(Mapping)
+    }
+
+    /// The first byte of the mapping.
+    fn base(&self) -> *mut u8 {
+        self.0.as_mut_ptr()
     }
 
     fn count(&self) -> &AtomicUsize {
         // SAFETY: the mapping is page-aligned, at least 64 bytes long and lives as
         // long as `self`; the count is an atomic both sides access atomically.
-        unsafe { &*(self.base as *const AtomicUsize) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`len` describe a mapping we created and nobody else unmaps.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
+        unsafe { &*(self.base() as *const AtomicUsize) }
     }
 }
 
@@ -188,7 +169,7 @@ impl RawRing {
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     bytes[done..].as_ptr(),
-                    self.map().base.add(RING_HEADER + self.pos),
+                    self.map().base().add(RING_HEADER + self.pos),
                     k,
                 )
             };
@@ -220,7 +201,7 @@ impl RawRing {
             // area; we copy bytes out and never form a reference into it.
             unsafe {
                 std::ptr::copy_nonoverlapping(
-                    self.map().base.add(RING_HEADER + self.pos),
+                    self.map().base().add(RING_HEADER + self.pos),
                     out[done..].as_mut_ptr(),
                     k,
                 )
@@ -247,7 +228,7 @@ impl RawRing {
         // SAFETY: `i % len < len` keeps the byte inside our mapping's data area.
         unsafe {
             self.map()
-                .base
+                .base()
                 .add(RING_HEADER + i % self.len)
                 .read_volatile()
         }
@@ -258,7 +239,7 @@ impl RawRing {
         // SAFETY: as in `data_byte`.
         unsafe {
             self.map()
-                .base
+                .base()
                 .add(RING_HEADER + i % self.len)
                 .write_volatile(v)
         }
@@ -290,42 +271,30 @@ pub fn signal(fd: BorrowedFd<'_>) -> std::io::Result<()> {
 /// Saturates an eventfd's counter at [`EVENTFD_MAX`] without blocking.
 pub fn flood(fd: BorrowedFd<'_>) -> std::io::Result<()> {
     sys::eventfd_drain(fd)?;
-    let v = EVENTFD_MAX.to_ne_bytes();
-    // SAFETY: `v` is 8 readable bytes; the counter is 0 after the drain, so the
-    // write cannot block (unless another party raced us, which only we have).
-    let r = unsafe { libc::write(fd.as_raw_fd(), v.as_ptr().cast(), 8) };
-    if r == 8 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+    // The counter is 0 after the drain, so the write cannot block (unless
+    // another party raced us, which only we have).
+    eventfd_add(fd, EVENTFD_MAX)
+}
+
+/// Adds `v` to an eventfd's counter with one 8-byte write.
+fn eventfd_add(fd: BorrowedFd<'_>, v: u64) -> std::io::Result<()> {
+    match rustix::io::write(fd, &v.to_ne_bytes())? {
+        8 => Ok(()),
+        n => Err(std::io::Error::other(format!("eventfd write of {n} bytes"))),
     }
 }
 
 /// Sets or clears `O_NONBLOCK` on the open file description behind `fd`
 /// (shared with the daemon, which is the point).
 pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> std::io::Result<()> {
-    // SAFETY: F_GETFL takes no pointer argument; `fd` is live.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if flags < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let flags = if on {
-        flags | libc::O_NONBLOCK
-    } else {
-        flags & !libc::O_NONBLOCK
-    };
-    // SAFETY: F_SETFL takes an int argument; `fd` is live.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    let mut flags = fcntl_getfl(fd)?;
+    flags.set(OFlags::NONBLOCK, on);
+    Ok(fcntl_setfl(fd, flags)?)
 }
 
 /// Whether `O_NONBLOCK` is set on the open file description behind `fd`.
 pub fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
-    // SAFETY: F_GETFL takes no pointer argument; `fd` is live.
-    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_NONBLOCK != 0
+    fcntl_getfl(fd).is_ok_and(|f| f.contains(OFlags::NONBLOCK))
 }
 
 /// A session opened by the hostile client, with the rings mapped by hand.
@@ -506,20 +475,7 @@ impl RawSession {
             .hangup
             .as_ref()
             .ok_or_else(|| std::io::Error::other("hang-up closed"))?;
-        // SAFETY: `bytes` is readable for its length; `fd` is a live socket.
-        let r = unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
+        Ok(rustix::net::send(fd, bytes, SendFlags::NOSIGNAL)?)
     }
 
     /// Calls `Close` on the session.
@@ -884,9 +840,8 @@ pub fn race_blocking_flood(
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
     let _ = set_nonblocking(fd, true);
     let _ = sys::eventfd_drain(fd);
-    let almost = (EVENTFD_MAX - 1).to_ne_bytes();
-    // SAFETY: 8 readable bytes; non-blocking, so this cannot block.
-    unsafe { libc::write(fd.as_raw_fd(), almost.as_ptr().cast(), 8) };
+    // Non-blocking, so this cannot block.
+    let _ = eventfd_add(fd, EVENTFD_MAX - 1);
     let _ = set_nonblocking(fd, false);
     // Make room for the reply, mark where its last byte will land, ask for it.
     let _ = s.to_client.read(usize::MAX);
@@ -902,13 +857,11 @@ pub fn race_blocking_flood(
     for _ in 0..delay_spins {
         std::hint::spin_loop();
     }
-    let one = 1u64.to_ne_bytes();
     let guard = sys::write_guard::enter();
-    // SAFETY: 8 readable bytes. It blocks if the daemon's 1 came first; the
-    // caller's write guard interrupts it then.
-    let r = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    // It blocks if the daemon's 1 came first; the caller's write guard interrupts it then.
+    let r = eventfd_add(fd, 1);
     drop(guard);
-    if r != 8 {
+    if r.is_err() {
         let _ = set_nonblocking(fd, true);
         return RaceOutcome::TooLate;
     }

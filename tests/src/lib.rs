@@ -9,8 +9,8 @@
 pub mod hostile;
 pub mod sdboot;
 
-use shmlink::process::{locate_daemon, DaemonProcess, PrivateBus};
 use shmlink::{Bus, Client};
+use shmlink_test_support::{locate_daemon, DaemonProcess, PrivateBus};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -132,20 +132,16 @@ pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A deterministic, non-repeating-looking payload of `len` bytes for message `seed`.
+/// A deterministic, non-repeating-looking payload of `len` bytes for message
+/// `seed`: the same seed and length always give the same bytes, so a
+/// receiver (or another process) can recompute what it should get.
 pub fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut bytes = vec![0u8; len];
+    fastrand::Rng::with_seed(seed).fill(&mut bytes);
+    bytes
 }
 
-pub use shmlink::process::{fd_count, proc_status};
+pub use shmlink_test_support::{fd_count, proc_status};
 
 /// A copy of `bin` that any user can execute, wherever the build directory is
 /// (a checkout under a 0700 home directory is not reachable by `nobody`).

@@ -47,18 +47,21 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
         .with_context(|| format!("cannot open a session with {:?}", args.service))?;
     let chunk = args.chunk.min(session.max_message() as usize);
     let is_sink = args.service == shmlink_interfaces::service::SINK;
-    let (mut writer, mut reader) = session.split();
+    let (mut sender, mut receiver) = session.split();
 
     // Whatever comes back goes to stdout, concurrently with sending.
-    let printer = std::thread::spawn(move || -> Result<(shmlink::SessionReader, u64)> {
+    let printer = std::thread::spawn(move || -> Result<(shmlink::SessionReceiver, u64)> {
         let mut out = std::io::stdout().lock();
         let mut total = 0u64;
-        while let Some(m) = reader.recv().context("receiving from the session failed")? {
+        while let Some(m) = receiver
+            .recv()
+            .context("receiving from the session failed")?
+        {
             total += m.len() as u64;
             out.write_all(&m).context("cannot write to stdout")?;
         }
         out.flush()?;
-        Ok((reader, total))
+        Ok((receiver, total))
     });
 
     let start = Instant::now();
@@ -71,19 +74,19 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
             break;
         }
         crc.update(&buf[..n]);
-        writer
+        sender
             .send(&buf[..n])
             .context("sending into the session failed")?;
         sent += n as u64;
         messages += 1;
     }
-    writer.finish().context("cannot finish the stream")?;
-    let (reader, received) = printer
+    sender.finish().context("cannot finish the stream")?;
+    let (receiver, received) = printer
         .join()
         .map_err(|_| anyhow::anyhow!("the receiving thread panicked"))??;
     let secs = start.elapsed().as_secs_f64();
     if is_sink {
-        let state = reader
+        let state = receiver
             .service_state()
             .context("cannot read the sink's state")?;
         let got_bytes = state
@@ -108,7 +111,7 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
             rate(sent, secs)
         );
     }
-    let _ = reader.close();
+    let _ = receiver.close();
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! `shmlink __bench-peer ROLE`.
 
 use super::*;
+use dbus::blocking::stdintf::org_freedesktop_dbus::RequestNameReply;
 
 pub fn peer(args: PeerArgs) -> Result<()> {
     match args.role.as_str() {
@@ -58,18 +59,16 @@ pub fn peer(args: PeerArgs) -> Result<()> {
 /// A minimal D-Bus service: `Echo(ay) -> ay`, `Sink(ay) -> u` (the length),
 /// both reading and writing the bytes as `&[u8]`, the fast path.
 pub(super) fn dbus_peer(address: &str) -> Result<()> {
-    let mut c = Channel::open_private(address)?;
-    c.register()?;
-    let req = Message::new_method_call(
-        "org.freedesktop.DBus",
-        "/org/freedesktop/DBus",
-        "org.freedesktop.DBus",
-        "RequestName",
-    )
-    .map_err(|e| anyhow!(e))?
-    .append2(PEER_NAME, 4u32);
-    let (code,): (u32,) = c.send_with_reply_and_block(req, DBUS_TIMEOUT)?.read_all()?;
-    ensure!(code == 1, "cannot own {PEER_NAME} (reply {code})");
+    let mut channel = Channel::open_private(address)?;
+    channel.register()?;
+    let conn = dbus::blocking::Connection::from(channel);
+    let reply = conn.request_name(PEER_NAME, false, false, true)?;
+    ensure!(
+        reply == RequestNameReply::PrimaryOwner,
+        "cannot own {PEER_NAME} ({reply:?})"
+    );
+    // Served from the raw channel: the handler reads and writes the bytes as `&[u8]`.
+    let c = conn.channel();
     println!("ready");
     std::io::stdout().flush()?;
     loop {

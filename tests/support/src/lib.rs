@@ -1,13 +1,18 @@
-//! Child processes for demos and tests: a private `dbus-daemon` and a
-//! `shmlinkd` attached to it, both kept in the foreground, killed and reaped
-//! on drop (nothing daemonizes: orphans are not reaped on every machine), and
-//! killed by the kernel if the thread that started them ends first.
+//! Child processes for tests, the demo and the benchmark: a private
+//! `dbus-daemon` and a `shmlinkd` attached to it, both kept in the
+//! foreground, killed and reaped on drop (nothing daemonizes: orphans are not
+//! reaped on every machine), and killed by the kernel if the thread that
+//! started them ends first. Also the `/proc` readings the leak checks use.
+#![deny(missing_docs)]
 
+use dbus::blocking::Connection;
+use rustix::process::{Pid, Signal};
+use shmlink_interfaces::Bus;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+use tempfile::TempDir;
 
 /// How long a child gets to start or stop before we give up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -28,15 +33,15 @@ pub enum ProcessError {
     Failed(String),
 }
 
-fn temp_dir(prefix: &str) -> std::io::Result<PathBuf> {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// Timeout of the D-Bus calls made while waiting for the daemon.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A fresh directory under the system temp dir, removed when dropped.
+fn temp_dir(prefix: &str) -> Result<TempDir, ProcessError> {
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}-"))
+        .tempdir()
+        .map_err(|e| ProcessError::Failed(format!("cannot create a temporary directory: {e}")))
 }
 
 /// Makes the child get SIGKILL when the thread that started it ends, so that
@@ -44,16 +49,15 @@ fn temp_dir(prefix: &str) -> std::io::Result<PathBuf> {
 /// (nothing else would stop them: orphans are not reaped here).
 fn die_with_parent(cmd: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // prctl and getppid, which are async-signal-safe; it touches no memory
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // the prctl and getppid system calls (rustix issues them directly: no
+    // allocation, no lock), which are async-signal-safe; it touches no memory
     // shared with the parent.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
             // The parent may have died before prctl took effect.
-            if libc::getppid() == 1 {
+            if rustix::process::getppid() == Some(Pid::INIT) {
                 return Err(std::io::Error::other("parent exited during spawn"));
             }
             Ok(())
@@ -65,8 +69,8 @@ fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> 
     if let Some(status) = child.try_wait()? {
         return Ok(status);
     }
-    // SAFETY: kill takes no pointers; the pid is our own unreaped child, so it cannot have been reused.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // The pid is our own unreaped child, so it cannot have been reused.
+    rustix::process::kill_process(Pid::from_child(child), Signal::TERM)?;
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Some(status) = child.try_wait()? {
@@ -86,7 +90,9 @@ fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> 
 pub struct PrivateBus {
     child: Child,
     address: String,
-    dir: PathBuf,
+    // Holds the socket, config and log; removed on drop, after the bus
+    // stopped (`Drop::drop` runs before the fields drop).
+    _dir: TempDir,
 }
 
 impl PrivateBus {
@@ -99,8 +105,7 @@ impl PrivateBus {
     /// Like [`PrivateBus::start`], with a `<servicedir>` for D-Bus activation.
     pub fn start_with_services(service_dir: Option<&Path>) -> Result<PrivateBus, ProcessError> {
         let fail = |m: String| ProcessError::Failed(m);
-        let dir = temp_dir("shmlink-bus")
-            .map_err(|e| fail(format!("cannot create a temporary directory: {e}")))?;
+        let dir = temp_dir("shmlink-bus")?;
         let servicedir = service_dir
             .map(|d| format!("<servicedir>{}</servicedir>", d.display()))
             .unwrap_or_default();
@@ -126,16 +131,16 @@ impl PrivateBus {
   <limit name="max_replies_per_connection">50000</limit>
 </busconfig>
 "#,
-            dir = dir.display()
+            dir = dir.path().display()
         );
-        let cfg_path = dir.join("bus.conf");
+        let cfg_path = dir.path().join("bus.conf");
         std::fs::write(&cfg_path, config)
             .map_err(|e| fail(format!("cannot write {}: {e}", cfg_path.display())))?;
         // dbus-daemon's own warnings (e.g. it may not raise its fd limit) go to a log beside it.
-        let bus_log = std::fs::File::create(dir.join("bus.log")).map_err(|e| {
+        let bus_log = std::fs::File::create(dir.path().join("bus.log")).map_err(|e| {
             fail(format!(
                 "cannot create the bus log in {}: {e}",
-                dir.display()
+                dir.path().display()
             ))
         })?;
         let mut child = die_with_parent(&mut Command::new("dbus-daemon"))
@@ -164,7 +169,6 @@ impl PrivateBus {
         let address = line.trim().to_owned();
         if read.is_err() || address.is_empty() {
             let _ = terminate(&mut child, Duration::from_secs(2));
-            let _ = std::fs::remove_dir_all(&dir);
             return Err(fail(
                 "dbus-daemon exited without printing its address".into(),
             ));
@@ -173,7 +177,7 @@ impl PrivateBus {
         Ok(PrivateBus {
             child,
             address,
-            dir,
+            _dir: dir,
         })
     }
 
@@ -182,9 +186,9 @@ impl PrivateBus {
         &self.address
     }
 
-    /// The bus, for [`crate::Client::connect`].
-    pub fn bus(&self) -> crate::Bus {
-        crate::Bus::Address(self.address.clone())
+    /// The bus, for `shmlink::Client::connect`.
+    pub fn bus(&self) -> Bus {
+        Bus::Address(self.address.clone())
     }
 
     /// The dbus-daemon's pid.
@@ -201,7 +205,6 @@ impl PrivateBus {
 impl Drop for PrivateBus {
     fn drop(&mut self) {
         let _ = terminate(&mut self.child, Duration::from_secs(5));
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -238,7 +241,8 @@ pub fn locate_daemon() -> Result<PathBuf, ProcessError> {
 pub struct DaemonProcess {
     child: Option<Child>,
     log: PathBuf,
-    dir: PathBuf,
+    // Holds the log; removed on drop, after the daemon was killed.
+    _dir: TempDir,
 }
 
 impl DaemonProcess {
@@ -250,9 +254,8 @@ impl DaemonProcess {
         args: &[&str],
     ) -> Result<DaemonProcess, ProcessError> {
         let fail = |m: String| ProcessError::Failed(m);
-        let dir = temp_dir("shmlinkd")
-            .map_err(|e| fail(format!("cannot create a temporary directory: {e}")))?;
-        let log = dir.join("shmlinkd.log");
+        let dir = temp_dir("shmlinkd")?;
+        let log = dir.path().join("shmlinkd.log");
         let log_file = std::fs::File::create(&log)
             .map_err(|e| fail(format!("cannot create {}: {e}", log.display())))?;
         let child = die_with_parent(&mut Command::new(program))
@@ -273,7 +276,7 @@ impl DaemonProcess {
         let mut d = DaemonProcess {
             child: Some(child),
             log,
-            dir,
+            _dir: dir,
         };
         d.wait_for_name(address)?;
         Ok(d)
@@ -281,12 +284,14 @@ impl DaemonProcess {
 
     fn wait_for_name(&mut self, address: &str) -> Result<(), ProcessError> {
         let fail = |m: String| ProcessError::Failed(m);
-        let client = crate::Client::connect(&crate::Bus::Address(address.into()))
-            .map_err(|e| fail(e.to_string()))?;
-        let proxy = client.connection().with_proxy(
+        let channel = Bus::Address(address.into())
+            .connect()
+            .map_err(|e| fail(format!("cannot connect to {address}: {e}")))?;
+        let conn = Connection::from(channel);
+        let proxy = conn.with_proxy(
             "org.freedesktop.DBus",
             "/org/freedesktop/DBus",
-            crate::CALL_TIMEOUT,
+            CALL_TIMEOUT,
         );
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -348,7 +353,6 @@ impl Drop for DaemonProcess {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -367,4 +371,127 @@ pub fn proc_status(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
         .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls `cond` until it holds or `limit` passes.
+    fn within(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let end = Instant::now() + limit;
+        while !cond() {
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// The state letter of `/proc/PID/stat` (`Z` for a zombie), None once reaped.
+    fn proc_state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.chars().next()
+    }
+
+    #[test]
+    fn a_private_bus_answers_and_leaves_nothing_behind() {
+        let bus = PrivateBus::start().expect("start dbus-daemon");
+        let pid = bus.pid();
+        let dir = bus._dir.path().to_owned();
+        assert!(dir.join("bus.conf").is_file());
+        let conn = Connection::from(bus.bus().connect().expect("connect to the private bus"));
+        let proxy = conn.with_proxy(
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            CALL_TIMEOUT,
+        );
+        let (id,): (String,) = proxy
+            .method_call("org.freedesktop.DBus", "GetId", ())
+            .expect("GetId");
+        assert!(!id.is_empty());
+        drop(conn);
+        bus.stop().expect("stop the bus");
+        assert_eq!(proc_state(pid), None, "the bus was not reaped");
+        assert!(!dir.exists(), "{} was not removed", dir.display());
+    }
+
+    #[test]
+    fn a_child_dies_with_the_thread_that_started_it() {
+        let pid = std::thread::spawn(|| {
+            let bus = PrivateBus::start().expect("start dbus-daemon");
+            let pid = bus.pid();
+            // Neither stopped nor dropped: only the death signal can end it.
+            std::mem::forget(bus);
+            pid
+        })
+        .join()
+        .expect("the starting thread");
+        assert!(
+            within(Duration::from_secs(10), || proc_state(pid) == Some('Z')),
+            "dbus-daemon {pid} outlived the thread that started it (state {:?})",
+            proc_state(pid)
+        );
+    }
+
+    #[test]
+    fn a_daemon_that_exits_before_owning_its_name_is_an_error_with_its_log() {
+        use std::os::unix::fs::PermissionsExt;
+        let bus = PrivateBus::start().expect("start dbus-daemon");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fake = dir.path().join("fake-shmlinkd");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho \"no broker here: $*\" >&2\nexit 3\n",
+        )
+        .expect("write the fake daemon");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let err = match DaemonProcess::start(&fake, bus.address(), &["--extra"]) {
+            Ok(_) => panic!("the fake daemon cannot own org.shmlink.Broker1"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("exited with exit status: 3"), "{err}");
+        let args = format!("no broker here: --address {} --extra", bus.address());
+        assert!(err.contains(&args), "{err}");
+    }
+
+    /// `bash -c SCRIPT` with null stdio, run until killed.
+    fn bash(script: &str) -> Child {
+        Command::new("bash")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bash")
+    }
+
+    #[test]
+    fn proc_readings_describe_the_process() {
+        // The same program, one with two more fds open (whatever else both inherit).
+        let mut plain = bash("exec sleep 30");
+        // `{var}<` opens on a free fd (10 or above).
+        let mut more = bash("exec {a}</dev/null {b}</dev/null; exec sleep 30");
+        let (a, b) = (plain.id(), more.id());
+        let is_sleep = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        };
+        // Poll until both have exec'd sleep (the fds are set by then).
+        let started = within(Duration::from_secs(10), || is_sleep(a) && is_sleep(b));
+        let (fds_a, fds_b) = (fd_count(a), fd_count(b));
+        let (threads, rss) = (proc_status(a, "Threads"), proc_status(a, "VmRSS"));
+        let unknown = proc_status(a, "NoSuchField");
+        for c in [&mut plain, &mut more] {
+            c.kill().expect("kill sleep");
+            c.wait().expect("reap sleep");
+        }
+        assert!(started, "sleep did not start");
+        assert!(fds_a >= 3, "stdin, stdout and stderr at least: {fds_a}");
+        assert_eq!(fds_b, fds_a + 2);
+        assert_eq!(threads, 1);
+        assert!(rss > 0);
+        assert_eq!(unknown, 0);
+        assert_eq!(fd_count(a), 0, "a reaped process has no fds to count");
+    }
 }

@@ -2,9 +2,9 @@
 
 use crate::rate;
 use anyhow::{ensure, Context, Result};
-use shmlink::process::{locate_daemon, DaemonProcess, PrivateBus};
 use shmlink::{Bus, Client};
 use shmlink_interfaces::{option, service, source_pattern_byte};
+use shmlink_test_support::{locate_daemon, DaemonProcess, PrivateBus};
 use std::time::Instant;
 
 /// Arguments of `shmlink demo`.

@@ -65,7 +65,7 @@ pub(super) fn shmlink_echo(client: &Client, msg: &[u8], budget: Duration) -> Res
     let (mut w, mut r) = s.split();
     let len = msg.len();
     let t = Instant::now();
-    let reader = std::thread::spawn(move || -> Result<(u64, shmlink::SessionReader)> {
+    let reader = std::thread::spawn(move || -> Result<(u64, shmlink::SessionReceiver)> {
         let mut n = 0u64;
         while let Some(m) = r.recv()? {
             ensure!(m.len() == len, "echo returned {} bytes for {len}", m.len());
@@ -177,17 +177,8 @@ pub(super) fn stream_sink(
 
 /// A close-on-exec pipe: (read end, write end).
 pub(super) fn pipe() -> Result<(std::fs::File, std::fs::File)> {
-    let mut fds = [0i32; 2];
-    // SAFETY: `fds` has room for the two fds pipe2 writes.
-    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    ensure!(r == 0, "pipe2: {}", std::io::Error::last_os_error());
-    // SAFETY: pipe2 succeeded: both fds are open and owned by nobody else.
-    Ok(unsafe {
-        (
-            std::fs::File::from_raw_fd(fds[0]),
-            std::fs::File::from_raw_fd(fds[1]),
-        )
-    })
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("pipe2")?;
+    Ok((r.into(), w.into()))
 }
 
 pub(super) fn dbus_call(dbus: &Channel, member: &str, payload: Option<&[u8]>) -> Result<Message> {
@@ -296,32 +287,23 @@ pub(super) fn shmlink_rtt(
 }
 
 pub(super) fn eventfd() -> Result<OwnedFd> {
-    // SAFETY: eventfd takes no pointers.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    ensure!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
-    // SAFETY: eventfd returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).context("eventfd")
 }
 
-pub(super) fn eventfd_write(fd: &impl AsRawFd, v: u64) -> std::io::Result<()> {
-    let b = v.to_ne_bytes();
-    // SAFETY: `b` is 8 readable bytes; the fd is live.
-    let r = unsafe { libc::write(fd.as_raw_fd(), b.as_ptr().cast(), 8) };
-    if r == 8 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+/// Adds `v` to a blocking eventfd's counter.
+pub(super) fn eventfd_write(fd: impl AsFd, v: u64) -> std::io::Result<()> {
+    match rustix::io::write(fd, &v.to_ne_bytes())? {
+        8 => Ok(()),
+        n => Err(std::io::Error::other(format!("eventfd write of {n} bytes"))),
     }
 }
 
-pub(super) fn eventfd_read(fd: &impl AsRawFd) -> std::io::Result<u64> {
+/// Waits for a blocking eventfd's counter, reads and resets it.
+pub(super) fn eventfd_read(fd: impl AsFd) -> std::io::Result<u64> {
     let mut b = [0u8; 8];
-    // SAFETY: `b` is 8 writable bytes; the fd is live.
-    let r = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
-    if r == 8 {
-        Ok(u64::from_ne_bytes(b))
-    } else {
-        Err(std::io::Error::last_os_error())
+    match rustix::io::read(fd, &mut b)? {
+        8 => Ok(u64::from_ne_bytes(b)),
+        n => Err(std::io::Error::other(format!("eventfd read of {n} bytes"))),
     }
 }
 

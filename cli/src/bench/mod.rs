@@ -2,8 +2,8 @@
 //! moving bytes, measured in one run on one machine, with ratios.
 //!
 //! Without `--bus` it starts a private dbus-daemon and a shmlinkd, like
-//! `shmlink demo`. Every baseline that the issue defines "between two
-//! processes" runs against a child process: this same binary re-executed
+//! `shmlink demo`. Every two-process baseline runs against a child
+//! process: this same binary re-executed
 //! with the hidden `__bench-peer` subcommand (a stream sink or echo on a
 //! Unix socket or pipe, an eventfd ponger, a D-Bus echo service).
 
@@ -14,11 +14,11 @@ use dbus::message::MessageType;
 use dbus::Message;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use shmlink::process::{locate_daemon, DaemonProcess, PrivateBus};
 use shmlink::{Bus, Client, Wakeup};
 use shmlink_interfaces::service;
+use shmlink_test_support::{locate_daemon, proc_status, DaemonProcess, PrivateBus};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
@@ -299,7 +299,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
     }
     let daemon_threads = children
         .as_ref()
-        .map(|(_, d)| shmlink::process::proc_status(d.pid(), "Threads"));
+        .map(|(_, d)| proc_status(d.pid(), "Threads"));
     bar.finish_and_clear();
 
     drop(dbus);
