@@ -11,7 +11,15 @@
 
 use crate::service::{Outbox, SessionHandler, SessionWaker};
 use shmlink_endpoint::frame::OutFrame;
-use shmlink_endpoint::sys::{self, cvt};
+use shmlink_endpoint::sys;
+
+fn cvt(ret: i32) -> std::io::Result<i32> {
+    if ret == -1 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
 use shmlink_endpoint::{Endpoint, Item, Wakeup};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
