@@ -9,6 +9,7 @@
 
 use dbus::arg::{PropMap, RefArg, Variant};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// Why a service refused or ended a session. The message reaches the client
 /// as the D-Bus error text or the `SessionClosed` reason.
@@ -37,7 +38,7 @@ pub struct Options {
 impl Options {
     /// Wraps the `a{sv}` dictionary of a call for a session whose messages
     /// may be at most `max_message` bytes.
-    pub fn new(map: PropMap, max_message: u64) -> Self {
+    pub(crate) fn new(map: PropMap, max_message: u64) -> Self {
         Options {
             map,
             used: Default::default(),
@@ -171,11 +172,11 @@ impl Outbox {
 /// (a channel publishing to it), a timer or a producer thread. After a wake,
 /// the loop calls `wants_to_produce`/`produce` again. Cheap to clone.
 #[derive(Clone)]
-pub struct SessionWaker(std::sync::Arc<dyn Fn() + Send + Sync>);
+pub struct SessionWaker(Arc<dyn Fn() + Send + Sync>);
 
 impl SessionWaker {
     pub(crate) fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
-        SessionWaker(std::sync::Arc::new(f))
+        SessionWaker(Arc::new(f))
     }
 
     /// Asks the event loop to run this session soon. Never blocks.
@@ -234,10 +235,26 @@ pub trait SessionHandler: Send + 'static {
         let _ = waker;
     }
 
-    /// Service-specific state for the `ServiceState` property.
-    fn state(&self) -> PropMap {
-        PropMap::new()
+    /// A view of the session's service-specific state for the `ServiceState`
+    /// property, asked for once when the session starts. The D-Bus side reads
+    /// it while a worker serves the session, so it shares only what the
+    /// handler publishes into it; `None` shows an empty state.
+    fn state_view(&self) -> Option<Arc<dyn StateView>> {
+        None
     }
+}
+
+/// Service-specific state of one session, readable from the D-Bus thread
+/// while a worker thread runs the session's handler.
+///
+/// A handler keeps the shared part (atomics, or a small lock it holds only to
+/// copy values in) and updates it as it works, so a reader never waits for a
+/// pump. Update it before the change can be observed on the rings (e.g. count
+/// a message in `on_message`): a client that reads the state after the reply
+/// or end-of-stream then sees every message counted.
+pub trait StateView: Send + Sync + 'static {
+    /// The state now, as the `ServiceState` property shows it.
+    fn state(&self) -> PropMap;
 }
 
 /// Wraps a value for a [`PropMap`].
