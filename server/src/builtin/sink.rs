@@ -23,7 +23,7 @@ impl Service for Sink {
 
 /// What the sink has received so far.
 #[derive(Clone, Default)]
-struct Tally {
+struct Totals {
     bytes: u64,
     messages: u64,
     crc: crc32fast::Hasher,
@@ -31,15 +31,15 @@ struct Tally {
 
 #[derive(Default)]
 struct SinkSession {
-    tally: Tally,
+    tally: Totals,
     /// A copy of `tally`, refreshed after every message, for `ServiceState`.
-    shared: Arc<SharedTally>,
+    shared: Arc<SharedTotals>,
 }
 
 #[derive(Default)]
-struct SharedTally(Mutex<Tally>);
+struct SharedTotals(Mutex<Totals>);
 
-impl StateView for SharedTally {
+impl StateView for SharedTotals {
     fn state(&self) -> PropMap {
         let t = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut m = PropMap::new();

@@ -25,6 +25,9 @@ fn authorize(shared: &Shared, ctx: &PropContext, record: &SessionRecord) -> Resu
         .map_err(|e| method_err(&e))
 }
 
+/// Picks one of a session's traffic counters.
+type Counter = fn(&SessionRecord) -> &AtomicU64;
+
 pub(super) fn register(cr: &mut Crossroads, shared: Shared) -> IfaceToken<SessionRecord> {
     cr.register(SESSION_INTERFACE, move |b| {
         let sh = shared.clone();
@@ -82,7 +85,7 @@ pub(super) fn register(cr: &mut Crossroads, shared: Shared) -> IfaceToken<Sessio
         b.property::<u32, _>(member::OWNER_PID)
             .emits_changed_false()
             .get(|_, r: &mut SessionRecord| Ok(r.owner.pid));
-        let counters: [(&str, fn(&SessionRecord) -> &AtomicU64); 4] = [
+        let counters: [(&str, Counter); 4] = [
             (member::BYTES_TO_SERVER, |r| &r.traffic.bytes_to_server),
             (member::MESSAGES_TO_SERVER, |r| {
                 &r.traffic.messages_to_server

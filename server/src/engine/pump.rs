@@ -228,7 +228,6 @@ mod tests {
     use shmlink_interfaces::option;
 
     const MAX_MESSAGE: u32 = 1 << 16;
-    const ALL: u8 = FIRED_DATA | FIRED_ROOM | FIRED_HANGUP;
 
     /// A pump for `service` and the client's endpoint of the same rings.
     fn pair(
