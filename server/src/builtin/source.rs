@@ -2,9 +2,9 @@ use crate::{Caller, Options, Outbox, Service, ServiceError, SessionHandler};
 use shmlink_interfaces::{option, service, source_pattern_byte};
 
 /// Default size of each message `source` sends.
-pub const DEFAULT_MESSAGE_SIZE: u64 = 64 * 1024;
+const DEFAULT_MESSAGE_SIZE: u64 = 64 * 1024;
 /// Default number of messages `source` sends.
-pub const DEFAULT_COUNT: u64 = 16;
+const DEFAULT_COUNT: u64 = 16;
 
 /// Sends `count` messages of `message-size` bytes whose content the client
 /// can verify (see `source_pattern_byte`), then end-of-stream.
