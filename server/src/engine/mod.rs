@@ -356,3 +356,53 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin::tests::{caller, options};
+    use crate::builtin::Echo;
+    use crate::service::Service;
+    use shmlink_endpoint::Wakeup;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_removed_session_hangs_up_promptly_and_others_keep_running() {
+        let mut engine = Engine::start(1).expect("start");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut clients = Vec::new();
+        for id in 1..=2 {
+            let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
+            let handler = Echo.open(&caller(), &options(&[])).expect("open");
+            engine
+                .add(id, server, handler, Arc::default())
+                .expect("add");
+            let mut client = Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client");
+            client.set_timeout(Some(Duration::from_secs(10)));
+            clients.push(client);
+        }
+        engine.remove(1);
+        let ready = sys::poll_readable(&[clients[0].hangup_fd()], Some(deadline)).expect("poll");
+        assert!(
+            ready[0].hangup || ready[0].readable,
+            "the removed session's socket closed"
+        );
+        assert!(clients[0].peer_gone().expect("peer_gone"));
+        clients[1].send(b"still served").expect("send");
+        assert_eq!(
+            clients[1].recv().expect("recv").as_deref(),
+            Some(&b"still served"[..])
+        );
+        engine.remove(1);
+        assert!(
+            engine.take_ended().is_empty(),
+            "a removal is not reported back"
+        );
+        engine.shutdown();
+        let ready = sys::poll_readable(&[clients[1].hangup_fd()], Some(deadline)).expect("poll");
+        assert!(
+            ready[0].hangup || ready[0].readable,
+            "shutdown drops every session"
+        );
+    }
+}
