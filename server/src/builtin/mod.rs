@@ -24,7 +24,7 @@ pub fn all() -> Vec<Arc<dyn Service>> {
     ]
 }
 
-/// Helpers shared by the built-in services' unit tests.
+/// Fixtures shared by the unit tests of the built-in services, the pump and the lifecycle.
 #[cfg(test)]
 pub(crate) mod tests {
     use crate::{Caller, Options};
