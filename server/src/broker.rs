@@ -1,20 +1,17 @@
-//! The broker's session table: who owns which session, what it costs, and
-//! the limits that bound it. Owned by the D-Bus thread; the rings themselves
-//! are served by the [`Engine`](crate::engine::Engine).
+//! The broker's accounting: who owns which session, what its rings cost, and
+//! the limits and access rules that bound both. It knows nothing of rings,
+//! threads or the bus; [`Sessions`](crate::sessions::Sessions) asks it before
+//! creating anything and tells it when a session ends.
 
-use crate::config::Config;
-use crate::engine::{Engine, Slot};
-use crate::service::{Caller, Options, Service, ServiceError};
-use dbus::arg::PropMap;
-use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
-use shmlink_interfaces::{error, limits, option, param, wakeup, SESSION_PATH_PREFIX};
+use crate::config::{Config, Limits};
+use crate::service::{Caller, ServiceError};
+use shmlink_interfaces::SESSION_PATH_PREFIX;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::time::Duration;
 
-/// Why `OpenSession` or `Close` failed; each maps to one D-Bus error name.
+/// Why `OpenSession`, `Close` or a property read was refused; each maps to
+/// one error name of the contract.
 #[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
+pub(crate) enum BrokerError {
     /// No such service.
     #[error("no service named {0:?}; see the Services property")]
     UnknownService(String),
@@ -38,21 +35,6 @@ pub enum BrokerError {
     Internal(String),
 }
 
-impl BrokerError {
-    /// The D-Bus error name for this error.
-    pub fn dbus_name(&self) -> &'static str {
-        match self {
-            BrokerError::UnknownService(_) => error::UNKNOWN_SERVICE,
-            BrokerError::InvalidOption(_) => error::INVALID_OPTION,
-            BrokerError::InvalidCapacity(_) => error::INVALID_CAPACITY,
-            BrokerError::LimitExceeded(_) => error::LIMIT_EXCEEDED,
-            BrokerError::AccessDenied(_) => error::ACCESS_DENIED,
-            BrokerError::UnknownSession(_) => error::UNKNOWN_SESSION,
-            BrokerError::Internal(_) => error::INTERNAL,
-        }
-    }
-}
-
 impl From<ServiceError> for BrokerError {
     fn from(e: ServiceError) -> Self {
         match e {
@@ -62,32 +44,22 @@ impl From<ServiceError> for BrokerError {
     }
 }
 
-/// One open session, as the broker records it.
-pub struct SessionInfo {
-    /// Session id (the last component of its path).
+/// The object path of session `id`.
+pub(crate) fn session_path(id: u64) -> String {
+    format!("{SESSION_PATH_PREFIX}{id}")
+}
+
+/// One session's entry in the books: its owner and what it is charged.
+#[derive(Clone, Debug)]
+pub(crate) struct Reservation {
+    /// Session id (the last component of its object path).
     pub id: u64,
-    /// Its object path.
-    pub path: dbus::Path<'static>,
-    /// Service name.
+    /// The service it was opened with.
     pub service: String,
     /// Who opened it.
     pub owner: Caller,
-    /// Bytes of ring memory (both rings).
-    pub ring_bytes: u64,
-    /// The engine's slot (counters, state).
-    pub slot: Arc<Slot>,
-}
-
-/// What `OpenSession` returns besides the path.
-pub struct Opened {
-    /// The session's id.
-    pub id: u64,
-    /// The session's object path.
-    pub path: dbus::Path<'static>,
-    /// The fds to hand over.
-    pub fds: PeerFds,
-    /// The `parameters` dictionary.
-    pub params: PropMap,
+    /// Bytes of ring memory charged (both rings).
+    pub cost: u64,
 }
 
 #[derive(Default)]
@@ -96,65 +68,22 @@ struct Usage {
     memory: u64,
 }
 
-/// The session table.
-pub struct Broker {
+/// The books of open sessions, per connection, per user and in total.
+pub(crate) struct Broker {
     config: Config,
-    services: BTreeMap<String, Arc<dyn Service>>,
-    engine: Arc<Engine>,
-    sessions: BTreeMap<u64, SessionInfo>,
+    reservations: BTreeMap<u64, Reservation>,
     next_id: u64,
     per_connection: HashMap<String, u32>,
     per_user: HashMap<u32, Usage>,
     memory_total: u64,
 }
 
-fn parse_wakeup(opts: &Options) -> Result<Wakeup, BrokerError> {
-    let mode = opts.string(option::WAKEUP)?;
-    let spin_us = opts.u64(option::SPIN_US)?;
-    match mode.as_deref() {
-        None | Some(wakeup::PARK) => {
-            if spin_us.is_some() {
-                return Err(BrokerError::InvalidOption(format!(
-                    "option {:?} needs {:?} = {:?}",
-                    option::SPIN_US,
-                    option::WAKEUP,
-                    wakeup::SPIN
-                )));
-            }
-            Ok(Wakeup::Park)
-        }
-        Some(wakeup::SPIN) => {
-            let us = spin_us.unwrap_or(u64::from(limits::DEFAULT_SPIN_US));
-            if us > u64::from(limits::MAX_SPIN_US) {
-                return Err(BrokerError::InvalidOption(format!(
-                    "option {:?} is {us}, above the maximum of {}",
-                    option::SPIN_US,
-                    limits::MAX_SPIN_US
-                )));
-            }
-            Ok(Wakeup::Spin(Duration::from_micros(us)))
-        }
-        Some(other) => Err(BrokerError::InvalidOption(format!(
-            "option {:?} must be {:?} or {:?}, not {other:?}",
-            option::WAKEUP,
-            wakeup::PARK,
-            wakeup::SPIN
-        ))),
-    }
-}
-
 impl Broker {
-    /// A broker hosting `services` with `config`, serving rings on `engine`.
-    pub fn new(config: Config, services: Vec<Arc<dyn Service>>, engine: Arc<Engine>) -> Self {
-        let services = services
-            .into_iter()
-            .map(|s| (s.name().to_owned(), s))
-            .collect();
+    /// Empty books enforcing `config`'s limits and access rules.
+    pub fn new(config: Config) -> Self {
         Broker {
             config,
-            services,
-            engine,
-            sessions: BTreeMap::new(),
+            reservations: BTreeMap::new(),
             next_id: 1,
             per_connection: HashMap::new(),
             per_user: HashMap::new(),
@@ -162,132 +91,53 @@ impl Broker {
         }
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
     }
 
-    /// Names of the hosted services.
-    pub fn service_names(&self) -> Vec<String> {
-        self.services.keys().cloned().collect()
+    /// Checks the configured access rule of `service` for `caller`.
+    pub fn check_access(&self, caller: &Caller, service: &str) -> Result<(), BrokerError> {
+        match self.config.services.get(service) {
+            Some(access) if !access.allows(caller.uid, &caller.gids) => {
+                Err(BrokerError::AccessDenied(format!(
+                    "uid {} may not use service {service:?} (see the daemon's configuration)",
+                    caller.uid
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
-    /// Open sessions.
-    pub fn sessions(&self) -> impl Iterator<Item = &SessionInfo> {
-        self.sessions.values()
-    }
-
-    /// Number of open sessions.
-    pub fn session_count(&self) -> usize {
-        self.sessions.len()
-    }
-
-    /// A session by id.
-    pub fn session(&self, id: u64) -> Option<&SessionInfo> {
-        self.sessions.get(&id)
-    }
-
-    /// Creates a session for `caller`. Nothing is created unless everything succeeds.
-    pub fn open(
+    /// Charges a new session of `service` costing `cost` ring bytes to
+    /// `caller` and allocates its id, or says which limit it would pass.
+    /// Nothing is charged when it fails.
+    pub fn reserve(
         &mut self,
         caller: &Caller,
         service: &str,
-        options: PropMap,
-    ) -> Result<Opened, BrokerError> {
-        let svc = self
-            .services
-            .get(service)
-            .cloned()
-            .ok_or_else(|| BrokerError::UnknownService(service.into()))?;
-        let limits = &self.config.limits;
-        if let Some(access) = self.config.services.get(service) {
-            if !access.allows(caller.uid, &caller.gids) {
-                return Err(BrokerError::AccessDenied(format!(
-                    "uid {} may not use service {service:?} (see the daemon's configuration)",
-                    caller.uid
-                )));
-            }
-        }
-        let opts = Options::new(options, limits.max_message);
-        let capacity = opts
-            .u64(option::CAPACITY)?
-            // A client that does not ask gets the default, or the maximum if that is lower.
-            .unwrap_or(limits::DEFAULT_CAPACITY.min(limits.max_capacity));
-        if capacity < limits::MIN_CAPACITY || capacity > limits.max_capacity {
-            return Err(BrokerError::InvalidCapacity(format!(
-                "capacity {capacity} is outside {}..={} bytes",
-                limits::MIN_CAPACITY,
-                limits.max_capacity
-            )));
-        }
-        let wake = parse_wakeup(&opts)?;
-        let handler = svc.open(caller, &opts)?;
-        let unused = opts.unused();
-        if !unused.is_empty() {
-            return Err(BrokerError::InvalidOption(format!(
-                "unknown option(s) for service {service:?}: {}",
-                unused.join(", ")
-            )));
-        }
-        // Both rings' memfds: the usable bytes plus shmem-ipc's 64-byte header each.
-        let ring_bytes = 2 * (shmlink_endpoint::rounded_capacity(capacity) + 64);
-        self.check_limits(caller, ring_bytes)?;
-
-        let max_message = u32::try_from(limits.max_message).unwrap_or(u32::MAX);
-        let (endpoint, fds) = Endpoint::create_server(capacity, max_message, wake)
-            .map_err(|e| BrokerError::Internal(format!("could not create the rings: {e}")))?;
+        cost: u64,
+    ) -> Result<&Reservation, BrokerError> {
+        self.check_limits(caller, cost)?;
         let id = self.next_id;
         self.next_id += 1;
-        let slot = self.engine.add(id, endpoint, handler).map_err(|e| {
-            BrokerError::Internal(format!("could not start serving the session: {e}"))
-        })?;
-        let path = dbus::Path::from(format!("{SESSION_PATH_PREFIX}{id}"));
         *self
             .per_connection
             .entry(caller.bus_name.clone())
             .or_default() += 1;
         let u = self.per_user.entry(caller.uid).or_default();
         u.sessions += 1;
-        u.memory += ring_bytes;
-        self.memory_total += ring_bytes;
-        self.sessions.insert(
+        u.memory += cost;
+        self.memory_total += cost;
+        Ok(self.reservations.entry(id).or_insert(Reservation {
             id,
-            SessionInfo {
-                id,
-                path: path.clone(),
-                service: service.into(),
-                owner: caller.clone(),
-                ring_bytes,
-                slot,
-            },
-        );
-        let mut params = PropMap::new();
-        params.insert(
-            param::MAX_MESSAGE.into(),
-            crate::service::prop(limits.max_message),
-        );
-        let (mode, us) = match wake {
-            Wakeup::Park => (wakeup::PARK, 0u32),
-            Wakeup::Spin(d) => (wakeup::SPIN, d.as_micros() as u32),
-        };
-        params.insert(param::WAKEUP.into(), crate::service::prop(mode.to_owned()));
-        params.insert(param::SPIN_US.into(), crate::service::prop(us));
-        log::info!(
-            "session {id} opened: service {service}, owner {} (uid {}, pid {}), capacity {}",
-            caller.bus_name,
-            caller.uid,
-            caller.pid,
-            fds.to_server.capacity
-        );
-        Ok(Opened {
-            id,
-            path,
-            fds,
-            params,
-        })
+            service: service.to_owned(),
+            owner: caller.clone(),
+            cost,
+        }))
     }
 
-    fn check_limits(&self, caller: &Caller, ring_bytes: u64) -> Result<(), BrokerError> {
+    fn check_limits(&self, caller: &Caller, cost: u64) -> Result<(), BrokerError> {
         let l = &self.config.limits;
         let conn = self
             .per_connection
@@ -311,75 +161,255 @@ impl Broker {
                 caller.uid, l.sessions_per_user
             )));
         }
-        if memory + ring_bytes > l.memory_per_user {
+        if memory + cost > l.memory_per_user {
             return Err(BrokerError::LimitExceeded(format!(
-                "memory_per_user: uid {} uses {memory} bytes of rings; {ring_bytes} more would pass the limit of {}",
+                "memory_per_user: uid {} uses {memory} bytes of rings; {cost} more would pass the limit of {}",
                 caller.uid, l.memory_per_user
             )));
         }
-        if self.memory_total + ring_bytes > l.memory_total {
+        if self.memory_total + cost > l.memory_total {
             return Err(BrokerError::LimitExceeded(format!(
-                "memory_total: sessions use {} bytes of rings; {ring_bytes} more would pass the limit of {}",
+                "memory_total: sessions use {} bytes of rings; {cost} more would pass the limit of {}",
                 self.memory_total, l.memory_total
             )));
         }
         Ok(())
     }
 
-    /// Checks that `caller` may act on session `id` (its owner, or root).
+    /// Takes session `id` off the books and refunds its charges; `None` if
+    /// it was not (or no longer) there.
+    pub fn release(&mut self, id: u64) -> Option<Reservation> {
+        let r = self.reservations.remove(&id)?;
+        if let Some(n) = self.per_connection.get_mut(&r.owner.bus_name) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_connection.remove(&r.owner.bus_name);
+            }
+        }
+        if let Some(u) = self.per_user.get_mut(&r.owner.uid) {
+            u.sessions -= 1;
+            u.memory -= r.cost;
+            if u.sessions == 0 {
+                self.per_user.remove(&r.owner.uid);
+            }
+        }
+        self.memory_total -= r.cost;
+        Some(r)
+    }
+
+    /// Checks that the connection `sender` (with credentials `caller`, if
+    /// known) may act on session `id`: its owner, or root.
     pub fn authorize(
         &self,
         id: u64,
         caller: Option<&Caller>,
         sender: &str,
-    ) -> Result<&SessionInfo, BrokerError> {
-        let info = self
-            .sessions
+    ) -> Result<&Reservation, BrokerError> {
+        let r = self
+            .reservations
             .get(&id)
-            .ok_or_else(|| BrokerError::UnknownSession(format!("{SESSION_PATH_PREFIX}{id}")))?;
+            .ok_or_else(|| BrokerError::UnknownSession(session_path(id)))?;
         let root = caller.is_some_and(|c| c.uid == 0);
-        if info.owner.bus_name != sender && !root {
+        if r.owner.bus_name != sender && !root {
             return Err(BrokerError::AccessDenied(format!(
                 "session {} belongs to {}, not to {sender}",
-                info.path, info.owner.bus_name
+                session_path(id),
+                r.owner.bus_name
             )));
         }
-        Ok(info)
+        Ok(r)
     }
 
-    /// Closes a session (engine first, then bookkeeping); returns its record.
-    pub fn close(&mut self, id: u64) -> Option<SessionInfo> {
-        let info = self.sessions.get(&id)?;
-        self.engine.close_slot(&info.slot);
-        self.forget(id)
+    /// Whether session `id` is on the books.
+    pub fn contains(&self, id: u64) -> bool {
+        self.reservations.contains_key(&id)
     }
 
-    /// Removes a session the engine already closed from the table.
-    pub fn forget(&mut self, id: u64) -> Option<SessionInfo> {
-        let info = self.sessions.remove(&id)?;
-        if let Some(n) = self.per_connection.get_mut(&info.owner.bus_name) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_connection.remove(&info.owner.bus_name);
-            }
-        }
-        if let Some(u) = self.per_user.get_mut(&info.owner.uid) {
-            u.sessions -= 1;
-            u.memory -= info.ring_bytes;
-            if u.sessions == 0 {
-                self.per_user.remove(&info.owner.uid);
-            }
-        }
-        self.memory_total -= info.ring_bytes;
-        Some(info)
+    /// Every open session, by id.
+    pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
+        self.reservations.values()
+    }
+
+    /// Number of open sessions.
+    pub fn count(&self) -> usize {
+        self.reservations.len()
     }
 
     /// Ids of the sessions a bus connection owns.
     pub fn sessions_of(&self, bus_name: &str) -> Vec<u64> {
-        self.sessions
+        self.reservations
             .values()
-            .filter(|s| s.owner.bus_name == bus_name)
-            .map(|s| s.id)
+            .filter(|r| r.owner.bus_name == bus_name)
+            .map(|r| r.id)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServiceAccess;
+
+    fn caller(bus_name: &str, uid: u32) -> Caller {
+        Caller {
+            bus_name: bus_name.into(),
+            uid,
+            pid: 1,
+            gids: vec![uid + 10_000],
+        }
+    }
+
+    fn broker(f: impl FnOnce(&mut Limits)) -> Broker {
+        let mut config = Config::default();
+        f(&mut config.limits);
+        Broker::new(config)
+    }
+
+    fn limit_name(e: BrokerError) -> String {
+        match e {
+            BrokerError::LimitExceeded(m) => m.split(':').next().unwrap_or_default().to_owned(),
+            other => panic!("expected a limit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_are_fresh_and_charges_add_up() {
+        let mut b = broker(|_| {});
+        let a = caller(":1.1", 1000);
+        let first = b.reserve(&a, "echo", 100).expect("reserve").id;
+        let second = b.reserve(&a, "sink", 50).expect("reserve").id;
+        assert_ne!(first, second);
+        assert_eq!(b.count(), 2);
+        assert_eq!(b.memory_total, 150);
+        assert_eq!(b.per_user[&1000].memory, 150);
+        assert_eq!(b.sessions_of(":1.1"), vec![first, second]);
+        assert!(b.sessions_of(":1.2").is_empty());
+        let r = b.release(first).expect("was reserved");
+        assert_eq!((r.service.as_str(), r.cost), ("echo", 100));
+        assert!(b.release(first).is_none(), "release is idempotent");
+        assert!(!b.contains(first) && b.contains(second));
+        b.release(second).expect("was reserved");
+        assert_eq!(b.memory_total, 0);
+        assert!(b.per_user.is_empty() && b.per_connection.is_empty());
+        let third = b.reserve(&a, "echo", 1).expect("reserve").id;
+        assert!(third > second, "ids are never reused");
+    }
+
+    #[test]
+    fn sessions_per_connection() {
+        let mut b = broker(|l| l.sessions_per_connection = 2);
+        let a = caller(":1.1", 1000);
+        let id = b.reserve(&a, "echo", 1).expect("1").id;
+        b.reserve(&a, "echo", 1).expect("2");
+        assert_eq!(
+            limit_name(b.reserve(&a, "echo", 1).unwrap_err()),
+            "sessions_per_connection"
+        );
+        b.reserve(&caller(":1.2", 1000), "echo", 1)
+            .expect("another connection of the same user");
+        b.release(id);
+        b.reserve(&a, "echo", 1).expect("release made room");
+    }
+
+    #[test]
+    fn sessions_per_user() {
+        let mut b = broker(|l| l.sessions_per_user = 2);
+        let id = b.reserve(&caller(":1.1", 1000), "echo", 1).expect("1").id;
+        b.reserve(&caller(":1.2", 1000), "echo", 1).expect("2");
+        assert_eq!(
+            limit_name(b.reserve(&caller(":1.3", 1000), "echo", 1).unwrap_err()),
+            "sessions_per_user"
+        );
+        b.reserve(&caller(":1.3", 1001), "echo", 1)
+            .expect("another user");
+        b.release(id);
+        b.reserve(&caller(":1.3", 1000), "echo", 1)
+            .expect("release made room");
+    }
+
+    #[test]
+    fn memory_per_user_and_total() {
+        let mut b = broker(|l| {
+            l.memory_per_user = 100;
+            l.memory_total = 150;
+        });
+        let id = b.reserve(&caller(":1.1", 1000), "echo", 60).expect("60").id;
+        assert_eq!(
+            limit_name(b.reserve(&caller(":1.1", 1000), "echo", 41).unwrap_err()),
+            "memory_per_user"
+        );
+        b.reserve(&caller(":1.1", 1000), "echo", 40)
+            .expect("exactly the limit");
+        assert_eq!(
+            limit_name(b.reserve(&caller(":1.2", 1001), "echo", 51).unwrap_err()),
+            "memory_total"
+        );
+        b.reserve(&caller(":1.2", 1001), "echo", 50)
+            .expect("exactly the total");
+        b.release(id);
+        b.reserve(&caller(":1.2", 1001), "echo", 50)
+            .expect("release refunded the total");
+        assert_eq!(b.memory_total, 140);
+    }
+
+    #[test]
+    fn a_refused_reservation_charges_nothing() {
+        let mut b = broker(|l| l.memory_total = 10);
+        let a = caller(":1.1", 1000);
+        b.reserve(&a, "echo", 11).unwrap_err();
+        assert_eq!(b.count(), 0);
+        assert!(b.per_user.is_empty() && b.per_connection.is_empty());
+        assert_eq!(b.memory_total, 0);
+    }
+
+    #[test]
+    fn access_rules() {
+        let mut config = Config::default();
+        config.services.insert(
+            "sink".into(),
+            ServiceAccess {
+                allow_users: vec![1000],
+                allow_groups: vec![50],
+            },
+        );
+        let b = Broker::new(config);
+        b.check_access(&caller(":1.1", 1000), "sink")
+            .expect("listed user");
+        b.check_access(&caller(":1.1", 0), "sink")
+            .expect("root always");
+        let mut grouped = caller(":1.1", 2000);
+        grouped.gids = vec![7, 50];
+        b.check_access(&grouped, "sink").expect("listed group");
+        let err = b.check_access(&caller(":1.1", 2000), "sink").unwrap_err();
+        assert!(
+            matches!(&err, BrokerError::AccessDenied(m) if m.contains("may not use service \"sink\"")),
+            "{err:?}"
+        );
+        b.check_access(&caller(":1.1", 2000), "echo")
+            .expect("a service without rules is open to all");
+    }
+
+    #[test]
+    fn authorize_owner_root_and_others() {
+        let mut b = broker(|_| {});
+        let owner = caller(":1.1", 1000);
+        let id = b.reserve(&owner, "echo", 1).expect("reserve").id;
+        assert_eq!(b.authorize(id, Some(&owner), ":1.1").expect("owner").id, id);
+        b.authorize(id, Some(&caller(":1.9", 0)), ":1.9")
+            .expect("root");
+        let other = caller(":1.2", 1000);
+        let err = b.authorize(id, Some(&other), ":1.2").unwrap_err();
+        assert!(
+            matches!(&err, BrokerError::AccessDenied(m) if m.contains("belongs to :1.1")),
+            "{err:?}"
+        );
+        assert!(matches!(
+            b.authorize(id, None, ":1.3"),
+            Err(BrokerError::AccessDenied(_))
+        ));
+        assert!(matches!(
+            b.authorize(id + 1, Some(&owner), ":1.1"),
+            Err(BrokerError::UnknownSession(_))
+        ));
     }
 }

@@ -9,6 +9,7 @@
 
 use dbus::arg::{PropMap, RefArg, Variant};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// Why a service refused or ended a session. The message reaches the client
 /// as the D-Bus error text or the `SessionClosed` reason.
@@ -37,7 +38,7 @@ pub struct Options {
 impl Options {
     /// Wraps the `a{sv}` dictionary of a call for a session whose messages
     /// may be at most `max_message` bytes.
-    pub fn new(map: PropMap, max_message: u64) -> Self {
+    pub(crate) fn new(map: PropMap, max_message: u64) -> Self {
         Options {
             map,
             used: Default::default(),
@@ -171,11 +172,11 @@ impl Outbox {
 /// (a channel publishing to it), a timer or a producer thread. After a wake,
 /// the loop calls `wants_to_produce`/`produce` again. Cheap to clone.
 #[derive(Clone)]
-pub struct SessionWaker(std::sync::Arc<dyn Fn() + Send + Sync>);
+pub struct SessionWaker(Arc<dyn Fn() + Send + Sync>);
 
 impl SessionWaker {
     pub(crate) fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
-        SessionWaker(std::sync::Arc::new(f))
+        SessionWaker(Arc::new(f))
     }
 
     /// Asks the event loop to run this session soon. Never blocks.
@@ -234,13 +235,116 @@ pub trait SessionHandler: Send + 'static {
         let _ = waker;
     }
 
-    /// Service-specific state for the `ServiceState` property.
-    fn state(&self) -> PropMap {
-        PropMap::new()
+    /// A view of the session's service-specific state for the `ServiceState`
+    /// property, asked for once when the session starts. The D-Bus side reads
+    /// it while a worker serves the session, so it shares only what the
+    /// handler publishes into it; `None` shows an empty state.
+    fn state_view(&self) -> Option<Arc<dyn StateView>> {
+        None
     }
+}
+
+/// Service-specific state of one session, readable from the D-Bus thread
+/// while a worker thread runs the session's handler.
+///
+/// A handler keeps the shared part (atomics, or a small lock it holds only to
+/// copy values in) and updates it as it works, so a reader never waits for a
+/// pump. Update it before the change can be observed on the rings (e.g. count
+/// a message in `on_message`): a client that reads the state after the reply
+/// or end-of-stream then sees every message counted.
+pub trait StateView: Send + Sync + 'static {
+    /// The state now, as the `ServiceState` property shows it.
+    fn state(&self) -> PropMap;
 }
 
 /// Wraps a value for a [`PropMap`].
 pub fn prop<T: RefArg + 'static>(v: T) -> Variant<Box<dyn RefArg>> {
     Variant(Box::new(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(pairs: Vec<(&str, Box<dyn RefArg>)>) -> Options {
+        let map = pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Variant(v)))
+            .collect();
+        Options::new(map, 100)
+    }
+
+    #[test]
+    fn unsigned_options_accept_unsigned_and_non_negative_signed() {
+        let o = options(vec![
+            ("t", Box::new(7u64)),
+            ("u", Box::new(8u32)),
+            ("y", Box::new(9u8)),
+            ("x", Box::new(10i64)),
+            ("i", Box::new(11i32)),
+        ]);
+        assert_eq!(o.u64("t").expect("t"), Some(7));
+        assert_eq!(o.u64("u").expect("u"), Some(8));
+        assert_eq!(o.u64("y").expect("y"), Some(9));
+        assert_eq!(o.u64("x").expect("x"), Some(10));
+        assert_eq!(o.u64("i").expect("i"), Some(11));
+        assert_eq!(o.u64("absent").expect("absent"), None);
+    }
+
+    #[test]
+    fn ill_typed_options_are_refused_by_name() {
+        let o = options(vec![
+            ("neg", Box::new(-1i64)),
+            ("text", Box::new("x".to_owned())),
+            ("num", Box::new(1u64)),
+        ]);
+        fn err<T: std::fmt::Debug>(r: Result<T, ServiceError>) -> String {
+            match r {
+                Err(ServiceError::InvalidOption(m)) => m,
+                other => panic!("expected InvalidOption, got {other:?}"),
+            }
+        }
+        assert!(err(o.u64("neg")).contains("must not be negative"));
+        assert!(err(o.u64("text")).contains("\"text\" must be an unsigned integer"));
+        assert!(err(o.string("num")).contains("\"num\" must be a string"));
+        assert_eq!(o.string("text").expect("string").as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn unused_lists_keys_nobody_read_sorted() {
+        let o = options(vec![
+            ("b", Box::new(1u64)),
+            ("a", Box::new(1u64)),
+            ("read", Box::new(1u64)),
+        ]);
+        o.u64("read").expect("read");
+        assert_eq!(o.unused(), ["a", "b"]);
+        assert_eq!(o.max_message(), 100);
+    }
+
+    #[test]
+    fn outbox_enforces_the_message_size_and_finish() {
+        let mut out = Outbox::new(4);
+        out.send(vec![0; 4]).expect("at the maximum");
+        assert!(matches!(out.send(vec![0; 5]), Err(ServiceError::Failed(_))));
+        out.finish();
+        assert!(out.finished());
+        assert!(
+            matches!(out.send(vec![1]), Err(ServiceError::Failed(m)) if m.contains("after finishing"))
+        );
+        assert_eq!(out.pop(), Some(vec![0; 4]), "queued messages still flush");
+        assert_eq!(out.pop(), None);
+    }
+
+    #[test]
+    fn a_waker_calls_its_function() {
+        let n = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let m = n.clone();
+        let w = SessionWaker::new(move || {
+            m.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        w.clone().wake();
+        w.wake();
+        assert_eq!(n.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
 }

@@ -1,4 +1,4 @@
-use crate::service::prop;
+use crate::service::{prop, StateView};
 use crate::{Caller, Options, Outbox, Service, ServiceError, SessionHandler, SessionWaker};
 use dbus::arg::PropMap;
 use shmlink_interfaces::{option, service};
@@ -31,11 +31,15 @@ pub struct Channel {
     next_member: AtomicU64,
 }
 
+/// One member's shared record: its undelivered messages and its counters,
+/// which other members (pushing) and the D-Bus side (reading) see.
 #[derive(Default)]
 struct Inbox {
     queue: Mutex<(VecDeque<Arc<[u8]>>, usize)>,
     waker: OnceLock<SessionWaker>,
     dropped: AtomicU64,
+    published: AtomicU64,
+    delivered: AtomicU64,
 }
 
 impl Inbox {
@@ -93,8 +97,6 @@ impl Service for Channel {
             name,
             id,
             inbox,
-            published: 0,
-            delivered: 0,
             left: false,
         }))
     }
@@ -105,9 +107,30 @@ struct Member {
     name: String,
     id: u64,
     inbox: Arc<Inbox>,
-    published: u64,
-    delivered: u64,
     left: bool,
+}
+
+/// A member's `ServiceState`, read live from the channel's shared tables.
+struct MemberView {
+    groups: Groups,
+    name: String,
+    inbox: Arc<Inbox>,
+}
+
+impl StateView for MemberView {
+    fn state(&self) -> PropMap {
+        let members = lock(&self.groups)
+            .get(&self.name)
+            .map_or(0, |g| g.len() as u32);
+        let count = |c: &AtomicU64| prop(c.load(Ordering::Relaxed));
+        let mut m = PropMap::new();
+        m.insert("channel".into(), prop(self.name.clone()));
+        m.insert("members".into(), prop(members));
+        m.insert("published".into(), count(&self.inbox.published));
+        m.insert("delivered".into(), count(&self.inbox.delivered));
+        m.insert("dropped".into(), count(&self.inbox.dropped));
+        m
+    }
 }
 
 impl Member {
@@ -146,7 +169,7 @@ impl SessionHandler for Member {
                 }
             }
         }
-        self.published += 1;
+        self.inbox.published.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -162,7 +185,7 @@ impl SessionHandler for Member {
 
     fn produce(&mut self, out: &mut Outbox) -> Result<(), ServiceError> {
         if let Some(m) = self.inbox.pop() {
-            self.delivered += 1;
+            self.inbox.delivered.fetch_add(1, Ordering::Relaxed);
             out.send(m.to_vec())?;
         }
         Ok(())
@@ -172,25 +195,99 @@ impl SessionHandler for Member {
         let _ = self.inbox.waker.set(waker);
     }
 
-    fn state(&self) -> PropMap {
-        let members = lock(&self.groups)
-            .get(&self.name)
-            .map_or(0, |g| g.len() as u32);
-        let mut m = PropMap::new();
-        m.insert("channel".into(), prop(self.name.clone()));
-        m.insert("members".into(), prop(members));
-        m.insert("published".into(), prop(self.published));
-        m.insert("delivered".into(), prop(self.delivered));
-        m.insert(
-            "dropped".into(),
-            prop(self.inbox.dropped.load(Ordering::Relaxed)),
-        );
-        m
+    fn state_view(&self) -> Option<Arc<dyn StateView>> {
+        Some(Arc::new(MemberView {
+            groups: self.groups.clone(),
+            name: self.name.clone(),
+            inbox: self.inbox.clone(),
+        }))
     }
 }
 
 impl Drop for Member {
     fn drop(&mut self) {
         self.leave();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin::tests::{caller, get_u64, options};
+    use crate::service::prop;
+    use std::sync::atomic::AtomicUsize;
+
+    fn join(ch: &Channel, name: &str) -> Box<dyn SessionHandler> {
+        ch.open(
+            &caller(),
+            &options(&[(option::CHANNEL, prop(name.to_owned()))]),
+        )
+        .expect("join")
+    }
+
+    #[test]
+    fn fans_out_to_the_others_and_wakes_them() {
+        let ch = Channel::default();
+        let mut a = join(&ch, "room");
+        let mut b = join(&ch, "room");
+        let mut elsewhere = join(&ch, "other");
+        let woken = Arc::new(AtomicUsize::new(0));
+        let w = woken.clone();
+        b.attach(SessionWaker::new(move || {
+            w.fetch_add(1, Ordering::Relaxed);
+        }));
+        let mut out = Outbox::new(1 << 20);
+        a.on_message(b"hi".to_vec(), &mut out).expect("publish");
+        assert_eq!(woken.load(Ordering::Relaxed), 1, "b is woken");
+        assert!(!a.wants_to_produce(), "the sender does not hear itself");
+        assert!(
+            !elsewhere.wants_to_produce(),
+            "another channel hears nothing"
+        );
+        assert!(b.wants_to_produce());
+        b.produce(&mut out).expect("deliver");
+        assert_eq!(out.pop().as_deref(), Some(&b"hi"[..]));
+        let a_state = a.state_view().expect("view").state();
+        assert_eq!(get_u64(&a_state, "members"), Some(2));
+        assert_eq!(get_u64(&a_state, "published"), Some(1));
+        let b_view = b.state_view().expect("view");
+        assert_eq!(get_u64(&b_view.state(), "delivered"), Some(1));
+        drop(a);
+        assert_eq!(
+            get_u64(&b_view.state(), "members"),
+            Some(1),
+            "a dropped member leaves the channel"
+        );
+        elsewhere.on_end(&mut out).expect("end");
+        assert!(out.finished());
+    }
+
+    #[test]
+    fn a_full_inbox_drops_for_that_member_only() {
+        let ch = Channel::default();
+        let mut a = join(&ch, "room");
+        let b = join(&ch, "room");
+        let mut out = Outbox::new(1 << 20);
+        for _ in 0..INBOX_MESSAGES + 3 {
+            a.on_message(vec![1], &mut out).expect("publish");
+        }
+        let st = b.state_view().expect("view").state();
+        assert_eq!(get_u64(&st, "dropped"), Some(3));
+        assert_eq!(get_u64(&st, "delivered"), Some(0));
+    }
+
+    #[test]
+    fn the_channel_name_is_required_and_bounded() {
+        let ch = Channel::default();
+        for opts in [
+            options(&[]),
+            options(&[(option::CHANNEL, prop(String::new()))]),
+            options(&[(option::CHANNEL, prop("x".repeat(MAX_NAME + 1)))]),
+        ] {
+            assert!(matches!(
+                ch.open(&caller(), &opts),
+                Err(ServiceError::InvalidOption(_))
+            ));
+        }
     }
 }

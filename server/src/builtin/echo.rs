@@ -24,3 +24,23 @@ impl SessionHandler for EchoSession {
         out.send(msg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin::tests::{caller, options};
+
+    #[test]
+    fn sends_every_message_back_in_order() {
+        let mut h = Echo.open(&caller(), &options(&[])).expect("open");
+        let mut out = Outbox::new(1 << 20);
+        h.on_message(b"one".to_vec(), &mut out).expect("one");
+        h.on_message(b"two".to_vec(), &mut out).expect("two");
+        assert_eq!(out.pop().as_deref(), Some(&b"one"[..]));
+        assert_eq!(out.pop().as_deref(), Some(&b"two"[..]));
+        assert!(out.pop().is_none());
+        assert!(!h.wants_to_produce());
+        h.on_end(&mut out).expect("end");
+        assert!(out.finished(), "end of input is echoed as end of stream");
+    }
+}

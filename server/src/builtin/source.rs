@@ -2,9 +2,9 @@ use crate::{Caller, Options, Outbox, Service, ServiceError, SessionHandler};
 use shmlink_interfaces::{option, service, source_pattern_byte};
 
 /// Default size of each message `source` sends.
-pub const DEFAULT_MESSAGE_SIZE: u64 = 64 * 1024;
+const DEFAULT_MESSAGE_SIZE: u64 = 64 * 1024;
 /// Default number of messages `source` sends.
-pub const DEFAULT_COUNT: u64 = 16;
+const DEFAULT_COUNT: u64 = 16;
 
 /// Sends `count` messages of `message-size` bytes whose content the client
 /// can verify (see `source_pattern_byte`), then end-of-stream.
@@ -77,5 +77,50 @@ impl SessionHandler for SourceSession {
         out.send(self.template[start..start + size].to_vec())?;
         self.next += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin::tests::{caller, options};
+    use crate::service::prop;
+
+    #[test]
+    fn sends_count_verifiable_messages_then_finishes() {
+        let opts = options(&[
+            (option::MESSAGE_SIZE, prop(300u64)),
+            (option::COUNT, prop(3u64)),
+        ]);
+        let mut h = Source.open(&caller(), &opts).expect("open");
+        assert!(opts.unused().is_empty(), "source reads both options");
+        let mut out = Outbox::new(1 << 20);
+        for n in 0..3u64 {
+            assert!(h.wants_to_produce());
+            h.produce(&mut out).expect("produce");
+            let m = out.pop().expect("one message per produce");
+            assert_eq!(m.len(), 300);
+            for (j, &b) in m.iter().enumerate() {
+                assert_eq!(b, source_pattern_byte(n, j as u64), "message {n} byte {j}");
+            }
+        }
+        assert!(!out.finished());
+        h.produce(&mut out).expect("finish");
+        assert!(out.finished() && out.pop().is_none());
+    }
+
+    #[test]
+    fn refuses_input_and_oversized_messages() {
+        let mut h = Source.open(&caller(), &options(&[])).expect("defaults");
+        let mut out = Outbox::new(1 << 20);
+        assert!(matches!(
+            h.on_message(b"x".to_vec(), &mut out),
+            Err(ServiceError::Protocol(_))
+        ));
+        let too_big = options(&[(option::MESSAGE_SIZE, prop((1u64 << 20) + 1))]);
+        assert!(matches!(
+            Source.open(&caller(), &too_big),
+            Err(ServiceError::InvalidOption(_))
+        ));
     }
 }

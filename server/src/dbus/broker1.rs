@@ -1,0 +1,104 @@
+//! `org.shmlink.Broker1` at `/org/shmlink/Broker1`: open and list sessions,
+//! the broker's limits, and the `SessionClosed` signal.
+
+use super::{lock, method_err, Shared};
+use crate::sessions::SessionRecord;
+use dbus::arg::PropMap;
+use dbus::Path;
+use dbus_crossroads::{Context, Crossroads, IfaceToken, MethodErr};
+use shmlink_interfaces::{member, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE};
+
+pub(super) fn register(
+    cr: &mut Crossroads,
+    shared: Shared,
+    session_token: IfaceToken<SessionRecord>,
+) -> IfaceToken<()> {
+    cr.register(BROKER_INTERFACE, move |b| {
+        let sh = shared.clone();
+        b.method_with_cr(
+            member::OPEN_SESSION,
+            ("service", "options"),
+            (
+                "session",
+                "to_server_capacity",
+                "to_server_memfd",
+                "to_server_empty",
+                "to_server_full",
+                "to_client_capacity",
+                "to_client_memfd",
+                "to_client_empty",
+                "to_client_full",
+                "hangup",
+                "parameters",
+            ),
+            move |ctx: &mut Context,
+                  cr: &mut Crossroads,
+                  (service, options): (String, PropMap)|
+                  -> Result<OpenSessionArgs, MethodErr> {
+                let mut c = lock(&sh);
+                let caller = c.peers.caller_of(ctx.message())?;
+                let opened = c.sessions.open(&caller, &service, options).map_err(|e| {
+                    log::warn!(
+                        "OpenSession({service:?}) from {} (uid {}) refused: {e}",
+                        caller.bus_name,
+                        caller.uid
+                    );
+                    method_err(&e)
+                })?;
+                drop(c);
+                let path = opened.record.path.clone();
+                cr.insert(path.clone(), &[session_token], opened.record);
+                Ok(OpenSessionReply {
+                    session: path,
+                    fds: opened.fds,
+                    parameters: opened.params,
+                }
+                .into())
+            },
+        );
+        let sh = shared.clone();
+        b.method(
+            member::LIST_SESSIONS,
+            (),
+            ("sessions",),
+            move |_ctx, _: &mut (), ()| {
+                let c = lock(&sh);
+                let list: Vec<(Path<'static>, String, String, u32, u32)> = c
+                    .sessions
+                    .broker()
+                    .reservations()
+                    .map(|r| {
+                        (
+                            crate::broker::session_path(r.id).into(),
+                            r.service.clone(),
+                            r.owner.bus_name.clone(),
+                            r.owner.uid,
+                            r.owner.pid,
+                        )
+                    })
+                    .collect();
+                Ok((list,))
+            },
+        );
+        b.signal::<(Path<'static>, String), _>(member::SESSION_CLOSED, ("session", "reason"));
+        b.property(member::VERSION)
+            .emits_changed_const()
+            .get(|_, _: &mut ()| Ok(env!("CARGO_PKG_VERSION").to_owned()));
+        let sh = shared.clone();
+        b.property(member::SERVICES)
+            .emits_changed_const()
+            .get(move |_, _: &mut ()| Ok(lock(&sh).sessions.service_names()));
+        let sh = shared.clone();
+        b.property(member::SESSION_COUNT)
+            .emits_changed_false()
+            .get(move |_, _: &mut ()| Ok(lock(&sh).sessions.broker().count() as u32));
+        let sh = shared.clone();
+        b.property(member::MAX_CAPACITY)
+            .emits_changed_const()
+            .get(move |_, _: &mut ()| Ok(lock(&sh).sessions.broker().limits().max_capacity));
+        let sh = shared.clone();
+        b.property(member::MAX_MESSAGE_SIZE)
+            .emits_changed_const()
+            .get(move |_, _: &mut ()| Ok(lock(&sh).sessions.broker().limits().max_message));
+    })
+}

@@ -1,0 +1,408 @@
+//! The broker's event loop: a fixed pool of worker threads, each with one
+//! epoll set, serving any number of sessions.
+//!
+//! A worker owns its sessions' [`Pump`]s outright. The D-Bus thread never
+//! touches them: it queues [`Command`]s (add, remove) and signals the
+//! worker's wake eventfd, and never waits for a worker. A worker that ends a
+//! session by itself (the client hung up or misbehaved, the service failed
+//! or panicked) drops it and reports an [`Ended`] on a channel whose notify
+//! eventfd the main loop polls.
+//!
+//! Each session registers three fds under its id (see [`Pump::fds`]). A
+//! wake-up queues the session on its worker's run queue; one run is bounded
+//! by a time slice (then it is re-queued, so one busy session cannot starve
+//! others). A failing or panicking session ends alone; its worker carries on.
+
+mod pump;
+
+pub(crate) use pump::Traffic;
+use pump::{Pump, Step, FIRED_DATA, FIRED_HANGUP, FIRED_ROOM};
+
+use crate::service::{SessionHandler, SessionWaker};
+use rustix::event::epoll::{self, EventData, EventFlags};
+use rustix::event::{eventfd, EventfdFlags};
+use shmlink_endpoint::{sys, Endpoint};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+/// epoll token of a worker's own wake-up eventfd.
+const WAKE_TOKEN: u64 = u64::MAX;
+/// Events fetched per `epoll_wait`.
+const EVENT_BATCH: usize = 256;
+
+/// A session's epoll token is `id << 2 | which fd` (the index in
+/// [`Pump::fds`]), so that a wake-up touches only the fd that fired.
+fn token(id: u64, fd_index: usize) -> u64 {
+    (id << 2) | fd_index as u64
+}
+
+/// A session the engine ended by itself, for the main loop to finish off.
+#[derive(Debug)]
+pub(crate) struct Ended {
+    /// Session id.
+    pub id: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// What the D-Bus thread (or a [`SessionWaker`]) asks of a worker.
+enum Command {
+    /// Start serving a session (its fds are already in the worker's epoll set).
+    Add(u64, Box<Pump>),
+    /// Stop serving a session and drop its rings and hang-up socket.
+    Remove(u64),
+    /// Run a session even though none of its fds fired.
+    Kick(u64),
+}
+
+/// A worker's inbox: its command queue and the eventfd that wakes it.
+struct Mailbox {
+    epoll: OwnedFd,
+    wake: OwnedFd,
+    commands: Mutex<Vec<Command>>,
+}
+
+impl Mailbox {
+    fn post(&self, c: Command) {
+        lock(&self.commands).push(c);
+        let _ = sys::eventfd_signal(self.wake.as_fd());
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn new_eventfd() -> std::io::Result<OwnedFd> {
+    Ok(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?)
+}
+
+/// The pool of workers, driven from the D-Bus thread.
+pub(crate) struct Engine {
+    mailboxes: Vec<Arc<Mailbox>>,
+    threads: Vec<JoinHandle<()>>,
+    /// Which worker serves each session.
+    placement: HashMap<u64, usize>,
+    next: usize,
+    stop: Arc<AtomicBool>,
+    ended: mpsc::Receiver<Ended>,
+    notify: Arc<OwnedFd>,
+}
+
+impl Engine {
+    /// Starts `workers` threads (at least one).
+    pub fn start(workers: usize) -> std::io::Result<Engine> {
+        let notify = Arc::new(new_eventfd()?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ended_tx, ended) = mpsc::channel();
+        let mut engine = Engine {
+            mailboxes: Vec::new(),
+            threads: Vec::new(),
+            placement: HashMap::new(),
+            next: 0,
+            stop,
+            ended,
+            notify,
+        };
+        for i in 0..workers.max(1) {
+            let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+            let wake = new_eventfd()?;
+            epoll::add(
+                &epoll,
+                &wake,
+                EventData::new_u64(WAKE_TOKEN),
+                EventFlags::IN,
+            )?;
+            let mailbox = Arc::new(Mailbox {
+                epoll,
+                wake,
+                commands: Mutex::new(Vec::new()),
+            });
+            let worker = Worker {
+                mailbox: mailbox.clone(),
+                stop: engine.stop.clone(),
+                ended: ended_tx.clone(),
+                notify: engine.notify.clone(),
+                sessions: HashMap::new(),
+                runq: VecDeque::new(),
+                queued: HashMap::new(),
+            };
+            engine.mailboxes.push(mailbox);
+            // On error, dropping `engine` stops the threads started so far.
+            engine.threads.push(
+                std::thread::Builder::new()
+                    .name(format!("shmlink-worker-{i}"))
+                    .spawn(move || worker.run())?,
+            );
+        }
+        Ok(engine)
+    }
+
+    /// Number of worker threads.
+    pub fn worker_count(&self) -> usize {
+        self.mailboxes.len()
+    }
+
+    /// The eventfd that becomes readable when [`Engine::take_ended`] has news.
+    pub fn notify_fd(&self) -> Arc<OwnedFd> {
+        self.notify.clone()
+    }
+
+    /// The sessions workers ended since the last call; resets the notify fd.
+    pub fn take_ended(&mut self) -> Vec<Ended> {
+        let _ = sys::eventfd_drain(self.notify.as_fd());
+        let ended: Vec<Ended> = self.ended.try_iter().collect();
+        for e in &ended {
+            self.placement.remove(&e.id);
+        }
+        ended
+    }
+
+    /// Starts serving session `id`: watches its fds on the next worker in
+    /// turn, hands it the handler (attached to a waker) and runs it once.
+    pub fn add(
+        &mut self,
+        id: u64,
+        endpoint: Endpoint,
+        mut handler: Box<dyn SessionHandler>,
+        traffic: Arc<Traffic>,
+    ) -> std::io::Result<()> {
+        let index = self.next % self.mailboxes.len();
+        let mailbox = &self.mailboxes[index];
+        let weak = Arc::downgrade(mailbox);
+        handler.attach(SessionWaker::new(move || {
+            if let Some(m) = weak.upgrade() {
+                m.post(Command::Kick(id));
+            }
+        }));
+        let pump = Box::new(Pump::new(endpoint, handler, traffic));
+        // Watch the pump's own fds (not duplicates): epoll keys its entries
+        // by fd and file, and the worker removes them by the same fds.
+        let fds = pump.fds();
+        for (n, fd) in fds.iter().enumerate() {
+            if let Err(e) = epoll::add(
+                &mailbox.epoll,
+                fd,
+                EventData::new_u64(token(id, n)),
+                EventFlags::IN,
+            ) {
+                unwatch(&mailbox.epoll, &fds[..n]);
+                return Err(e.into());
+            }
+        }
+        self.next += 1;
+        self.placement.insert(id, index);
+        // Added with a first run: sessions like `source` have work before the client sends anything.
+        mailbox.post(Command::Add(id, pump));
+        Ok(())
+    }
+
+    /// Stops serving session `id`; its worker drops the rings and hang-up
+    /// socket at its next wake-up, which this triggers. Does nothing if the
+    /// session is not served (any more).
+    pub fn remove(&mut self, id: u64) {
+        if let Some(index) = self.placement.remove(&id) {
+            self.mailboxes[index].post(Command::Remove(id));
+        }
+    }
+
+    /// Stops the workers; each drops every session it still serves.
+    pub fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for m in &self.mailboxes {
+            let _ = sys::eventfd_signal(m.wake.as_fd());
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.placement.clear();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn unwatch(epoll: &OwnedFd, fds: &[BorrowedFd<'_>]) {
+    for fd in fds {
+        if let Err(e) = epoll::delete(epoll, fd) {
+            log::warn!("epoll_ctl(DEL) failed: {e}");
+        }
+    }
+}
+
+/// One worker thread's state: the sessions it owns and its run queue.
+struct Worker {
+    mailbox: Arc<Mailbox>,
+    stop: Arc<AtomicBool>,
+    ended: mpsc::Sender<Ended>,
+    notify: Arc<OwnedFd>,
+    sessions: HashMap<u64, Box<Pump>>,
+    runq: VecDeque<u64>,
+    /// The ids in `runq` (so that a session is queued at most once), with
+    /// the set of its fds that fired since it was queued.
+    queued: HashMap<u64, u8>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        // A client can make our wake-up write block (it shares the eventfd's
+        // O_NONBLOCK flag and counter); have such a write interrupted.
+        if let Err(e) = sys::write_guard::protect_this_thread() {
+            log::warn!("cannot guard worker against blocking eventfd writes: {e}");
+        }
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(EVENT_BATCH);
+        let zero = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            let timeout = if self.runq.is_empty() {
+                None
+            } else {
+                Some(&zero)
+            };
+            events.clear();
+            if let Err(e) = epoll::wait(
+                &self.mailbox.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                timeout,
+            ) {
+                if e != rustix::io::Errno::INTR {
+                    log::error!("epoll_wait failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                continue;
+            }
+            for ev in &events {
+                let token = ev.data.u64();
+                if token == WAKE_TOKEN {
+                    let _ = sys::eventfd_drain(self.mailbox.wake.as_fd());
+                } else {
+                    let fired = [FIRED_DATA, FIRED_ROOM, FIRED_HANGUP][(token & 3).min(2) as usize];
+                    self.enqueue(token >> 2, fired);
+                }
+            }
+            // Commands after events: a session whose fds fired before its
+            // `Add` arrived is still run (every `Add` runs the session once).
+            let commands = std::mem::take(&mut *lock(&self.mailbox.commands));
+            for c in commands {
+                match c {
+                    Command::Add(id, pump) => {
+                        self.sessions.insert(id, pump);
+                        self.enqueue(id, 0);
+                    }
+                    Command::Remove(id) => self.drop_session(id),
+                    Command::Kick(id) => self.enqueue(id, 0),
+                }
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                let ids: Vec<u64> = self.sessions.keys().copied().collect();
+                for id in ids {
+                    self.drop_session(id);
+                }
+                return;
+            }
+            self.run_queue();
+        }
+    }
+
+    fn enqueue(&mut self, id: u64, fired: u8) {
+        match self.queued.entry(id) {
+            std::collections::hash_map::Entry::Occupied(mut e) => *e.get_mut() |= fired,
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(fired);
+                self.runq.push_back(id);
+            }
+        }
+    }
+
+    /// Runs each queued session once.
+    fn run_queue(&mut self) {
+        for _ in 0..self.runq.len() {
+            let Some(id) = self.runq.pop_front() else {
+                break;
+            };
+            let fired = self.queued.remove(&id).unwrap_or(0);
+            let Some(pump) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            let step = catch_unwind(AssertUnwindSafe(|| pump.run(fired))).unwrap_or_else(|_| {
+                Step::End("internal error: the session's service panicked".into())
+            });
+            match step {
+                Step::Idle => {}
+                Step::More => self.enqueue(id, 0),
+                Step::End(reason) => {
+                    self.drop_session(id);
+                    let _ = self.ended.send(Ended { id, reason });
+                    let _ = sys::eventfd_signal(self.notify.as_fd());
+                }
+            }
+        }
+    }
+
+    /// Stops watching a session's fds and drops it (closing its rings and
+    /// hang-up socket, which the client sees).
+    fn drop_session(&mut self, id: u64) {
+        if let Some(pump) = self.sessions.remove(&id) {
+            unwatch(&self.mailbox.epoll, &pump.fds());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin::tests::{caller, options};
+    use crate::builtin::Echo;
+    use crate::service::Service;
+    use shmlink_endpoint::Wakeup;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_removed_session_hangs_up_promptly_and_others_keep_running() {
+        let mut engine = Engine::start(1).expect("start");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut clients = Vec::new();
+        for id in 1..=2 {
+            let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
+            let handler = Echo.open(&caller(), &options(&[])).expect("open");
+            engine
+                .add(id, server, handler, Arc::default())
+                .expect("add");
+            let mut client = Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client");
+            client.set_timeout(Some(Duration::from_secs(10)));
+            clients.push(client);
+        }
+        engine.remove(1);
+        let ready = sys::poll_readable(&[clients[0].hangup_fd()], Some(deadline)).expect("poll");
+        assert!(
+            ready[0].hangup || ready[0].readable,
+            "the removed session's socket closed"
+        );
+        assert!(clients[0].peer_gone().expect("peer_gone"));
+        clients[1].send(b"still served").expect("send");
+        assert_eq!(
+            clients[1].recv().expect("recv").as_deref(),
+            Some(&b"still served"[..])
+        );
+        engine.remove(1);
+        assert!(
+            engine.take_ended().is_empty(),
+            "a removal is not reported back"
+        );
+        engine.shutdown();
+        let ready = sys::poll_readable(&[clients[1].hangup_fd()], Some(deadline)).expect("poll");
+        assert!(
+            ready[0].hangup || ready[0].readable,
+            "shutdown drops every session"
+        );
+    }
+}

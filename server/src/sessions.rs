@@ -1,0 +1,388 @@
+//! The session lifecycle, in one place and one direction.
+//!
+//! [`Sessions::open`]: parse the ring options → the service's `open` (its
+//! options and handler) → [`Broker::reserve`] (limits, id, charges) →
+//! [`Endpoint::create_server`] (the rings) → [`Engine::add`] (a worker serves
+//! it). Any failure after the reservation releases it, so a refused call
+//! leaves no trace.
+//!
+//! [`Sessions::end_session`] is the only way a session ends, whatever the
+//! cause (`Close`, the owner leaving the bus, the engine reporting a dead or
+//! misbehaving peer, shutdown): it releases the reservation, tells the engine
+//! to drop the session, logs, and returns what the D-Bus side needs to
+//! remove the object and announce the end. It is idempotent: a second call
+//! for the same id returns `None`, so an end is announced once.
+
+use crate::broker::{session_path, Broker, BrokerError};
+use crate::config::Config;
+use crate::engine::{Engine, Traffic};
+use crate::service::{prop, Caller, Options, Service, StateView};
+use dbus::arg::PropMap;
+use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
+use shmlink_interfaces::{limits, option, param, wakeup};
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A session just opened: what its D-Bus object carries and what the
+/// `OpenSession` reply returns.
+pub(crate) struct Opened {
+    /// The session's record.
+    pub record: SessionRecord,
+    /// The fds to hand to the client.
+    pub fds: PeerFds,
+    /// The `parameters` dictionary of the reply.
+    pub params: PropMap,
+}
+
+/// What a session's D-Bus object knows about it, readable without waiting
+/// for the worker that serves it.
+pub(crate) struct SessionRecord {
+    /// Session id.
+    pub id: u64,
+    /// Its object path.
+    pub path: dbus::Path<'static>,
+    /// The service.
+    pub service: String,
+    /// Who opened it.
+    pub owner: Caller,
+    /// Counts the pump keeps.
+    pub traffic: Arc<Traffic>,
+    /// The service's state, if it publishes one.
+    pub state: Option<Arc<dyn StateView>>,
+}
+
+/// A session that just ended, for the D-Bus side to remove and announce.
+pub(crate) struct EndedSession {
+    /// Its object path.
+    pub path: dbus::Path<'static>,
+}
+
+/// The hosted services, the books and the engine.
+pub(crate) struct Sessions {
+    services: BTreeMap<String, Arc<dyn Service>>,
+    broker: Broker,
+    engine: Engine,
+}
+
+impl Sessions {
+    /// Hosts `services` under `config`, with its engine's worker threads started.
+    pub fn start(config: Config, services: Vec<Arc<dyn Service>>) -> std::io::Result<Self> {
+        let engine = Engine::start(config.worker_count())?;
+        let services = services
+            .into_iter()
+            .map(|s| (s.name().to_owned(), s))
+            .collect();
+        Ok(Sessions {
+            services,
+            broker: Broker::new(config),
+            engine,
+        })
+    }
+
+    /// The books (limits, owners, counts).
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Names of the hosted services.
+    pub fn service_names(&self) -> Vec<String> {
+        self.services.keys().cloned().collect()
+    }
+
+    /// Number of engine worker threads.
+    pub fn worker_count(&self) -> usize {
+        self.engine.worker_count()
+    }
+
+    /// The eventfd that becomes readable when [`Sessions::reap`] has work.
+    pub fn notify_fd(&self) -> Arc<OwnedFd> {
+        self.engine.notify_fd()
+    }
+
+    /// Opens a session of `service` for `caller`. Errors keep the contract's
+    /// precedence: unknown service, access, ring options, the service's own
+    /// options, unknown keys, then limits.
+    pub fn open(
+        &mut self,
+        caller: &Caller,
+        service: &str,
+        options: PropMap,
+    ) -> Result<Opened, BrokerError> {
+        let svc = self
+            .services
+            .get(service)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownService(service.into()))?;
+        self.broker.check_access(caller, service)?;
+        let max_message = self.broker.limits().max_message;
+        let opts = Options::new(options, max_message);
+        let (capacity, wake) = ring_options(&opts, self.broker.limits().max_capacity)?;
+        let handler = svc.open(caller, &opts)?;
+        let unused = opts.unused();
+        if !unused.is_empty() {
+            return Err(BrokerError::InvalidOption(format!(
+                "unknown option(s) for service {service:?}: {}",
+                unused.join(", ")
+            )));
+        }
+        // Both rings' memfds: the usable bytes plus shmem-ipc's 64-byte header each.
+        let cost = 2 * (shmlink_endpoint::rounded_capacity(capacity) + 64);
+        let id = self.broker.reserve(caller, service, cost)?.id;
+        let release_on_err = |broker: &mut Broker, e: BrokerError| {
+            broker.release(id);
+            e
+        };
+        let max_message32 = u32::try_from(max_message).unwrap_or(u32::MAX);
+        let (endpoint, fds) = match Endpoint::create_server(capacity, max_message32, wake) {
+            Ok(v) => v,
+            Err(e) => {
+                let e = BrokerError::Internal(format!("could not create the rings: {e}"));
+                return Err(release_on_err(&mut self.broker, e));
+            }
+        };
+        let state = handler.state_view();
+        let traffic = Arc::new(Traffic::default());
+        if let Err(e) = self.engine.add(id, endpoint, handler, traffic.clone()) {
+            let e = BrokerError::Internal(format!("could not start serving the session: {e}"));
+            return Err(release_on_err(&mut self.broker, e));
+        }
+        log::info!(
+            "session {id} opened: service {service}, owner {} (uid {}, pid {}), capacity {}",
+            caller.bus_name,
+            caller.uid,
+            caller.pid,
+            fds.to_server.capacity
+        );
+        Ok(Opened {
+            record: SessionRecord {
+                id,
+                path: session_path(id).into(),
+                service: service.to_owned(),
+                owner: caller.clone(),
+                traffic,
+                state,
+            },
+            fds,
+            params: reply_parameters(max_message, wake),
+        })
+    }
+
+    /// Ends session `id` for `reason` (see the module docs); `None` if it
+    /// had already ended.
+    pub fn end_session(&mut self, id: u64, reason: &str) -> Option<EndedSession> {
+        let reservation = self.broker.release(id)?;
+        self.engine.remove(id);
+        log::info!(
+            "session {id} ({}, owner {}) ended: {reason}",
+            reservation.service,
+            reservation.owner.bus_name
+        );
+        Some(EndedSession {
+            path: session_path(id).into(),
+        })
+    }
+
+    /// Ends the sessions the engine ended by itself; returns them with their reasons.
+    pub fn reap(&mut self) -> Vec<(EndedSession, String)> {
+        self.engine
+            .take_ended()
+            .into_iter()
+            .filter_map(|e| Some((self.end_session(e.id, &e.reason)?, e.reason)))
+            .collect()
+    }
+
+    /// Ends every session `bus_name` owns (its connection left the bus).
+    pub fn end_sessions_of(&mut self, bus_name: &str, reason: &str) -> Vec<EndedSession> {
+        self.broker
+            .sessions_of(bus_name)
+            .into_iter()
+            .filter_map(|id| self.end_session(id, reason))
+            .collect()
+    }
+
+    /// Ends every session, then stops the engine's workers.
+    pub fn shutdown(&mut self, reason: &str) -> Vec<EndedSession> {
+        let ids: Vec<u64> = self.broker.reservations().map(|r| r.id).collect();
+        let ended = ids
+            .into_iter()
+            .filter_map(|id| self.end_session(id, reason))
+            .collect();
+        self.engine.shutdown();
+        ended
+    }
+}
+
+/// The ring options every service shares: capacity and wake-up mode.
+fn ring_options(opts: &Options, max_capacity: u64) -> Result<(u64, Wakeup), BrokerError> {
+    let capacity = opts
+        .u64(option::CAPACITY)?
+        // A client that does not ask gets the default, or the maximum if that is lower.
+        .unwrap_or(limits::DEFAULT_CAPACITY.min(max_capacity));
+    if !(limits::MIN_CAPACITY..=max_capacity).contains(&capacity) {
+        return Err(BrokerError::InvalidCapacity(format!(
+            "capacity {capacity} is outside {}..={} bytes",
+            limits::MIN_CAPACITY,
+            max_capacity
+        )));
+    }
+    Ok((capacity, parse_wakeup(opts)?))
+}
+
+fn parse_wakeup(opts: &Options) -> Result<Wakeup, BrokerError> {
+    let mode = opts.string(option::WAKEUP)?;
+    let spin_us = opts.u64(option::SPIN_US)?;
+    match mode.as_deref() {
+        None | Some(wakeup::PARK) => {
+            if spin_us.is_some() {
+                return Err(BrokerError::InvalidOption(format!(
+                    "option {:?} needs {:?} = {:?}",
+                    option::SPIN_US,
+                    option::WAKEUP,
+                    wakeup::SPIN
+                )));
+            }
+            Ok(Wakeup::Park)
+        }
+        Some(wakeup::SPIN) => {
+            let us = spin_us.unwrap_or(u64::from(limits::DEFAULT_SPIN_US));
+            if us > u64::from(limits::MAX_SPIN_US) {
+                return Err(BrokerError::InvalidOption(format!(
+                    "option {:?} is {us}, above the maximum of {}",
+                    option::SPIN_US,
+                    limits::MAX_SPIN_US
+                )));
+            }
+            Ok(Wakeup::Spin(Duration::from_micros(us)))
+        }
+        Some(other) => Err(BrokerError::InvalidOption(format!(
+            "option {:?} must be {:?} or {:?}, not {other:?}",
+            option::WAKEUP,
+            wakeup::PARK,
+            wakeup::SPIN
+        ))),
+    }
+}
+
+/// The `parameters` of an `OpenSession` reply.
+fn reply_parameters(max_message: u64, wake: Wakeup) -> PropMap {
+    let mut params = PropMap::new();
+    params.insert(param::MAX_MESSAGE.into(), prop(max_message));
+    let (mode, us) = match wake {
+        Wakeup::Park => (wakeup::PARK, 0u32),
+        Wakeup::Spin(d) => (wakeup::SPIN, d.as_micros() as u32),
+    };
+    params.insert(param::WAKEUP.into(), prop(mode.to_owned()));
+    params.insert(param::SPIN_US.into(), prop(us));
+    params
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin;
+    use crate::builtin::tests::caller;
+    use dbus::arg::{RefArg, Variant};
+
+    fn sessions(f: impl FnOnce(&mut Config)) -> Sessions {
+        let mut config = Config::default();
+        config.engine.workers = 1;
+        f(&mut config);
+        Sessions::start(config, builtin::all()).expect("start")
+    }
+
+    fn opts(pairs: Vec<(&str, Box<dyn RefArg>)>) -> PropMap {
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Variant(v)))
+            .collect()
+    }
+
+    /// The refusal's kind and text, as "Kind: text".
+    fn refusal(s: &mut Sessions, service: &str, o: PropMap) -> String {
+        match s.open(&caller(), service, o) {
+            Ok(_) => panic!("expected a refusal"),
+            Err(e) => {
+                let debug = format!("{e:?}");
+                let kind = debug.split('(').next().unwrap_or_default().to_owned();
+                format!("{kind}: {e}")
+            }
+        }
+    }
+
+    #[test]
+    fn refusals_keep_their_precedence_and_charge_nothing() {
+        let mut s = sessions(|c| c.limits.memory_total = 1);
+        // Unknown service first, whatever else is wrong.
+        let e = refusal(&mut s, "nope", opts(vec![("capacity", Box::new(1u64))]));
+        assert!(e.starts_with("UnknownService"), "{e}");
+        // Ring options before the service's own options.
+        let e = refusal(&mut s, "channel", opts(vec![("capacity", Box::new(1u64))]));
+        assert!(e.starts_with("InvalidCapacity"), "{e}");
+        let e = refusal(&mut s, "echo", opts(vec![("spin-us", Box::new(5u64))]));
+        assert!(e.starts_with("InvalidOption") && e.contains("needs"), "{e}");
+        // The service's options before unknown keys.
+        let e = refusal(&mut s, "channel", opts(vec![("bogus", Box::new(1u64))]));
+        assert!(e.contains("is required"), "{e}");
+        let e = refusal(&mut s, "echo", opts(vec![("bogus", Box::new(1u64))]));
+        assert!(
+            e.contains("unknown option(s) for service \"echo\": bogus"),
+            "{e}"
+        );
+        // Limits last.
+        let e = refusal(&mut s, "echo", PropMap::new());
+        assert!(
+            e.starts_with("LimitExceeded") && e.contains("memory_total"),
+            "{e}"
+        );
+        assert_eq!(s.broker().count(), 0);
+    }
+
+    #[test]
+    fn open_then_end_once() {
+        let mut s = sessions(|_| {});
+        let o = opts(vec![
+            ("capacity", Box::new(4096u64)),
+            ("wakeup", Box::new("spin".to_owned())),
+        ]);
+        let opened = s.open(&caller(), "echo", o).expect("open");
+        let id = opened.record.id;
+        assert_eq!(&*opened.record.path, session_path(id));
+        assert_eq!(
+            opened
+                .params
+                .get(param::WAKEUP)
+                .and_then(|v| v.0.as_str().map(str::to_owned)),
+            Some("spin".to_owned())
+        );
+        assert_eq!(s.broker().sessions_of(":1.7"), vec![id]);
+        let ended = s.end_session(id, "test").expect("was open");
+        assert_eq!(ended.path, opened.record.path);
+        assert!(s.end_session(id, "again").is_none(), "an end happens once");
+        assert_eq!(s.broker().count(), 0);
+        assert!(s.shutdown("bye").is_empty());
+    }
+
+    #[test]
+    fn a_hang_up_reported_by_the_engine_ends_the_session() {
+        let mut s = sessions(|_| {});
+        let opened = s.open(&caller(), "echo", PropMap::new()).expect("open");
+        drop(opened.fds);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let ended = loop {
+            let ended = s.reap();
+            if !ended.is_empty() || std::time::Instant::now() > deadline {
+                break ended;
+            }
+            let notify = s.notify_fd();
+            let _ = shmlink_endpoint::sys::poll_readable(
+                &[std::os::fd::AsFd::as_fd(&*notify)],
+                Some(deadline),
+            );
+        };
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].1, "client hung up");
+        assert_eq!(s.broker().count(), 0);
+    }
+}
