@@ -84,12 +84,13 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(secs > 0.0) || !secs.is_finite() {
-        return Err(format!(
+    if secs.is_finite() && secs > 0.0 {
+        Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
+    } else {
+        Err(format!(
             "the timeout must be a positive number of seconds, not {s}"
-        ));
+        ))
     }
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
 }
 
 /// Connects to `bus` with `timeout` for every D-Bus call.

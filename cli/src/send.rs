@@ -67,7 +67,7 @@ pub fn run(bus: &Bus, timeout: Duration, args: Args) -> Result<()> {
                 Ok(None) => break,
                 Err(e) if e.is_timeout() => {
                     let since = *finished.lock().unwrap_or_else(|p| p.into_inner());
-                    if since.is_none_or(|t| t.elapsed() < timeout) {
+                    if since.map_or(true, |t| t.elapsed() < timeout) {
                         continue;
                     }
                     return Err(e).context("the service did not end its stream");
