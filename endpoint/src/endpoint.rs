@@ -137,9 +137,10 @@ fn socket_type_name(t: SocketType) -> String {
 }
 
 /// Checks that the hang-up fd is what liveness needs: a connected `AF_UNIX`
-/// `SOCK_STREAM` socket. A datagram socket never reports its peer's close,
-/// and an unconnected or listening one never becomes readable: either would
-/// leave a blocked call waiting for a peer that is long gone.
+/// `SOCK_STREAM` socket. A datagram socket never reports its peer's close
+/// and a listening one never reports any: a blocked call would wait for a
+/// peer long gone. An unconnected one would fail the first wait with an
+/// error that names nothing the server did.
 fn validate_hangup(fd: BorrowedFd<'_>) -> Result<(), Error> {
     match sys::fd_kind(fd)? {
         FdKind::Socket => {}

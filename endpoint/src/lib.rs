@@ -53,9 +53,11 @@ pub enum Error {
     BadFd(String),
     /// The peer offered a session beyond what this side accepts (a ring
     /// larger than asked for or allowed, a larger maximum message).
-    #[error("the other side offers {what} of {offered} bytes, above this side's limit of {limit}")]
+    #[error(
+        "{what} of {offered} bytes offered by the other side exceeds this side's limit of {limit}"
+    )]
     OverLimit {
-        /// What was offered, e.g. "a client-to-server ring" or "max-message".
+        /// What was offered, e.g. "client-to-server ring" or "max-message".
         what: &'static str,
         /// The offered size in bytes.
         offered: u64,
