@@ -211,30 +211,46 @@ fn a_broker_that_never_answers_times_out() {
 }
 
 #[test]
-fn a_broker_that_never_writes_nor_reads_times_out() {
-    let (bus, _broker) = fake(|_| Answer::Offer(Offer::honest(4096, 1 << 20)));
-    let timeout = Duration::from_millis(300);
-    let mut s = client(&bus)
-        .session("echo")
-        .capacity(4096)
-        .timeout(timeout)
-        .open()
-        .expect("an honest offer");
-    let start = Instant::now();
-    let err = s.recv().expect_err("nothing comes");
-    let took = start.elapsed();
-    assert!(took >= timeout && took < Duration::from_secs(5), "{took:?}");
-    assert_eq!(
-        err.to_string(),
-        "receiving from echo timed out after 300 ms"
-    );
-    // Nobody reads: a message larger than the ring cannot go out.
-    let big = vec![7u8; 3 * s.send_capacity() as usize];
-    let start = Instant::now();
-    let err = s.send(&big).expect_err("the ring stays full");
-    let took = start.elapsed();
-    assert!(took >= timeout && took < Duration::from_secs(5), "{took:?}");
-    assert_eq!(err.to_string(), "sending to echo timed out after 300 ms");
+fn a_broker_that_never_writes_nor_reads_times_out_in_every_wakeup_mode() {
+    // Spin mode with the largest budget a broker may announce: the spinning
+    // is bounded and the timeout still holds.
+    for spin_us in [None, Some(limits::MAX_SPIN_US)] {
+        let (bus, _broker) = fake(move |_| {
+            let offer = Offer::honest(4096, 1 << 20);
+            Answer::Offer(match spin_us {
+                Some(us) => offer.spin(us),
+                None => offer,
+            })
+        });
+        let timeout = Duration::from_millis(300);
+        let mut s = client(&bus)
+            .session("echo")
+            .capacity(4096)
+            .timeout(timeout)
+            .open()
+            .expect("an honest offer");
+        let start = Instant::now();
+        let err = s.recv().expect_err("nothing comes");
+        let took = start.elapsed();
+        assert!(
+            took >= timeout && took < Duration::from_secs(5),
+            "{spin_us:?}: {took:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "receiving from echo timed out after 300 ms"
+        );
+        // Nobody reads: a message larger than the ring cannot go out.
+        let big = vec![7u8; 3 * s.send_capacity() as usize];
+        let start = Instant::now();
+        let err = s.send(&big).expect_err("the ring stays full");
+        let took = start.elapsed();
+        assert!(
+            took >= timeout && took < Duration::from_secs(5),
+            "{spin_us:?}: {took:?}"
+        );
+        assert_eq!(err.to_string(), "sending to echo timed out after 300 ms");
+    }
 }
 
 /// Runs the CLI against `bus` with `args`; returns its stderr, exit code and run time.

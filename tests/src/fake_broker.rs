@@ -76,6 +76,17 @@ impl Offer {
         self
     }
 
+    /// Announces spin mode with a budget of `spin_us` microseconds.
+    pub fn spin(mut self, spin_us: u32) -> Offer {
+        self.parameters.insert(
+            param::WAKEUP.into(),
+            Variant(Box::new(wakeup::SPIN.to_owned()) as Box<dyn RefArg>),
+        );
+        self.parameters
+            .insert(param::SPIN_US.into(), Variant(Box::new(spin_us)));
+        self
+    }
+
     /// Replaces the server-to-client ring's memfd with a sparse sealed memfd
     /// of `capacity` + 64 bytes and announces that capacity: everything a
     /// size check asks for, and terabytes of address space for whoever maps it.
