@@ -1,7 +1,8 @@
 //! `shmlink close PATH`: end a session (its owner or root only).
 
 use anyhow::{Context, Result};
-use shmlink::{Bus, Client};
+use shmlink::Bus;
+use std::time::Duration;
 
 /// Arguments of `shmlink close`.
 #[derive(clap::Args, Debug)]
@@ -10,8 +11,8 @@ pub struct Args {
     path: String,
 }
 
-pub fn run(bus: &Bus, args: Args) -> Result<()> {
-    let client = Client::connect(bus).with_context(|| format!("cannot reach the {bus}"))?;
+pub fn run(bus: &Bus, timeout: Duration, args: Args) -> Result<()> {
+    let client = crate::connect(bus, timeout)?;
     client
         .close_session(&args.path)
         .with_context(|| format!("cannot close {}", args.path))?;

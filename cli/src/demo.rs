@@ -2,10 +2,10 @@
 
 use crate::rate;
 use anyhow::{ensure, Context, Result};
-use shmlink::{Bus, Client};
+use shmlink::Bus;
 use shmlink_interfaces::{option, service, source_pattern_byte};
 use shmlink_test_support::{locate_daemon, DaemonProcess, PrivateBus};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Arguments of `shmlink demo`.
 #[derive(clap::Args, Debug)]
@@ -18,7 +18,7 @@ pub struct Args {
     message_size: usize,
 }
 
-pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
+pub fn run(bus: Option<Bus>, timeout: Duration, args: Args) -> Result<()> {
     ensure!(args.message_size > 0, "--message-size must be at least 1");
     // Keep the children alive for the whole demo; they stop on drop or below.
     let mut children = None;
@@ -40,7 +40,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
             b
         }
     };
-    let client = Client::connect(&bus).with_context(|| format!("cannot reach the {bus}"))?;
+    let client = crate::connect(&bus, timeout)?;
     println!(
         "shmlinkd {} serves: {}",
         client.version()?,
@@ -51,6 +51,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
     let mut echo = client
         .session(service::ECHO)
         .capacity(64 * 1024)
+        .timeout(timeout)
         .open()
         .context("cannot open an echo session")?;
     let greeting = b"hello through shared memory";
@@ -88,6 +89,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
     let sink = client
         .session(service::SINK)
         .capacity(1 << 20)
+        .timeout(timeout)
         .open()
         .context("cannot open a sink session")?;
     let (mut w, mut r) = sink.split();
@@ -126,6 +128,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         .session(service::SOURCE)
         .option(option::MESSAGE_SIZE, 65536u64)
         .option(option::COUNT, 256u64)
+        .timeout(timeout)
         .open()
         .context("cannot open a source session")?;
     let t = Instant::now();

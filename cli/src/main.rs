@@ -9,7 +9,8 @@ mod status;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use shmlink::Bus;
+use shmlink::{Bus, Client};
+use std::time::Duration;
 
 /// Stream data through shared-memory sessions brokered by shmlinkd over D-Bus.
 #[derive(Parser, Debug)]
@@ -21,6 +22,11 @@ struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Seconds to wait for the broker: for each D-Bus call, and for each send
+    /// or receive that makes no progress (e.g. 2.5).
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_timeout,
+          default_value = "10")]
+    timeout: Duration,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -57,19 +63,57 @@ fn main() {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     let bus = cli.bus.clone();
+    let t = cli.timeout;
     let result: Result<()> = match cli.command {
-        Cmd::Demo(a) => demo::run(bus, a),
-        Cmd::Ping(a) => ping::run(&bus.unwrap_or(Bus::Session), a),
-        Cmd::Send(a) => send::run(&bus.unwrap_or(Bus::Session), a),
-        Cmd::Status(a) => status::run(&bus.unwrap_or(Bus::Session), a),
-        Cmd::Close(a) => close::run(&bus.unwrap_or(Bus::Session), a),
+        Cmd::Demo(a) => demo::run(bus, t, a),
+        Cmd::Ping(a) => ping::run(&bus.unwrap_or(Bus::Session), t, a),
+        Cmd::Send(a) => send::run(&bus.unwrap_or(Bus::Session), t, a),
+        Cmd::Status(a) => status::run(&bus.unwrap_or(Bus::Session), t, a),
+        Cmd::Close(a) => close::run(&bus.unwrap_or(Bus::Session), t, a),
         Cmd::Bench(a) => bench::run(bus, a),
         Cmd::BenchPeer(a) => bench::peer(a),
     };
     if let Err(e) = result {
-        eprintln!("shmlink: error: {e:#}");
+        eprintln!("shmlink: error: {}", report(&e));
         std::process::exit(1);
     }
+}
+
+/// Parses `--timeout`: positive seconds, fractions allowed.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if secs.is_finite() && secs > 0.0 {
+        Duration::try_from_secs_f64(secs).map_err(|e| format!("{s}: {e}"))
+    } else {
+        Err(format!(
+            "the timeout must be a positive number of seconds, not {s}"
+        ))
+    }
+}
+
+/// Connects to `bus` with `timeout` for every D-Bus call.
+pub fn connect(bus: &Bus, timeout: Duration) -> Result<Client> {
+    Ok(Client::connect(bus)?.with_call_timeout(timeout))
+}
+
+/// An error and its causes on one line, like anyhow's `{:#}`, but a cause
+/// whose text the line already holds is left out: a library error that
+/// repeats its source's message would otherwise print it twice.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Formats a byte rate for humans.
@@ -127,4 +171,56 @@ pub fn apply_options(
         };
     }
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_cause_is_printed_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let e = anyhow::Error::new(Repeats(std::io::Error::other("frame has unknown kind 7")))
+            .context("receiving from echo failed");
+        let line = report(&e);
+        assert_eq!(
+            line,
+            "receiving from echo failed: outer: frame has unknown kind 7"
+        );
+        // Distinct causes all stay.
+        let e = anyhow::anyhow!("no such file").context("cannot open x");
+        assert_eq!(report(&e), "cannot open x: no such file");
+    }
+
+    #[test]
+    fn the_client_errors_print_each_cause_once() {
+        let errors = [
+            shmlink::Error::Session(shmlink_endpoint_error_kind7()),
+            shmlink::Error::Connect {
+                bus: "bus at unix:path=/x".into(),
+                message: "No such file or directory".into(),
+            },
+        ];
+        for e in errors {
+            let e = anyhow::Error::new(e).context("cannot open a session with \"echo\"");
+            let plain = format!("{e:#}");
+            assert_eq!(plain, report(&e), "anyhow's own chain repeats a cause");
+        }
+    }
+
+    fn shmlink_endpoint_error_kind7() -> shmlink_endpoint::Error {
+        shmlink_endpoint::Error::Protocol(shmlink_endpoint::FrameError::UnknownKind(7))
+    }
+
+    #[test]
+    fn timeouts_parse_as_positive_seconds() {
+        assert_eq!(parse_timeout("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_timeout("10"), Ok(Duration::from_secs(10)));
+        assert!(parse_timeout("0").is_err());
+        assert!(parse_timeout("-1").is_err());
+        assert!(parse_timeout("soon").is_err());
+        assert!(parse_timeout("inf").is_err());
+    }
 }

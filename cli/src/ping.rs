@@ -1,7 +1,7 @@
 //! `shmlink ping`: is the broker there, and how fast does it answer?
 
 use anyhow::{Context, Result};
-use shmlink::{Bus, Client};
+use shmlink::Bus;
 use std::time::{Duration, Instant};
 
 /// Arguments of `shmlink ping`.
@@ -12,8 +12,8 @@ pub struct Args {
     count: u32,
 }
 
-pub fn run(bus: &Bus, args: Args) -> Result<()> {
-    let client = Client::connect(bus).with_context(|| format!("cannot reach the {bus}"))?;
+pub fn run(bus: &Bus, timeout: Duration, args: Args) -> Result<()> {
+    let client = crate::connect(bus, timeout)?;
     let dbus_rtt = client
         .ping()
         .with_context(|| format!("shmlinkd does not answer on the {bus}"))?;
@@ -30,14 +30,19 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
     let mut session = client
         .session("echo")
         .capacity(64 * 1024)
+        .timeout(timeout)
         .open()
         .context("cannot open an echo session")?;
     let msg = [0x5au8; 64];
     let mut times = Vec::with_capacity(args.count as usize);
-    for _ in 0..args.count {
+    for i in 1..=args.count {
+        let round = || format!("echo round trip {i} of {} failed", args.count);
         let t = Instant::now();
-        session.send(&msg)?;
-        let back = session.recv()?.context("echo ended the stream early")?;
+        session.send(&msg).with_context(round)?;
+        let back = session
+            .recv()
+            .with_context(round)?
+            .context("echo ended the stream early")?;
         times.push(t.elapsed());
         anyhow::ensure!(back == msg, "echo returned different bytes");
     }

@@ -2,10 +2,11 @@
 
 use crate::{apply_options, parse_option, rate, OptValue};
 use anyhow::{bail, Context, Result};
-use shmlink::{Bus, Client};
+use shmlink::Bus;
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Arguments of `shmlink send`.
 #[derive(clap::Args, Debug)]
@@ -26,7 +27,7 @@ pub struct Args {
     options: Vec<(String, OptValue)>,
 }
 
-pub fn run(bus: &Bus, args: Args) -> Result<()> {
+pub fn run(bus: &Bus, timeout: Duration, args: Args) -> Result<()> {
     if args.chunk == 0 {
         bail!("--chunk must be at least 1 byte");
     }
@@ -37,8 +38,8 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
             std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
         ),
     };
-    let client = Client::connect(bus).with_context(|| format!("cannot reach the {bus}"))?;
-    let mut builder = client.session(&args.service);
+    let client = crate::connect(bus, timeout)?;
+    let mut builder = client.session(&args.service).timeout(timeout);
     if let Some(c) = args.capacity {
         builder = builder.capacity(c);
     }
@@ -49,14 +50,30 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
     let is_sink = args.service == shmlink_interfaces::service::SINK;
     let (mut sender, mut receiver) = session.split();
 
+    // When the input ended: from then on the service owes us the end of
+    // its stream, and the receiver's timeout counts. Before, a service may
+    // rightly stay silent for as long as the input takes (a sink, or a
+    // terminal where nothing is typed).
+    let finished_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let finished = finished_at.clone();
+
     // Whatever comes back goes to stdout, concurrently with sending.
     let printer = std::thread::spawn(move || -> Result<(shmlink::SessionReceiver, u64)> {
         let mut out = std::io::stdout().lock();
         let mut total = 0u64;
-        while let Some(m) = receiver
-            .recv()
-            .context("receiving from the session failed")?
-        {
+        loop {
+            let m = match receiver.recv() {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => {
+                    let since = *finished.lock().unwrap_or_else(|p| p.into_inner());
+                    if since.map_or(true, |t| t.elapsed() < timeout) {
+                        continue;
+                    }
+                    return Err(e).context("the service did not end its stream");
+                }
+                Err(e) => return Err(e).context("receiving from the session failed"),
+            };
             total += m.len() as u64;
             out.write_all(&m).context("cannot write to stdout")?;
         }
@@ -81,6 +98,7 @@ pub fn run(bus: &Bus, args: Args) -> Result<()> {
         messages += 1;
     }
     sender.finish().context("cannot finish the stream")?;
+    *finished_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     let (receiver, received) = printer
         .join()
         .map_err(|_| anyhow::anyhow!("the receiving thread panicked"))??;

@@ -1,14 +1,15 @@
 //! `shmlink status`: the broker's services and sessions, like `ipcs`.
 
 use anyhow::{Context, Result};
-use shmlink::{Bus, Client};
+use shmlink::Bus;
+use std::time::Duration;
 
 /// Arguments of `shmlink status`.
 #[derive(clap::Args, Debug)]
 pub struct Args {}
 
-pub fn run(bus: &Bus, _args: Args) -> Result<()> {
-    let client = Client::connect(bus).with_context(|| format!("cannot reach the {bus}"))?;
+pub fn run(bus: &Bus, timeout: Duration, _args: Args) -> Result<()> {
+    let client = crate::connect(bus, timeout)?;
     let version = client
         .version()
         .with_context(|| format!("shmlinkd does not answer on the {bus}"))?;

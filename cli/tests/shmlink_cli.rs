@@ -32,4 +32,23 @@ fn an_unreachable_bus_is_a_clear_error_and_a_failure() {
         err.contains("cannot reach the bus at unix:path=/nonexistent/bus"),
         "{err}"
     );
+    // Each cause once: the bus is named by one part of the message only.
+    assert_eq!(
+        err.matches("bus at unix:path=/nonexistent/bus").count(),
+        1,
+        "{err}"
+    );
+}
+
+#[test]
+fn a_timeout_that_is_not_positive_is_refused() {
+    for bad in ["0", "-3", "soon"] {
+        let out = shmlink()
+            .args([&format!("--timeout={bad}"), "status"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--timeout {bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--timeout"), "{err}");
+    }
 }

@@ -2,7 +2,7 @@
 
 use crate::{Client, Error};
 use dbus::arg::{PropMap, RefArg, Variant};
-use shmlink_endpoint::{Endpoint, EndpointReceiver, EndpointSender, Item, Wakeup};
+use shmlink_endpoint::{ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Item, Wakeup};
 use shmlink_interfaces::{
     member, option, param, wakeup, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
     BROKER_PATH, SESSION_INTERFACE,
@@ -20,6 +20,7 @@ pub struct SessionBuilder {
     service: String,
     options: PropMap,
     timeout: Option<Duration>,
+    limits: ClientLimits,
 }
 
 impl SessionBuilder {
@@ -29,12 +30,34 @@ impl SessionBuilder {
             service: service.to_owned(),
             options: PropMap::new(),
             timeout: None,
+            limits: ClientLimits::default(),
         }
     }
 
-    /// Bytes per ring (the broker rounds up to whole pages).
+    /// Bytes per ring (the broker rounds up to whole pages, see
+    /// [`shmlink_endpoint::rounded_capacity`]). A broker that hands over a
+    /// larger ring is refused.
     pub fn capacity(self, bytes: u64) -> Self {
         self.option(option::CAPACITY, bytes)
+    }
+
+    /// Largest ring the client maps when it asks for no capacity and the
+    /// broker picks one (default: the contract's `DEFAULT_MAX_CAPACITY`,
+    /// 64 MiB, compared after the broker's rounding). A larger ring is
+    /// refused with `shmlink_endpoint::Error::OverLimit` before anything is
+    /// mapped. An explicit [`SessionBuilder::capacity`] is the bound instead.
+    pub fn max_capacity(mut self, bytes: u64) -> Self {
+        self.limits.max_capacity = bytes;
+        self
+    }
+
+    /// Largest message size the client accepts from the broker (default:
+    /// the contract's `DEFAULT_MAX_MESSAGE`, 64 MiB). The receive buffer never
+    /// grows past it, so a broker announcing 4 GiB messages is refused with
+    /// `shmlink_endpoint::Error::OverLimit` instead.
+    pub fn max_message(mut self, bytes: u32) -> Self {
+        self.limits.max_message = bytes;
+        self
     }
 
     /// How both sides wait for each other.
@@ -55,15 +78,33 @@ impl SessionBuilder {
         self
     }
 
-    /// Blocking calls on the session fail with a timeout error after this long.
+    /// Blocking calls on the session (`send`, `recv`, `finish`) fail with
+    /// [`Error::TimedOut`] when they make no progress for this long (default:
+    /// they wait as long as the broker keeps the session open).
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = Some(t);
         self
     }
 
-    /// Calls `OpenSession`, checks every fd the broker returned and maps the rings.
+    /// The ring size this session accepts: what the caller asked for, or
+    /// the client limit when it asked for nothing (both before rounding).
+    fn capacity_bound(&self) -> u64 {
+        self.options
+            .get(option::CAPACITY)
+            .and_then(|v| v.0.as_u64())
+            .unwrap_or(self.limits.max_capacity)
+    }
+
+    /// Calls `OpenSession`, checks every fd and parameter the broker
+    /// returned against what was asked for and the client's limits, and maps
+    /// the rings.
     pub fn open(self) -> Result<Session, Error> {
-        let reply: OpenSessionArgs = self.client.proxy(BROKER_PATH).method_call(
+        let limits = ClientLimits {
+            max_capacity: self.capacity_bound(),
+            ..self.limits
+        };
+        let reply: OpenSessionArgs = self.client.method(
+            BROKER_PATH,
             BROKER_INTERFACE,
             member::OPEN_SESSION,
             (self.service.as_str(), self.options),
@@ -78,7 +119,19 @@ impl SessionBuilder {
             .get(param::MAX_MESSAGE)
             .and_then(|v| v.0.as_u64())
             .ok_or_else(|| Error::BadReply("parameters lack max-message".into()))?;
-        let max_message = u32::try_from(max_message).unwrap_or(u32::MAX);
+        // Checked here in full width: a value above 4 GiB must not be cut
+        // down to one that happens to fit.
+        let max_message = match u32::try_from(max_message) {
+            Ok(m) if m <= limits.max_message => m,
+            _ => {
+                return Err(shmlink_endpoint::Error::OverLimit {
+                    what: "max-message",
+                    offered: max_message,
+                    limit: limits.max_message.into(),
+                }
+                .into())
+            }
+        };
         let wake = match params
             .get(param::WAKEUP)
             .and_then(|v| v.0.as_str().map(str::to_owned))
@@ -95,9 +148,11 @@ impl SessionBuilder {
             }
             _ => Wakeup::Park,
         };
-        let mut endpoint = Endpoint::open_client(fds, max_message, wake).inspect_err(|e| {
-            log::error!("refusing the session the broker handed over: {e}");
-        })?;
+        // The caller reports the error; a log line here would say it twice.
+        let mut endpoint = Endpoint::open_client_within(fds, max_message, wake, limits)
+            .inspect_err(|e| {
+                log::debug!("refusing the session {path} the broker handed over: {e}")
+            })?;
         endpoint.set_timeout(self.timeout);
         log::debug!(
             "opened {path} with {} (capacity {ts_cap}/{tc_cap})",
@@ -110,6 +165,7 @@ impl SessionBuilder {
                 path: path.to_string(),
                 service: self.service,
             }),
+            timeout: self.timeout,
             leftover: Vec::new(),
             leftover_pos: 0,
         })
@@ -128,9 +184,37 @@ impl SessionInfo {
         &self,
         name: &str,
     ) -> Result<T, Error> {
-        use dbus::blocking::stdintf::org_freedesktop_dbus::Properties;
-        Ok(self.client.proxy(&self.path).get(SESSION_INTERFACE, name)?)
+        self.client.property(&self.path, SESSION_INTERFACE, name)
     }
+
+    /// A data-plane error as the caller sees it: a timeout names what was
+    /// waited for and how long.
+    pub(crate) fn wait_error(
+        &self,
+        e: shmlink_endpoint::Error,
+        dir: Dir,
+        timeout: Option<Duration>,
+    ) -> Error {
+        match (e, timeout) {
+            (shmlink_endpoint::Error::TimedOut, Some(after)) => Error::TimedOut {
+                operation: match dir {
+                    Dir::Send => format!("sending to {}", self.service),
+                    Dir::Recv => format!("receiving from {}", self.service),
+                },
+                after,
+            },
+            (e, _) => e.into(),
+        }
+    }
+}
+
+/// Which way a blocking call waited.
+#[derive(Clone, Copy)]
+pub(crate) enum Dir {
+    /// For room in the outgoing ring.
+    Send,
+    /// For an incoming message.
+    Recv,
 }
 
 /// Counters the broker keeps for a session.
@@ -151,6 +235,7 @@ pub struct Counters {
 pub struct Session {
     pub(crate) endpoint: Endpoint,
     pub(crate) info: Arc<SessionInfo>,
+    pub(crate) timeout: Option<Duration>,
     pub(crate) leftover: Vec<u8>,
     pub(crate) leftover_pos: usize,
 }
@@ -178,17 +263,30 @@ impl Session {
 
     /// Sends one message (0 bytes up to [`Session::max_message`]), waiting while the ring is full.
     pub fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
-        Ok(self.endpoint.send(msg)?)
+        self.endpoint
+            .send(msg)
+            .map_err(|e| self.info.wait_error(e, Dir::Send, self.timeout))
     }
 
     /// Tells the service we will send nothing more.
     pub fn finish(&mut self) -> Result<(), Error> {
-        Ok(self.endpoint.finish()?)
+        self.endpoint
+            .finish()
+            .map_err(|e| self.info.wait_error(e, Dir::Send, self.timeout))
     }
 
     /// Receives the next message; `None` once the service finished sending.
     pub fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.endpoint.recv()?)
+        self.endpoint
+            .recv()
+            .map_err(|e| self.info.wait_error(e, Dir::Recv, self.timeout))
+    }
+
+    /// Sets how long `send`, `recv` and `finish` may wait without progress
+    /// (None: as long as the session lasts).
+    pub fn set_timeout(&mut self, t: Option<Duration>) {
+        self.timeout = t;
+        self.endpoint.set_timeout(t);
     }
 
     /// Receives a complete message if one is there, without waiting.
@@ -217,11 +315,13 @@ impl Session {
         (
             SessionSender {
                 tx,
-                _info: self.info.clone(),
+                info: self.info.clone(),
+                timeout: self.timeout,
             },
             SessionReceiver {
                 rx,
                 info: self.info,
+                timeout: self.timeout,
                 leftover: self.leftover,
                 leftover_pos: self.leftover_pos,
             },
@@ -239,18 +339,17 @@ pub(crate) fn counters(info: &SessionInfo) -> Result<Counters, Error> {
 }
 
 pub(crate) fn close(info: &SessionInfo) -> Result<(), Error> {
-    info.client.proxy(&info.path).method_call::<(), _, _, _>(
-        SESSION_INTERFACE,
-        member::CLOSE,
-        (),
-    )?;
-    Ok(())
+    info.client
+        .method(&info.path, SESSION_INTERFACE, member::CLOSE, ())
 }
 
-pub(crate) fn io_err(e: shmlink_endpoint::Error) -> io::Error {
+pub(crate) fn io_err(e: impl Into<Error>) -> io::Error {
+    let e = e.into();
     let kind = match e {
-        shmlink_endpoint::Error::Closed => io::ErrorKind::BrokenPipe,
-        shmlink_endpoint::Error::TimedOut => io::ErrorKind::TimedOut,
+        Error::Session(shmlink_endpoint::Error::Closed) => io::ErrorKind::BrokenPipe,
+        Error::Session(shmlink_endpoint::Error::TimedOut) | Error::TimedOut { .. } => {
+            io::ErrorKind::TimedOut
+        }
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, e)
@@ -261,7 +360,7 @@ fn read_stream(
     buf: &mut [u8],
     leftover: &mut Vec<u8>,
     pos: &mut usize,
-    mut recv: impl FnMut() -> Result<Option<Vec<u8>>, shmlink_endpoint::Error>,
+    mut recv: impl FnMut() -> Result<Option<Vec<u8>>, Error>,
 ) -> io::Result<usize> {
     while *pos >= leftover.len() {
         match recv().map_err(io_err)? {
@@ -281,7 +380,7 @@ fn read_stream(
 fn write_stream(
     buf: &[u8],
     max: u32,
-    send: impl FnOnce(&[u8]) -> Result<(), shmlink_endpoint::Error>,
+    send: impl FnOnce(&[u8]) -> Result<(), Error>,
 ) -> io::Result<usize> {
     if buf.is_empty() {
         return Ok(0);
@@ -295,7 +394,7 @@ fn write_stream(
 impl io::Write for Session {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let max = self.endpoint.max_message();
-        write_stream(buf, max, |b| self.endpoint.send(b))
+        write_stream(buf, max, |b| self.send(b))
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -305,9 +404,10 @@ impl io::Write for Session {
 /// A byte stream: message boundaries are not preserved; `Ok(0)` at end of stream.
 impl io::Read for Session {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let ep = &mut self.endpoint;
+        let (ep, info, timeout) = (&mut self.endpoint, &self.info, self.timeout);
         read_stream(buf, &mut self.leftover, &mut self.leftover_pos, || {
             ep.recv()
+                .map_err(|e| info.wait_error(e, Dir::Recv, timeout))
         })
     }
 }
@@ -315,26 +415,36 @@ impl io::Read for Session {
 /// The sending half of a split session.
 pub struct SessionSender {
     tx: EndpointSender,
-    // Keeps the D-Bus connection open while this half lives: the broker ends
-    // every session of a connection that leaves the bus.
-    _info: Arc<SessionInfo>,
+    // Also keeps the D-Bus connection open while this half lives: the broker
+    // ends every session of a connection that leaves the bus.
+    info: Arc<SessionInfo>,
+    timeout: Option<Duration>,
 }
 
 impl SessionSender {
     /// Sends one message.
     pub fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
-        Ok(self.tx.send(msg)?)
+        self.tx
+            .send(msg)
+            .map_err(|e| self.info.wait_error(e, Dir::Send, self.timeout))
     }
     /// Tells the service we will send nothing more.
     pub fn finish(&mut self) -> Result<(), Error> {
-        Ok(self.tx.finish()?)
+        self.tx
+            .finish()
+            .map_err(|e| self.info.wait_error(e, Dir::Send, self.timeout))
+    }
+    /// Limits how long `send` and `finish` may wait for room.
+    pub fn set_timeout(&mut self, t: Option<Duration>) {
+        self.timeout = t;
+        self.tx.set_timeout(t);
     }
 }
 
 impl io::Write for SessionSender {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let max = self.tx.max_message();
-        write_stream(buf, max, |b| self.tx.send(b))
+        write_stream(buf, max, |b| self.send(b))
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -345,14 +455,19 @@ impl io::Write for SessionSender {
 pub struct SessionReceiver {
     rx: EndpointReceiver,
     info: Arc<SessionInfo>,
+    timeout: Option<Duration>,
     leftover: Vec<u8>,
     leftover_pos: usize,
 }
 
 impl SessionReceiver {
     /// Receives the next message; `None` once the service finished sending.
+    ///
+    /// After a timeout the session is intact: calling again waits anew.
     pub fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.rx.recv()?)
+        self.rx
+            .recv()
+            .map_err(|e| self.info.wait_error(e, Dir::Recv, self.timeout))
     }
     /// The broker's counters for this session.
     pub fn counters(&self) -> Result<Counters, Error> {
@@ -368,15 +483,17 @@ impl SessionReceiver {
     }
     /// Limits how long `recv` may wait.
     pub fn set_timeout(&mut self, t: Option<Duration>) {
+        self.timeout = t;
         self.rx.set_timeout(t);
     }
 }
 
 impl io::Read for SessionReceiver {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let rx = &mut self.rx;
+        let (rx, info, timeout) = (&mut self.rx, &self.info, self.timeout);
         read_stream(buf, &mut self.leftover, &mut self.leftover_pos, || {
             rx.recv()
+                .map_err(|e| info.wait_error(e, Dir::Recv, timeout))
         })
     }
 }

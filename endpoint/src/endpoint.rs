@@ -4,15 +4,15 @@ use crate::frame::{Item, OutFrame};
 use crate::ring::{RingReceiver, RingSender};
 use crate::sys::{self, FdKind, HangupState};
 use crate::Error;
+use rustix::io::Errno;
+use rustix::net::{sockopt, AddressFamily, SocketType};
 use shmem_ipc::sharedring::{Receiver, Sender};
-use shmlink_interfaces::{PeerFds, RingFds, RING_HEADER};
+use shmlink_interfaces::{limits, PeerFds, RingFds, RING_HEADER};
 use std::fs::File;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Largest ring capacity a client agrees to map, whatever the server says.
-const CLIENT_MAX_CAPACITY: u64 = 1 << 40;
 
 /// How a blocked side waits for the other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,9 +25,39 @@ pub enum Wakeup {
 
 /// Usable ring bytes shmem-ipc will provide for a requested capacity: the
 /// memfd is rounded up to whole pages, all of it usable after the header.
+///
+/// Saturates instead of overflowing for absurd requests (no broker grants them).
 pub fn rounded_capacity(capacity: u64) -> u64 {
     let ps = sys::page_size() as u64;
-    (capacity + RING_HEADER).div_ceil(ps) * ps - RING_HEADER
+    capacity
+        .saturating_add(RING_HEADER)
+        .div_ceil(ps)
+        .saturating_mul(ps)
+        - RING_HEADER
+}
+
+/// What a client accepts from a server, whatever the server offers: the
+/// server picks each ring's size and the session's largest message, and a
+/// hostile one could otherwise make the client map a terabyte of ring or
+/// grow a message buffer to 4 GiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Largest ring accepted, as a requested capacity: a ring is accepted
+    /// if its usable bytes are at most [`rounded_capacity`] of this (the
+    /// documented rounding a broker applies to a request).
+    pub max_capacity: u64,
+    /// Largest `max-message` accepted; the receive buffer never grows past it.
+    pub max_message: u32,
+}
+
+impl Default for ClientLimits {
+    /// The contract's defaults: `DEFAULT_MAX_CAPACITY` and `DEFAULT_MAX_MESSAGE`.
+    fn default() -> Self {
+        ClientLimits {
+            max_capacity: limits::DEFAULT_MAX_CAPACITY,
+            max_message: u32::try_from(limits::DEFAULT_MAX_MESSAGE).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 fn clone_fd(f: &File) -> Result<OwnedFd, Error> {
@@ -39,12 +69,22 @@ fn setup(e: shmem_ipc::Error) -> Error {
 }
 
 /// Checks that a ring's fds are what a ring needs before anything is mapped:
-/// a memfd with the shrink seal, at least as large as the capacity requires,
-/// and two eventfds. A peer that lies here would otherwise make us die of SIGBUS.
-fn validate_ring(name: &str, fds: &RingFds) -> Result<(), Error> {
-    if fds.capacity == 0 || fds.capacity > CLIENT_MAX_CAPACITY {
+/// a capacity within `max_capacity` (after rounding) that fills whole pages
+/// as shmem-ipc maps them, a memfd with the shrink seal at least that large,
+/// and two eventfds. A peer that lies here would otherwise make us map more
+/// than we agreed to, or die of SIGBUS.
+fn validate_ring(name: &'static str, fds: &RingFds, max_capacity: u64) -> Result<(), Error> {
+    let limit = rounded_capacity(max_capacity);
+    if fds.capacity > limit {
+        return Err(Error::OverLimit {
+            what: name,
+            offered: fds.capacity,
+            limit,
+        });
+    }
+    if fds.capacity == 0 || rounded_capacity(fds.capacity) != fds.capacity {
         return Err(Error::BadFd(format!(
-            "{name}: capacity {} out of range",
+            "{name}: capacity {} is not a whole number of pages less the {RING_HEADER}-byte header",
             fds.capacity
         )));
     }
@@ -83,6 +123,58 @@ fn validate_ring(name: &str, fds: &RingFds) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The name of a socket type, for error messages.
+fn socket_type_name(t: SocketType) -> String {
+    match t {
+        SocketType::STREAM => "SOCK_STREAM".into(),
+        SocketType::DGRAM => "SOCK_DGRAM".into(),
+        SocketType::SEQPACKET => "SOCK_SEQPACKET".into(),
+        SocketType::RAW => "SOCK_RAW".into(),
+        other => format!("socket type {}", other.as_raw()),
+    }
+}
+
+/// Checks that the hang-up fd is what liveness needs: a connected `AF_UNIX`
+/// `SOCK_STREAM` socket. A datagram socket never reports its peer's close
+/// and a listening one never reports any: a blocked call would wait for a
+/// peer long gone. An unconnected one would fail the first wait with an
+/// error that names nothing the server did.
+fn validate_hangup(fd: BorrowedFd<'_>) -> Result<(), Error> {
+    match sys::fd_kind(fd)? {
+        FdKind::Socket => {}
+        other => {
+            return Err(Error::BadFd(format!(
+                "hang-up fd is not a socket ({other:?})"
+            )))
+        }
+    }
+    let family = sockopt::socket_domain(fd).map_err(io::Error::from)?;
+    if family != AddressFamily::UNIX {
+        return Err(Error::BadFd(format!(
+            "hang-up socket is not an AF_UNIX socket (address family {})",
+            family.as_raw()
+        )));
+    }
+    let kind = sockopt::socket_type(fd).map_err(io::Error::from)?;
+    if kind != SocketType::STREAM {
+        return Err(Error::BadFd(format!(
+            "hang-up socket is {}, not SOCK_STREAM",
+            socket_type_name(kind)
+        )));
+    }
+    match rustix::net::getpeername(fd) {
+        Ok(_) => Ok(()),
+        Err(Errno::NOTCONN) => {
+            let listening = sockopt::socket_acceptconn(fd).unwrap_or(false);
+            Err(Error::BadFd(format!(
+                "hang-up socket is not connected{}",
+                if listening { " (it is listening)" } else { "" }
+            )))
+        }
+        Err(e) => Err(io::Error::from(e).into()),
+    }
 }
 
 /// What both halves of an endpoint share: the hang-up socket and the wait policy.
@@ -356,18 +448,33 @@ impl Endpoint {
     }
 
     /// Opens the client's side from the fds the server handed over, after
-    /// checking every one of them.
+    /// checking every one of them, within the default [`ClientLimits`].
     pub fn open_client(fds: PeerFds, max_message: u32, wakeup: Wakeup) -> Result<Endpoint, Error> {
-        validate_ring("client-to-server ring", &fds.to_server)?;
-        validate_ring("server-to-client ring", &fds.to_client)?;
-        match sys::fd_kind(fds.hangup.as_fd())? {
-            FdKind::Socket => {}
-            other => {
-                return Err(Error::BadFd(format!(
-                    "hang-up fd is not a socket ({other:?})"
-                )))
-            }
+        Self::open_client_within(fds, max_message, wakeup, ClientLimits::default())
+    }
+
+    /// Opens the client's side from the fds the server handed over, after
+    /// checking every one of them: each ring within `limits.max_capacity`
+    /// (after rounding) and backed by a sealed memfd large enough, four
+    /// eventfds, a connected `AF_UNIX` stream socket as hang-up, and
+    /// `max_message` within `limits.max_message`. Nothing is mapped unless
+    /// all of it holds.
+    pub fn open_client_within(
+        fds: PeerFds,
+        max_message: u32,
+        wakeup: Wakeup,
+        limits: ClientLimits,
+    ) -> Result<Endpoint, Error> {
+        if max_message > limits.max_message {
+            return Err(Error::OverLimit {
+                what: "max-message",
+                offered: max_message.into(),
+                limit: limits.max_message.into(),
+            });
         }
+        validate_ring("client-to-server ring", &fds.to_server, limits.max_capacity)?;
+        validate_ring("server-to-client ring", &fds.to_client, limits.max_capacity)?;
+        validate_hangup(fds.hangup.as_fd())?;
         let open_tx = |r: RingFds| {
             Sender::<u8>::open(
                 r.capacity as usize,
@@ -523,16 +630,200 @@ mod tests {
         assert!(matches!(t.join().unwrap(), Err(Error::Closed)));
     }
 
-    #[test]
-    fn lying_capacity_is_refused_before_mapping() {
-        let (_server, mut fds) = Endpoint::create_server(4096, 1 << 20, Wakeup::Park).unwrap();
-        fds.to_client.capacity = 1 << 30;
-        let err = Endpoint::open_client(fds, 1 << 20, Wakeup::Park)
+    /// The server's side (kept so that the hang-up socket stays connected)
+    /// and the fds it offers.
+    fn offer(capacity: u64) -> (Endpoint, PeerFds) {
+        Endpoint::create_server(capacity, 1 << 20, Wakeup::Park).unwrap()
+    }
+
+    fn refusal(fds: PeerFds, limits: ClientLimits) -> Error {
+        Endpoint::open_client_within(fds, 1 << 20, Wakeup::Park, limits)
             .err()
-            .unwrap();
+            .expect("the offer must be refused")
+    }
+
+    #[test]
+    fn a_ring_above_the_limit_is_refused_before_its_memfd_is_looked_at() {
+        let (_server, mut fds) = offer(4096);
+        fds.to_client.capacity = (1 << 40) - RING_HEADER;
+        let limits = ClientLimits::default();
+        let err = refusal(fds, limits);
+        let limit = rounded_capacity(limits.max_capacity);
+        assert!(
+            matches!(
+                err,
+                Error::OverLimit { what: "server-to-client ring", offered, limit: l }
+                    if offered == (1 << 40) - RING_HEADER && l == limit
+            ),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(&limit.to_string()), "{text}");
+    }
+
+    #[test]
+    fn a_memfd_large_enough_does_not_lift_the_limit() {
+        // An honest 128 MiB ring: its memfd holds every byte the capacity
+        // needs, yet the client agreed to 64 MiB at most.
+        let big = 128 << 20;
+        let (_server, fds) = offer(big);
+        let err = refusal(fds, ClientLimits::default());
+        assert!(
+            matches!(err, Error::OverLimit { what: "client-to-server ring", offered, .. } if offered == rounded_capacity(big)),
+            "{err}"
+        );
+        // Raising the limit accepts the same offer.
+        let limits = ClientLimits {
+            max_capacity: big,
+            ..ClientLimits::default()
+        };
+        let (_server, fds) = offer(big);
+        let client = Endpoint::open_client_within(fds, 1 << 20, Wakeup::Park, limits)
+            .expect("within a raised limit");
+        assert_eq!(client.recv_capacity(), rounded_capacity(big));
+    }
+
+    #[test]
+    fn the_limit_is_compared_after_rounding() {
+        // Asking for 5000 bytes gets a whole page pair: that is not "larger
+        // than asked for", one byte more is.
+        let limits = ClientLimits {
+            max_capacity: 5000,
+            ..ClientLimits::default()
+        };
+        let rounded = rounded_capacity(5000);
+        assert!(rounded > 5000);
+        let (_server, fds) = offer(5000);
+        Endpoint::open_client_within(fds, 1 << 20, Wakeup::Park, limits)
+            .expect("the rounded capacity is accepted");
+        let (_server, mut fds) = offer(5000);
+        fds.to_server.capacity = rounded + 1;
+        assert!(matches!(
+            refusal(fds, limits),
+            Error::OverLimit { offered, limit, .. } if offered == rounded + 1 && limit == rounded
+        ));
+    }
+
+    #[test]
+    fn a_capacity_the_memfd_cannot_hold_is_refused_before_mapping() {
+        let (_server, mut fds) = offer(4096);
+        fds.to_client.capacity = rounded_capacity(1 << 20);
+        let err = refusal(fds, ClientLimits::default());
         assert!(
             matches!(err, Error::BadFd(ref m) if m.contains("needs")),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_capacity_that_is_not_whole_pages_is_refused() {
+        let (_server, mut fds) = offer(4096);
+        fds.to_server.capacity = 100;
+        let err = refusal(fds, ClientLimits::default());
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.contains("whole number of pages")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_max_message_above_the_limit_is_refused() {
+        let (_server, fds) = offer(4096);
+        let err = Endpoint::open_client(fds, u32::MAX, Wakeup::Park)
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(
+                err,
+                Error::OverLimit { what: "max-message", offered, limit }
+                    if offered == u64::from(u32::MAX) && limit == limits::DEFAULT_MAX_MESSAGE
+            ),
+            "{err}"
+        );
+        let limits = ClientLimits {
+            max_message: u32::MAX,
+            ..ClientLimits::default()
+        };
+        let (_server, fds) = offer(4096);
+        Endpoint::open_client_within(fds, u32::MAX, Wakeup::Park, limits)
+            .expect("a raised limit accepts it");
+    }
+
+    fn with_hangup(hangup: OwnedFd) -> Error {
+        let (_server, mut fds) = offer(4096);
+        fds.hangup = hangup;
+        refusal(fds, ClientLimits::default())
+    }
+
+    #[test]
+    fn a_datagram_hangup_socket_is_refused() {
+        let (a, _b) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let err = with_hangup(a);
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.contains("SOCK_DGRAM") && m.contains("not SOCK_STREAM")),
+            "{err}"
+        );
+        let (a, _b) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let err = with_hangup(a);
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.contains("SOCK_SEQPACKET")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unconnected_hangup_socket_is_refused() {
+        let s = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+        let err = with_hangup(s);
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.ends_with("not connected")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_listening_hangup_socket_is_refused() {
+        let s = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+        let name = format!("shmlink-endpoint-test-{}", std::process::id());
+        let addr = rustix::net::SocketAddrUnix::new_abstract_name(name.as_bytes()).unwrap();
+        rustix::net::bind(&s, &addr).unwrap();
+        rustix::net::listen(&s, 1).unwrap();
+        let err = with_hangup(s);
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.contains("not connected (it is listening)")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_hangup_socket_of_another_family_is_refused() {
+        let s = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        let err = with_hangup(s);
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.contains("not an AF_UNIX socket")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_honest_offer_is_accepted_within_the_default_limits() {
+        let (_server, fds) = offer(limits::DEFAULT_MAX_CAPACITY);
+        let client = Endpoint::open_client(fds, 1 << 20, Wakeup::Park).expect("honest offer");
+        assert_eq!(
+            client.send_capacity(),
+            rounded_capacity(limits::DEFAULT_MAX_CAPACITY)
         );
     }
 

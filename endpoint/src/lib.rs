@@ -16,12 +16,18 @@ pub mod fuzzing;
 mod ring;
 pub mod sys;
 
-pub use endpoint::{rounded_capacity, Endpoint, EndpointReceiver, EndpointSender, Wakeup};
+pub use endpoint::{
+    rounded_capacity, ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Wakeup,
+};
 pub use frame::{FrameError, Item, OutFrame};
 pub use ring::{RingReceiver, RingSender};
 pub use shmlink_interfaces::{PeerFds, RingFds};
 
 /// Everything that can go wrong on the data plane.
+///
+/// Each message states its cause in full and no variant also reports that
+/// cause as its `source()`: a chain printed cause by cause (anyhow's `{:#}`)
+/// then says each thing once.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The peer broke the ring's bookkeeping (count out of range or changed mid-operation).
@@ -29,7 +35,7 @@ pub enum Error {
     Corrupt(String),
     /// The peer broke the framing rules.
     #[error("protocol violation by the peer: {0}")]
-    Protocol(#[from] FrameError),
+    Protocol(FrameError),
     /// The peer closed its hang-up end: the session is over.
     #[error("the session was closed by the other side")]
     Closed,
@@ -45,6 +51,19 @@ pub enum Error {
     /// A file descriptor handed over by the peer is not what it must be.
     #[error("invalid file descriptor from the other side: {0}")]
     BadFd(String),
+    /// The peer offered a session beyond what this side accepts (a ring
+    /// larger than asked for or allowed, a larger maximum message).
+    #[error(
+        "{what} of {offered} bytes offered by the other side exceeds this side's limit of {limit}"
+    )]
+    OverLimit {
+        /// What was offered, e.g. "client-to-server ring" or "max-message".
+        what: &'static str,
+        /// The offered size in bytes.
+        offered: u64,
+        /// The largest size this side accepts.
+        limit: u64,
+    },
     /// A message exceeds the session's maximum message size.
     #[error("message of {len} bytes exceeds the session maximum of {max} bytes")]
     TooLarge {
@@ -58,10 +77,22 @@ pub enum Error {
     AlreadyFinished,
     /// A system call failed.
     #[error("system call failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// shmem-ipc failed to create or map a ring.
     #[error("could not set up a shared ring: {0}")]
     Setup(String),
+}
+
+impl From<FrameError> for Error {
+    fn from(e: FrameError) -> Self {
+        Error::Protocol(e)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
 }
 
 impl Error {
@@ -82,6 +113,71 @@ impl Error {
                 | Error::SignalFlooded
                 | Error::HangupWritten
                 | Error::BadFd(_)
+                | Error::OverLimit { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each error's message, then its sources' messages, as `{:#}` prints them.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        let mut out = vec![e.to_string()];
+        let mut next = e.source();
+        while let Some(s) = next {
+            out.push(s.to_string());
+            next = s.source();
+        }
+        out
+    }
+
+    /// One of each variant, with a distinctive cause where it has one.
+    fn every_error() -> Vec<Error> {
+        vec![
+            Error::Corrupt("count 9000 above length 4032".into()),
+            Error::Protocol(FrameError::UnknownKind(7)),
+            Error::Protocol(FrameError::TooLong { len: 9, max: 8 }),
+            Error::Protocol(FrameError::EndWithPayload(3)),
+            Error::Protocol(FrameError::DataAfterEnd),
+            Error::Closed,
+            Error::TimedOut,
+            Error::SignalFlooded,
+            Error::HangupWritten,
+            Error::BadFd("hang-up socket is not connected".into()),
+            Error::OverLimit {
+                what: "max-message",
+                offered: 1 << 32,
+                limit: 1 << 26,
+            },
+            Error::TooLarge { len: 9, max: 8 },
+            Error::AlreadyFinished,
+            Error::from(std::io::Error::from_raw_os_error(libc::EBADF)),
+            Error::from(std::io::Error::other("disk on fire")),
+            Error::Setup("mmap failed".into()),
+        ]
+    }
+
+    #[test]
+    fn every_cause_is_printed_once() {
+        for e in every_error() {
+            let links = chain(&e);
+            for (i, outer) in links.iter().enumerate() {
+                for inner in &links[i + 1..] {
+                    assert!(
+                        !outer.contains(inner.as_str()),
+                        "{e:?} prints {inner:?} twice: {}",
+                        links.join(": ")
+                    );
+                }
+            }
+            // The cause itself is in the message, not lost with the source.
+            if let Error::Protocol(f) = &e {
+                assert!(links[0].contains(&f.to_string()), "{}", links[0]);
+            }
+        }
+        let io = Error::from(std::io::Error::other("disk on fire"));
+        assert!(io.to_string().contains("disk on fire"));
     }
 }

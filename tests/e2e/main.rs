@@ -8,6 +8,7 @@ mod channels;
 mod concurrency;
 mod echo;
 mod hostile;
+mod hostile_server;
 mod introspection;
 mod leaks;
 mod liveness;
