@@ -172,12 +172,14 @@ impl Sessions {
     /// Ends session `id` for `reason` (see the module docs); `None` if it
     /// had already ended.
     pub fn end_session(&mut self, id: u64, reason: &str) -> Option<EndedSession> {
+        let traffic = self.engine.remove(id);
         let reservation = self.broker.release(id)?;
-        self.engine.remove(id);
         log::info!(
-            "session {id} ({}, owner {}) ended: {reason}",
+            "session {id} ({}, owner {} uid {}) ended: {reason}; {}",
             reservation.service,
-            reservation.owner.bus_name
+            reservation.owner.bus_name,
+            reservation.owner.uid,
+            traffic.map(|t| t.summary()).unwrap_or_default()
         );
         Some(EndedSession {
             path: session_path(id).into(),
