@@ -13,6 +13,7 @@
 //! ```
 
 mod broker1;
+mod logcap;
 mod peers;
 mod session1;
 
@@ -25,15 +26,33 @@ use dbus::channel::Sender;
 use dbus::message::MessageType;
 use dbus::Message;
 use dbus_crossroads::{Crossroads, MethodErr};
+use logcap::{cut, Refusals, LOGGED_ERROR};
 use peers::Peers;
 use shmlink_interfaces::{error, member, BROKER_INTERFACE, BROKER_PATH, SESSION_PATH_PREFIX};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// Calls one connection may have waiting while the bus looks up its
+/// credentials; more are refused at once.
+const MAX_WAITING_CALLS: usize = 64;
 
 /// What the crossroads callbacks share.
 pub(crate) struct Control {
     sessions: Sessions,
     peers: Peers,
+    refusals: Refusals,
+}
+
+impl Control {
+    /// Logs a refused call of `uid` (as a warning), within the per-uid rate
+    /// limit; `line` is only formatted when it is written.
+    fn log_refusal(&mut self, uid: u32, line: impl FnOnce() -> String) {
+        if self.refusals.admit(uid, Instant::now()) {
+            log::warn!("{}", line());
+        }
+    }
 }
 
 type Shared = Arc<Mutex<Control>>;
@@ -53,7 +72,9 @@ fn method_err(e: &BrokerError) -> MethodErr {
         BrokerError::UnknownSession(_) => error::UNKNOWN_SESSION,
         BrokerError::Internal(_) => error::INTERNAL,
     };
-    MethodErr::from((name, e.to_string()))
+    // The text may quote what the caller sent (a service name, an option);
+    // the caller gets the cut version too, so a huge call costs no huge reply.
+    MethodErr::from((name, cut(&e.to_string(), LOGGED_ERROR).into_owned()))
 }
 
 /// Removes an ended session's object and returns its `SessionClosed` signal.
@@ -73,6 +94,10 @@ pub(crate) struct Adapter {
     cr: Crossroads,
     shared: Shared,
     notify: Arc<OwnedFd>,
+    /// Credentials asked of the bus: the serial of our call, and whose.
+    lookups: HashMap<u32, String>,
+    /// Calls waiting for their sender's credentials, in arrival order.
+    waiting: HashMap<String, Vec<Message>>,
 }
 
 impl Adapter {
@@ -82,6 +107,7 @@ impl Adapter {
         let shared: Shared = Arc::new(Mutex::new(Control {
             sessions,
             peers: Peers::default(),
+            refusals: Refusals::default(),
         }));
         let mut cr = Crossroads::new();
         let session_token = session1::register(&mut cr, shared.clone());
@@ -89,7 +115,13 @@ impl Adapter {
         cr.insert(BROKER_PATH, &[broker_token], ());
         // An empty parent node, so `busctl tree` and introspection list the sessions.
         cr.insert(SESSION_PATH_PREFIX.trim_end_matches('/'), &[], ());
-        Adapter { cr, shared, notify }
+        Adapter {
+            cr,
+            shared,
+            notify,
+            lookups: HashMap::new(),
+            waiting: HashMap::new(),
+        }
     }
 
     /// The eventfd that becomes readable when [`Adapter::reap`] has work.
@@ -107,39 +139,92 @@ impl Adapter {
         lock(&self.shared).sessions.broker().count()
     }
 
-    /// Handles one incoming message: method calls (after learning the
-    /// caller's credentials) and connections leaving the bus.
+    /// Handles one incoming message: method calls (once the caller's
+    /// credentials are known), the bus's answers to our credential
+    /// lookups, and connections leaving the bus. Never waits for the bus or
+    /// a worker.
     pub fn handle(&mut self, conn: &Connection, msg: Message) {
-        if msg.msg_type() == MessageType::MethodCall {
-            if let Some(sender) = msg.sender() {
-                let known = {
-                    let mut c = lock(&self.shared);
-                    c.peers.set_current(&sender);
-                    c.peers.knows(&sender)
-                };
-                if !known {
-                    match peers::lookup(conn, &sender) {
-                        Ok(caller) => lock(&self.shared).peers.insert(caller),
-                        Err(e) => log::warn!("cannot learn the credentials of {sender}: {e}"),
+        match msg.msg_type() {
+            MessageType::MethodCall => self.method_call(conn, msg),
+            MessageType::MethodReturn | MessageType::Error => {
+                let lookup = msg.get_reply_serial().and_then(|s| self.lookups.remove(&s));
+                if let Some(sender) = lookup {
+                    self.credentials_arrived(conn, &sender, &msg);
+                }
+            }
+            MessageType::Signal => {
+                if let Some(name) = peers::connection_left(&msg) {
+                    let ended = {
+                        let mut c = lock(&self.shared);
+                        c.peers.forget(&name);
+                        c.sessions.end_sessions_of(&name, "owner left the bus")
+                    };
+                    for e in ended {
+                        let _ = conn.send(retire(&mut self.cr, &e, "owner left the bus"));
                     }
                 }
             }
-            if let Some(reply) = self.unknown_session_reply(&msg) {
-                let _ = conn.send(reply);
-                return;
+        }
+    }
+
+    /// A method call: dispatched now if its sender's credentials are known,
+    /// else queued behind a lookup (one per sender in flight).
+    fn method_call(&mut self, conn: &Connection, msg: Message) {
+        let Some(sender) = msg.sender().map(|s| s.to_string()) else {
+            return self.dispatch(conn, msg);
+        };
+        if lock(&self.shared).peers.knows(&sender) {
+            return self.dispatch(conn, msg);
+        }
+        if let Some(queue) = self.waiting.get_mut(&sender) {
+            if queue.len() < MAX_WAITING_CALLS {
+                queue.push(msg);
+            } else {
+                let text = c"too many calls before the bus reported the caller's credentials";
+                let _ = conn.send(msg.error(&error::LIMIT_EXCEEDED.into(), text));
             }
-            if self.cr.handle_message(msg, conn).is_err() {
-                log::warn!("crossroads could not handle a method call");
+            return;
+        }
+        match peers::ask(conn, &sender) {
+            Ok(serial) => {
+                self.lookups.insert(serial, sender.clone());
+                self.waiting.insert(sender, vec![msg]);
             }
-        } else if let Some(name) = peers::connection_left(&msg) {
-            let ended = {
-                let mut c = lock(&self.shared);
-                c.peers.forget(&name);
-                c.sessions.end_sessions_of(&name, "owner left the bus")
-            };
-            for e in ended {
-                let _ = conn.send(retire(&mut self.cr, &e, "owner left the bus"));
+            Err(e) => {
+                log::warn!("cannot ask the bus for the credentials of {sender}: {e}");
+                self.dispatch(conn, msg);
             }
+        }
+    }
+
+    /// The bus answered a lookup: record the credentials and dispatch the
+    /// calls that waited for them (without credentials, they are refused).
+    fn credentials_arrived(&mut self, conn: &Connection, sender: &str, reply: &Message) {
+        match peers::parse(sender, reply) {
+            Ok(caller) => lock(&self.shared).peers.insert(caller),
+            Err(e) => {
+                // The connection may have left already; rate-limited like a refusal.
+                lock(&self.shared).log_refusal(u32::MAX, || {
+                    format!("cannot learn the credentials of {sender}: {e}")
+                })
+            }
+        }
+        for msg in self.waiting.remove(sender).unwrap_or_default() {
+            self.dispatch(conn, msg);
+        }
+    }
+
+    /// Hands a method call whose sender is known (or unknowable) to crossroads.
+    fn dispatch(&mut self, conn: &Connection, msg: Message) {
+        if let Some(sender) = msg.sender() {
+            lock(&self.shared).peers.set_current(&sender);
+        }
+        if let Some(reply) = self.unknown_session_reply(&msg) {
+            let _ = conn.send(reply);
+            return;
+        }
+        if self.cr.handle_message(msg, conn).is_err() {
+            log::warn!("crossroads could not handle a method call");
         }
     }
 
@@ -177,7 +262,11 @@ impl Adapter {
     /// Ends every session and stops the engine.
     pub fn shutdown(&mut self, conn: &Connection) {
         const REASON: &str = "the daemon is shutting down";
-        let ended = lock(&self.shared).sessions.shutdown(REASON);
+        let ended = {
+            let mut c = lock(&self.shared);
+            c.refusals.flush();
+            c.sessions.shutdown(REASON)
+        };
         for e in ended {
             let _ = conn.send(retire(&mut self.cr, &e, REASON));
         }
