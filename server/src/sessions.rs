@@ -16,6 +16,7 @@
 use crate::broker::{session_path, Broker, BrokerError};
 use crate::config::Config;
 use crate::engine::{Engine, Traffic};
+use crate::logcap::{cut, LOGGED_STRING};
 use crate::service::{prop, Caller, Options, Service, StateView};
 use dbus::arg::PropMap;
 use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
@@ -259,10 +260,11 @@ fn parse_wakeup(opts: &Options) -> Result<Wakeup, BrokerError> {
             Ok(Wakeup::Spin(Duration::from_micros(us)))
         }
         Some(other) => Err(BrokerError::InvalidOption(format!(
-            "option {:?} must be {:?} or {:?}, not {other:?}",
+            "option {:?} must be {:?} or {:?}, not {:?}",
             option::WAKEUP,
             wakeup::PARK,
-            wakeup::SPIN
+            wakeup::SPIN,
+            cut(other, LOGGED_STRING)
         ))),
     }
 }

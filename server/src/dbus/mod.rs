@@ -13,30 +13,25 @@
 //! ```
 
 mod broker1;
-mod logcap;
 mod peers;
 mod session1;
 
 pub(crate) use peers::name_owner_changed;
 
 use crate::broker::BrokerError;
+use crate::logcap::{cut, Refusals, LOGGED_ERROR, LOGGED_STRING};
 use crate::sessions::{EndedSession, SessionRecord, Sessions};
 use dbus::blocking::Connection;
 use dbus::channel::Sender;
 use dbus::message::MessageType;
 use dbus::Message;
 use dbus_crossroads::{Crossroads, MethodErr};
-use logcap::{cut, Refusals, LOGGED_ERROR};
 use peers::Peers;
 use shmlink_interfaces::{error, member, BROKER_INTERFACE, BROKER_PATH, SESSION_PATH_PREFIX};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
-
-/// Calls one connection may have waiting while the bus looks up its
-/// credentials; more are refused at once.
-const MAX_WAITING_CALLS: usize = 64;
 
 /// What the crossroads callbacks share.
 pub(crate) struct Control {
@@ -98,12 +93,20 @@ pub(crate) struct Adapter {
     lookups: HashMap<u32, String>,
     /// Calls waiting for their sender's credentials, in arrival order.
     waiting: HashMap<String, Vec<Message>>,
+    /// Length of the longest hosted service's name.
+    longest_service: usize,
 }
 
 impl Adapter {
     /// Registers the interfaces over `sessions` and publishes the broker object.
     pub fn new(sessions: Sessions) -> Self {
         let notify = sessions.notify_fd();
+        let longest_service = sessions
+            .service_names()
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(0);
         let shared: Shared = Arc::new(Mutex::new(Control {
             sessions,
             peers: Peers::default(),
@@ -121,6 +124,7 @@ impl Adapter {
             notify,
             lookups: HashMap::new(),
             waiting: HashMap::new(),
+            longest_service,
         }
     }
 
@@ -177,12 +181,9 @@ impl Adapter {
             return self.dispatch(conn, msg);
         }
         if let Some(queue) = self.waiting.get_mut(&sender) {
-            if queue.len() < MAX_WAITING_CALLS {
-                queue.push(msg);
-            } else {
-                let text = c"too many calls before the bus reported the caller's credentials";
-                let _ = conn.send(msg.error(&error::LIMIT_EXCEEDED.into(), text));
-            }
+            // Not bounded here: these calls are already in our memory, and
+            // the bus bounds how much it queues for us.
+            queue.push(msg);
             return;
         }
         match peers::ask(conn, &sender) {
@@ -219,13 +220,45 @@ impl Adapter {
         if let Some(sender) = msg.sender() {
             lock(&self.shared).peers.set_current(&sender);
         }
-        if let Some(reply) = self.unknown_session_reply(&msg) {
+        if let Some(reply) = self
+            .unknown_session_reply(&msg)
+            .or_else(|| self.oversized_open_reply(&msg))
+        {
             let _ = conn.send(reply);
             return;
         }
         if self.cr.handle_message(msg, conn).is_err() {
             log::warn!("crossroads could not handle a method call");
         }
+    }
+
+    /// An `OpenSession` of a service name longer than any hosted one gets
+    /// `UnknownService` at once, read in place: neither the name nor the
+    /// options are copied or formatted in full (a name may be megabytes).
+    fn oversized_open_reply(&self, msg: &Message) -> Option<Message> {
+        if msg.path().as_deref() != Some(BROKER_PATH)
+            || msg.interface().as_deref() != Some(BROKER_INTERFACE)
+            || msg.member().as_deref() != Some(member::OPEN_SESSION)
+        {
+            return None;
+        }
+        let service: &str = msg.iter_init().get()?;
+        if service.len() <= self.longest_service {
+            return None;
+        }
+        let e = BrokerError::UnknownService(cut(service, LOGGED_STRING).into_owned());
+        let mut c = lock(&self.shared);
+        let sender = msg.sender().map(|s| s.to_string()).unwrap_or_default();
+        let uid = c.peers.get(&sender).map_or(u32::MAX, |p| p.uid);
+        c.log_refusal(uid, || {
+            format!(
+                "OpenSession({:?}) from {sender} (uid {uid}) refused: {e}",
+                cut(service, LOGGED_STRING)
+            )
+        });
+        let err = method_err(&e);
+        let text = std::ffi::CString::new(err.description()).ok()?;
+        Some(msg.error(err.errorname(), &text))
     }
 
     /// Calls to a session path that has no session get `UnknownSession`
