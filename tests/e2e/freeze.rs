@@ -77,23 +77,27 @@ impl Drop for Attacker {
     }
 }
 
-/// Asserts the generous bounds on an honest client's times and prints them.
-fn assert_fast(what: &str, t: &HonestTimes) {
+/// Asserts the generous bounds on an honest client's times (median under
+/// 20 ms, worst under `worst_open` for `OpenSession` and 250 ms for echo)
+/// and prints them.
+fn assert_fast(what: &str, t: &HonestTimes, worst_open: Duration) {
     println!("{what}: OpenSession {}", t.open.summary());
     println!("{what}: 64-byte echo {}", t.echo.summary());
-    for (name, l) in [("OpenSession", &t.open), ("echo", &t.echo)] {
+    for (name, l, worst) in [
+        ("OpenSession", &t.open, worst_open),
+        ("echo", &t.echo, Duration::from_millis(250)),
+    ] {
         assert!(
             l.percentile(50) < Duration::from_millis(20),
             "{what}: {name} median {:?}",
             l.percentile(50)
         );
-        assert!(
-            l.max() < Duration::from_millis(250),
-            "{what}: {name} worst {:?}",
-            l.max()
-        );
+        assert!(l.max() < worst, "{what}: {name} worst {:?}", l.max());
     }
 }
+
+/// The usual worst case allowed for an honest `OpenSession`.
+const WORST_OPEN: Duration = Duration::from_millis(250);
 
 /// Trickling attackers on every worker (and a second round of them), an
 /// honest client alongside; the attackers' own state stays readable at
@@ -107,7 +111,7 @@ fn trickle_attack(wakeup: &str) {
     assert_eq!(feed.ready, "READY 4");
     let client = h.client();
     let times = measure_honest(&client, 20, 20).expect("honest client under attack");
-    assert_fast(&format!("trickle attack ({wakeup})"), &times);
+    assert_fast(&format!("trickle attack ({wakeup})"), &times, WORST_OPEN);
     assert!(
         honest_stream.progresses(20, DEADLINE),
         "the honest stream stalled"
@@ -182,7 +186,10 @@ fn huge_calls_get_their_error_without_stalling_other_callers() {
         );
         calls += done[0];
     }
-    assert_fast("huge calls", &times);
+    // A call queued behind a 16 MiB message waits until the bus has
+    // delivered it (one socket, in order): bounded by the bus, not by a
+    // lookup that used to time out after 5 s per huge call.
+    assert_fast("huge calls", &times, Duration::from_secs(2));
     assert!(calls >= 4, "the attack hardly ran ({calls} calls)");
     assert!(
         log.len() < 64 * 1024,
@@ -226,7 +233,7 @@ fn refusals_are_cut_and_rate_limited_in_the_log() {
     );
     // The daemon still answers everyone.
     let times = measure_honest(&h.client(), 5, 5).expect("honest client");
-    assert_fast("after refusals", &times);
+    assert_fast("after refusals", &times, WORST_OPEN);
     // What was held back is reported, one line per window, once the window
     // is over (the next refusal of anyone, here root's, closes it): every
     // refusal is either logged or counted.
