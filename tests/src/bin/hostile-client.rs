@@ -15,7 +15,8 @@
 //!                                         one byte per 2 ms; print "PATH p" each, "READY N",
 //!                                         trickle until stdin EOF
 //! hostile-client ADDR huge name|options BYTES
-//!                                         OpenSession calls with a huge argument in a loop;
+//!                                         OpenSession calls with a huge argument in a loop,
+//!                                         each on a new connection;
 //!                                         print "READY error-name" after the first, "DONE n µs"
 //!                                         (calls made, slowest call) at stdin EOF
 //! hostile-client ADDR refuse N            N pipelined OpenSession calls of an unknown service;
@@ -200,7 +201,17 @@ fn main() {
             let done = stdin_closed();
             let mut n = 0u64;
             let mut slowest = Duration::ZERO;
+            drop(conn);
             while !done.load(Ordering::SeqCst) {
+                // A new connection per call, as a process per call would
+                // have: the daemon learns each one's credentials anew.
+                let conn = match hostile::connect(addr) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("hostile-client: cannot connect to {addr}: {e}");
+                        std::process::exit(1)
+                    }
+                };
                 let (name, took) = attacks::huge_call(&conn, what);
                 if n == 0 {
                     let _ = writeln!(out, "READY {name}");
