@@ -609,4 +609,59 @@ mod tests {
             "the message arrived intact"
         );
     }
+
+    #[test]
+    fn a_frame_drained_in_pieces_holds_the_worker_one_slice_at_most() {
+        // The mirror image: a 60 KiB message from `source` to a client that
+        // empties the 4 KiB ring every 8 ms.
+        let (server, fds) =
+            Endpoint::create_server(1024, MAX_MESSAGE, Wakeup::Spin(Duration::from_millis(10)))
+                .expect("rings");
+        let mut client = Endpoint::open_client(fds, MAX_MESSAGE, Wakeup::Park).expect("client");
+        let opts = [
+            (option::COUNT, prop(1u64)),
+            (option::MESSAGE_SIZE, prop(60 * 1024u64)),
+        ];
+        let handler = Source.open(&caller(), &options(&opts)).expect("open");
+        let traffic = Arc::new(Traffic::default());
+        let mut pump = Pump::new(server, handler, traffic.clone());
+        let reader = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match client.ring_receiver().read_item().expect("read") {
+                    Some(Item::Message(m)) => return m.len(),
+                    Some(Item::End) => panic!("end before the message"),
+                    // The drain's pace, not a synchronisation.
+                    None => std::thread::sleep(Duration::from_millis(8)),
+                }
+                assert!(Instant::now() < deadline, "the message never arrived");
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut longest = Duration::ZERO;
+        while !reader.is_finished() {
+            assert!(Instant::now() < deadline, "the pump never finished");
+            let t = Instant::now();
+            let step = pump.run(FIRED_ROOM, Slice::starting_now(false));
+            longest = longest.max(t.elapsed());
+            match step {
+                Step::More => {}
+                Step::Idle => {
+                    let fd = [pump.fds()[1]];
+                    let _ =
+                        sys::poll_readable(&fd, Some(Instant::now() + Duration::from_millis(5)));
+                }
+                Step::End(r) => panic!("ended: {r}"),
+            }
+        }
+        assert_eq!(reader.join().expect("reader"), 60 * 1024);
+        assert!(
+            longest < Duration::from_millis(60),
+            "a run took {longest:?}"
+        );
+        assert!(
+            traffic.spin_ns.load(Relaxed) > 0,
+            "it spun, and that was counted"
+        );
+    }
 }
