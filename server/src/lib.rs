@@ -21,6 +21,7 @@ pub mod config;
 mod daemon;
 mod dbus;
 mod engine;
+mod logcap;
 mod service;
 mod sessions;
 pub mod signals;

@@ -16,6 +16,7 @@
 use crate::broker::{session_path, Broker, BrokerError};
 use crate::config::Config;
 use crate::engine::{Engine, Traffic};
+use crate::logcap::{cut, LOGGED_STRING};
 use crate::service::{prop, Caller, Options, Service, StateView};
 use dbus::arg::PropMap;
 use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
@@ -172,12 +173,14 @@ impl Sessions {
     /// Ends session `id` for `reason` (see the module docs); `None` if it
     /// had already ended.
     pub fn end_session(&mut self, id: u64, reason: &str) -> Option<EndedSession> {
+        let traffic = self.engine.remove(id);
         let reservation = self.broker.release(id)?;
-        self.engine.remove(id);
         log::info!(
-            "session {id} ({}, owner {}) ended: {reason}",
+            "session {id} ({}, owner {} uid {}) ended: {reason}; {}",
             reservation.service,
-            reservation.owner.bus_name
+            reservation.owner.bus_name,
+            reservation.owner.uid,
+            traffic.map(|t| t.summary()).unwrap_or_default()
         );
         Some(EndedSession {
             path: session_path(id).into(),
@@ -257,10 +260,11 @@ fn parse_wakeup(opts: &Options) -> Result<Wakeup, BrokerError> {
             Ok(Wakeup::Spin(Duration::from_micros(us)))
         }
         Some(other) => Err(BrokerError::InvalidOption(format!(
-            "option {:?} must be {:?} or {:?}, not {other:?}",
+            "option {:?} must be {:?} or {:?}, not {:?}",
             option::WAKEUP,
             wakeup::PARK,
-            wakeup::SPIN
+            wakeup::SPIN,
+            cut(other, LOGGED_STRING)
         ))),
     }
 }

@@ -7,6 +7,7 @@ mod bad_input;
 mod channels;
 mod concurrency;
 mod echo;
+mod freeze;
 mod hostile;
 mod hostile_server;
 mod introspection;

@@ -6,6 +6,7 @@
 //! sleeps to synchronise.
 #![deny(missing_docs)]
 
+pub mod attacks;
 pub mod fake_broker;
 pub mod hostile;
 pub mod sdboot;

@@ -409,3 +409,84 @@ pub(super) fn aggregate_sink(bus: &Bus, clients: usize, budget: Duration) -> Res
     }
     Ok(bytes as f64 / t.elapsed().as_secs_f64())
 }
+
+/// Sessions that keep the daemon's workers spinning: `n` `sink` sessions in
+/// spin mode with the longest spin, each sent a 1-byte message every
+/// millisecond (every whole frame renews a session's spin budget), until dropped.
+pub(super) struct Spinners {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Spinners {
+    pub(super) fn start(bus: &Bus, n: usize) -> Result<Spinners> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (bus, s) = (bus.clone(), stop.clone());
+        let thread = std::thread::spawn(move || -> Result<()> {
+            let opened = (|| -> Result<Vec<shmlink::Session>> {
+                let client = Client::connect(&bus)?;
+                let spin =
+                    Duration::from_micros(u64::from(shmlink_interfaces::limits::MAX_SPIN_US));
+                (0..n)
+                    .map(|_| {
+                        let s = client
+                            .session(service::SINK)
+                            .capacity(64 << 10)
+                            .wakeup(Wakeup::Spin(spin))
+                            .open()?;
+                        Ok(s)
+                    })
+                    .collect()
+            })();
+            let mut sessions = match opened {
+                Ok(v) => {
+                    let _ = ready_tx.send(Ok(()));
+                    v
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return Ok(());
+                }
+            };
+            while !s.load(Ordering::Relaxed) {
+                for session in &mut sessions {
+                    session.send(&[1])?;
+                }
+                // The load's pace: one message per session per millisecond.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for session in sessions {
+                session.close()?;
+            }
+            Ok(())
+        });
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("the spinning sessions' thread died"))?
+            .context("open the spinning sessions")?;
+        Ok(Spinners {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub(super) fn stop(mut self) -> Result<()> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => bail!("the spinning sessions' thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

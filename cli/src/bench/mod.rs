@@ -36,6 +36,9 @@ const SIZES: [usize; 4] = [64, 4 << 10, 64 << 10, 1 << 20];
 const RING: u64 = 1 << 20;
 /// Size of the round-trip message in the latency table.
 const PING: usize = 64;
+/// Spinning sessions (`spin-us` 10,000, a message every millisecond) beside
+/// the honest session of the "beside spinning sessions" latency row.
+const SPINNERS: usize = 4;
 /// Spin budget of the spin-mode session.
 const SPIN: Duration = Duration::from_micros(200);
 /// Well-known name of the D-Bus baseline peer.
@@ -194,7 +197,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         .and_then(|mut c| c.register().map(|_| c))
         .context("D-Bus connection")?;
 
-    let steps = (SIZES.len() * 7 + 5 + 2 + 4) as u64;
+    let steps = (SIZES.len() * 7 + 6 + 2 + 4) as u64;
     let bar = ProgressBar::new(steps);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
@@ -262,6 +265,17 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
             Wakeup::Spin(SPIN),
             &budget,
         )?);
+        bar.inc(1);
+        step("latency: shmlink echo, park, beside spinning sessions".into());
+        let spinners = Spinners::start(&bus, SPINNERS)?;
+        let beside = shmlink_rtt(
+            "shmlink echo (park), 4 spinning sessions beside",
+            &client,
+            Wakeup::Park,
+            &budget,
+        );
+        spinners.stop()?;
+        latency.push(beside?);
         bar.inc(1);
         step("latency: eventfd ping-pong".into());
         latency.push(eventfd_rtt(&budget)?);

@@ -2,6 +2,7 @@
 //! the broker's limits, and the `SessionClosed` signal.
 
 use super::{lock, method_err, Shared};
+use crate::logcap::{cut, LOGGED_ERROR, LOGGED_STRING};
 use crate::sessions::SessionRecord;
 use dbus::arg::PropMap;
 use dbus::Path;
@@ -37,14 +38,21 @@ pub(super) fn register(
                   -> Result<OpenSessionArgs, MethodErr> {
                 let mut c = lock(&sh);
                 let caller = c.peers.caller_of(ctx.message())?;
-                let opened = c.sessions.open(&caller, &service, options).map_err(|e| {
-                    log::warn!(
-                        "OpenSession({service:?}) from {} (uid {}) refused: {e}",
-                        caller.bus_name,
-                        caller.uid
-                    );
-                    method_err(&e)
-                })?;
+                let opened = match c.sessions.open(&caller, &service, options) {
+                    Ok(opened) => opened,
+                    Err(e) => {
+                        c.log_refusal(caller.uid, || {
+                            format!(
+                                "OpenSession({:?}) from {} (uid {}) refused: {}",
+                                cut(&service, LOGGED_STRING),
+                                caller.bus_name,
+                                caller.uid,
+                                cut(&e.to_string(), LOGGED_ERROR)
+                            )
+                        });
+                        return Err(method_err(&e));
+                    }
+                };
                 drop(c);
                 let path = opened.record.path.clone();
                 cr.insert(path.clone(), &[session_token], opened.record);

@@ -8,10 +8,7 @@ use dbus::message::MatchRule;
 use dbus::Message;
 use dbus_crossroads::MethodErr;
 use std::collections::HashMap;
-use std::time::Duration;
 
-/// Timeout for our own calls to the bus daemon.
-const BUS_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const DBUS_NAME: &str = "org.freedesktop.DBus";
 const DBUS_PATH: &str = "/org/freedesktop/DBus";
 
@@ -84,11 +81,34 @@ impl Peers {
     }
 }
 
-/// Asks the bus who `sender` is (`GetConnectionCredentials`).
-pub(crate) fn lookup(conn: &Connection, sender: &str) -> Result<Caller, dbus::Error> {
-    let proxy = conn.with_proxy(DBUS_NAME, DBUS_PATH, BUS_CALL_TIMEOUT);
-    let (creds,): (PropMap,) =
-        proxy.method_call(DBUS_NAME, "GetConnectionCredentials", (sender,))?;
+/// Asks the bus who `sender` is (`GetConnectionCredentials`) without waiting
+/// for the answer; returns the serial its reply will carry (see [`parse`]).
+///
+/// Never a blocking call: the bus may have megabytes of other callers'
+/// messages queued for us ahead of the reply, and the D-Bus thread must go
+/// on serving them meanwhile.
+pub(crate) fn ask(conn: &Connection, sender: &str) -> Result<u32, dbus::Error> {
+    let call =
+        Message::new_method_call(DBUS_NAME, DBUS_PATH, DBUS_NAME, "GetConnectionCredentials")
+            .map_err(|e| dbus::Error::new_failed(&e))?
+            .append1(sender);
+    conn.channel()
+        .send(call)
+        .map_err(|()| dbus::Error::new_failed("cannot queue GetConnectionCredentials"))
+}
+
+/// The credentials of `sender` from the bus's reply to [`ask`].
+pub(crate) fn parse(sender: &str, reply: &Message) -> Result<Caller, dbus::Error> {
+    if reply.msg_type() == dbus::message::MessageType::Error {
+        let mut reply = reply.duplicate().map_err(|e| dbus::Error::new_failed(&e))?;
+        return Err(reply
+            .as_result()
+            .err()
+            .unwrap_or_else(|| dbus::Error::new_failed("error reply")));
+    }
+    let creds: PropMap = reply
+        .read1()
+        .map_err(|e| dbus::Error::new_failed(&e.to_string()))?;
     let uid = creds
         .get("UnixUserID")
         .and_then(|v| v.0.as_u64())

@@ -52,13 +52,17 @@ pub(super) fn register(cr: &mut Crossroads, shared: Shared) -> IfaceToken<Sessio
                     .sessions
                     .broker()
                     .authorize(id, c.peers.get(&sender), &sender)
-                    .map_err(|e| {
-                        log::warn!("Close of session {id} by {sender} refused: {e}");
-                        method_err(&e)
-                    })?
-                    .owner
-                    .bus_name
-                    .clone();
+                    .map(|r| r.owner.bus_name.clone());
+                let owner = match owner {
+                    Ok(owner) => owner,
+                    Err(e) => {
+                        let uid = c.peers.get(&sender).map_or(u32::MAX, |p| p.uid);
+                        c.log_refusal(uid, || {
+                            format!("Close of session {id} by {sender} (uid {uid}) refused: {e}")
+                        });
+                        return Err(method_err(&e));
+                    }
+                };
                 // `authorize` let through the owner or root; say which.
                 let reason = if owner == sender {
                     "closed by its owner".to_owned()

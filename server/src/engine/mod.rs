@@ -16,7 +16,7 @@
 mod pump;
 
 pub(crate) use pump::Traffic;
-use pump::{Pump, Step, FIRED_DATA, FIRED_HANGUP, FIRED_ROOM};
+use pump::{Pump, Slice, Step, FIRED_DATA, FIRED_HANGUP, FIRED_ROOM};
 
 use crate::service::{SessionHandler, SessionWaker};
 use rustix::event::epoll::{self, EventData, EventFlags};
@@ -85,8 +85,8 @@ fn new_eventfd() -> std::io::Result<OwnedFd> {
 pub(crate) struct Engine {
     mailboxes: Vec<Arc<Mailbox>>,
     threads: Vec<JoinHandle<()>>,
-    /// Which worker serves each session.
-    placement: HashMap<u64, usize>,
+    /// Which worker serves each session, and the session's counters.
+    placement: HashMap<u64, (usize, Arc<Traffic>)>,
     next: usize,
     stop: Arc<AtomicBool>,
     ended: mpsc::Receiver<Ended>,
@@ -155,11 +155,9 @@ impl Engine {
     /// The sessions workers ended since the last call; resets the notify fd.
     pub fn take_ended(&mut self) -> Vec<Ended> {
         let _ = sys::eventfd_drain(self.notify.as_fd());
-        let ended: Vec<Ended> = self.ended.try_iter().collect();
-        for e in &ended {
-            self.placement.remove(&e.id);
-        }
-        ended
+        // The placement stays until [`Engine::remove`]: the caller ends
+        // each session through it and reads its counters there.
+        self.ended.try_iter().collect()
     }
 
     /// Starts serving session `id`: watches its fds on the next worker in
@@ -179,7 +177,7 @@ impl Engine {
                 m.post(Command::Kick(id));
             }
         }));
-        let pump = Box::new(Pump::new(endpoint, handler, traffic));
+        let pump = Box::new(Pump::new(endpoint, handler, traffic.clone()));
         // Watch the pump's own fds (not duplicates): epoll keys its entries
         // by fd and file, and the worker removes them by the same fds.
         let fds = pump.fds();
@@ -195,19 +193,22 @@ impl Engine {
             }
         }
         self.next += 1;
-        self.placement.insert(id, index);
+        self.placement.insert(id, (index, traffic));
         // Added with a first run: sessions like `source` have work before the client sends anything.
         mailbox.post(Command::Add(id, pump));
         Ok(())
     }
 
     /// Stops serving session `id`; its worker drops the rings and hang-up
-    /// socket at its next wake-up, which this triggers. Does nothing if the
-    /// session is not served (any more).
-    pub fn remove(&mut self, id: u64) {
-        if let Some(index) = self.placement.remove(&id) {
-            self.mailboxes[index].post(Command::Remove(id));
-        }
+    /// socket at its next wake-up, which this triggers. Returns the
+    /// session's counters; does nothing (and returns `None`) if the session
+    /// is not served any more.
+    pub fn remove(&mut self, id: u64) -> Option<Arc<Traffic>> {
+        let (index, traffic) = self.placement.remove(&id)?;
+        // A session the worker ended by itself is gone there already; the
+        // command then finds nothing to drop.
+        self.mailboxes[index].post(Command::Remove(id));
+        Some(traffic)
     }
 
     /// Stops the workers; each drops every session it still serves.
@@ -323,19 +324,26 @@ impl Worker {
         }
     }
 
-    /// Runs each queued session once.
+    /// Runs each queued session once, each for one slice at most; stops
+    /// early when the engine is stopping.
     fn run_queue(&mut self) {
         for _ in 0..self.runq.len() {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
             let Some(id) = self.runq.pop_front() else {
                 break;
             };
+            // Others queued behind it: a spinning session yields instead of spinning.
+            let slice = Slice::starting_now(!self.runq.is_empty());
             let fired = self.queued.remove(&id).unwrap_or(0);
             let Some(pump) = self.sessions.get_mut(&id) else {
                 continue;
             };
-            let step = catch_unwind(AssertUnwindSafe(|| pump.run(fired))).unwrap_or_else(|_| {
-                Step::End("internal error: the session's service panicked".into())
-            });
+            let step =
+                catch_unwind(AssertUnwindSafe(|| pump.run(fired, slice))).unwrap_or_else(|_| {
+                    Step::End("internal error: the session's service panicked".into())
+                });
             match step {
                 Step::Idle => {}
                 Step::More => self.enqueue(id, 0),

@@ -5,6 +5,15 @@
 //! that fired, checks the hang-up socket, flushes queued output and reads
 //! input until the rings leave nothing to do ([`Step::Idle`]), the time slice
 //! is used ([`Step::More`]) or the session must end ([`Step::End`]).
+//!
+//! A run is bounded in time as well as in messages and bytes: the clock is
+//! checked between every ring operation, partial reads and writes included,
+//! so a client that trickles a frame one byte at a time (or drains one a byte
+//! at a time) holds its worker for one slice at most. In spin mode a session
+//! busy-polls its ring only for what is left of its spin budget (`spin-us`
+//! after its last whole frame, in wall time) and of the slice, and never
+//! while other sessions of the same worker wait to run: then it yields after
+//! one look at its rings. Spin time and run time are counted per session.
 
 use crate::service::{Outbox, SessionHandler};
 use shmlink_endpoint::frame::OutFrame;
@@ -12,12 +21,14 @@ use shmlink_endpoint::{sys, Endpoint, Item, Wakeup};
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Messages one session may move per run before yielding.
 const SLICE_MESSAGES: u32 = 512;
 /// Bytes one session may move per run before yielding.
 const SLICE_BYTES: u64 = 8 << 20;
+/// Wall time one session may hold its worker per run before yielding.
+pub(crate) const SLICE_TIME: Duration = Duration::from_millis(2);
 
 /// Which of a session's fds woke it, as a bit set (see [`Pump::fds`]).
 pub(crate) const FIRED_DATA: u8 = 1;
@@ -26,8 +37,8 @@ pub(crate) const FIRED_ROOM: u8 = 2;
 /// The hang-up socket fired.
 pub(crate) const FIRED_HANGUP: u8 = 4;
 
-/// Byte and message counts of one session, updated by its pump and read by
-/// the D-Bus side without waiting for it.
+/// Byte, message and time counts of one session, updated by its pump and
+/// read by the D-Bus side without waiting for it.
 #[derive(Debug, Default)]
 pub(crate) struct Traffic {
     /// Payload bytes received from the client.
@@ -38,6 +49,30 @@ pub(crate) struct Traffic {
     pub bytes_to_client: AtomicU64,
     /// Messages queued for the client.
     pub messages_to_client: AtomicU64,
+    /// Nanoseconds a worker spent busy-polling this session's rings.
+    pub spin_ns: AtomicU64,
+    /// Nanoseconds a worker spent running this session (spinning included).
+    pub run_ns: AtomicU64,
+    /// Runs cut short by the time slice.
+    pub slices_used_up: AtomicU64,
+}
+
+impl Traffic {
+    /// A one-line summary for the log.
+    pub fn summary(&self) -> String {
+        let ms = |n: &AtomicU64| n.load(Relaxed) as f64 / 1e6;
+        format!(
+            "{} message(s)/{} byte(s) in, {} message(s)/{} byte(s) out, \
+             worker time {:.1} ms (spinning {:.1} ms, {} full slice(s))",
+            self.messages_to_server.load(Relaxed),
+            self.bytes_to_server.load(Relaxed),
+            self.messages_to_client.load(Relaxed),
+            self.bytes_to_client.load(Relaxed),
+            ms(&self.run_ns),
+            ms(&self.spin_ns),
+            self.slices_used_up.load(Relaxed),
+        )
+    }
 }
 
 /// What one run of a pump ended with.
@@ -45,10 +80,31 @@ pub(crate) struct Traffic {
 pub(crate) enum Step {
     /// Nothing to do until an fd wakes the session.
     Idle,
-    /// Time slice used up with work left: run again soon.
+    /// Time slice used up with work left (or, in spin mode, spin budget
+    /// left while other sessions wait): run again soon.
     More,
     /// The session must end, for this reason.
     End(String),
+}
+
+/// The bounds of one run.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Slice {
+    /// When the run must yield.
+    pub deadline: Instant,
+    /// Whether other sessions of the same worker wait to run (then a
+    /// spinning session yields instead of spinning).
+    pub contended: bool,
+}
+
+impl Slice {
+    /// A slice of [`SLICE_TIME`] from now.
+    pub fn starting_now(contended: bool) -> Slice {
+        Slice {
+            deadline: Instant::now() + SLICE_TIME,
+            contended,
+        }
+    }
 }
 
 /// One session as its worker serves it.
@@ -62,6 +118,17 @@ pub(crate) struct Pump {
     /// The end-of-stream frame, once started.
     end_frame: Option<OutFrame<&'static [u8]>>,
     end_sent: bool,
+    /// Spin mode: since when the session has waited without moving a whole
+    /// frame (its spin budget runs from there).
+    waiting_since: Option<Instant>,
+}
+
+/// Why a run stopped moving data.
+enum Blocked {
+    /// The outgoing ring is full.
+    Room,
+    /// The incoming ring holds no complete frame.
+    Data,
 }
 
 impl Pump {
@@ -80,6 +147,7 @@ impl Pump {
             pending: None,
             end_frame: None,
             end_sent: false,
+            waiting_since: None,
         }
     }
 
@@ -93,16 +161,23 @@ impl Pump {
         ]
     }
 
-    /// Moves as much data as the rings allow; `fired` says which fds woke
-    /// the session (none for a kick or a re-queued time slice).
-    pub fn run(&mut self, fired: u8) -> Step {
-        match self.run_inner(fired) {
+    /// Moves as much data as the rings and `slice` allow; `fired` says which
+    /// fds woke the session (none for a kick or a re-queued time slice).
+    pub fn run(&mut self, fired: u8, slice: Slice) -> Step {
+        let start = Instant::now();
+        let step = match self.run_inner(fired, slice) {
             Ok(step) => step,
             Err(reason) => Step::End(reason),
+        };
+        let t = &self.traffic;
+        t.run_ns.fetch_add(nanos(start.elapsed()), Relaxed);
+        if step == Step::More && Instant::now() >= slice.deadline {
+            t.slices_used_up.fetch_add(1, Relaxed);
         }
+        step
     }
 
-    fn run_inner(&mut self, fired: u8) -> Result<Step, String> {
+    fn run_inner(&mut self, fired: u8, slice: Slice) -> Result<Step, String> {
         let ep_err = |e: shmlink_endpoint::Error| {
             if e.is_peer_fault() {
                 format!("client misbehaved: {e}")
@@ -126,12 +201,13 @@ impl Pump {
         if fired & FIRED_HANGUP != 0 && self.endpoint.peer_gone().map_err(ep_err)? {
             return Err("client hung up".into());
         }
-        let spin = match self.endpoint.wakeup() {
-            Wakeup::Spin(d) => d,
-            Wakeup::Park => Duration::ZERO,
-        };
         let (mut msgs, mut bytes) = (0u32, 0u64);
         loop {
+            // Every pass makes at most one ring operation (or one call into
+            // the service): check the slice first.
+            if msgs >= SLICE_MESSAGES || bytes >= SLICE_BYTES || Instant::now() >= slice.deadline {
+                return Ok(Step::More);
+            }
             // 1. Flush what the service queued.
             if let Some(frame) = self.pending.as_mut() {
                 if !self
@@ -140,12 +216,13 @@ impl Pump {
                     .write_frame(frame)
                     .map_err(ep_err)?
                 {
-                    if spin.is_zero() || !spin_for(&mut self.endpoint, spin, true) {
-                        return Ok(Step::Idle);
+                    match self.wait(Blocked::Room, slice) {
+                        Some(step) => return Ok(step),
+                        None => continue,
                     }
-                    continue;
                 }
                 self.pending = None;
+                self.waiting_since = None;
             }
             if let Some(msg) = self.outbox.pop() {
                 let t = &self.traffic;
@@ -173,14 +250,12 @@ impl Pump {
                     .produce(&mut self.outbox)
                     .map_err(|e| format!("service failed: {e}"))?;
                 msgs += 1;
-                if msgs >= SLICE_MESSAGES || bytes >= SLICE_BYTES {
-                    return Ok(Step::More);
-                }
                 continue;
             }
             // 2. Read input (only once the outbox is flushed: backpressure).
             match self.endpoint.ring_receiver().read_item().map_err(ep_err)? {
                 Some(Item::Message(m)) => {
+                    self.waiting_since = None;
                     let t = &self.traffic;
                     t.bytes_to_server.fetch_add(m.len() as u64, Relaxed);
                     t.messages_to_server.fetch_add(1, Relaxed);
@@ -191,31 +266,60 @@ impl Pump {
                         .map_err(|e| format!("service refused input: {e}"))?;
                 }
                 Some(Item::End) => {
+                    self.waiting_since = None;
                     self.handler
                         .on_end(&mut self.outbox)
                         .map_err(|e| format!("service failed: {e}"))?;
                 }
                 None => {
-                    if spin.is_zero() || !spin_for(&mut self.endpoint, spin, false) {
-                        return Ok(Step::Idle);
+                    if let Some(step) = self.wait(Blocked::Data, slice) {
+                        return Ok(step);
                     }
                 }
             }
-            if msgs >= SLICE_MESSAGES || bytes >= SLICE_BYTES {
-                return Ok(Step::More);
-            }
+        }
+    }
+
+    /// The rings are blocked: in park mode, or with the spin budget spent,
+    /// wait for an fd ([`Step::Idle`]); in spin mode, yield if other
+    /// sessions wait ([`Step::More`]), else busy-poll for what is left of
+    /// the spin budget and the slice. `None`: the ring became ready, go on.
+    fn wait(&mut self, blocked: Blocked, slice: Slice) -> Option<Step> {
+        let Wakeup::Spin(spin) = self.endpoint.wakeup() else {
+            return Some(Step::Idle);
+        };
+        let now = Instant::now();
+        let since = *self.waiting_since.get_or_insert(now);
+        let budget = (since + spin).saturating_duration_since(now);
+        if budget.is_zero() {
+            return Some(Step::Idle);
+        }
+        if slice.contended {
+            return Some(Step::More);
+        }
+        let limit = budget.min(slice.deadline.saturating_duration_since(now));
+        let ready = spin_for(&mut self.endpoint, limit, blocked);
+        self.traffic
+            .spin_ns
+            .fetch_add(nanos(now.elapsed()), Relaxed);
+        if ready {
+            None
+        } else {
+            // Out of slice (re-queued) or out of spin budget (next time: Idle).
+            Some(Step::More)
         }
     }
 }
 
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Spin mode: busy-polls the ring for up to `budget`; true if it became ready.
-fn spin_for(ep: &mut Endpoint, budget: Duration, for_room: bool) -> bool {
-    sys::spin_until(budget, || {
-        if for_room {
-            ep.ring_sender().has_room().unwrap_or(true)
-        } else {
-            ep.ring_receiver().has_data().unwrap_or(true)
-        }
+fn spin_for(ep: &mut Endpoint, budget: Duration, blocked: Blocked) -> bool {
+    sys::spin_until(budget, || match blocked {
+        Blocked::Room => ep.ring_sender().has_room().unwrap_or(true),
+        Blocked::Data => ep.ring_receiver().has_data().unwrap_or(true),
     })
 }
 
@@ -243,6 +347,14 @@ mod tests {
         (Pump::new(server, handler, traffic.clone()), client, traffic)
     }
 
+    /// A slice long enough that only the message and byte counts end a run.
+    fn roomy() -> Slice {
+        Slice {
+            deadline: Instant::now() + Duration::from_secs(30),
+            contended: false,
+        }
+    }
+
     fn try_recv(client: &mut Endpoint) -> Option<Item> {
         client.try_recv().expect("client read")
     }
@@ -250,16 +362,20 @@ mod tests {
     #[test]
     fn echo_round_trip_and_end_of_stream() {
         let (mut pump, mut client, traffic) = pair(&Echo, 4096, &[]);
-        assert_eq!(pump.run(0), Step::Idle, "nothing to do before input");
+        assert_eq!(
+            pump.run(0, roomy()),
+            Step::Idle,
+            "nothing to do before input"
+        );
         client.send(b"ping").expect("send");
         client.send(b"pong").expect("send");
-        assert_eq!(pump.run(FIRED_DATA), Step::Idle);
+        assert_eq!(pump.run(FIRED_DATA, roomy()), Step::Idle);
         assert_eq!(try_recv(&mut client), Some(Item::Message(b"ping".to_vec())));
         assert_eq!(try_recv(&mut client), Some(Item::Message(b"pong".to_vec())));
         assert_eq!(traffic.messages_to_server.load(Relaxed), 2);
         assert_eq!(traffic.bytes_to_client.load(Relaxed), 8);
         client.finish().expect("finish");
-        assert_eq!(pump.run(FIRED_DATA), Step::Idle);
+        assert_eq!(pump.run(FIRED_DATA, roomy()), Step::Idle);
         assert_eq!(
             try_recv(&mut client),
             Some(Item::End),
@@ -276,13 +392,13 @@ mod tests {
         for _ in 0..5 {
             client.send(&msg).expect("send");
         }
-        assert_eq!(pump.run(FIRED_DATA), Step::Idle);
+        assert_eq!(pump.run(FIRED_DATA, roomy()), Step::Idle);
         assert_eq!(traffic.messages_to_server.load(Relaxed), 5);
         for _ in 0..5 {
             client.send(&msg).expect("send");
         }
         assert_eq!(
-            pump.run(FIRED_DATA),
+            pump.run(FIRED_DATA, roomy()),
             Step::Idle,
             "a full ring idles the pump"
         );
@@ -299,7 +415,7 @@ mod tests {
                     got += 1;
                 }
                 Some(Item::End) => panic!("unexpected end"),
-                None => assert_eq!(pump.run(FIRED_ROOM), Step::Idle),
+                None => assert_eq!(pump.run(FIRED_ROOM, roomy()), Step::Idle),
             }
         }
         assert_eq!(traffic.messages_to_server.load(Relaxed), 10);
@@ -309,7 +425,7 @@ mod tests {
     fn a_protocol_violation_ends_the_session() {
         let (mut pump, mut client, _) = pair(&Source, 4096, &[(option::COUNT, prop(0u64))]);
         client.send(b"source takes no input").expect("send");
-        match pump.run(FIRED_DATA) {
+        match pump.run(FIRED_DATA, roomy()) {
             Step::End(reason) => assert!(reason.starts_with("service refused input"), "{reason}"),
             other => panic!("expected the end, got {other:?}"),
         }
@@ -319,7 +435,10 @@ mod tests {
     fn a_hang_up_ends_the_session() {
         let (mut pump, client, _) = pair(&Echo, 4096, &[]);
         drop(client);
-        assert_eq!(pump.run(FIRED_HANGUP), Step::End("client hung up".into()));
+        assert_eq!(
+            pump.run(FIRED_HANGUP, roomy()),
+            Step::End("client hung up".into())
+        );
     }
 
     #[test]
@@ -329,13 +448,17 @@ mod tests {
             (option::MESSAGE_SIZE, prop(1u64)),
         ];
         let (mut pump, mut client, traffic) = pair(&Source, 1 << 20, &opts);
-        assert_eq!(pump.run(0), Step::More, "the slice ends before the stream");
+        assert_eq!(
+            pump.run(0, roomy()),
+            Step::More,
+            "the slice ends before the stream"
+        );
         let first = traffic.messages_to_client.load(Relaxed);
         assert!(
             first < u64::from(SLICE_MESSAGES + 10),
             "only part was sent ({first})"
         );
-        assert_eq!(pump.run(0), Step::Idle);
+        assert_eq!(pump.run(0, roomy()), Step::Idle);
         let mut n = 0;
         while let Some(Item::Message(_)) = try_recv(&mut client) {
             n += 1;
@@ -351,7 +474,7 @@ mod tests {
             client.send(&[i; 10]).expect("send");
         }
         client.finish().expect("finish");
-        assert_eq!(pump.run(FIRED_DATA), Step::Idle);
+        assert_eq!(pump.run(FIRED_DATA, roomy()), Step::Idle);
         assert_eq!(try_recv(&mut client), Some(Item::End));
         let st = view.state();
         assert_eq!(st.get("messages").and_then(|v| v.0.as_u64()), Some(3));
@@ -372,8 +495,173 @@ mod tests {
         let mut pump = Pump::new(server, Box::new(Failing), Arc::default());
         client.send(b"x").expect("send");
         assert_eq!(
-            pump.run(FIRED_DATA),
+            pump.run(FIRED_DATA, roomy()),
             Step::End("service refused input: no".into())
+        );
+    }
+
+    /// A pump in spin mode and the client's endpoint of the same rings.
+    fn spinning(
+        service: &dyn Service,
+        capacity: u64,
+        spin: Duration,
+    ) -> (Pump, Endpoint, Arc<Traffic>) {
+        let (server, fds) =
+            Endpoint::create_server(capacity, MAX_MESSAGE, Wakeup::Spin(spin)).expect("rings");
+        let client = Endpoint::open_client(fds, MAX_MESSAGE, Wakeup::Park).expect("client side");
+        let handler = service.open(&caller(), &options(&[])).expect("open");
+        let traffic = Arc::new(Traffic::default());
+        (Pump::new(server, handler, traffic.clone()), client, traffic)
+    }
+
+    #[test]
+    fn an_idle_spinning_session_spins_within_its_slice_then_parks() {
+        let spin = Duration::from_millis(10);
+        let (mut pump, _client, traffic) = spinning(&Echo, 4096, spin);
+        let started = Instant::now();
+        let mut runs = 0;
+        loop {
+            let t = Instant::now();
+            let step = pump.run(0, Slice::starting_now(false));
+            let took = t.elapsed();
+            // Generous: the slice is 2 ms, the machine may be busy.
+            assert!(took < Duration::from_millis(100), "one run took {took:?}");
+            runs += 1;
+            match step {
+                Step::More => continue,
+                Step::Idle => break,
+                Step::End(r) => panic!("ended: {r}"),
+            }
+        }
+        assert!(
+            runs > 1,
+            "the 10 ms spin was cut into slices ({runs} run(s))"
+        );
+        assert!(started.elapsed() >= spin, "it spun its whole budget first");
+        let spun = Duration::from_nanos(traffic.spin_ns.load(Relaxed));
+        assert!(
+            spun > Duration::ZERO && spun <= started.elapsed(),
+            "{spun:?}"
+        );
+        assert!(traffic.run_ns.load(Relaxed) >= traffic.spin_ns.load(Relaxed));
+        assert_eq!(
+            pump.run(0, Slice::starting_now(false)),
+            Step::Idle,
+            "budget spent"
+        );
+    }
+
+    #[test]
+    fn a_spinning_session_yields_at_once_when_others_wait() {
+        let (mut pump, _client, traffic) = spinning(&Echo, 4096, Duration::from_millis(10));
+        assert_eq!(pump.run(0, Slice::starting_now(true)), Step::More);
+        assert_eq!(
+            traffic.spin_ns.load(Relaxed),
+            0,
+            "no spinning while others wait"
+        );
+    }
+
+    #[test]
+    fn a_frame_that_arrives_in_pieces_holds_the_worker_one_slice_at_most() {
+        // The client writes a 60 KiB message into a 4 KiB ring a piece every
+        // 8 ms (about 120 ms in all): with a 10 ms spin budget, a pump
+        // without a time slice would spin on the partial frame until its end.
+        let (mut pump, mut client, traffic) = spinning(&Sink, 1024, Duration::from_millis(10));
+        let view = pump.handler.state_view().expect("sink view");
+        let msg: Vec<u8> = (0..60 * 1024).map(|i| (i % 251) as u8).collect();
+        let expected_crc = crc32fast::hash(&msg);
+        let writer = std::thread::spawn(move || {
+            let mut frame = OutFrame::message(msg);
+            while !client.ring_sender().write_frame(&mut frame).expect("write") {
+                // The trickle's pace, not a synchronisation.
+                std::thread::sleep(Duration::from_millis(8));
+            }
+            client
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut longest = Duration::ZERO;
+        while traffic.messages_to_server.load(Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the message never completed");
+            let t = Instant::now();
+            let step = pump.run(FIRED_DATA, Slice::starting_now(false));
+            longest = longest.max(t.elapsed());
+            match step {
+                Step::More => {}
+                Step::Idle => {
+                    let fd = [pump.fds()[0]];
+                    let _ =
+                        sys::poll_readable(&fd, Some(Instant::now() + Duration::from_millis(5)));
+                }
+                Step::End(r) => panic!("ended: {r}"),
+            }
+        }
+        let _client = writer.join().expect("writer");
+        assert!(
+            longest < Duration::from_millis(60),
+            "a run took {longest:?}"
+        );
+        let st = view.state();
+        assert_eq!(st.get("bytes").and_then(|v| v.0.as_u64()), Some(60 * 1024));
+        assert_eq!(
+            st.get("crc32").and_then(|v| v.0.as_u64()),
+            Some(u64::from(expected_crc)),
+            "the message arrived intact"
+        );
+    }
+
+    #[test]
+    fn a_frame_drained_in_pieces_holds_the_worker_one_slice_at_most() {
+        // The mirror image: a 60 KiB message from `source` to a client that
+        // empties the 4 KiB ring every 8 ms.
+        let (server, fds) =
+            Endpoint::create_server(1024, MAX_MESSAGE, Wakeup::Spin(Duration::from_millis(10)))
+                .expect("rings");
+        let mut client = Endpoint::open_client(fds, MAX_MESSAGE, Wakeup::Park).expect("client");
+        let opts = [
+            (option::COUNT, prop(1u64)),
+            (option::MESSAGE_SIZE, prop(60 * 1024u64)),
+        ];
+        let handler = Source.open(&caller(), &options(&opts)).expect("open");
+        let traffic = Arc::new(Traffic::default());
+        let mut pump = Pump::new(server, handler, traffic.clone());
+        let reader = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match client.ring_receiver().read_item().expect("read") {
+                    Some(Item::Message(m)) => return m.len(),
+                    Some(Item::End) => panic!("end before the message"),
+                    // The drain's pace, not a synchronisation.
+                    None => std::thread::sleep(Duration::from_millis(8)),
+                }
+                assert!(Instant::now() < deadline, "the message never arrived");
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut longest = Duration::ZERO;
+        while !reader.is_finished() {
+            assert!(Instant::now() < deadline, "the pump never finished");
+            let t = Instant::now();
+            let step = pump.run(FIRED_ROOM, Slice::starting_now(false));
+            longest = longest.max(t.elapsed());
+            match step {
+                Step::More => {}
+                Step::Idle => {
+                    let fd = [pump.fds()[1]];
+                    let _ =
+                        sys::poll_readable(&fd, Some(Instant::now() + Duration::from_millis(5)));
+                }
+                Step::End(r) => panic!("ended: {r}"),
+            }
+        }
+        assert_eq!(reader.join().expect("reader"), 60 * 1024);
+        assert!(
+            longest < Duration::from_millis(60),
+            "a run took {longest:?}"
+        );
+        assert!(
+            traffic.spin_ns.load(Relaxed) > 0,
+            "it spun, and that was counted"
         );
     }
 }

@@ -10,12 +10,26 @@
 //! hostile-client ADDR counters PATH       read BytesToServer; print "OK n" or "ERR name message"
 //! hostile-client ADDR vanish SERVICE      send OpenSession and exit without waiting
 //! hostile-client ADDR vanish-known SERVICE  same, after a first call (credentials cached)
+//! hostile-client ADDR trickle feed|drain park|spin N
+//!                                         N sink sessions fed (or source sessions drained)
+//!                                         one byte per 2 ms; print "PATH p" each, "READY N",
+//!                                         trickle until stdin EOF
+//! hostile-client ADDR huge name|options BYTES
+//!                                         OpenSession calls with a huge argument in a loop,
+//!                                         each on a new connection;
+//!                                         print "READY error-name" after the first, "DONE n µs"
+//!                                         (calls made, slowest call) at stdin EOF
+//! hostile-client ADDR refuse N            N pipelined OpenSession calls of an unknown service;
+//!                                         print "DONE refused"
 //! ```
 //! Exit status: 0 on success, 2 when the daemon refused, 1 on a local failure.
 
 use shmlink_interfaces::{member, BUS_NAME, SESSION_INTERFACE};
+use shmlink_tests::attacks::{self, Huge, Trickle};
 use shmlink_tests::hostile::{self, RawSession};
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn refused(e: &dbus::Error) -> ! {
@@ -31,6 +45,17 @@ fn wait_for_stdin_eof() {
     let mut buf = [0u8; 64];
     let mut stdin = std::io::stdin();
     while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+}
+
+/// A flag that becomes true when stdin reaches EOF (read on a thread).
+fn stdin_closed() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    std::thread::spawn(move || {
+        wait_for_stdin_eof();
+        f.store(true, Ordering::SeqCst);
+    });
+    flag
 }
 
 fn main() {
@@ -137,6 +162,70 @@ fn main() {
             }
             // Leave in the middle of the call: no reply is read, nothing is cleaned up.
             std::process::exit(0);
+        }
+        "trickle" => {
+            let spin = arg(3) == "spin";
+            let n: usize = arg(4).parse().unwrap_or(1);
+            drop(conn);
+            let t = if arg(2) == "drain" {
+                Trickle::drain(addr, n, spin, 1 << 20)
+            } else {
+                Trickle::feed(addr, n, spin)
+            };
+            let mut t = match t {
+                Ok(t) => t,
+                Err(e) => {
+                    println!("ERR {e}");
+                    std::process::exit(2)
+                }
+            };
+            for s in &t.sessions {
+                let _ = writeln!(out, "PATH {}", s.path);
+            }
+            let _ = writeln!(out, "READY {}", t.sessions.len());
+            let _ = out.flush();
+            let done = stdin_closed();
+            while !done.load(Ordering::SeqCst) {
+                t.tick();
+                // The attack's pace: a byte every 2 ms.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        "huge" => {
+            let bytes: usize = arg(3).parse().unwrap_or(16 << 20);
+            let what = if arg(2) == "options" {
+                Huge::OptionValue(bytes)
+            } else {
+                Huge::ServiceName(bytes)
+            };
+            let done = stdin_closed();
+            let mut n = 0u64;
+            let mut slowest = Duration::ZERO;
+            drop(conn);
+            while !done.load(Ordering::SeqCst) {
+                // A new connection per call, as a process per call would
+                // have: the daemon learns each one's credentials anew.
+                let conn = match hostile::connect(addr) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("hostile-client: cannot connect to {addr}: {e}");
+                        std::process::exit(1)
+                    }
+                };
+                let (name, took) = attacks::huge_call(&conn, what);
+                if n == 0 {
+                    let _ = writeln!(out, "READY {name}");
+                    let _ = out.flush();
+                }
+                slowest = slowest.max(took);
+                n += 1;
+            }
+            println!("DONE {n} {}", slowest.as_micros());
+        }
+        "refuse" => {
+            let n: usize = arg(2).parse().unwrap_or(1000);
+            let replies = hostile::open_many(conn.channel(), "no-such-service", 4096, n);
+            println!("DONE {}", replies.iter().filter(|r| r.is_err()).count());
         }
         other => {
             eprintln!("hostile-client: unknown command {other:?}");
