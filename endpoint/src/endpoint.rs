@@ -4,6 +4,8 @@ use crate::frame::{Item, OutFrame};
 use crate::ring::{RingReceiver, RingSender};
 use crate::sys::{self, FdKind, HangupState};
 use crate::Error;
+use rustix::event::{eventfd, EventfdFlags};
+use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
 use shmem_ipc::sharedring::{Receiver, Sender};
 use shmlink_interfaces::{PeerFds, RingFds, RING_HEADER};
 use std::fs::File;
@@ -28,6 +30,39 @@ pub enum Wakeup {
 pub fn rounded_capacity(capacity: u64) -> u64 {
     let ps = sys::page_size() as u64;
     (capacity + RING_HEADER).div_ceil(ps) * ps - RING_HEADER
+}
+
+/// A ring's memfd of `capacity` usable bytes plus the header, created and
+/// sealed here rather than by shmem-ipc so that it carries every seal the
+/// data plane can afford:
+///
+/// - `MFD_NOEXEC_SEAL` (Linux 6.3 and later; an older kernel refuses the
+///   flag with `EINVAL` and the memfd is made without it): never executable,
+///   and the kernel does not warn about an unspecified exec mode;
+/// - `F_SEAL_SHRINK`: a peer cannot truncate the file under our mapping
+///   (which would make us die of SIGBUS);
+/// - `F_SEAL_GROW`: nobody can make the file, and the memory charged for
+///   it, larger than what was charged;
+/// - `F_SEAL_SEAL`: the set is final. `F_SEAL_WRITE` is not possible, both
+///   sides write the ring.
+///
+/// A fresh memfd reads as zeros, so the ring's count starts at 0 exactly
+/// as shmem-ipc's own constructor would leave it.
+fn ring_memfd(capacity: u64) -> Result<File, Error> {
+    let name = "shmlink-ring";
+    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    let fd = match memfd_create(name, flags | MemfdFlags::NOEXEC_SEAL) {
+        Err(rustix::io::Errno::INVAL) => memfd_create(name, flags),
+        other => other,
+    }
+    .map_err(std::io::Error::from)?;
+    ftruncate(&fd, capacity + RING_HEADER).map_err(std::io::Error::from)?;
+    fcntl_add_seals(
+        &fd,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(File::from(fd))
 }
 
 fn clone_fd(f: &File) -> Result<OwnedFd, Error> {
@@ -316,18 +351,16 @@ impl Endpoint {
         let capacity = rounded_capacity(capacity);
         let cap =
             usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
-        let rx_ring = Receiver::<u8>::new(cap).map_err(setup)?;
-        let tx_ring = Sender::<u8>::new(cap).map_err(setup)?;
-        // We never block on these eventfds; non-blocking writes keep a peer
-        // that stops reading them from stalling us.
-        for f in [
-            rx_ring.empty_signal(),
-            rx_ring.full_signal(),
-            tx_ring.empty_signal(),
-            tx_ring.full_signal(),
-        ] {
-            sys::set_nonblocking(f.as_fd())?;
-        }
+        let [rx_mem, tx_mem] = [ring_memfd(capacity)?, ring_memfd(capacity)?];
+        // Non-blocking eventfds: we never block on them, and a peer that stops
+        // reading them cannot stall our writes.
+        let signal = || -> Result<File, Error> {
+            let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(std::io::Error::from)?;
+            Ok(File::from(fd))
+        };
+        let rx_ring = Receiver::<u8>::open(cap, rx_mem, signal()?, signal()?).map_err(setup)?;
+        let tx_ring = Sender::<u8>::open(cap, tx_mem, signal()?, signal()?).map_err(setup)?;
         let (ours, theirs) = sys::socketpair()?;
         let peer = PeerFds {
             to_server: RingFds {
@@ -353,6 +386,19 @@ impl Endpoint {
             (capacity, capacity),
         );
         Ok((ep, peer))
+    }
+
+    /// Charges the memory this side takes for incoming message bodies to
+    /// `budget` (see [`Budget`](crate::Budget)); without one it is bounded by
+    /// the maximum message size only.
+    pub fn set_budget(&mut self, budget: Arc<dyn crate::Budget>) {
+        self.receiver.rx.set_budget(budget);
+    }
+
+    /// The budget set by [`Endpoint::set_budget`], if any, for whoever holds
+    /// memory on this session's behalf (the server's outgoing messages).
+    pub fn budget(&self) -> Option<Arc<dyn crate::Budget>> {
+        self.receiver.rx.budget()
     }
 
     /// Opens the client's side from the fds the server handed over, after

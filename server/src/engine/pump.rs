@@ -6,7 +6,7 @@
 //! input until the rings leave nothing to do ([`Step::Idle`]), the time slice
 //! is used ([`Step::More`]) or the session must end ([`Step::End`]).
 
-use crate::service::{Outbox, SessionHandler};
+use crate::service::{Memory, Outbox, Outgoing, ServiceError, SessionHandler};
 use shmlink_endpoint::frame::OutFrame;
 use shmlink_endpoint::{sys, Endpoint, Item, Wakeup};
 use std::os::fd::BorrowedFd;
@@ -57,8 +57,8 @@ pub(crate) struct Pump {
     handler: Box<dyn SessionHandler>,
     outbox: Outbox,
     traffic: Arc<Traffic>,
-    /// A message frame partly written to the outgoing ring.
-    pending: Option<OutFrame<Vec<u8>>>,
+    /// A message frame partly written to the outgoing ring (still charged).
+    pending: Option<OutFrame<Outgoing>>,
     /// The end-of-stream frame, once started.
     end_frame: Option<OutFrame<&'static [u8]>>,
     end_sent: bool,
@@ -71,7 +71,8 @@ impl Pump {
         handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
     ) -> Self {
-        let outbox = Outbox::new(u64::from(endpoint.max_message()));
+        let memory = endpoint.budget().map_or_else(Memory::unlimited, Memory::new);
+        let outbox = Outbox::with_memory(u64::from(endpoint.max_message()), memory);
         Pump {
             endpoint,
             handler,
@@ -171,7 +172,7 @@ impl Pump {
             } else if self.handler.wants_to_produce() {
                 self.handler
                     .produce(&mut self.outbox)
-                    .map_err(|e| format!("service failed: {e}"))?;
+                    .map_err(|e| service_error("service failed", e))?;
                 msgs += 1;
                 if msgs >= SLICE_MESSAGES || bytes >= SLICE_BYTES {
                     return Ok(Step::More);
@@ -188,12 +189,12 @@ impl Pump {
                     msgs += 1;
                     self.handler
                         .on_message(m, &mut self.outbox)
-                        .map_err(|e| format!("service refused input: {e}"))?;
+                        .map_err(|e| service_error("service refused input", e))?;
                 }
                 Some(Item::End) => {
                     self.handler
                         .on_end(&mut self.outbox)
-                        .map_err(|e| format!("service failed: {e}"))?;
+                        .map_err(|e| service_error("service failed", e))?;
                 }
                 None => {
                     if spin.is_zero() || !spin_for(&mut self.endpoint, spin, false) {
@@ -205,6 +206,15 @@ impl Pump {
                 return Ok(Step::More);
             }
         }
+    }
+}
+
+/// The reason a handler's error ends its session with: a memory limit
+/// speaks for itself (it names the limit), anything else says what failed.
+fn service_error(what: &str, e: ServiceError) -> String {
+    match e {
+        ServiceError::NoMemory(m) => m,
+        other => format!("{what}: {other}"),
     }
 }
 
