@@ -57,11 +57,8 @@ fn ring_memfd(capacity: u64) -> Result<File, Error> {
     }
     .map_err(std::io::Error::from)?;
     ftruncate(&fd, capacity + RING_HEADER).map_err(std::io::Error::from)?;
-    fcntl_add_seals(
-        &fd,
-        SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
-    )
-    .map_err(std::io::Error::from)?;
+    fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+        .map_err(std::io::Error::from)?;
     Ok(File::from(fd))
 }
 

@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 /// What a session costs the daemon besides its rings and message buffers:
 /// its pump, handler, service state, D-Bus object, epoll entries and fds.
-/// Measured at about 9 KiB per idle session; charged with a margin.
-pub(crate) const SESSION_OVERHEAD: u64 = 32 << 10;
+/// Measured at 4 to 5 KiB per idle session (rings excluded); charged with a margin.
+pub(crate) const SESSION_OVERHEAD: u64 = 16 << 10;
 
 /// The bytes one session is charged when it opens: both rings' memfds (the
 /// usable bytes plus shmem-ipc's 64-byte header each) and its fixed overhead.
@@ -59,12 +59,10 @@ impl Account {
                     self.limit_name, self.holder, self.limit
                 ));
             }
-            match self.used.compare_exchange_weak(
-                used,
-                new,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
+            match self
+                .used
+                .compare_exchange_weak(used, new, Ordering::Relaxed, Ordering::Relaxed)
+            {
                 Ok(_) => return Ok(()),
                 Err(now) => used = now,
             }

@@ -71,9 +71,8 @@ impl Memory {
     pub fn try_alloc(&self, len: usize) -> Result<(Vec<u8>, Charge), ServiceError> {
         let charge = self.try_charge(len)?;
         let mut v = Vec::new();
-        v.try_reserve_exact(len).map_err(|e| {
-            ServiceError::NoMemory(format!("cannot allocate {len} bytes: {e}"))
-        })?;
+        v.try_reserve_exact(len)
+            .map_err(|e| ServiceError::NoMemory(format!("cannot allocate {len} bytes: {e}")))?;
         v.resize(len, 0);
         Ok((v, charge))
     }

@@ -11,6 +11,7 @@ mod hostile;
 mod introspection;
 mod leaks;
 mod liveness;
+mod memory;
 mod scale;
 mod soak;
 mod streaming;

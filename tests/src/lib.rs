@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod hostile;
+pub mod memory_attacks;
 pub mod sdboot;
 
 use shmlink::{Bus, Client};

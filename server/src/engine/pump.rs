@@ -71,7 +71,9 @@ impl Pump {
         handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
     ) -> Self {
-        let memory = endpoint.budget().map_or_else(Memory::unlimited, Memory::new);
+        let memory = endpoint
+            .budget()
+            .map_or_else(Memory::unlimited, Memory::new);
         let outbox = Outbox::with_memory(u64::from(endpoint.max_message()), memory);
         Pump {
             endpoint,

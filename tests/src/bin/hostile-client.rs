@@ -10,6 +10,8 @@
 //! hostile-client ADDR counters PATH       read BytesToServer; print "OK n" or "ERR name message"
 //! hostile-client ADDR vanish SERVICE      send OpenSession and exit without waiting
 //! hostile-client ADDR vanish-known SERVICE  same, after a first call (credentials cached)
+//! hostile-client ADDR memory ATTACK MODE N SIZE  run a memory attack (see `memory_attacks`),
+//!                                         print "READY opened=.. refused=.. closed=..", wait for stdin EOF
 //! ```
 //! Exit status: 0 on success, 2 when the daemon refused, 1 on a local failure.
 
@@ -137,6 +139,30 @@ fn main() {
             }
             // Leave in the middle of the call: no reply is read, nothing is cleaned up.
             std::process::exit(0);
+        }
+        "memory" => {
+            drop(conn);
+            let attack = shmlink_tests::memory_attacks::Attack::parse(arg(2));
+            let n = arg(4).parse::<usize>().ok();
+            let size = arg(5).parse::<u64>().ok();
+            let (Some(attack), Some(n), Some(size)) = (attack, n, size) else {
+                eprintln!("hostile-client: memory ATTACK MODE N SIZE");
+                std::process::exit(1);
+            };
+            match shmlink_tests::memory_attacks::run(addr, attack, arg(3), n, size) {
+                Ok(held) => {
+                    let _ = writeln!(out, "{}", held.summary());
+                    for r in held.refused.iter().take(1) {
+                        let _ = writeln!(out, "REFUSED {r}");
+                    }
+                    let _ = out.flush();
+                    wait_for_stdin_eof();
+                }
+                Err(e) => {
+                    eprintln!("hostile-client: {e}");
+                    std::process::exit(1);
+                }
+            }
         }
         other => {
             eprintln!("hostile-client: unknown command {other:?}");
