@@ -567,6 +567,33 @@ mod tests {
     }
 
     #[test]
+    fn ring_memfds_are_sealed_and_cannot_grow_or_shrink() {
+        use rustix::fs::{fcntl_get_seals, fstat};
+        let (_server, fds) = Endpoint::create_server(4096, 1 << 20, Wakeup::Park).unwrap();
+        for ring in [&fds.to_server, &fds.to_client] {
+            let memfd = ring.memfd.as_fd();
+            let seals = fcntl_get_seals(memfd).expect("seals");
+            assert!(
+                seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL),
+                "{seals:?}"
+            );
+            let size = fstat(memfd).expect("fstat").st_size as u64;
+            assert_eq!(size, ring.capacity + RING_HEADER);
+            assert!(ftruncate(memfd, size + 4096).is_err(), "grow refused");
+            assert!(ftruncate(memfd, 0).is_err(), "shrink refused");
+            assert!(
+                fcntl_add_seals(memfd, SealFlags::WRITE).is_err(),
+                "the seals are final"
+            );
+            // Where the kernel knows MFD_NOEXEC_SEAL, the exec bits are gone for good.
+            if seals.contains(SealFlags::EXEC) {
+                let mode = fstat(memfd).expect("fstat").st_mode;
+                assert_eq!(mode & 0o111, 0, "mode {mode:o}");
+            }
+        }
+    }
+
+    #[test]
     fn lying_capacity_is_refused_before_mapping() {
         let (_server, mut fds) = Endpoint::create_server(4096, 1 << 20, Wakeup::Park).unwrap();
         fds.to_client.capacity = 1 << 30;

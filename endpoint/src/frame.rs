@@ -453,6 +453,89 @@ mod tests {
         assert_eq!(d.decode(&[0u8][..]), Err(FrameError::DataAfterEnd));
     }
 
+    /// A budget with a limit that records what is charged now.
+    #[derive(Default)]
+    struct TestBudget {
+        limit: usize,
+        used: std::sync::Mutex<usize>,
+    }
+
+    impl Budget for TestBudget {
+        fn try_charge(&self, bytes: usize) -> Result<(), String> {
+            let mut used = self.used.lock().unwrap();
+            if *used + bytes > self.limit {
+                return Err(format!("test limit of {}", self.limit));
+            }
+            *used += bytes;
+            Ok(())
+        }
+        fn release(&self, bytes: usize) {
+            *self.used.lock().unwrap() -= bytes;
+        }
+    }
+
+    fn used(b: &TestBudget) -> usize {
+        *b.used.lock().unwrap()
+    }
+
+    #[test]
+    fn body_memory_is_charged_as_it_grows_and_released_when_it_leaves() {
+        let budget = Arc::new(TestBudget {
+            limit: 5 << 20,
+            ..Default::default()
+        });
+        let mut d = Decoder::new(8 << 20);
+        d.set_budget(budget.clone());
+        let len = 3 << 20;
+        let msg = vec![5u8; len];
+        let mut bytes = encode_header(KIND_MESSAGE, len as u32).to_vec();
+        bytes.extend_from_slice(&msg);
+        assert_eq!(d.decode(&bytes[..8]).unwrap(), (8, None));
+        assert_eq!(used(&budget), 0, "a header alone holds nothing");
+        assert_eq!(d.decode(&bytes[8..9]).unwrap(), (1, None));
+        assert_eq!(used(&budget), FIRST_BODY_CHUNK, "the first chunk");
+        let (n, item) = d.decode(&bytes[9..(1 << 20) + 9]).unwrap();
+        assert_eq!((n, item), (1 << 20, None));
+        assert_eq!(used(&budget), 2 << 20, "doubled");
+        let (_, item) = d.decode(&bytes[(1 << 20) + 9..]).unwrap();
+        match item {
+            Some(Item::Message(m)) => {
+                assert_eq!(m.capacity(), len, "doubling is capped at the length");
+                assert_eq!(m, msg);
+            }
+            other => panic!("expected the message, got {other:?}"),
+        }
+        assert_eq!(used(&budget), 0, "handed out: no longer the decoder's");
+
+        // A body that would pass the budget is refused before it is allocated.
+        let mut big = encode_header(KIND_MESSAGE, 6 << 20).to_vec();
+        big.extend(std::iter::repeat_n(1u8, 5 << 20));
+        let mut off = 0;
+        let err = loop {
+            let end = (off + (1 << 20)).min(big.len());
+            match d.decode(&big[off..end]) {
+                Ok((n, None)) if n > 0 => off += n,
+                Ok(other) => panic!("unexpected {other:?} at {off}"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(&err, FrameError::NoMemory(m) if m.contains("6291456-byte message: test limit")),
+            "{err:?}"
+        );
+        assert_eq!(
+            used(&budget),
+            4 << 20,
+            "what was granted stays charged while held"
+        );
+        drop(d);
+        assert_eq!(
+            used(&budget),
+            0,
+            "dropping the decoder releases a partial body"
+        );
+    }
+
     #[test]
     fn out_frame_writes_in_pieces() {
         let mut f = OutFrame::message(&b"payload"[..]);

@@ -504,6 +504,94 @@ mod tests {
     }
 
     #[test]
+    fn an_account_charges_up_to_its_limit_and_names_it() {
+        let a = Account::new("memory_per_user", "uid 7".into(), 100);
+        a.try_charge(60).expect("60");
+        a.try_charge(40).expect("exactly the limit");
+        let e = a.try_charge(1).unwrap_err();
+        assert!(
+            e.starts_with("memory_per_user: uid 7 holds 100 bytes")
+                && e.contains("1 more would pass the limit of 100"),
+            "{e}"
+        );
+        assert_eq!(a.used(), 100, "a refused charge takes nothing");
+        a.release(100);
+        assert_eq!(a.used(), 0);
+        assert!(a.try_charge(u64::MAX).is_err(), "no overflow");
+    }
+
+    #[test]
+    fn concurrent_charges_never_pass_the_limit() {
+        let a = Arc::new(Account::new("memory_total", "the daemon".into(), 1000));
+        let granted: u64 = (0..4)
+            .map(|_| {
+                let a = a.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| a.try_charge(3).is_ok()).count())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().expect("thread") as u64)
+            .sum();
+        assert_eq!(granted, 333, "exactly what fits, whatever the interleaving");
+        assert_eq!(a.used(), 999);
+    }
+
+    #[test]
+    fn workers_and_books_draw_on_the_same_accounts() {
+        let mut b = broker(|l| {
+            l.memory_per_user = 100;
+            l.memory_total = 150;
+        });
+        let a = caller(":1.1", 1000);
+        let budget = b.budget_of(1000);
+        budget.try_charge(70).expect("a buffer");
+        assert_eq!((b.memory_of(1000), b.memory_total()), (70, 70));
+        assert_eq!(
+            limit_name(b.reserve(&a, "echo", 31).unwrap_err()),
+            "memory_per_user",
+            "the buffer counts against a new session"
+        );
+        let id = b.reserve(&a, "echo", 30).expect("what is left").id;
+        // Another uid is bounded by the total, which the first uid's buffers use.
+        let other = b.budget_of(1001);
+        let e = other.try_charge(51).unwrap_err();
+        assert!(
+            e.starts_with("memory_total: the daemon holds 100 bytes"),
+            "{e}"
+        );
+        assert_eq!(
+            b.memory_of(1001),
+            0,
+            "a refused total charges the uid nothing"
+        );
+        other.try_charge(50).expect("exactly the total");
+        other.release(50);
+        b.release(id);
+        assert_eq!(b.memory_of(1000), 70, "the buffer is still held");
+        budget.release(70);
+        assert_eq!((b.memory_of(1000), b.memory_total()), (0, 0));
+    }
+
+    #[test]
+    fn accounts_nothing_refers_to_are_forgotten() {
+        let mut b = broker(|_| {});
+        let a = caller(":1.1", 1000);
+        let held = b.budget_of(1000);
+        let id = b.reserve(&a, "echo", 10).expect("reserve").id;
+        b.release(id);
+        assert!(
+            b.accounts.contains_key(&1000),
+            "a worker still holds the budget"
+        );
+        drop(held);
+        b.budget_of(1001);
+        b.reserve(&caller(":1.2", 1002), "echo", 1)
+            .expect("reserve");
+        assert!(b.release(2).is_some());
+        assert!(!b.accounts.contains_key(&1000) && !b.accounts.contains_key(&1001));
+    }
+
+    #[test]
     fn access_rules() {
         let mut config = Config::default();
         config.services.insert(

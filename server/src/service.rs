@@ -520,6 +520,39 @@ mod tests {
         assert!(out.pop().is_none());
     }
 
+    /// Books whose uid 1 may hold `limit` bytes, and that uid's memory.
+    fn limited(limit: u64) -> (crate::broker::Broker, Memory) {
+        let mut config = crate::config::Config::default();
+        config.limits.memory_per_user = limit;
+        let mut books = crate::broker::Broker::new(config);
+        let memory = Memory::new(books.budget_of(1));
+        (books, memory)
+    }
+
+    #[test]
+    fn queued_messages_are_charged_until_written_out() {
+        let (books, memory) = limited(100);
+        let mut out = Outbox::with_memory(100, memory);
+        out.send(Vec::with_capacity(60))
+            .expect("60 bytes of buffer");
+        let shared = Arc::new(vec![1u8; 30]);
+        out.send_shared(shared.clone()).expect("shared");
+        assert_eq!(books.memory_of(1), 90);
+        let err = out.send_with(11, |_| unreachable!("refused before allocating"));
+        assert!(
+            matches!(&err, Err(ServiceError::NoMemory(m)) if m.starts_with("memory_per_user: uid 1")),
+            "{err:?}"
+        );
+        out.send_with(10, |b| b.fill(7)).expect("what is left");
+        let first = out.pop().expect("first");
+        assert_eq!(books.memory_of(1), 100, "popped but not yet written out");
+        drop(first);
+        assert_eq!(books.memory_of(1), 40);
+        assert_eq!(out.pop().as_deref(), Some(&shared[..]));
+        assert_eq!(out.pop().as_deref(), Some(&[7u8; 10][..]));
+        assert_eq!(books.memory_of(1), 0);
+    }
+
     #[test]
     fn a_waker_calls_its_function() {
         let n = Arc::new(std::sync::atomic::AtomicU32::new(0));

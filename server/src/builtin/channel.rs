@@ -297,6 +297,48 @@ mod tests {
     }
 
     #[test]
+    fn inboxes_share_one_buffer_charged_to_each_member_that_holds_it() {
+        let mut config = crate::config::Config::default();
+        config.limits.memory_per_user = 250;
+        let mut books = crate::broker::Broker::new(config);
+        let ch = Channel::default();
+        let join_as = |uid: u32, books: &mut crate::broker::Broker| {
+            let opts = options(&[(option::CHANNEL, prop("room".to_owned()))])
+                .with_memory(Memory::new(books.budget_of(uid)));
+            ch.open(&caller(), &opts).expect("join")
+        };
+        let mut publisher = join_as(1, &mut books);
+        let mut reader = join_as(2, &mut books);
+        let slow = join_as(3, &mut books);
+        let mut out = Outbox::new(1 << 20);
+        for _ in 0..3 {
+            publisher
+                .on_message(vec![9; 100], &mut out)
+                .expect("publish");
+        }
+        assert_eq!(books.memory_of(1), 0, "the publisher holds nothing");
+        assert_eq!(books.memory_of(3), 200, "two fit in uid 3's budget");
+        let st = slow.state_view().expect("view").state();
+        assert_eq!(
+            get_u64(&st, "dropped"),
+            Some(1),
+            "the third is dropped for it"
+        );
+        // Delivery shares the buffer: the outbox is charged, the inbox given back.
+        let mut reader_out = Outbox::with_memory(1 << 20, Memory::new(books.budget_of(2)));
+        reader.produce(&mut reader_out).expect("deliver");
+        assert_eq!(books.memory_of(2), 200);
+        drop(reader_out);
+        assert_eq!(books.memory_of(2), 100);
+        drop(slow);
+        assert_eq!(
+            books.memory_of(3),
+            0,
+            "a member that leaves gives its inbox back"
+        );
+    }
+
+    #[test]
     fn the_channel_name_is_required_and_bounded() {
         let ch = Channel::default();
         for opts in [
