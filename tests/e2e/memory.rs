@@ -138,6 +138,13 @@ fn bounded(attack: Attack, mode: &str) {
         attack.name(),
         attacker.summary
     );
+    // The sessions past the limit end with a reason naming it.
+    let named = wait_until(DEADLINE, || {
+        watcher
+            .seen()
+            .values()
+            .any(|r| r.contains("memory_per_user"))
+    });
     let peak = sampler.stop();
     let growth = peak.saturating_sub(before);
     let reasons: Vec<String> = watcher.seen().values().cloned().collect();
@@ -157,7 +164,7 @@ fn bounded(attack: Attack, mode: &str) {
         attack.name()
     );
     assert!(
-        reasons.iter().any(|r| r.contains("memory_per_user")),
+        named,
         "no attack session of {} ({mode}) ended on memory_per_user; reasons: {reasons:?}",
         attack.name()
     );
