@@ -4,6 +4,8 @@ use crate::frame::{Item, OutFrame};
 use crate::ring::{RingReceiver, RingSender};
 use crate::sys::{self, FdKind, HangupState};
 use crate::Error;
+use rustix::event::{eventfd, EventfdFlags};
+use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
 use rustix::io::Errno;
 use rustix::net::{sockopt, AddressFamily, SocketType};
 use shmem_ipc::sharedring::{Receiver, Sender};
@@ -58,6 +60,36 @@ impl Default for ClientLimits {
             max_message: u32::try_from(limits::DEFAULT_MAX_MESSAGE).unwrap_or(u32::MAX),
         }
     }
+}
+
+/// A ring's memfd of `capacity` usable bytes plus the header, created and
+/// sealed here rather than by shmem-ipc so that it carries every seal the
+/// data plane can afford:
+///
+/// - `MFD_NOEXEC_SEAL` (Linux 6.3 and later; an older kernel refuses the
+///   flag with `EINVAL` and the memfd is made without it): never executable,
+///   and the kernel does not warn about an unspecified exec mode;
+/// - `F_SEAL_SHRINK`: a peer cannot truncate the file under our mapping
+///   (which would make us die of SIGBUS);
+/// - `F_SEAL_GROW`: nobody can make the file, and the memory charged for
+///   it, larger than what was charged;
+/// - `F_SEAL_SEAL`: the set is final. `F_SEAL_WRITE` is not possible, both
+///   sides write the ring.
+///
+/// A fresh memfd reads as zeros, so the ring's count starts at 0 exactly
+/// as shmem-ipc's own constructor would leave it.
+fn ring_memfd(capacity: u64) -> Result<File, Error> {
+    let name = "shmlink-ring";
+    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    let fd = match memfd_create(name, flags | MemfdFlags::NOEXEC_SEAL) {
+        Err(rustix::io::Errno::INVAL) => memfd_create(name, flags),
+        other => other,
+    }
+    .map_err(std::io::Error::from)?;
+    ftruncate(&fd, capacity + RING_HEADER).map_err(std::io::Error::from)?;
+    fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+        .map_err(std::io::Error::from)?;
+    Ok(File::from(fd))
 }
 
 fn clone_fd(f: &File) -> Result<OwnedFd, Error> {
@@ -408,18 +440,16 @@ impl Endpoint {
         let capacity = rounded_capacity(capacity);
         let cap =
             usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
-        let rx_ring = Receiver::<u8>::new(cap).map_err(setup)?;
-        let tx_ring = Sender::<u8>::new(cap).map_err(setup)?;
-        // We never block on these eventfds; non-blocking writes keep a peer
-        // that stops reading them from stalling us.
-        for f in [
-            rx_ring.empty_signal(),
-            rx_ring.full_signal(),
-            tx_ring.empty_signal(),
-            tx_ring.full_signal(),
-        ] {
-            sys::set_nonblocking(f.as_fd())?;
-        }
+        let [rx_mem, tx_mem] = [ring_memfd(capacity)?, ring_memfd(capacity)?];
+        // Non-blocking eventfds: we never block on them, and a peer that stops
+        // reading them cannot stall our writes.
+        let signal = || -> Result<File, Error> {
+            let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(std::io::Error::from)?;
+            Ok(File::from(fd))
+        };
+        let rx_ring = Receiver::<u8>::open(cap, rx_mem, signal()?, signal()?).map_err(setup)?;
+        let tx_ring = Sender::<u8>::open(cap, tx_mem, signal()?, signal()?).map_err(setup)?;
         let (ours, theirs) = sys::socketpair()?;
         let peer = PeerFds {
             to_server: RingFds {
@@ -445,6 +475,19 @@ impl Endpoint {
             (capacity, capacity),
         );
         Ok((ep, peer))
+    }
+
+    /// Charges the memory this side takes for incoming message bodies to
+    /// `budget` (see [`Budget`](crate::Budget)); without one it is bounded by
+    /// the maximum message size only.
+    pub fn set_budget(&mut self, budget: Arc<dyn crate::Budget>) {
+        self.receiver.rx.set_budget(budget);
+    }
+
+    /// The budget set by [`Endpoint::set_budget`], if any, for whoever holds
+    /// memory on this session's behalf (the server's outgoing messages).
+    pub fn budget(&self) -> Option<Arc<dyn crate::Budget>> {
+        self.receiver.rx.budget()
     }
 
     /// Opens the client's side from the fds the server handed over, after
@@ -640,6 +683,33 @@ mod tests {
         Endpoint::open_client_within(fds, 1 << 20, Wakeup::Park, limits)
             .err()
             .expect("the offer must be refused")
+    }
+
+    #[test]
+    fn ring_memfds_are_sealed_and_cannot_grow_or_shrink() {
+        use rustix::fs::{fcntl_get_seals, fstat};
+        let (_server, fds) = Endpoint::create_server(4096, 1 << 20, Wakeup::Park).unwrap();
+        for ring in [&fds.to_server, &fds.to_client] {
+            let memfd = ring.memfd.as_fd();
+            let seals = fcntl_get_seals(memfd).expect("seals");
+            assert!(
+                seals.contains(SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL),
+                "{seals:?}"
+            );
+            let size = fstat(memfd).expect("fstat").st_size as u64;
+            assert_eq!(size, ring.capacity + RING_HEADER);
+            assert!(ftruncate(memfd, size + 4096).is_err(), "grow refused");
+            assert!(ftruncate(memfd, 0).is_err(), "shrink refused");
+            assert!(
+                fcntl_add_seals(memfd, SealFlags::WRITE).is_err(),
+                "the seals are final"
+            );
+            // Where the kernel knows MFD_NOEXEC_SEAL, the exec bits are gone for good.
+            if seals.contains(SealFlags::EXEC) {
+                let mode = fstat(memfd).expect("fstat").st_mode;
+                assert_eq!(mode & 0o111, 0, "mode {mode:o}");
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! `interfaces/DATA-PLANE.md` for the normative description.
 
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 /// Size of a frame header in bytes.
 pub const HEADER_LEN: usize = 8;
@@ -41,6 +42,23 @@ pub enum FrameError {
     /// Bytes arrived after the end-of-stream frame.
     #[error("data after end of stream")]
     DataAfterEnd,
+    /// Memory for the message body could not be had: the decoder's
+    /// [`Budget`] refused the charge (its text names the limit) or the
+    /// allocator failed. Not a framing violation: the peer may have sent a
+    /// valid frame this side cannot hold.
+    #[error("{0}")]
+    NoMemory(String),
+}
+
+/// Memory a [`Decoder`] may take for message bodies. The decoder charges
+/// every allocation before making it and releases the charge when the body
+/// leaves it (handed out or dropped), so whoever owns the budget can bound
+/// what a peer makes this side hold.
+pub trait Budget: Send + Sync {
+    /// Takes `bytes` from the budget, or says (naming the limit) why not.
+    fn try_charge(&self, bytes: usize) -> Result<(), String>;
+    /// Gives back `bytes` taken by an earlier successful [`Budget::try_charge`].
+    fn release(&self, bytes: usize);
 }
 
 /// Encodes a header for a frame of `kind` carrying `len` payload bytes.
@@ -90,14 +108,48 @@ pub enum Item {
     End,
 }
 
-/// Incremental frame decoder: feed it bytes in any split, get messages out.
+/// A message body being received: the bytes so far, the announced length
+/// and the bytes charged to the decoder's budget for its allocation.
 #[derive(Debug)]
+struct Body {
+    bytes: Vec<u8>,
+    want: usize,
+    charged: usize,
+}
+
+/// First allocation for a message body; it then doubles up to the announced
+/// length, so a header alone does not make the decoder hold its length.
+const FIRST_BODY_CHUNK: usize = 1 << 20;
+
+/// Incremental frame decoder: feed it bytes in any split, get messages out.
+///
+/// Body memory is taken with `try_reserve` (an allocation failure is an
+/// error, never an abort) and, with a [`Budget`], charged before it is taken.
 pub struct Decoder {
     max_message: u32,
     header: [u8; HEADER_LEN],
     header_len: usize,
-    body: Option<(Vec<u8>, usize)>,
+    body: Option<Body>,
     ended: bool,
+    budget: Option<Arc<dyn Budget>>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("max_message", &self.max_message)
+            .field("header_len", &self.header_len)
+            .field("body", &self.body)
+            .field("ended", &self.ended)
+            .field("budget", &self.budget.is_some())
+            .finish()
+    }
+}
+
+impl Drop for Decoder {
+    fn drop(&mut self) {
+        self.drop_body();
+    }
 }
 
 impl Decoder {
@@ -109,7 +161,63 @@ impl Decoder {
             header_len: 0,
             body: None,
             ended: false,
+            budget: None,
         }
+    }
+
+    /// Charges every body allocation from now on to `budget`.
+    pub fn set_budget(&mut self, budget: Arc<dyn Budget>) {
+        self.drop_body();
+        self.budget = Some(budget);
+    }
+
+    /// The budget body allocations are charged to, if any.
+    pub fn budget(&self) -> Option<Arc<dyn Budget>> {
+        self.budget.clone()
+    }
+
+    /// Drops a body being received and releases its charge.
+    fn drop_body(&mut self) {
+        if let Some(body) = self.body.take() {
+            self.release(body.charged);
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        if let (Some(b), true) = (&self.budget, bytes > 0) {
+            b.release(bytes);
+        }
+    }
+
+    /// Makes room for `take` more bytes in the body, charging the growth
+    /// first. The capacity doubles, capped at the announced length.
+    fn grow(&mut self, take: usize) -> Result<(), FrameError> {
+        let body = self.body.as_mut().expect("body present");
+        let needed = body.bytes.len() + take;
+        if needed <= body.bytes.capacity() {
+            return Ok(());
+        }
+        let target = (body.bytes.capacity() * 2)
+            .max(needed)
+            .max(FIRST_BODY_CHUNK)
+            .min(body.want);
+        let extra = target - body.bytes.len();
+        let growth = target.saturating_sub(body.charged);
+        if let Some(b) = &self.budget {
+            b.try_charge(growth).map_err(|m| {
+                FrameError::NoMemory(format!("cannot hold a {}-byte message: {m}", body.want))
+            })?;
+        }
+        if let Err(e) = body.bytes.try_reserve_exact(extra) {
+            if let Some(b) = &self.budget {
+                b.release(growth);
+            }
+            return Err(FrameError::NoMemory(format!(
+                "cannot allocate {target} bytes for a message: {e}"
+            )));
+        }
+        body.charged += growth;
+        Ok(())
     }
 
     /// Whether the end-of-stream frame has been decoded.
@@ -163,25 +271,34 @@ impl Decoder {
                     })
                 }
                 KIND_MESSAGE => {
-                    let initial = (len as usize).min(1 << 20);
-                    self.body = Some((Vec::with_capacity(initial), len as usize));
+                    self.body = Some(Body {
+                        bytes: Vec::new(),
+                        want: len as usize,
+                        charged: 0,
+                    });
                 }
                 other => return Err(FrameError::UnknownKind(other)),
             }
         }
-        let (body, want) = self.body.as_mut().expect("body present after header");
-        let take = (*want - body.len()).min(avail - used);
+        let (have, want) = {
+            let body = self.body.as_ref().expect("body present after header");
+            (body.bytes.len(), body.want)
+        };
+        let take = (want - have).min(avail - used);
         if take > 0 {
-            body.reserve(take);
+            self.grow(take)?;
+            let body = &mut self.body.as_mut().expect("body present").bytes;
             let spare = &mut body.spare_capacity_mut()[..take];
             src.copy_to(used, spare);
             // SAFETY: `copy_to` initialised exactly `take` bytes after the current length.
             unsafe { body.set_len(body.len() + take) };
             used += take;
         }
-        if body.len() == *want {
-            let (body, _) = self.body.take().expect("body present");
-            return Ok((used, Some(Item::Message(body))));
+        if have + take == want {
+            let body = self.body.take().expect("body present");
+            // The message leaves the decoder: whoever keeps it accounts for it.
+            self.release(body.charged);
+            return Ok((used, Some(Item::Message(body.bytes))));
         }
         Ok((used, None))
     }
@@ -334,6 +451,89 @@ mod tests {
             (8, Some(Item::End))
         );
         assert_eq!(d.decode(&[0u8][..]), Err(FrameError::DataAfterEnd));
+    }
+
+    /// A budget with a limit that records what is charged now.
+    #[derive(Default)]
+    struct TestBudget {
+        limit: usize,
+        used: std::sync::Mutex<usize>,
+    }
+
+    impl Budget for TestBudget {
+        fn try_charge(&self, bytes: usize) -> Result<(), String> {
+            let mut used = self.used.lock().unwrap();
+            if *used + bytes > self.limit {
+                return Err(format!("test limit of {}", self.limit));
+            }
+            *used += bytes;
+            Ok(())
+        }
+        fn release(&self, bytes: usize) {
+            *self.used.lock().unwrap() -= bytes;
+        }
+    }
+
+    fn used(b: &TestBudget) -> usize {
+        *b.used.lock().unwrap()
+    }
+
+    #[test]
+    fn body_memory_is_charged_as_it_grows_and_released_when_it_leaves() {
+        let budget = Arc::new(TestBudget {
+            limit: 5 << 20,
+            ..Default::default()
+        });
+        let mut d = Decoder::new(8 << 20);
+        d.set_budget(budget.clone());
+        let len = 3 << 20;
+        let msg = vec![5u8; len];
+        let mut bytes = encode_header(KIND_MESSAGE, len as u32).to_vec();
+        bytes.extend_from_slice(&msg);
+        assert_eq!(d.decode(&bytes[..8]).unwrap(), (8, None));
+        assert_eq!(used(&budget), 0, "a header alone holds nothing");
+        assert_eq!(d.decode(&bytes[8..9]).unwrap(), (1, None));
+        assert_eq!(used(&budget), FIRST_BODY_CHUNK, "the first chunk");
+        let (n, item) = d.decode(&bytes[9..(1 << 20) + 9]).unwrap();
+        assert_eq!((n, item), (1 << 20, None));
+        assert_eq!(used(&budget), 2 << 20, "doubled");
+        let (_, item) = d.decode(&bytes[(1 << 20) + 9..]).unwrap();
+        match item {
+            Some(Item::Message(m)) => {
+                assert_eq!(m.capacity(), len, "doubling is capped at the length");
+                assert_eq!(m, msg);
+            }
+            other => panic!("expected the message, got {other:?}"),
+        }
+        assert_eq!(used(&budget), 0, "handed out: no longer the decoder's");
+
+        // A body that would pass the budget is refused before it is allocated.
+        let mut big = encode_header(KIND_MESSAGE, 6 << 20).to_vec();
+        big.extend(std::iter::repeat_n(1u8, 5 << 20));
+        let mut off = 0;
+        let err = loop {
+            let end = (off + (1 << 20)).min(big.len());
+            match d.decode(&big[off..end]) {
+                Ok((n, None)) if n > 0 => off += n,
+                Ok(other) => panic!("unexpected {other:?} at {off}"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(&err, FrameError::NoMemory(m) if m.contains("6291456-byte message: test limit")),
+            "{err:?}"
+        );
+        assert_eq!(
+            used(&budget),
+            4 << 20,
+            "what was granted stays charged while held"
+        );
+        drop(d);
+        assert_eq!(
+            used(&budget),
+            0,
+            "dropping the decoder releases a partial body"
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod sys;
 pub use endpoint::{
     rounded_capacity, ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Wakeup,
 };
-pub use frame::{FrameError, Item, OutFrame};
+pub use frame::{Budget, FrameError, Item, OutFrame};
 pub use ring::{RingReceiver, RingSender};
 pub use shmlink_interfaces::{PeerFds, RingFds};
 
@@ -78,6 +78,10 @@ pub enum Error {
     /// A system call failed.
     #[error("system call failed: {0}")]
     Io(std::io::Error),
+    /// Memory for an incoming message could not be had: a budget refused it
+    /// (the text names the limit) or the allocator failed.
+    #[error("{0}")]
+    NoMemory(String),
     /// shmem-ipc failed to create or map a ring.
     #[error("could not set up a shared ring: {0}")]
     Setup(String),

@@ -6,13 +6,14 @@
 //! panic inside shmem-ipc caused by a peer that changes the ring's count under
 //! us (a debug-build subtraction overflow) becomes an error, not a crash.
 
-use crate::frame::{ByteSource, Decoder, Item, OutFrame};
+use crate::frame::{Budget, ByteSource, Decoder, FrameError, Item, OutFrame};
 use crate::sys;
 use crate::Error;
 use shmem_ipc::sharedring::{Receiver, Sender};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
 /// Runs one shmem-ipc ring operation, turning both its errors and its panics
 /// into [`Error::Corrupt`] and latching the ring as broken.
@@ -156,9 +157,13 @@ impl RingReceiver {
                     }
                 })
             })?;
-            if let Some(e) = frame_error {
-                self.broken = true;
-                return Err(Error::Protocol(e));
+            match frame_error {
+                Some(FrameError::NoMemory(m)) => return Err(Error::NoMemory(m)),
+                Some(e) => {
+                    self.broken = true;
+                    return Err(Error::Protocol(e));
+                }
+                None => {}
             }
             if status.signal {
                 sys::eventfd_signal(self.ring.full_signal().as_fd()).map_err(Error::signal)?;
@@ -167,6 +172,16 @@ impl RingReceiver {
                 return Ok(item);
             }
         }
+    }
+
+    /// Charges the memory the frame decoder takes for message bodies to `budget`.
+    pub fn set_budget(&mut self, budget: Arc<dyn Budget>) {
+        self.decoder.set_budget(budget);
+    }
+
+    /// The budget set by [`RingReceiver::set_budget`], if any.
+    pub fn budget(&self) -> Option<Arc<dyn Budget>> {
+        self.decoder.budget()
     }
 
     /// Whether the ring holds at least one byte.

@@ -8,8 +8,8 @@
 //! max_message = 67108864           # bytes per message
 //! sessions_per_connection = 128
 //! sessions_per_user = 512
-//! memory_per_user = 1073741824     # ring bytes (both rings) per uid
-//! memory_total = 4294967296        # ring bytes for all sessions
+//! memory_per_user = 268435456      # bytes per uid: rings, buffers, overhead
+//! memory_total = 1073741824        # bytes for all sessions together
 //!
 //! [engine]
 //! workers = 0                      # 0: one per CPU, at most 8
@@ -63,9 +63,11 @@ pub struct Limits {
     pub sessions_per_connection: u32,
     /// Open sessions per uid.
     pub sessions_per_user: u32,
-    /// Ring memory in bytes (both rings of every session) per uid.
+    /// Memory in bytes one uid's sessions may make the daemon hold: both
+    /// rings of every session, a fixed overhead per session, and the message
+    /// buffers (being received, queued, fanned out) charged while held.
     pub memory_per_user: u64,
-    /// Ring memory in bytes for all sessions together.
+    /// The same memory for all sessions together.
     pub memory_total: u64,
 }
 
@@ -76,8 +78,10 @@ impl Default for Limits {
             max_message: defaults::DEFAULT_MAX_MESSAGE,
             sessions_per_connection: 128,
             sessions_per_user: 512,
-            memory_per_user: 1 << 30,
-            memory_total: 4 << 30,
+            // Bounds the daemon's resident memory: a quarter GiB per user and
+            // one GiB in all suit a desktop and a small server alike.
+            memory_per_user: 256 << 20,
+            memory_total: 1 << 30,
         }
     }
 }
@@ -212,10 +216,10 @@ pub struct Overrides {
     /// Override limits.sessions_per_user.
     #[arg(long, value_name = "N")]
     pub sessions_per_user: Option<u32>,
-    /// Override limits.memory_per_user (bytes of rings).
+    /// Override limits.memory_per_user (bytes).
     #[arg(long, value_name = "BYTES")]
     pub memory_per_user: Option<u64>,
-    /// Override limits.memory_total (bytes of rings).
+    /// Override limits.memory_total (bytes).
     #[arg(long, value_name = "BYTES")]
     pub memory_total: Option<u64>,
     /// Override engine.workers (0: one per CPU).

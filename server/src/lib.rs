@@ -29,5 +29,6 @@ pub mod systemd;
 
 pub use daemon::{Bus, Daemon, DaemonError};
 pub use service::{
-    prop, Caller, Options, Outbox, Service, ServiceError, SessionHandler, SessionWaker, StateView,
+    prop, Caller, Charge, Memory, Options, Outbox, Service, ServiceError, SessionHandler,
+    SessionWaker, StateView,
 };

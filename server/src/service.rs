@@ -6,8 +6,16 @@
 //! loop writes them out with backpressure: while the outbox is not empty, the
 //! loop reads no further input, so a client that stops reading stalls only
 //! its own session and the broker's memory per session stays bounded.
+//!
+//! Every byte a session makes the daemon hold is charged to its owner's
+//! [`Memory`] before it is allocated: the outbox charges each message it
+//! queues until the message is written out, and a service that keeps data of
+//! its own charges it through [`Options::memory`]. A charge that would pass
+//! `memory_per_user` or `memory_total` fails with [`ServiceError::NoMemory`],
+//! which ends the session with the limit's name as the reason.
 
 use dbus::arg::{PropMap, RefArg, Variant};
+use shmlink_endpoint::Budget;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -24,6 +32,87 @@ pub enum ServiceError {
     /// The service failed for a reason of its own.
     #[error("{0}")]
     Failed(String),
+    /// Memory for the session could not be had: a limit (named in the text)
+    /// would be passed, or the allocator failed.
+    #[error("{0}")]
+    NoMemory(String),
+}
+
+/// The memory budget of a session's owner: its uid's `memory_per_user`
+/// account and the daemon's `memory_total`, charged together. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Memory(Option<Arc<dyn Budget>>);
+
+impl Memory {
+    /// A budget drawing on `budget`.
+    pub(crate) fn new(budget: Arc<dyn Budget>) -> Self {
+        Memory(Some(budget))
+    }
+
+    /// A budget without limits (for tests and tools).
+    pub fn unlimited() -> Self {
+        Memory(None)
+    }
+
+    /// Charges `bytes`, to be given back when the returned [`Charge`] drops;
+    /// fails (charging nothing) if a limit would be passed.
+    pub fn try_charge(&self, bytes: usize) -> Result<Charge, ServiceError> {
+        if let (Some(b), true) = (&self.0, bytes > 0) {
+            b.try_charge(bytes).map_err(ServiceError::NoMemory)?;
+        }
+        Ok(Charge {
+            budget: self.0.clone(),
+            bytes,
+        })
+    }
+
+    /// Allocates a zeroed buffer of `len` bytes, charged before it is
+    /// allocated; an allocation failure is an error, not an abort.
+    pub fn try_alloc(&self, len: usize) -> Result<(Vec<u8>, Charge), ServiceError> {
+        let charge = self.try_charge(len)?;
+        let mut v = Vec::new();
+        v.try_reserve_exact(len)
+            .map_err(|e| ServiceError::NoMemory(format!("cannot allocate {len} bytes: {e}")))?;
+        v.resize(len, 0);
+        Ok((v, charge))
+    }
+}
+
+impl std::fmt::Debug for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Memory(limited)"
+        } else {
+            "Memory(unlimited)"
+        })
+    }
+}
+
+/// Bytes charged to a [`Memory`]; given back when dropped.
+pub struct Charge {
+    budget: Option<Arc<dyn Budget>>,
+    bytes: usize,
+}
+
+impl Charge {
+    /// The bytes charged.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let (Some(b), true) = (&self.budget, self.bytes > 0) {
+            b.release(self.bytes);
+        }
+    }
+}
+
+impl std::fmt::Debug for Charge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Charge({} bytes)", self.bytes)
+    }
 }
 
 /// The options of an `OpenSession` call, with typed accessors that produce
@@ -33,6 +122,7 @@ pub struct Options {
     map: PropMap,
     used: std::cell::RefCell<Vec<String>>,
     max_message: u64,
+    memory: Memory,
 }
 
 impl Options {
@@ -43,7 +133,20 @@ impl Options {
             map,
             used: Default::default(),
             max_message,
+            memory: Memory::unlimited(),
         }
+    }
+
+    /// The same options for a session whose owner's budget is `memory`.
+    pub(crate) fn with_memory(mut self, memory: Memory) -> Self {
+        self.memory = memory;
+        self
+    }
+
+    /// The budget of the session's owner: charge anything the handler keeps
+    /// beyond a few fixed-size fields (buffers, queues) to it.
+    pub fn memory(&self) -> &Memory {
+        &self.memory
     }
 
     /// The largest message the session will carry; services check their own
@@ -120,36 +223,113 @@ pub struct Caller {
     pub gids: Vec<u32>,
 }
 
-/// Outgoing messages a handler queues for the client.
+/// A message queued for the client, holding its charge until written out.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    payload: Payload,
+    _charge: Charge,
+}
+
+#[derive(Debug)]
+enum Payload {
+    Owned(Vec<u8>),
+    Shared(Arc<Vec<u8>>),
+}
+
+impl std::ops::Deref for Outgoing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.payload {
+            Payload::Owned(v) => v,
+            Payload::Shared(v) => v,
+        }
+    }
+}
+
+impl AsRef<[u8]> for Outgoing {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+/// Outgoing messages a handler queues for the client. Each queued message
+/// is charged to the session owner's [`Memory`] until it is written out.
 #[derive(Debug, Default)]
 pub struct Outbox {
-    queue: VecDeque<Vec<u8>>,
+    queue: VecDeque<Outgoing>,
     finished: bool,
     max_message: u64,
+    memory: Memory,
 }
 
 impl Outbox {
+    /// An outbox for messages of at most `max_message` bytes, without limits.
+    #[cfg(test)]
     pub(crate) fn new(max_message: u64) -> Self {
+        Outbox::with_memory(max_message, Memory::unlimited())
+    }
+
+    /// An outbox for messages of at most `max_message` bytes, charging `memory`.
+    pub(crate) fn with_memory(max_message: u64, memory: Memory) -> Self {
         Outbox {
             queue: VecDeque::new(),
             finished: false,
             max_message,
+            memory,
         }
     }
 
-    /// Queues one message for the client.
-    pub fn send(&mut self, msg: Vec<u8>) -> Result<(), ServiceError> {
+    fn check(&self, len: usize) -> Result<(), ServiceError> {
         if self.finished {
             return Err(ServiceError::Failed("service sent after finishing".into()));
         }
-        if msg.len() as u64 > self.max_message {
+        if len as u64 > self.max_message {
             return Err(ServiceError::Failed(format!(
-                "service produced a {}-byte message, above the session maximum of {}",
-                msg.len(),
+                "service produced a {len}-byte message, above the session maximum of {}",
                 self.max_message
             )));
         }
-        self.queue.push_back(msg);
+        Ok(())
+    }
+
+    /// Queues one message for the client, charging its buffer.
+    pub fn send(&mut self, msg: Vec<u8>) -> Result<(), ServiceError> {
+        self.check(msg.len())?;
+        let charge = self.memory.try_charge(msg.capacity())?;
+        self.queue.push_back(Outgoing {
+            payload: Payload::Owned(msg),
+            _charge: charge,
+        });
+        Ok(())
+    }
+
+    /// Queues a message whose buffer others share (one buffer for many
+    /// clients, as a fan-out does), without copying it. The session is charged
+    /// its length as if it held it alone.
+    pub fn send_shared(&mut self, msg: Arc<Vec<u8>>) -> Result<(), ServiceError> {
+        self.check(msg.len())?;
+        let charge = self.memory.try_charge(msg.len())?;
+        self.queue.push_back(Outgoing {
+            payload: Payload::Shared(msg),
+            _charge: charge,
+        });
+        Ok(())
+    }
+
+    /// Queues a message of `len` bytes that `fill` writes, charging it before
+    /// it is allocated (so a refused charge allocates nothing).
+    pub fn send_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(), ServiceError> {
+        self.check(len)?;
+        let (mut buf, charge) = self.memory.try_alloc(len)?;
+        fill(&mut buf);
+        self.queue.push_back(Outgoing {
+            payload: Payload::Owned(buf),
+            _charge: charge,
+        });
         Ok(())
     }
 
@@ -159,7 +339,7 @@ impl Outbox {
         self.finished = true;
     }
 
-    pub(crate) fn pop(&mut self) -> Option<Vec<u8>> {
+    pub(crate) fn pop(&mut self) -> Option<Outgoing> {
         self.queue.pop_front()
     }
 
@@ -332,8 +512,45 @@ mod tests {
         assert!(
             matches!(out.send(vec![1]), Err(ServiceError::Failed(m)) if m.contains("after finishing"))
         );
-        assert_eq!(out.pop(), Some(vec![0; 4]), "queued messages still flush");
-        assert_eq!(out.pop(), None);
+        assert_eq!(
+            out.pop().as_deref(),
+            Some(&[0u8; 4][..]),
+            "queued messages still flush"
+        );
+        assert!(out.pop().is_none());
+    }
+
+    /// Books whose uid 1 may hold `limit` bytes, and that uid's memory.
+    fn limited(limit: u64) -> (crate::broker::Broker, Memory) {
+        let mut config = crate::config::Config::default();
+        config.limits.memory_per_user = limit;
+        let mut books = crate::broker::Broker::new(config);
+        let memory = Memory::new(books.budget_of(1));
+        (books, memory)
+    }
+
+    #[test]
+    fn queued_messages_are_charged_until_written_out() {
+        let (books, memory) = limited(100);
+        let mut out = Outbox::with_memory(100, memory);
+        out.send(Vec::with_capacity(60))
+            .expect("60 bytes of buffer");
+        let shared = Arc::new(vec![1u8; 30]);
+        out.send_shared(shared.clone()).expect("shared");
+        assert_eq!(books.memory_of(1), 90);
+        let err = out.send_with(11, |_| unreachable!("refused before allocating"));
+        assert!(
+            matches!(&err, Err(ServiceError::NoMemory(m)) if m.starts_with("memory_per_user: uid 1")),
+            "{err:?}"
+        );
+        out.send_with(10, |b| b.fill(7)).expect("what is left");
+        let first = out.pop().expect("first");
+        assert_eq!(books.memory_of(1), 100, "popped but not yet written out");
+        drop(first);
+        assert_eq!(books.memory_of(1), 40);
+        assert_eq!(out.pop().as_deref(), Some(&shared[..]));
+        assert_eq!(out.pop().as_deref(), Some(&[7u8; 10][..]));
+        assert_eq!(books.memory_of(1), 0);
     }
 
     #[test]

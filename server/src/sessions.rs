@@ -13,11 +13,11 @@
 //! remove the object and announce the end. It is idempotent: a second call
 //! for the same id returns `None`, so an end is announced once.
 
-use crate::broker::{session_path, Broker, BrokerError};
+use crate::broker::{session_cost, session_path, Broker, BrokerError};
 use crate::config::Config;
 use crate::engine::{Engine, Traffic};
 use crate::logcap::{cut, LOGGED_STRING};
-use crate::service::{prop, Caller, Options, Service, StateView};
+use crate::service::{prop, Caller, Memory, Options, Service, StateView};
 use dbus::arg::PropMap;
 use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
 use shmlink_interfaces::{limits, option, param, wakeup};
@@ -118,7 +118,9 @@ impl Sessions {
             .ok_or_else(|| BrokerError::UnknownService(service.into()))?;
         self.broker.check_access(caller, service)?;
         let max_message = self.broker.limits().max_message;
-        let opts = Options::new(options, max_message);
+        // Everything the session holds is charged to its owner's budget.
+        let budget = self.broker.budget_of(caller.uid);
+        let opts = Options::new(options, max_message).with_memory(Memory::new(budget.clone()));
         let (capacity, wake) = ring_options(&opts, self.broker.limits().max_capacity)?;
         let handler = svc.open(caller, &opts)?;
         let unused = opts.unused();
@@ -128,21 +130,21 @@ impl Sessions {
                 unused.join(", ")
             )));
         }
-        // Both rings' memfds: the usable bytes plus shmem-ipc's 64-byte header each.
-        let cost = 2 * (shmlink_endpoint::rounded_capacity(capacity) + 64);
+        let cost = session_cost(shmlink_endpoint::rounded_capacity(capacity));
         let id = self.broker.reserve(caller, service, cost)?.id;
         let release_on_err = |broker: &mut Broker, e: BrokerError| {
             broker.release(id);
             e
         };
         let max_message32 = u32::try_from(max_message).unwrap_or(u32::MAX);
-        let (endpoint, fds) = match Endpoint::create_server(capacity, max_message32, wake) {
+        let (mut endpoint, fds) = match Endpoint::create_server(capacity, max_message32, wake) {
             Ok(v) => v,
             Err(e) => {
                 let e = BrokerError::Internal(format!("could not create the rings: {e}"));
                 return Err(release_on_err(&mut self.broker, e));
             }
         };
+        endpoint.set_budget(budget);
         let state = handler.state_view();
         let traffic = Arc::new(Traffic::default());
         if let Err(e) = self.engine.add(id, endpoint, handler, traffic.clone()) {

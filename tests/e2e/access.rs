@@ -173,8 +173,9 @@ fn session_count_limits_name_themselves_and_create_nothing() {
 
 #[test]
 fn memory_limits_name_themselves_and_create_nothing() {
-    // A 4096-byte session costs 2 × (8128 + 64) = 16384 bytes of rings.
-    let h = Harness::with_args(&["--memory-per-user", "40000", "--memory-total", "1000000000"]);
+    // A 4096-byte session costs 2 × (8128 + 64) = 16384 bytes of rings plus
+    // 16384 bytes of fixed overhead.
+    let h = Harness::with_args(&["--memory-per-user", "80000", "--memory-total", "1000000000"]);
     let c = h.client();
     let a1 = c.session("echo").capacity(4096).open().expect("open");
     let a2 = c.session("echo").capacity(4096).open().expect("open");
@@ -189,7 +190,7 @@ fn memory_limits_name_themselves_and_create_nothing() {
         .expect("the freed memory is available again");
     drop(a1);
 
-    let h = Harness::with_args(&["--memory-per-user", "1000000000", "--memory-total", "40000"]);
+    let h = Harness::with_args(&["--memory-per-user", "1000000000", "--memory-total", "80000"]);
     let c = h.client();
     let _b1 = c.session("echo").capacity(4096).open().expect("open");
     let _b2 = c.session("echo").capacity(4096).open().expect("open");

@@ -13,6 +13,7 @@ mod hostile_server;
 mod introspection;
 mod leaks;
 mod liveness;
+mod memory;
 mod scale;
 mod soak;
 mod streaming;

@@ -45,12 +45,32 @@ fn raise_fd_limit() {
     }
 }
 
+/// Makes glibc's malloc serve every buffer of 128 KiB or more with a mapping
+/// of its own, returned to the kernel when freed. Message buffers are
+/// charged to their owner's uid while held; without this, glibc's adaptive
+/// threshold keeps freed buffers of up to 32 MiB in each worker thread's
+/// arena, resident but charged to no one.
+fn large_buffers_unmapped_on_free() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets a tuning parameter of the allocator, and
+        // it is called before the daemon starts any thread.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
+        if ok != 1 {
+            log::warn!(
+                "could not set the allocator's mmap threshold; freed buffers may stay resident"
+            );
+        }
+    }
+}
+
 fn main() -> Result<()> {
     shmlink_server::systemd::init_logging();
     let args = Args::parse();
     let stop = signals::termination_fd().context("cannot set up signal handling")?;
     let config = load_config(&args).context("configuration rejected")?;
     raise_fd_limit();
+    large_buffers_unmapped_on_free();
     let bus = if args.system {
         Bus::System
     } else if let Some(a) = &args.address {

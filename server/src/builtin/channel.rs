@@ -1,5 +1,7 @@
 use crate::service::{prop, StateView};
-use crate::{Caller, Options, Outbox, Service, ServiceError, SessionHandler, SessionWaker};
+use crate::{
+    Caller, Charge, Memory, Options, Outbox, Service, ServiceError, SessionHandler, SessionWaker,
+};
 use dbus::arg::PropMap;
 use shmlink_interfaces::{option, service};
 use std::collections::{HashMap, VecDeque};
@@ -25,17 +27,26 @@ type Groups = Arc<Mutex<HashMap<String, HashMap<u64, Arc<Inbox>>>>>;
 ///
 /// A slow member never slows the others: its inbox is bounded and what does
 /// not fit is dropped for that member alone (and counted).
+///
+/// A published message is one buffer shared by every inbox and outgoing
+/// frame that holds it (no copy per member). Each member's owner is charged
+/// for what its inbox holds, since a member that does not read is what keeps
+/// it; a member whose owner is out of memory has the message dropped.
 #[derive(Default)]
 pub struct Channel {
     groups: Groups,
     next_member: AtomicU64,
 }
 
+/// A message in an inbox, with the charge its member's owner pays for it.
+type Queued = (Arc<Vec<u8>>, Charge);
+
 /// One member's shared record: its undelivered messages and its counters,
 /// which other members (pushing) and the D-Bus side (reading) see.
 #[derive(Default)]
 struct Inbox {
-    queue: Mutex<(VecDeque<Arc<[u8]>>, usize)>,
+    queue: Mutex<(VecDeque<Queued>, usize)>,
+    memory: Memory,
     waker: OnceLock<SessionWaker>,
     dropped: AtomicU64,
     published: AtomicU64,
@@ -43,20 +54,26 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn push(&self, msg: &Arc<[u8]>) -> bool {
+    fn push(&self, msg: &Arc<Vec<u8>>) -> bool {
         let mut q = lock(&self.queue);
-        if q.0.len() >= INBOX_MESSAGES || q.1 + msg.len() > INBOX_BYTES {
+        let charge = if q.0.len() >= INBOX_MESSAGES || q.1 + msg.len() > INBOX_BYTES {
+            None
+        } else {
+            self.memory.try_charge(msg.len()).ok()
+        };
+        let Some(charge) = charge else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
-        }
+        };
         q.1 += msg.len();
-        q.0.push_back(msg.clone());
+        q.0.push_back((msg.clone(), charge));
         true
     }
 
-    fn pop(&self) -> Option<Arc<[u8]>> {
+    /// The oldest message; its inbox charge is given back as it leaves.
+    fn pop(&self) -> Option<Arc<Vec<u8>>> {
         let mut q = lock(&self.queue);
-        let m = q.0.pop_front()?;
+        let (m, _charge) = q.0.pop_front()?;
         q.1 -= m.len();
         Some(m)
     }
@@ -86,7 +103,10 @@ impl Service for Channel {
             )));
         }
         let id = self.next_member.fetch_add(1, Ordering::Relaxed);
-        let inbox = Arc::new(Inbox::default());
+        let inbox = Arc::new(Inbox {
+            memory: options.memory().clone(),
+            ..Inbox::default()
+        });
         lock(&self.groups)
             .entry(name.clone())
             .or_default()
@@ -151,7 +171,7 @@ impl Member {
 
 impl SessionHandler for Member {
     fn on_message(&mut self, msg: Vec<u8>, _out: &mut Outbox) -> Result<(), ServiceError> {
-        let msg: Arc<[u8]> = msg.into();
+        let msg = Arc::new(msg);
         // Collect the receivers first so that no inbox lock is taken under the group lock.
         let others: Vec<Arc<Inbox>> = lock(&self.groups)
             .get(&self.name)
@@ -186,7 +206,7 @@ impl SessionHandler for Member {
     fn produce(&mut self, out: &mut Outbox) -> Result<(), ServiceError> {
         if let Some(m) = self.inbox.pop() {
             self.inbox.delivered.fetch_add(1, Ordering::Relaxed);
-            out.send(m.to_vec())?;
+            out.send_shared(m)?;
         }
         Ok(())
     }
@@ -274,6 +294,48 @@ mod tests {
         let st = b.state_view().expect("view").state();
         assert_eq!(get_u64(&st, "dropped"), Some(3));
         assert_eq!(get_u64(&st, "delivered"), Some(0));
+    }
+
+    #[test]
+    fn inboxes_share_one_buffer_charged_to_each_member_that_holds_it() {
+        let mut config = crate::config::Config::default();
+        config.limits.memory_per_user = 250;
+        let mut books = crate::broker::Broker::new(config);
+        let ch = Channel::default();
+        let join_as = |uid: u32, books: &mut crate::broker::Broker| {
+            let opts = options(&[(option::CHANNEL, prop("room".to_owned()))])
+                .with_memory(Memory::new(books.budget_of(uid)));
+            ch.open(&caller(), &opts).expect("join")
+        };
+        let mut publisher = join_as(1, &mut books);
+        let mut reader = join_as(2, &mut books);
+        let slow = join_as(3, &mut books);
+        let mut out = Outbox::new(1 << 20);
+        for _ in 0..3 {
+            publisher
+                .on_message(vec![9; 100], &mut out)
+                .expect("publish");
+        }
+        assert_eq!(books.memory_of(1), 0, "the publisher holds nothing");
+        assert_eq!(books.memory_of(3), 200, "two fit in uid 3's budget");
+        let st = slow.state_view().expect("view").state();
+        assert_eq!(
+            get_u64(&st, "dropped"),
+            Some(1),
+            "the third is dropped for it"
+        );
+        // Delivery shares the buffer: the outbox is charged, the inbox given back.
+        let mut reader_out = Outbox::with_memory(1 << 20, Memory::new(books.budget_of(2)));
+        reader.produce(&mut reader_out).expect("deliver");
+        assert_eq!(books.memory_of(2), 200);
+        drop(reader_out);
+        assert_eq!(books.memory_of(2), 100);
+        drop(slow);
+        assert_eq!(
+            books.memory_of(3),
+            0,
+            "a member that leaves gives its inbox back"
+        );
     }
 
     #[test]

@@ -34,17 +34,26 @@ impl Service for Source {
             size,
             count,
             next: 0,
-            template: Vec::new(),
         }))
     }
 }
+
+/// The pattern repeats every 251 bytes (see `source_pattern_byte`).
+const PERIOD: usize = 251;
 
 struct SourceSession {
     size: u64,
     count: u64,
     next: u64,
-    /// One period (251 bytes) of the pattern plus a message, sliced per message.
-    template: Vec<u8>,
+}
+
+/// Writes message `index`'s pattern into `buf`, one period at a time; the
+/// session keeps no copy, so only the queued message is held (and charged).
+fn fill_pattern(index: u64, buf: &mut [u8]) {
+    let period: [u8; PERIOD] = std::array::from_fn(|i| source_pattern_byte(index, i as u64));
+    for chunk in buf.chunks_mut(PERIOD) {
+        chunk.copy_from_slice(&period[..chunk.len()]);
+    }
 }
 
 impl SessionHandler for SourceSession {
@@ -67,14 +76,9 @@ impl SessionHandler for SourceSession {
             out.finish();
             return Ok(());
         }
-        let size = self.size as usize;
-        if self.template.is_empty() {
-            self.template = (0..size as u64 + 251)
-                .map(|i| source_pattern_byte(0, i))
-                .collect();
-        }
-        let start = (self.next % 251) as usize;
-        out.send(self.template[start..start + size].to_vec())?;
+        let index = self.next;
+        let size = usize::try_from(self.size).unwrap_or(usize::MAX);
+        out.send_with(size, |buf| fill_pattern(index, buf))?;
         self.next += 1;
         Ok(())
     }

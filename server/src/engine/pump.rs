@@ -15,7 +15,7 @@
 //! while other sessions of the same worker wait to run: then it yields after
 //! one look at its rings. Spin time and run time are counted per session.
 
-use crate::service::{Outbox, SessionHandler};
+use crate::service::{Memory, Outbox, Outgoing, ServiceError, SessionHandler};
 use shmlink_endpoint::frame::OutFrame;
 use shmlink_endpoint::{sys, Endpoint, Item, Wakeup};
 use std::os::fd::BorrowedFd;
@@ -113,8 +113,8 @@ pub(crate) struct Pump {
     handler: Box<dyn SessionHandler>,
     outbox: Outbox,
     traffic: Arc<Traffic>,
-    /// A message frame partly written to the outgoing ring.
-    pending: Option<OutFrame<Vec<u8>>>,
+    /// A message frame partly written to the outgoing ring (still charged).
+    pending: Option<OutFrame<Outgoing>>,
     /// The end-of-stream frame, once started.
     end_frame: Option<OutFrame<&'static [u8]>>,
     end_sent: bool,
@@ -138,7 +138,10 @@ impl Pump {
         handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
     ) -> Self {
-        let outbox = Outbox::new(u64::from(endpoint.max_message()));
+        let memory = endpoint
+            .budget()
+            .map_or_else(Memory::unlimited, Memory::new);
+        let outbox = Outbox::with_memory(u64::from(endpoint.max_message()), memory);
         Pump {
             endpoint,
             handler,
@@ -248,7 +251,7 @@ impl Pump {
             } else if self.handler.wants_to_produce() {
                 self.handler
                     .produce(&mut self.outbox)
-                    .map_err(|e| format!("service failed: {e}"))?;
+                    .map_err(|e| service_error("service failed", e))?;
                 msgs += 1;
                 continue;
             }
@@ -263,13 +266,13 @@ impl Pump {
                     msgs += 1;
                     self.handler
                         .on_message(m, &mut self.outbox)
-                        .map_err(|e| format!("service refused input: {e}"))?;
+                        .map_err(|e| service_error("service refused input", e))?;
                 }
                 Some(Item::End) => {
                     self.waiting_since = None;
                     self.handler
                         .on_end(&mut self.outbox)
-                        .map_err(|e| format!("service failed: {e}"))?;
+                        .map_err(|e| service_error("service failed", e))?;
                 }
                 None => {
                     if let Some(step) = self.wait(Blocked::Data, slice) {
@@ -313,6 +316,15 @@ impl Pump {
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The reason a handler's error ends its session with: a memory limit
+/// speaks for itself (it names the limit), anything else says what failed.
+fn service_error(what: &str, e: ServiceError) -> String {
+    match e {
+        ServiceError::NoMemory(m) => m,
+        other => format!("{what}: {other}"),
+    }
 }
 
 /// Spin mode: busy-polls the ring for up to `budget`; true if it became ready.

@@ -21,6 +21,8 @@
 //!                                         (calls made, slowest call) at stdin EOF
 //! hostile-client ADDR refuse N            N pipelined OpenSession calls of an unknown service;
 //!                                         print "DONE refused"
+//! hostile-client ADDR memory ATTACK MODE N SIZE  run a memory attack (see `memory_attacks`),
+//!                                         print "READY opened=.. refused=.. closed=..", wait for stdin EOF
 //! ```
 //! Exit status: 0 on success, 2 when the daemon refused, 1 on a local failure.
 
@@ -226,6 +228,30 @@ fn main() {
             let n: usize = arg(2).parse().unwrap_or(1000);
             let replies = hostile::open_many(conn.channel(), "no-such-service", 4096, n);
             println!("DONE {}", replies.iter().filter(|r| r.is_err()).count());
+        }
+        "memory" => {
+            drop(conn);
+            let attack = shmlink_tests::memory_attacks::Attack::parse(arg(2));
+            let n = arg(4).parse::<usize>().ok();
+            let size = arg(5).parse::<u64>().ok();
+            let (Some(attack), Some(n), Some(size)) = (attack, n, size) else {
+                eprintln!("hostile-client: memory ATTACK MODE N SIZE");
+                std::process::exit(1);
+            };
+            match shmlink_tests::memory_attacks::run(addr, attack, arg(3), n, size) {
+                Ok(held) => {
+                    let _ = writeln!(out, "{}", held.summary());
+                    for r in held.refused.iter().take(1) {
+                        let _ = writeln!(out, "REFUSED {r}");
+                    }
+                    let _ = out.flush();
+                    wait_for_stdin_eof();
+                }
+                Err(e) => {
+                    eprintln!("hostile-client: {e}");
+                    std::process::exit(1);
+                }
+            }
         }
         other => {
             eprintln!("hostile-client: unknown command {other:?}");
