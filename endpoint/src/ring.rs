@@ -66,6 +66,28 @@ impl ByteSource for SharedBytes {
     }
 }
 
+/// How far one bounded write got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The whole frame is in the ring.
+    Done,
+    /// The ring is full: wait for the reader's wake-up (or re-check `has_room`).
+    Blocked,
+    /// The byte bound was reached; the ring may have room, so call again.
+    Bounded,
+}
+
+/// What one bounded read found.
+#[derive(Debug)]
+pub enum Read {
+    /// A whole frame was decoded.
+    Item(Item),
+    /// The ring holds no more bytes: wait for the writer's wake-up (or re-check `has_data`).
+    Empty,
+    /// The byte bound was reached; the ring may hold more, so call again.
+    Bounded,
+}
+
 /// The sending half of one ring.
 pub struct RingSender {
     ring: Sender<u8>,
@@ -81,23 +103,57 @@ impl RingSender {
     }
 
     /// Writes as much of `frame` as fits now; returns true once all of it is in the ring.
+    ///
+    /// Keeps copying while the reader keeps making room; a caller that must
+    /// not be held for long uses [`RingSender::write_frame_bounded`].
     pub fn write_frame<B: AsRef<[u8]>>(&mut self, frame: &mut OutFrame<B>) -> Result<bool, Error> {
+        loop {
+            match self.write_frame_bounded(frame, usize::MAX)? {
+                Progress::Done => return Ok(true),
+                Progress::Blocked => return Ok(false),
+                Progress::Bounded => {}
+            }
+        }
+    }
+
+    /// Writes at most `max_bytes` of `frame` (at least one byte if there is room).
+    ///
+    /// [`Progress::Bounded`] means the bound stopped the copy while the ring
+    /// may still have room: call again rather than wait for the reader's
+    /// wake-up, which may never come.
+    pub fn write_frame_bounded<B: AsRef<[u8]>>(
+        &mut self,
+        frame: &mut OutFrame<B>,
+        max_bytes: usize,
+    ) -> Result<Progress, Error> {
+        let mut left = max_bytes.max(1);
         while !frame.is_done() {
+            if left == 0 {
+                return Ok(Progress::Bounded);
+            }
             let ring = &mut self.ring;
+            let mut copied = 0;
             let status = guarded(&mut self.broken, || {
                 ring.sender_mut().send(|ptr, room| {
-                    // SAFETY: shmem-ipc passes a pointer writable for `room` bytes.
-                    unsafe { frame.write_into(ptr, room) }
+                    // SAFETY: shmem-ipc passes a pointer writable for `room` bytes,
+                    // and we pass on a length no larger than `room`.
+                    copied = unsafe { frame.write_into(ptr, room.min(left)) };
+                    copied
                 })
             })?;
+            left -= copied;
             if status.signal {
                 sys::eventfd_signal(self.ring.empty_signal().as_fd()).map_err(Error::signal)?;
             }
-            if status.remaining == 0 {
+            if status.remaining == 0 || copied == 0 {
                 break;
             }
         }
-        Ok(frame.is_done())
+        Ok(if frame.is_done() {
+            Progress::Done
+        } else {
+            Progress::Blocked
+        })
     }
 
     /// Whether the ring has room for at least one byte.
@@ -134,8 +190,31 @@ impl RingReceiver {
     }
 
     /// Returns the next complete frame, or `None` when the ring holds no complete frame yet.
+    ///
+    /// Keeps decoding while the writer keeps feeding; a caller that must not
+    /// be held for long uses [`RingReceiver::read_item_bounded`].
     pub fn read_item(&mut self) -> Result<Option<Item>, Error> {
         loop {
+            match self.read_item_bounded(usize::MAX)? {
+                Read::Item(item) => return Ok(Some(item)),
+                Read::Empty => return Ok(None),
+                Read::Bounded => {}
+            }
+        }
+    }
+
+    /// Decodes at most `max_bytes` from the ring (at least one byte if there
+    /// is data), returning a frame if one completed.
+    ///
+    /// [`Read::Bounded`] means the bound stopped the decoding while the ring
+    /// may still hold data: call again rather than wait for the writer's
+    /// wake-up, which may never come.
+    pub fn read_item_bounded(&mut self, max_bytes: usize) -> Result<Read, Error> {
+        let mut left = max_bytes.max(1);
+        loop {
+            if left == 0 {
+                return Ok(Read::Bounded);
+            }
             let mut item = None;
             let mut frame_error = None;
             let mut consumed = 0;
@@ -143,7 +222,10 @@ impl RingReceiver {
             let ring = &mut self.ring;
             let status = guarded(&mut self.broken, || {
                 ring.receiver_mut().recv(|ptr, len| {
-                    let src = SharedBytes { ptr, len };
+                    let src = SharedBytes {
+                        ptr,
+                        len: len.min(left),
+                    };
                     match decoder.decode(&src) {
                         Ok((used, it)) => {
                             item = it;
@@ -168,8 +250,12 @@ impl RingReceiver {
             if status.signal {
                 sys::eventfd_signal(self.ring.full_signal().as_fd()).map_err(Error::signal)?;
             }
-            if item.is_some() || consumed == 0 {
-                return Ok(item);
+            left -= consumed;
+            if let Some(item) = item {
+                return Ok(Read::Item(item));
+            }
+            if consumed == 0 {
+                return Ok(Read::Empty);
             }
         }
     }

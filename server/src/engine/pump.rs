@@ -17,7 +17,7 @@
 
 use crate::service::{Memory, Outbox, Outgoing, ServiceError, SessionHandler};
 use shmlink_endpoint::frame::OutFrame;
-use shmlink_endpoint::{sys, Endpoint, Item, Wakeup};
+use shmlink_endpoint::{sys, Endpoint, Item, Progress, Read, Wakeup};
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 const SLICE_MESSAGES: u32 = 512;
 /// Bytes one session may move per run before yielding.
 const SLICE_BYTES: u64 = 8 << 20;
+/// Bytes one ring operation may copy before the slice is checked again:
+/// copying runs at several GB/s, so this is a small fraction of the slice.
+pub(crate) const RING_OP_BYTES: usize = 512 << 10;
 /// Wall time one session may hold its worker per run before yielding.
 pub(crate) const SLICE_TIME: Duration = Duration::from_millis(2);
 
@@ -213,16 +216,18 @@ impl Pump {
             }
             // 1. Flush what the service queued.
             if let Some(frame) = self.pending.as_mut() {
-                if !self
+                match self
                     .endpoint
                     .ring_sender()
-                    .write_frame(frame)
+                    .write_frame_bounded(frame, RING_OP_BYTES)
                     .map_err(ep_err)?
                 {
-                    match self.wait(Blocked::Room, slice) {
+                    Progress::Done => {}
+                    Progress::Bounded => continue,
+                    Progress::Blocked => match self.wait(Blocked::Room, slice) {
                         Some(step) => return Ok(step),
                         None => continue,
-                    }
+                    },
                 }
                 self.pending = None;
                 self.waiting_since = None;
@@ -256,8 +261,13 @@ impl Pump {
                 continue;
             }
             // 2. Read input (only once the outbox is flushed: backpressure).
-            match self.endpoint.ring_receiver().read_item().map_err(ep_err)? {
-                Some(Item::Message(m)) => {
+            let read = self
+                .endpoint
+                .ring_receiver()
+                .read_item_bounded(RING_OP_BYTES)
+                .map_err(ep_err)?;
+            match read {
+                Read::Item(Item::Message(m)) => {
                     self.waiting_since = None;
                     let t = &self.traffic;
                     t.bytes_to_server.fetch_add(m.len() as u64, Relaxed);
@@ -268,13 +278,14 @@ impl Pump {
                         .on_message(m, &mut self.outbox)
                         .map_err(|e| service_error("service refused input", e))?;
                 }
-                Some(Item::End) => {
+                Read::Item(Item::End) => {
                     self.waiting_since = None;
                     self.handler
                         .on_end(&mut self.outbox)
                         .map_err(|e| service_error("service failed", e))?;
                 }
-                None => {
+                Read::Bounded => {}
+                Read::Empty => {
                     if let Some(step) = self.wait(Blocked::Data, slice) {
                         return Ok(step);
                     }
