@@ -665,6 +665,64 @@ mod tests {
         assert_eq!(reader.join().unwrap(), sent);
     }
 
+    /// A bounded write or read stops at its bound and says so, apart from
+    /// a full or empty ring, and the frame still arrives whole.
+    #[test]
+    fn bounded_ring_operations_stop_at_their_bound() {
+        use crate::ring::{ReadProgress, WriteProgress};
+        let (mut server, mut client) = pair(64 << 10);
+        let msg: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut frame = OutFrame::message(&msg[..]);
+        // 4 KiB at a time while the ring has room: Bounded, never Blocked.
+        let mut calls = 0;
+        let full = loop {
+            calls += 1;
+            match client
+                .ring_sender()
+                .write_frame_bounded(&mut frame, 4096)
+                .unwrap()
+            {
+                WriteProgress::Bounded => continue,
+                WriteProgress::Blocked => break true,
+                WriteProgress::Done => break false,
+            }
+        };
+        assert!(full, "a 100,000-byte frame cannot fit a 64 KiB ring");
+        assert!(
+            calls >= 16,
+            "each call copied at most 4 KiB ({calls} calls)"
+        );
+        // The reader takes 1,000 bytes per call: Bounded until the ring is empty.
+        let mut got = None;
+        let mut reads = 0;
+        while got.is_none() {
+            reads += 1;
+            match server.ring_receiver().read_item_bounded(1000).unwrap() {
+                ReadProgress::Bounded => {}
+                ReadProgress::Item(Item::Message(m)) => got = Some(m),
+                ReadProgress::Item(Item::End) => panic!("no end was sent"),
+                ReadProgress::Empty => {
+                    // The ring is drained: the writer finishes the frame.
+                    while client
+                        .ring_sender()
+                        .write_frame_bounded(&mut frame, 4096)
+                        .unwrap()
+                        == WriteProgress::Bounded
+                    {}
+                }
+            }
+        }
+        assert!(
+            reads > 100,
+            "each read took at most 1,000 bytes ({reads} reads)"
+        );
+        assert_eq!(got.unwrap(), msg);
+        assert!(matches!(
+            server.ring_receiver().read_item_bounded(1000).unwrap(),
+            ReadProgress::Empty
+        ));
+    }
+
     #[test]
     fn dead_peer_wakes_a_blocked_reader() {
         let (server, mut client) = pair(4096);

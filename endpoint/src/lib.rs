@@ -20,7 +20,7 @@ pub use endpoint::{
     rounded_capacity, ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Wakeup,
 };
 pub use frame::{Budget, FrameError, Item, OutFrame};
-pub use ring::{Progress, Read, RingReceiver, RingSender};
+pub use ring::{ReadProgress, RingReceiver, RingSender, WriteProgress};
 pub use shmlink_interfaces::{PeerFds, RingFds};
 
 /// Everything that can go wrong on the data plane.

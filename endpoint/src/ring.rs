@@ -68,7 +68,7 @@ impl ByteSource for SharedBytes {
 
 /// How far one bounded write got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Progress {
+pub enum WriteProgress {
     /// The whole frame is in the ring.
     Done,
     /// The ring is full: wait for the reader's wake-up (or re-check `has_room`).
@@ -79,7 +79,7 @@ pub enum Progress {
 
 /// What one bounded read found.
 #[derive(Debug)]
-pub enum Read {
+pub enum ReadProgress {
     /// A whole frame was decoded.
     Item(Item),
     /// The ring holds no more bytes: wait for the writer's wake-up (or re-check `has_data`).
@@ -109,27 +109,27 @@ impl RingSender {
     pub fn write_frame<B: AsRef<[u8]>>(&mut self, frame: &mut OutFrame<B>) -> Result<bool, Error> {
         loop {
             match self.write_frame_bounded(frame, usize::MAX)? {
-                Progress::Done => return Ok(true),
-                Progress::Blocked => return Ok(false),
-                Progress::Bounded => {}
+                WriteProgress::Done => return Ok(true),
+                WriteProgress::Blocked => return Ok(false),
+                WriteProgress::Bounded => {}
             }
         }
     }
 
     /// Writes at most `max_bytes` of `frame` (at least one byte if there is room).
     ///
-    /// [`Progress::Bounded`] means the bound stopped the copy while the ring
+    /// [`WriteProgress::Bounded`] means the bound stopped the copy while the ring
     /// may still have room: call again rather than wait for the reader's
     /// wake-up, which may never come.
     pub fn write_frame_bounded<B: AsRef<[u8]>>(
         &mut self,
         frame: &mut OutFrame<B>,
         max_bytes: usize,
-    ) -> Result<Progress, Error> {
+    ) -> Result<WriteProgress, Error> {
         let mut left = max_bytes.max(1);
         while !frame.is_done() {
             if left == 0 {
-                return Ok(Progress::Bounded);
+                return Ok(WriteProgress::Bounded);
             }
             let ring = &mut self.ring;
             let mut copied = 0;
@@ -150,9 +150,9 @@ impl RingSender {
             }
         }
         Ok(if frame.is_done() {
-            Progress::Done
+            WriteProgress::Done
         } else {
-            Progress::Blocked
+            WriteProgress::Blocked
         })
     }
 
@@ -196,9 +196,9 @@ impl RingReceiver {
     pub fn read_item(&mut self) -> Result<Option<Item>, Error> {
         loop {
             match self.read_item_bounded(usize::MAX)? {
-                Read::Item(item) => return Ok(Some(item)),
-                Read::Empty => return Ok(None),
-                Read::Bounded => {}
+                ReadProgress::Item(item) => return Ok(Some(item)),
+                ReadProgress::Empty => return Ok(None),
+                ReadProgress::Bounded => {}
             }
         }
     }
@@ -206,14 +206,14 @@ impl RingReceiver {
     /// Decodes at most `max_bytes` from the ring (at least one byte if there
     /// is data), returning a frame if one completed.
     ///
-    /// [`Read::Bounded`] means the bound stopped the decoding while the ring
+    /// [`ReadProgress::Bounded`] means the bound stopped the decoding while the ring
     /// may still hold data: call again rather than wait for the writer's
     /// wake-up, which may never come.
-    pub fn read_item_bounded(&mut self, max_bytes: usize) -> Result<Read, Error> {
+    pub fn read_item_bounded(&mut self, max_bytes: usize) -> Result<ReadProgress, Error> {
         let mut left = max_bytes.max(1);
         loop {
             if left == 0 {
-                return Ok(Read::Bounded);
+                return Ok(ReadProgress::Bounded);
             }
             let mut item = None;
             let mut frame_error = None;
@@ -252,10 +252,10 @@ impl RingReceiver {
             }
             left -= consumed;
             if let Some(item) = item {
-                return Ok(Read::Item(item));
+                return Ok(ReadProgress::Item(item));
             }
             if consumed == 0 {
-                return Ok(Read::Empty);
+                return Ok(ReadProgress::Empty);
             }
         }
     }

@@ -17,7 +17,7 @@
 
 use crate::service::{Memory, Outbox, Outgoing, ServiceError, SessionHandler};
 use shmlink_endpoint::frame::OutFrame;
-use shmlink_endpoint::{sys, Endpoint, Item, Progress, Read, Wakeup};
+use shmlink_endpoint::{sys, Endpoint, Item, ReadProgress, Wakeup, WriteProgress};
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -222,9 +222,9 @@ impl Pump {
                     .write_frame_bounded(frame, RING_OP_BYTES)
                     .map_err(ep_err)?
                 {
-                    Progress::Done => {}
-                    Progress::Bounded => continue,
-                    Progress::Blocked => match self.wait(Blocked::Room, slice) {
+                    WriteProgress::Done => {}
+                    WriteProgress::Bounded => continue,
+                    WriteProgress::Blocked => match self.wait(Blocked::Room, slice) {
                         Some(step) => return Ok(step),
                         None => continue,
                     },
@@ -267,7 +267,7 @@ impl Pump {
                 .read_item_bounded(RING_OP_BYTES)
                 .map_err(ep_err)?;
             match read {
-                Read::Item(Item::Message(m)) => {
+                ReadProgress::Item(Item::Message(m)) => {
                     self.waiting_since = None;
                     let t = &self.traffic;
                     t.bytes_to_server.fetch_add(m.len() as u64, Relaxed);
@@ -278,14 +278,14 @@ impl Pump {
                         .on_message(m, &mut self.outbox)
                         .map_err(|e| service_error("service refused input", e))?;
                 }
-                Read::Item(Item::End) => {
+                ReadProgress::Item(Item::End) => {
                     self.waiting_since = None;
                     self.handler
                         .on_end(&mut self.outbox)
                         .map_err(|e| service_error("service failed", e))?;
                 }
-                Read::Bounded => {}
-                Read::Empty => {
+                ReadProgress::Bounded => {}
+                ReadProgress::Empty => {
                     if let Some(step) = self.wait(Blocked::Data, slice) {
                         return Ok(step);
                     }
