@@ -28,6 +28,12 @@ pub mod signals;
 pub mod systemd;
 
 pub use daemon::{Bus, Daemon, DaemonError};
+
+/// Locks `m`, going on with the data if a thread panicked while holding it:
+/// a panicking session is ended alone, and the state it shares stays usable.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 pub use service::{
     prop, Caller, Charge, Memory, Options, Outbox, Service, ServiceError, SessionHandler,
     SessionWaker, StateView,

@@ -1,3 +1,4 @@
+use crate::lock;
 use crate::service::{prop, StateView};
 use crate::{
     Caller, Charge, Memory, Options, Outbox, Service, ServiceError, SessionHandler, SessionWaker,
@@ -6,7 +7,7 @@ use dbus::arg::PropMap;
 use shmlink_interfaces::{option, service};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Undelivered messages a member may have before new ones are dropped for it.
 const INBOX_MESSAGES: usize = 1024;
@@ -14,10 +15,6 @@ const INBOX_MESSAGES: usize = 1024;
 const INBOX_BYTES: usize = 16 << 20;
 /// Longest channel name accepted.
 const MAX_NAME: usize = 255;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Members' inboxes by channel name, then by member id.
 type Groups = Arc<Mutex<HashMap<String, HashMap<u64, Arc<Inbox>>>>>;

@@ -41,7 +41,7 @@ struct SharedTotals(Mutex<Totals>);
 
 impl StateView for SharedTotals {
     fn state(&self) -> PropMap {
-        let t = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let t = crate::lock(&self.0).clone();
         let mut m = PropMap::new();
         m.insert("bytes".into(), prop(t.bytes));
         m.insert("messages".into(), prop(t.messages));
@@ -56,7 +56,7 @@ impl SessionHandler for SinkSession {
         self.tally.messages += 1;
         // Checksum outside the lock; the lock only guards a small copy.
         self.tally.crc.update(&msg);
-        *self.shared.0.lock().unwrap_or_else(|e| e.into_inner()) = self.tally.clone();
+        *crate::lock(&self.shared.0) = self.tally.clone();
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! `org.shmlink.Broker1` at `/org/shmlink/Broker1`: open and list sessions,
 //! the broker's limits, and the `SessionClosed` signal.
 
-use super::{lock, method_err, Shared};
+use super::{method_err, Shared};
+use crate::lock;
 use crate::logcap::{cut, LOGGED_ERROR, LOGGED_STRING};
 use crate::sessions::SessionRecord;
 use dbus::arg::PropMap;

@@ -19,6 +19,7 @@ mod session1;
 pub(crate) use peers::name_owner_changed;
 
 use crate::broker::BrokerError;
+use crate::lock;
 use crate::logcap::{cut, Refusals, LOGGED_ERROR, LOGGED_STRING};
 use crate::sessions::{EndedSession, SessionRecord, Sessions};
 use dbus::blocking::Connection;
@@ -30,7 +31,7 @@ use peers::Peers;
 use shmlink_interfaces::{error, member, BROKER_INTERFACE, BROKER_PATH, SESSION_PATH_PREFIX};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// What the crossroads callbacks share.
@@ -51,10 +52,6 @@ impl Control {
 }
 
 type Shared = Arc<Mutex<Control>>;
-
-fn lock(s: &Shared) -> MutexGuard<'_, Control> {
-    s.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The D-Bus error for a refusal.
 fn method_err(e: &BrokerError) -> MethodErr {

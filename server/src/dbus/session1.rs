@@ -3,8 +3,9 @@
 //! [`SessionRecord`], so reading a property never waits for the worker that
 //! serves the session.
 
-use super::{lock, method_err, retire, Shared};
+use super::{method_err, retire, Shared};
 use crate::broker::BrokerError;
+use crate::lock;
 use crate::sessions::SessionRecord;
 use dbus::arg::PropMap;
 use dbus_crossroads::{Context, Crossroads, IfaceToken, MethodErr, PropContext};

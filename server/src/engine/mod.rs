@@ -18,6 +18,7 @@ mod pump;
 pub(crate) use pump::Traffic;
 use pump::{Pump, Slice, Step, FIRED_DATA, FIRED_HANGUP, FIRED_ROOM};
 
+use crate::lock;
 use crate::service::{SessionHandler, SessionWaker};
 use rustix::event::epoll::{self, EventData, EventFlags};
 use rustix::event::{eventfd, EventfdFlags};
@@ -26,7 +27,7 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 /// epoll token of a worker's own wake-up eventfd.
@@ -71,10 +72,6 @@ impl Mailbox {
         lock(&self.commands).push(c);
         let _ = sys::eventfd_signal(self.wake.as_fd());
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn new_eventfd() -> std::io::Result<OwnedFd> {

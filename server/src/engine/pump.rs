@@ -602,23 +602,9 @@ mod tests {
             }
             client
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut longest = Duration::ZERO;
-        while traffic.messages_to_server.load(Relaxed) == 0 {
-            assert!(Instant::now() < deadline, "the message never completed");
-            let t = Instant::now();
-            let step = pump.run(FIRED_DATA, Slice::starting_now(false));
-            longest = longest.max(t.elapsed());
-            match step {
-                Step::More => {}
-                Step::Idle => {
-                    let fd = [pump.fds()[0]];
-                    let _ =
-                        sys::poll_readable(&fd, Some(Instant::now() + Duration::from_millis(5)));
-                }
-                Step::End(r) => panic!("ended: {r}"),
-            }
-        }
+        let longest = drive(&mut pump, FIRED_DATA, || {
+            traffic.messages_to_server.load(Relaxed) > 0
+        });
         let _client = writer.join().expect("writer");
         assert!(
             longest < Duration::from_millis(60),
@@ -631,6 +617,30 @@ mod tests {
             Some(u64::from(expected_crc)),
             "the message arrived intact"
         );
+    }
+
+    /// Runs `pump` (woken by `fired`, waiting on that fd when idle) until
+    /// `done`, within 30 s; returns the longest single run.
+    fn drive(pump: &mut Pump, fired: u8, mut done: impl FnMut() -> bool) -> Duration {
+        let fd_index = if fired == FIRED_DATA { 0 } else { 1 };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut longest = Duration::ZERO;
+        while !done() {
+            assert!(Instant::now() < deadline, "the transfer never finished");
+            let t = Instant::now();
+            let step = pump.run(fired, Slice::starting_now(false));
+            longest = longest.max(t.elapsed());
+            match step {
+                Step::More => {}
+                Step::Idle => {
+                    let fd = [pump.fds()[fd_index]];
+                    let _ =
+                        sys::poll_readable(&fd, Some(Instant::now() + Duration::from_millis(5)));
+                }
+                Step::End(r) => panic!("ended: {r}"),
+            }
+        }
+        longest
     }
 
     #[test]
@@ -660,23 +670,7 @@ mod tests {
                 assert!(Instant::now() < deadline, "the message never arrived");
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut longest = Duration::ZERO;
-        while !reader.is_finished() {
-            assert!(Instant::now() < deadline, "the pump never finished");
-            let t = Instant::now();
-            let step = pump.run(FIRED_ROOM, Slice::starting_now(false));
-            longest = longest.max(t.elapsed());
-            match step {
-                Step::More => {}
-                Step::Idle => {
-                    let fd = [pump.fds()[1]];
-                    let _ =
-                        sys::poll_readable(&fd, Some(Instant::now() + Duration::from_millis(5)));
-                }
-                Step::End(r) => panic!("ended: {r}"),
-            }
-        }
+        let longest = drive(&mut pump, FIRED_ROOM, || reader.is_finished());
         assert_eq!(reader.join().expect("reader"), 60 * 1024);
         assert!(
             longest < Duration::from_millis(60),
