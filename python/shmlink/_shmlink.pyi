@@ -77,6 +77,8 @@ class Client:
         """Number of sessions open on the broker."""
     def max_message_size(self) -> int:
         """Largest message size the broker allows."""
+    def close_session(self, path: str) -> None:
+        """Ends the session at ``path`` (its owner or root only)."""
     def list_sessions(self) -> list[tuple[str, str, str, int, int]]:
         """Every open session as (path, service, owner bus name, uid, pid)."""
 

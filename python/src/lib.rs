@@ -246,6 +246,12 @@ impl Client {
             .map_err(|e| to_py(py, e))
     }
 
+    /// Ends the session at `path` (D-Bus `Close`; its owner or root only).
+    fn close_session(&self, py: Python<'_>, path: &str) -> PyResult<()> {
+        py.detach(|| self.inner.close_session(path))
+            .map_err(|e| to_py(py, e))
+    }
+
     /// Every open session as (path, service, owner bus name, uid, pid).
     fn list_sessions(&self, py: Python<'_>) -> PyResult<Vec<SessionRow>> {
         let list = py
