@@ -7,11 +7,12 @@ import threading
 import time
 
 import pytest
+from broker import Broker
 
 import shmlink
 
 
-def test_recv_waits_on_the_loop_without_a_thread(broker) -> None:  # type: ignore[no-untyped-def]
+def test_recv_waits_on_the_loop_without_a_thread(broker: Broker) -> None:
     async def main() -> None:
         s = shmlink.AsyncSession(broker.client().open("echo"))
         threads = threading.active_count()
@@ -28,7 +29,7 @@ def test_recv_waits_on_the_loop_without_a_thread(broker) -> None:  # type: ignor
     asyncio.run(main())
 
 
-def test_echo_with_concurrent_sender_and_receiver(broker) -> None:  # type: ignore[no-untyped-def]
+def test_echo_with_concurrent_sender_and_receiver(broker: Broker) -> None:
     messages = [bytes([i % 256]) * (i * 997 % 200_000) for i in range(200)]
 
     async def main() -> None:
@@ -48,7 +49,7 @@ def test_echo_with_concurrent_sender_and_receiver(broker) -> None:  # type: igno
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def test_async_iteration_of_source(broker) -> None:  # type: ignore[no-untyped-def]
+def test_async_iteration_of_source(broker: Broker) -> None:
     async def main() -> list[bytes]:
         client = shmlink.Client(broker.address)
         s = await client.open_async("source", options={"count": 4, "message-size": 100})
@@ -59,7 +60,7 @@ def test_async_iteration_of_source(broker) -> None:  # type: ignore[no-untyped-d
     assert got == [bytes((i + j) % 251 for j in range(100)) for i in range(4)]
 
 
-def test_recv_timeout(broker) -> None:  # type: ignore[no-untyped-def]
+def test_recv_timeout(broker: Broker) -> None:
     async def main() -> None:
         client = shmlink.Client(broker.address)
         async with await client.open_async("echo", timeout=0.1) as s:
@@ -73,7 +74,7 @@ def test_recv_timeout(broker) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(main())
 
 
-def test_ended_by_the_broker_wakes_a_waiting_recv(broker) -> None:  # type: ignore[no-untyped-def]
+def test_ended_by_the_broker_wakes_a_waiting_recv(broker: Broker) -> None:
     async def main() -> None:
         client = shmlink.Client(broker.address)
         s = await client.open_async("echo")
@@ -88,7 +89,7 @@ def test_ended_by_the_broker_wakes_a_waiting_recv(broker) -> None:  # type: igno
     asyncio.run(main())
 
 
-def test_one_receiver_at_a_time(broker) -> None:  # type: ignore[no-untyped-def]
+def test_one_receiver_at_a_time(broker: Broker) -> None:
     async def main() -> None:
         client = shmlink.Client(broker.address)
         async with await client.open_async("echo") as s:
@@ -102,7 +103,7 @@ def test_one_receiver_at_a_time(broker) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(main())
 
 
-def test_open_async_refused(broker) -> None:  # type: ignore[no-untyped-def]
+def test_open_async_refused(broker: Broker) -> None:
     async def main() -> None:
         with pytest.raises(shmlink.UnknownServiceError):
             await shmlink.Client(broker.address).open_async("nope")

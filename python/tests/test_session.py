@@ -10,9 +10,11 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
+from broker import Broker
 
 import shmlink
 
@@ -109,7 +111,7 @@ def test_invalid_options(client: shmlink.Client) -> None:
         client.open("echo", wakeup="nap")  # type: ignore[arg-type]
 
 
-def test_limit_exceeded(make_broker) -> None:  # type: ignore[no-untyped-def]
+def test_limit_exceeded(make_broker: Callable[..., Broker]) -> None:
     client = make_broker(["--sessions-per-connection", "1"]).client()
     with client.open("echo"):
         with pytest.raises(shmlink.LimitExceededError, match="sessions_per_connection") as e:
@@ -133,7 +135,7 @@ with client.open("echo") as s:  # other services stay open to this user
 """
 
 
-def test_access_denied(make_broker) -> None:  # type: ignore[no-untyped-def]
+def test_access_denied(make_broker: Callable[..., Broker]) -> None:
     broker = make_broker(config="[services.sink]\nallow_users = [4242]\n")
     # Root may use every service: check as nobody (uid 65534) when root.
     prefix = [] if os.getuid() != 0 else [
@@ -179,7 +181,7 @@ def test_closed_by_this_side(client: shmlink.Client) -> None:
     assert all(row[0] != path for row in client.list_sessions())
 
 
-def test_ended_by_the_broker(client: shmlink.Client, broker) -> None:  # type: ignore[no-untyped-def]
+def test_ended_by_the_broker(client: shmlink.Client, broker: Broker) -> None:
     s = client.open("echo")
     s.send(b"sent before the end")
     # Wait (with a deadline) until echo answered, so the answer is in the ring.
