@@ -350,21 +350,11 @@ impl Session {
         })
     }
 
-    /// Runs a blocking call `f` on one half with the GIL released, in
-    /// slices of at most [`SIGNAL_CHECK`] so that Ctrl-C (a pending signal)
-    /// interrupts it, until it completes or the session's timeout passes.
-    fn blocking<H, T>(
-        &self,
-        py: Python<'_>,
-        what: &str,
-        half: &Mutex<Option<H>>,
-        set_timeout: fn(&mut H, Option<Duration>),
-        mut f: impl FnMut(&mut H) -> Result<T, shmlink::Error> + Send,
-    ) -> PyResult<T>
-    where
-        H: Send,
-        T: Send,
-    {
+    /// Receives with the GIL released, in slices of at most
+    /// [`SIGNAL_CHECK`] so that Ctrl-C (a pending signal) interrupts the
+    /// wait, until a message comes or the session's timeout passes. A
+    /// receive that timed out leaves the session intact, so slicing is safe.
+    fn recv_blocking(&self, py: Python<'_>) -> PyResult<Option<Vec<u8>>> {
         let limit = *lock(&self.timeout);
         let deadline = limit.map(|t| Instant::now() + t);
         loop {
@@ -375,10 +365,10 @@ impl Session {
                 None => SIGNAL_CHECK,
             };
             let r = py.detach(|| {
-                let mut guard = lock(half);
-                let h = guard.as_mut().ok_or(None)?;
-                set_timeout(h, Some(slice));
-                f(h).map_err(Some)
+                let mut guard = lock(&self.rx);
+                let rx = guard.as_mut().ok_or(None)?;
+                rx.set_timeout(Some(slice));
+                rx.recv().map_err(Some)
             });
             match r {
                 Ok(v) => return Ok(v),
@@ -387,7 +377,7 @@ impl Session {
                     py.check_signals()?;
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(TimeoutError::new_err(format!(
-                            "{what} {} timed out after {:.3} s",
+                            "receiving from {} timed out after {} s",
                             self.info.service,
                             limit.unwrap_or_default().as_secs_f64()
                         )));
@@ -398,14 +388,42 @@ impl Session {
         }
     }
 
+    /// Runs a send or finish with the GIL released, waiting for room as long
+    /// as the session's timeout allows. A timeout may strike after part of
+    /// the frame went into the ring, and the rest cannot follow later, so
+    /// the session stops sending then (receiving still works).
+    fn send_blocking(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut SessionSender) -> Result<(), shmlink::Error> + Send,
+    ) -> PyResult<()> {
+        let limit = *lock(&self.timeout);
+        let r = py.detach(|| {
+            let mut guard = lock(&self.tx);
+            let tx = guard.as_mut().ok_or(None)?;
+            tx.set_timeout(limit);
+            let r = f(tx);
+            if r.as_ref().is_err_and(shmlink::Error::is_timeout) {
+                guard.take();
+            }
+            r.map_err(Some)
+        });
+        match r {
+            Ok(()) => Ok(()),
+            Err(None) => Err(ClosedError::new_err(if lock(&self.rx).is_some() {
+                "this session can no longer send: a send timed out part-way"
+            } else {
+                "the session is closed"
+            })),
+            Err(Some(e)) if e.is_timeout() => Err(TimeoutError::new_err(format!(
+                "{e}; the message may be partly sent, so this session can no longer send"
+            ))),
+            Err(Some(e)) => Err(to_py(py, e)),
+        }
+    }
+
     fn send_bytes(&self, py: Python<'_>, msg: &[u8]) -> PyResult<()> {
-        self.blocking(
-            py,
-            "sending to",
-            &self.tx,
-            SessionSender::set_timeout,
-            |tx| tx.send(msg),
-        )
+        self.send_blocking(py, |tx| tx.send(msg))
     }
 }
 
@@ -512,24 +530,12 @@ impl Session {
 
     /// Tells the service this side will send nothing more (end of stream).
     fn finish(&self, py: Python<'_>) -> PyResult<()> {
-        self.blocking(
-            py,
-            "sending to",
-            &self.tx,
-            SessionSender::set_timeout,
-            |tx| tx.finish(),
-        )
+        self.send_blocking(py, SessionSender::finish)
     }
 
     /// Receives the next message; None once the service finished sending.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let m = self.blocking(
-            py,
-            "receiving from",
-            &self.rx,
-            SessionReceiver::set_timeout,
-            |rx| rx.recv(),
-        )?;
+        let m = self.recv_blocking(py)?;
         Ok(m.map(|m| PyBytes::new(py, &m)))
     }
 

@@ -167,6 +167,23 @@ def test_recv_times_out_and_the_session_survives(client: shmlink.Client) -> None
         assert s.recv() == b"still there"
 
 
+def test_a_send_that_timed_out_stops_the_sending_side_only(client: shmlink.Client) -> None:
+    message = bytes(range(256)) * 4096  # 1 MiB
+    with client.open("echo", capacity=1 << 16, timeout=0.2) as s:
+        # Nobody reads the echoes: the rings and the broker's bounded
+        # buffers fill up, and a send stops making progress.
+        sent = 0
+        with pytest.raises(shmlink.TimeoutError, match="can no longer send"):
+            while sent < 1000:
+                s.send(message)
+                sent += 1
+        assert 0 < sent < 1000
+        with pytest.raises(shmlink.ClosedError, match="can no longer send"):
+            s.send(b"x")
+        # What was sent whole comes back whole.
+        assert s.recv() == message
+
+
 def test_closed_by_this_side(client: shmlink.Client) -> None:
     s = client.open("echo")
     path = s.path
