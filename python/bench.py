@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-from broker import Broker, find_binary  # noqa: E402
+from broker import Broker, find_binary, find_daemon  # noqa: E402
 
 import shmlink  # noqa: E402
 
@@ -63,7 +63,7 @@ def rust_sink(shmlink_cli: Path, address: str, quick: bool) -> float:
         args.append("--quick")
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     rows = json.loads(out)["throughput"]
-    return next(r["bytes_per_sec"] for r in rows if r["transport"] == "shmlink sink" and r["size"] == SIZE)
+    return float(next(r["bytes_per_sec"] for r in rows if r["transport"] == "shmlink sink" and r["size"] == SIZE))
 
 
 def main() -> None:
@@ -75,7 +75,7 @@ def main() -> None:
 
     cli = find_binary("shmlink")
     broker = Broker([])
-    print(f"shmlinkd {broker.daemon.args[0]}\nshmlink  {cli}\nmodule   {shmlink._shmlink.__file__}")
+    print(f"shmlinkd {find_daemon()}\nshmlink  {cli}\nmodule   {shmlink._shmlink.__file__}")
     client = broker.client()
     as_bytes = bytes(range(256)) * (SIZE // 256)
     as_numpy = np.frombuffer(as_bytes, dtype=np.uint8).copy()

@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _shmlink
 from ._shmlink import (
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
         from collections.abc import Buffer
     else:
         from typing_extensions import Buffer
+
+T = TypeVar("T")
 
 __all__ = [
     "AccessDeniedError",
@@ -182,7 +185,8 @@ class AsyncSession:
         """The service's own state (see :meth:`Session.service_state`)."""
         return await self._blocking(self.session.service_state)
 
-    async def _blocking(self, f: Any, *args: Any) -> Any:
+    async def _blocking(self, f: Callable[..., T], *args: Any) -> T:
+        """Runs a call that may block in the loop's default executor."""
         return await asyncio.get_running_loop().run_in_executor(None, f, *args)
 
     async def __aenter__(self) -> AsyncSession:

@@ -11,6 +11,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def source_message(i: int, size: int) -> bytes:
 def test_echo_round_trip_of_every_bytes_like(client: shmlink.Client) -> None:
     floats = np.arange(1000, dtype=np.float64)
     grid = np.arange(64, dtype=np.uint16).reshape(8, 8)
-    payloads = [
+    payloads: list[tuple[Any, bytes]] = [
         (b"frame 1", b"frame 1"),
         (bytearray(b"mutable"), b"mutable"),
         (memoryview(b"0123456789")[2:7], b"23456"),
