@@ -1,5 +1,6 @@
 """The native part of shmlink (PyO3 over the Rust client library)."""
 
+import builtins
 import sys
 from collections.abc import Iterator
 from types import TracebackType
@@ -37,8 +38,9 @@ class AccessDeniedError(RefusedError):
 class UnknownSessionError(RefusedError):
     """The session does not exist (any more)."""
 
-class TimeoutError(Error):
-    """A D-Bus call or a blocking session call made no progress within its timeout."""
+class TimeoutError(Error, builtins.TimeoutError):
+    """A D-Bus call or a blocking session call made no progress within its timeout
+    (also a built-in ``TimeoutError``)."""
 
 class ClosedError(Error):
     """The session is over: closed by this side, or ended by the broker."""

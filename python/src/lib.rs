@@ -12,7 +12,8 @@ use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyMemoryView, PyString};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyMemoryView, PyString, PyType};
 use shmlink::{Bus, Item, SessionBuilder, SessionReceiver, SessionSender, Wakeup};
 use shmlink_endpoint::sys::{self, HangupState};
 use shmlink_interfaces::{error as dbus_error, option};
@@ -70,12 +71,6 @@ create_exception!(
 );
 create_exception!(
     shmlink,
-    TimeoutError,
-    Error,
-    "A D-Bus call or a blocking session call made no progress within its timeout."
-);
-create_exception!(
-    shmlink,
     ClosedError,
     Error,
     "The session is over: closed by this side, or ended by the broker."
@@ -86,6 +81,38 @@ create_exception!(
     Error,
     "The broker broke the contract: a bad reply, a corrupt ring or frame, a bad fd, an offer over this side's limits."
 );
+
+/// `shmlink.TimeoutError`: a subclass of both [`Error`] and the built-in
+/// `TimeoutError`, so `except TimeoutError` catches it whichever of the two
+/// names is in scope. Made once, at module initialisation.
+static TIMEOUT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// Creates `shmlink.TimeoutError` (see [`TIMEOUT_ERROR`]).
+fn timeout_type(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    let ty = TIMEOUT_ERROR.get_or_try_init(py, || -> PyResult<Py<PyType>> {
+        let builtins = py.import("builtins")?;
+        let attrs = PyDict::new(py);
+        attrs.set_item("__module__", "shmlink")?;
+        attrs.set_item(
+            "__doc__",
+            "A D-Bus call or a blocking session call made no progress within its timeout.",
+        )?;
+        let bases = (py.get_type::<Error>(), builtins.getattr("TimeoutError")?);
+        let ty = builtins
+            .getattr("type")?
+            .call1(("TimeoutError", bases, attrs))?;
+        Ok(ty.cast_into::<PyType>()?.unbind())
+    })?;
+    Ok(ty.bind(py))
+}
+
+/// A `shmlink.TimeoutError` with `message`.
+fn timeout_err(py: Python<'_>, message: String) -> PyErr {
+    match timeout_type(py) {
+        Ok(ty) => PyErr::from_type(ty.clone(), message),
+        Err(e) => e,
+    }
+}
 
 /// How long a blocking call waits at most before it looks for a pending
 /// signal (Ctrl-C) and, if none, waits again.
@@ -112,9 +139,9 @@ fn to_py(py: Python<'_>, e: shmlink::Error) -> PyErr {
             let _ = err.value(py).setattr("dbus_name", name);
             err
         }
-        shmlink::Error::TimedOut { .. } => TimeoutError::new_err(text),
+        shmlink::Error::TimedOut { .. } => timeout_err(py, text),
         shmlink::Error::Session(E::Closed) => ClosedError::new_err(text),
-        shmlink::Error::Session(E::TimedOut) => TimeoutError::new_err(text),
+        shmlink::Error::Session(E::TimedOut) => timeout_err(py, text),
         shmlink::Error::Session(E::TooLarge { .. } | E::AlreadyFinished) => {
             PyValueError::new_err(text)
         }
@@ -376,11 +403,14 @@ impl Session {
                 Err(Some(e)) if e.is_timeout() => {
                     py.check_signals()?;
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(TimeoutError::new_err(format!(
-                            "receiving from {} timed out after {} s",
-                            self.info.service,
-                            limit.unwrap_or_default().as_secs_f64()
-                        )));
+                        return Err(timeout_err(
+                            py,
+                            format!(
+                                "receiving from {} timed out after {} s",
+                                self.info.service,
+                                limit.unwrap_or_default().as_secs_f64()
+                            ),
+                        ));
                     }
                 }
                 Err(Some(e)) => return Err(to_py(py, e)),
@@ -415,9 +445,10 @@ impl Session {
             } else {
                 "the session is closed"
             })),
-            Err(Some(e)) if e.is_timeout() => Err(TimeoutError::new_err(format!(
-                "{e}; the message may be partly sent, so this session can no longer send"
-            ))),
+            Err(Some(e)) if e.is_timeout() => Err(timeout_err(
+                py,
+                format!("{e}; the message may be partly sent, so this session can no longer send"),
+            )),
             Err(Some(e)) => Err(to_py(py, e)),
         }
     }
@@ -689,7 +720,7 @@ fn _shmlink(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("LimitExceededError", py.get_type::<LimitExceededError>())?;
     m.add("AccessDeniedError", py.get_type::<AccessDeniedError>())?;
     m.add("UnknownSessionError", py.get_type::<UnknownSessionError>())?;
-    m.add("TimeoutError", py.get_type::<TimeoutError>())?;
+    m.add("TimeoutError", timeout_type(py)?)?;
     m.add("ClosedError", py.get_type::<ClosedError>())?;
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
     Ok(())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import builtins
 import os
 import signal
 import subprocess
@@ -160,9 +161,11 @@ def test_connect_error() -> None:
 def test_recv_times_out_and_the_session_survives(client: shmlink.Client) -> None:
     with client.open("echo", timeout=0.2) as s:
         start = time.monotonic()
-        with pytest.raises(shmlink.TimeoutError, match="receiving from echo"):
+        with pytest.raises(shmlink.TimeoutError, match="receiving from echo") as e:
             s.recv()
         assert time.monotonic() - start >= 0.2
+        assert isinstance(e.value, shmlink.Error)
+        assert isinstance(e.value, builtins.TimeoutError)
         s.timeout = None
         s.send(b"still there")
         assert s.recv() == b"still there"
