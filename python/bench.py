@@ -1,4 +1,4 @@
-"""Throughput of 64 KiB messages into `sink`: the Python package beside the
+"""Throughput of 64 KiB messages (or, with --all-sizes, 64 B to 1 MiB) into `sink`: the Python package beside the
 Rust client, against one private shmlinkd, in the same run.
 
 Build both in release mode first (the numbers of a debug build mean little):
@@ -32,11 +32,11 @@ from broker import Broker, find_binary, find_daemon  # noqa: E402
 
 import shmlink  # noqa: E402
 
-SIZE = 64 << 10
 RING = 1 << 20
+SIZES = (64, 4 << 10, 64 << 10, 1 << 20)  # the Rust bench's sizes
 
 
-def python_sink(client: shmlink.Client, msg: object, seconds: float) -> float:
+def python_sink(client: shmlink.Client, msg: bytes | np.ndarray, seconds: float) -> float:
     """Bytes per second `Session.send` streams `msg` into a sink session."""
     with client.open("sink", capacity=RING) as s:
         send: Callable[[object], None] = s.send  # type: ignore[assignment]
@@ -52,18 +52,19 @@ def python_sink(client: shmlink.Client, msg: object, seconds: float) -> float:
         assert s.recv() is None
         elapsed = time.perf_counter() - start
         state = s.service_state()
-    assert state["bytes"] == n * SIZE, state
-    return n * SIZE / elapsed
+    size = len(msg) if isinstance(msg, bytes) else msg.nbytes
+    assert state["bytes"] == n * size, state
+    return n * size / elapsed
 
 
-def rust_sink(shmlink_cli: Path, address: str, quick: bool) -> float:
-    """Bytes per second of the Rust client's `shmlink sink` row at 64 KiB."""
+def rust_sink(shmlink_cli: Path, address: str, quick: bool) -> dict[int, float]:
+    """Bytes per second of the Rust client's `shmlink sink` rows, by message size."""
     args = [str(shmlink_cli), "bench", "--bus", address, "--only", "throughput", "--json"]
     if quick:
         args.append("--quick")
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     rows = json.loads(out)["throughput"]
-    return float(next(r["bytes_per_sec"] for r in rows if r["transport"] == "shmlink sink" and r["size"] == SIZE))
+    return {int(r["size"]): float(r["bytes_per_sec"]) for r in rows if r["transport"] == "shmlink sink"}
 
 
 def main() -> None:
@@ -71,28 +72,36 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=1.0, help="per Python measurement")
     ap.add_argument("--full", action="store_true", help="the Rust bench without --quick")
+    ap.add_argument("--all-sizes", action="store_true", help="64 B, 4 KiB, 64 KiB and 1 MiB (default: 64 KiB)")
     args = ap.parse_args()
 
     cli = find_binary("shmlink")
     broker = Broker([])
     print(f"shmlinkd {find_daemon()}\nshmlink  {cli}\nmodule   {shmlink._shmlink.__file__}")
     client = broker.client()
-    as_bytes = bytes(range(256)) * (SIZE // 256)
-    as_numpy = np.frombuffer(as_bytes, dtype=np.uint8).copy()
-    results: dict[str, list[float]] = {"rust": [], "python bytes": [], "python numpy": []}
+    sizes = SIZES if args.all_sizes else (64 << 10,)
+    results: dict[int, dict[str, list[float]]] = {
+        size: {"rust": [], "python bytes": [], "python numpy": []} for size in sizes
+    }
     try:
         for r in range(args.rounds):
-            results["rust"].append(rust_sink(cli, broker.address, not args.full))
-            results["python bytes"].append(python_sink(client, as_bytes, args.seconds))
-            results["python numpy"].append(python_sink(client, as_numpy, args.seconds))
-            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1] / 1e9:.2f} GB/s" for k, v in results.items()))
+            rust = rust_sink(cli, broker.address, not args.full)
+            for size in sizes:
+                as_bytes = bytes(i % 251 for i in range(size))
+                as_numpy = np.frombuffer(as_bytes, dtype=np.uint8).copy()
+                res = results[size]
+                res["rust"].append(rust[size])
+                res["python bytes"].append(python_sink(client, as_bytes, args.seconds))
+                res["python numpy"].append(python_sink(client, as_numpy, args.seconds))
+                print(f"round {r + 1}, {size} B: " + ", ".join(f"{k} {v[-1] / 1e9:.2f} GB/s" for k, v in res.items()))
     finally:
         broker.stop()
-    rust = statistics.median(results["rust"])
-    print(f"\nmedian of {args.rounds} rounds, 64 KiB messages into sink, 1 MiB rings, park mode:")
-    for k, v in results.items():
-        m = statistics.median(v)
-        print(f"  {k:13} {m / 1e9:6.2f} GB/s  ({m / rust:.0%} of the Rust client)")
+    print(f"\nmedian of {args.rounds} rounds, messages into sink, 1 MiB rings, park mode:")
+    for size, res in results.items():
+        rust_median = statistics.median(res["rust"])
+        for k, v in res.items():
+            m = statistics.median(v)
+            print(f"  {size:>8} B  {k:13} {m / 1e9:6.2f} GB/s  ({m / rust_median:.0%} of the Rust client)")
 
 
 if __name__ == "__main__":
