@@ -17,7 +17,7 @@ use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyMemoryView, PyString, PyType
 use shmlink::{Bus, Item, SessionBuilder, SessionReceiver, SessionSender, Wakeup};
 use shmlink_endpoint::sys::{self, HangupState};
 use shmlink_interfaces::{error as dbus_error, option};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -330,9 +330,11 @@ struct Info {
     send_capacity: u64,
 }
 
-/// The fds an event loop waits on, duplicated from the session's own so
-/// they stay valid while the halves are in use elsewhere.
-struct EventFds {
+/// The receiving half with the fds an event loop waits on, duplicated from
+/// the session's own before it was split; closed with the half (the broker
+/// sees the hang-up once every copy of that socket is closed).
+struct Receiving {
+    rx: SessionReceiver,
     readable: OwnedFd,
     hangup: OwnedFd,
 }
@@ -344,9 +346,8 @@ struct EventFds {
 #[pyclass(module = "shmlink._shmlink")]
 struct Session {
     tx: Mutex<Option<SessionSender>>,
-    rx: Mutex<Option<SessionReceiver>>,
+    rx: Mutex<Option<Receiving>>,
     info: Info,
-    fds: EventFds,
     timeout: Mutex<Option<Duration>>,
 }
 
@@ -357,10 +358,7 @@ impl Session {
             fd.try_clone_to_owned()
                 .map_err(|e| Error::new_err(format!("cannot duplicate a session fd: {e}")))
         };
-        let fds = EventFds {
-            readable: dup(s.readable_fd())?,
-            hangup: dup(s.hangup_fd())?,
-        };
+        let (readable, hangup) = (dup(s.readable_fd())?, dup(s.hangup_fd())?);
         let info = Info {
             path: s.path().to_owned(),
             service: s.service().to_owned(),
@@ -370,9 +368,12 @@ impl Session {
         let (tx, rx) = s.split();
         Ok(Session {
             tx: Mutex::new(Some(tx)),
-            rx: Mutex::new(Some(rx)),
+            rx: Mutex::new(Some(Receiving {
+                rx,
+                readable,
+                hangup,
+            })),
             info,
-            fds,
             timeout: Mutex::new(timeout),
         })
     }
@@ -393,7 +394,7 @@ impl Session {
             };
             let r = py.detach(|| {
                 let mut guard = lock(&self.rx);
-                let rx = guard.as_mut().ok_or(None)?;
+                let rx = &mut guard.as_mut().ok_or(None)?.rx;
                 rx.set_timeout(Some(slice));
                 rx.recv().map_err(Some)
             });
@@ -605,7 +606,7 @@ impl Session {
         let (rx, tx) = py.detach(|| (lock(&self.rx).take(), lock(&self.tx).take()));
         let Some(rx) = rx else { return Ok(()) };
         let r = py.detach(move || {
-            let r = rx.close();
+            let r = rx.rx.close();
             drop(tx);
             r
         });
@@ -617,7 +618,7 @@ impl Session {
     /// messages_to_client.
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = py
-            .detach(|| lock(&self.rx).as_ref().map(|rx| rx.counters()))
+            .detach(|| lock(&self.rx).as_ref().map(|r| r.rx.counters()))
             .ok_or_else(closed)?
             .map_err(|e| to_py(py, e))?;
         let d = PyDict::new(py);
@@ -631,7 +632,7 @@ impl Session {
     /// The service's own state (for `sink`: bytes, messages, crc32).
     fn service_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let state = py
-            .detach(|| lock(&self.rx).as_ref().map(|rx| rx.service_state()))
+            .detach(|| lock(&self.rx).as_ref().map(|r| r.rx.service_state()))
             .ok_or_else(closed)?
             .map_err(|e| to_py(py, e))?;
         let d = PyDict::new(py);
@@ -653,14 +654,16 @@ impl Session {
     }
 
     /// For event loops: an fd that becomes readable when data arrives.
-    fn _readable_fd(&self) -> i32 {
-        self.fds.readable.as_raw_fd()
+    fn _readable_fd(&self) -> PyResult<i32> {
+        let guard = lock(&self.rx);
+        Ok(guard.as_ref().ok_or_else(closed)?.readable.as_raw_fd())
     }
 
     /// For event loops: an fd that becomes readable when the broker ended
     /// the session.
-    fn _hangup_fd(&self) -> i32 {
-        self.fds.hangup.as_raw_fd()
+    fn _hangup_fd(&self) -> PyResult<i32> {
+        let guard = lock(&self.rx);
+        Ok(guard.as_ref().ok_or_else(closed)?.hangup.as_raw_fd())
     }
 
     /// Without waiting: `(True, message)`, `(True, None)` at end of stream,
@@ -670,13 +673,17 @@ impl Session {
     /// can wait for it.
     fn _try_recv<'py>(&self, py: Python<'py>) -> PyResult<(bool, Option<Bound<'py, PyBytes>>)> {
         let mut guard = lock(&self.rx);
-        let rx = guard.as_mut().ok_or_else(closed)?;
-        sys::eventfd_drain(self.fds.readable.as_fd_borrowed())
+        let Receiving {
+            rx,
+            readable,
+            hangup,
+        } = guard.as_mut().ok_or_else(closed)?;
+        sys::eventfd_drain(readable.as_fd())
             .map_err(|e| to_py(py, shmlink_endpoint::Error::Io(e).into()))?;
         match rx.try_recv().map_err(|e| to_py(py, e))? {
             Some(Item::Message(m)) => Ok((true, Some(PyBytes::new(py, &m)))),
             Some(Item::End) => Ok((true, None)),
-            None => match sys::hangup_state(self.fds.hangup.as_fd_borrowed()) {
+            None => match sys::hangup_state(hangup.as_fd()) {
                 Ok(HangupState::Open) => Ok((false, None)),
                 Ok(HangupState::Closed) => {
                     // Data that came just before the hang-up is still ours.
@@ -692,17 +699,6 @@ impl Session {
                 Err(e) => Err(to_py(py, shmlink_endpoint::Error::Io(e).into())),
             },
         }
-    }
-}
-
-/// Borrowing an owned fd under a short name.
-trait AsFdBorrowed {
-    fn as_fd_borrowed(&self) -> std::os::fd::BorrowedFd<'_>;
-}
-
-impl AsFdBorrowed for OwnedFd {
-    fn as_fd_borrowed(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(self)
     }
 }
 

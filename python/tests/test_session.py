@@ -199,7 +199,20 @@ def test_closed_by_this_side(client: shmlink.Client) -> None:
         s.send(b"x")
     with pytest.raises(shmlink.ClosedError):
         s.recv()
+    with pytest.raises(shmlink.ClosedError):
+        s._readable_fd()
     assert all(row[0] != path for row in client.list_sessions())
+
+
+def test_dropping_a_session_ends_it_on_the_broker(client: shmlink.Client) -> None:
+    s = client.open("echo")
+    path = s.path
+    assert any(row[0] == path for row in client.list_sessions())
+    del s  # no close(): the hang-up socket closes with the object
+    deadline = time.monotonic() + 10
+    while any(row[0] == path for row in client.list_sessions()):
+        assert time.monotonic() < deadline, "the broker kept a dropped session"
+        time.sleep(0.01)
 
 
 def test_ended_by_the_broker(client: shmlink.Client, broker: Broker) -> None:
