@@ -3,7 +3,8 @@
 //! This crate is the single source of truth for every name that crosses the
 //! bus: the well-known name, object paths, interface and member names, option
 //! and parameter keys, error names and the default limits. The introspection
-//! XML beside it (`org.shmlink.Broker1.xml`, `org.shmlink.Session1.xml`) is
+//! XML beside it (`org.shmlink.Broker1.xml`, `org.shmlink.Session1.xml`,
+//! `org.shmlink.Provider1.xml`) is
 //! embedded here so that tests can compare it with a live daemon, and
 //! `DATA-PLANE.md` documents what flows through the rings.
 #![deny(missing_docs)]
@@ -17,6 +18,8 @@ pub const BUS_NAME: &str = "org.shmlink.Broker1";
 pub const BROKER_PATH: &str = "/org/shmlink/Broker1";
 /// Interface of the broker object.
 pub const BROKER_INTERFACE: &str = "org.shmlink.Broker1";
+/// Interface a provider process exports for the broker to call.
+pub const PROVIDER_INTERFACE: &str = "org.shmlink.Provider1";
 /// Interface of each session object.
 pub const SESSION_INTERFACE: &str = "org.shmlink.Session1";
 /// Session objects live at this prefix followed by a decimal number.
@@ -26,6 +29,8 @@ pub const SESSION_PATH_PREFIX: &str = "/org/shmlink/Broker1/session/";
 pub const BROKER_XML: &str = include_str!("../org.shmlink.Broker1.xml");
 /// Introspection XML of `org.shmlink.Session1`, with documentation.
 pub const SESSION_XML: &str = include_str!("../org.shmlink.Session1.xml");
+/// Introspection XML of `org.shmlink.Provider1`, with documentation.
+pub const PROVIDER_XML: &str = include_str!("../org.shmlink.Provider1.xml");
 
 /// Bytes shmem-ipc reserves at the start of each ring's memfd (the shared
 /// `count` and padding); ring data starts at this offset.
@@ -66,6 +71,14 @@ pub mod member {
     pub const OPEN_SESSION: &str = "OpenSession";
     /// Broker method that lists open sessions.
     pub const LIST_SESSIONS: &str = "ListSessions";
+    /// Broker method with which a provider offers a service.
+    pub const REGISTER_SERVICE: &str = "RegisterService";
+    /// Broker method with which a provider withdraws a service.
+    pub const UNREGISTER_SERVICE: &str = "UnregisterService";
+    /// Broker method that lists services with their providers.
+    pub const LIST_SERVICES: &str = "ListServices";
+    /// Provider method the broker calls to hand over a session.
+    pub const ACCEPT_SESSION: &str = "AcceptSession";
     /// Broker signal emitted when a session ends.
     pub const SESSION_CLOSED: &str = "SessionClosed";
     /// Broker property: version string.
@@ -126,6 +139,18 @@ pub mod param {
     pub const SPIN_US: &str = "spin-us";
 }
 
+/// Keys of the `caller` dictionary of `Provider1.AcceptSession`.
+pub mod caller {
+    /// The client's uid (`u`).
+    pub const UID: &str = "uid";
+    /// The client's pid (`u`).
+    pub const PID: &str = "pid";
+    /// The client's primary and supplementary gids (`au`).
+    pub const GIDS: &str = "gids";
+    /// The client's unique bus name (`s`).
+    pub const BUS_NAME: &str = "bus-name";
+}
+
 /// Values of the `wakeup` option.
 pub mod wakeup {
     /// Block on the eventfd as soon as the ring has nothing to do (default).
@@ -150,10 +175,22 @@ pub mod error {
     pub const ACCESS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
     /// The broker failed for a reason of its own (out of memory, fds, ...).
     pub const INTERNAL: &str = "org.shmlink.Error.Internal";
+    /// `RegisterService`: a built-in service or another registration has the name.
+    pub const NAME_TAKEN: &str = "org.shmlink.Error.NameTaken";
+    /// A provider refused the session with an error outside this list; the
+    /// message gives its reason.
+    pub const REFUSED: &str = "org.shmlink.Error.Refused";
+    /// The provider did not answer `AcceptSession` in time, left the bus, or
+    /// answered wrongly.
+    pub const PROVIDER_UNAVAILABLE: &str = "org.shmlink.Error.ProviderUnavailable";
 }
 
 /// Default and hard limits shared by both sides.
 pub mod limits {
+    /// How long the broker waits for a provider's `AcceptSession` answer by default.
+    pub const DEFAULT_ACCEPT_TIMEOUT_MS: u64 = 5_000;
+    /// Longest service name `RegisterService` accepts, in bytes.
+    pub const MAX_SERVICE_NAME: usize = 255;
     /// Ring capacity when the client does not ask for one.
     pub const DEFAULT_CAPACITY: u64 = 1 << 20;
     /// Smallest ring capacity a broker accepts.
@@ -204,6 +241,9 @@ mod tests {
             member::SESSION_COUNT,
             member::MAX_CAPACITY,
             member::MAX_MESSAGE_SIZE,
+            member::REGISTER_SERVICE,
+            member::UNREGISTER_SERVICE,
+            member::LIST_SERVICES,
             BROKER_INTERFACE,
         ] {
             assert!(
@@ -229,6 +269,12 @@ mod tests {
                 "{name} missing from Session1 XML"
             );
         }
+        for name in [member::ACCEPT_SESSION, PROVIDER_INTERFACE] {
+            assert!(
+                PROVIDER_XML.contains(&format!("\"{name}\"")),
+                "{name} missing from Provider1 XML"
+            );
+        }
         for name in [
             error::UNKNOWN_SERVICE,
             error::INVALID_OPTION,
@@ -236,6 +282,9 @@ mod tests {
             error::LIMIT_EXCEEDED,
             error::ACCESS_DENIED,
             error::INTERNAL,
+            error::NAME_TAKEN,
+            error::REFUSED,
+            error::PROVIDER_UNAVAILABLE,
         ] {
             assert!(
                 BROKER_XML.contains(name),

@@ -6,6 +6,7 @@ mod async_api;
 mod bad_input;
 mod channels;
 mod concurrency;
+mod downstream;
 mod echo;
 mod freeze;
 mod hostile;
