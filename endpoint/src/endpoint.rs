@@ -1074,6 +1074,9 @@ mod tests {
         )
         .expect("the provider's side, roles swapped");
         client.send(b"across").expect("send");
-        assert_eq!(server.recv().expect("recv").as_deref(), Some(&b"across"[..]));
+        assert_eq!(
+            server.recv().expect("recv").as_deref(),
+            Some(&b"across"[..])
+        );
     }
 }
