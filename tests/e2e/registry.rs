@@ -479,3 +479,78 @@ fn a_session_ended_at_the_broker_closes_the_providers_link() {
     drop(s);
     nothing_charged(&h);
 }
+
+#[test]
+fn a_provider_closing_its_link_alone_ends_the_session_at_the_broker() {
+    let h = harness(5_000);
+    let closed = Signals::watch(&h, BROKER_INTERFACE, member::SESSION_CLOSED);
+    let p = RawProvider::start(h.address(), Behaviour::Accept);
+    p.register("remote").expect("register");
+    let s = open(&h, "remote").expect("accepted");
+    let path = s.path().to_owned();
+    let mut accepted = p.take_accepted();
+    let held = accepted.pop().expect("one session");
+    // The provider keeps the rings and the hang-up: only the link closes.
+    let shmlink_tests::raw_provider::Accepted { fds, link, .. } = held;
+    drop(link);
+    assert_eq!(closed_reason(&closed, &path), "provider closed the session");
+    assert_eq!(h.session_count(), 0);
+    let e = h.client().close_session(&path).err().expect("gone");
+    assert_eq!(e.dbus_name(), Some(error::UNKNOWN_SESSION));
+    drop((fds, s));
+    nothing_charged(&h);
+}
+
+#[test]
+fn forged_answers_from_another_connection_are_dropped() {
+    const TIMEOUT_MS: u64 = 600;
+    let h = harness(TIMEOUT_MS);
+    let p = RawProvider::start(h.address(), Behaviour::Silent);
+    p.register("silent").expect("register");
+    let address = h.address().to_owned();
+    let waiting = std::thread::spawn(move || {
+        let client = shmlink::Client::connect(&shmlink::Bus::Address(address)).expect("client");
+        let start = Instant::now();
+        let r = client.session("silent").capacity(SMALL).open();
+        (
+            r.err().and_then(|e| e.dbus_name().map(str::to_owned)),
+            start.elapsed(),
+        )
+    });
+    assert!(wait_until(DEADLINE, || p.calls() == 1));
+    // Another connection answers every serial the broker may have used, in
+    // the provider's stead: acceptances and refusals alike.
+    let forger = Connection::new_address(h.address()).expect("connect");
+    let (broker,): (String,) = forger
+        .with_proxy(
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            Duration::from_secs(5),
+        )
+        .method_call("org.freedesktop.DBus", "GetNameOwner", (BUS_NAME,))
+        .expect("GetNameOwner");
+    for serial in 1..=300u32 {
+        let mut call = dbus::Message::new_method_call(
+            "org.example.Nobody",
+            "/",
+            "org.shmlink.Provider1",
+            "AcceptSession",
+        )
+        .expect("call");
+        call.set_serial(serial);
+        call.set_sender(Some(broker.as_str().into()));
+        use dbus::channel::Sender;
+        let _ = forger.send(call.method_return());
+        let _ = forger.send(call.error(
+            &error::ACCESS_DENIED.into(),
+            &std::ffi::CString::new("forged").expect("text"),
+        ));
+    }
+    let (name, took) = waiting.join().expect("waiting client");
+    assert_eq!(name.as_deref(), Some(error::PROVIDER_UNAVAILABLE));
+    assert!(
+        took >= Duration::from_millis(TIMEOUT_MS),
+        "a forged answer decided after {took:?}: only the provider's answer (here: none) may"
+    );
+    nothing_charged(&h);
+}
