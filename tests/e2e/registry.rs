@@ -495,7 +495,7 @@ fn a_provider_closing_its_link_alone_ends_the_session_at_the_broker() {
     drop(link);
     assert_eq!(closed_reason(&closed, &path), "provider closed the session");
     assert_eq!(h.session_count(), 0);
-    let e = h.client().close_session(&path).err().expect("gone");
+    let e = h.client().close_session(&path).expect_err("gone");
     assert_eq!(e.dbus_name(), Some(error::UNKNOWN_SESSION));
     drop((fds, s));
     nothing_charged(&h);
