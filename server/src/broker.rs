@@ -8,8 +8,11 @@
 //! fixed overhead, charged at [`Broker::reserve`]) and the workers (message
 //! buffers, charged before they are allocated, through a [`UserBudget`])
 //! draw on the same limits without waiting for each other.
+//!
+//! The books also hold the services provider processes registered: who
+//! provides which name, who may register at all, and how many names a uid holds.
 
-use crate::config::{Config, Limits};
+use crate::config::{valid_service_name, Config, Limits};
 use crate::service::{Caller, ServiceError};
 use shmlink_interfaces::SESSION_PATH_PREFIX;
 use std::collections::{BTreeMap, HashMap};
@@ -141,6 +144,9 @@ pub(crate) enum BrokerError {
     /// No such session.
     #[error("no session {0}")]
     UnknownSession(String),
+    /// A built-in service or another registration has the name.
+    #[error("{0}")]
+    NameTaken(String),
     /// Our own failure.
     #[error("{0}")]
     Internal(String),
@@ -175,6 +181,17 @@ pub(crate) struct Reservation {
     budget: Arc<UserBudget>,
 }
 
+/// A service a provider process registered.
+#[derive(Clone, Debug)]
+pub(crate) struct Registration {
+    /// The name clients open.
+    pub service: String,
+    /// The provider's connection and credentials.
+    pub provider: Caller,
+    /// Where the provider exports `org.shmlink.Provider1`.
+    pub object: dbus::Path<'static>,
+}
+
 #[derive(Default)]
 struct Usage {
     sessions: u32,
@@ -190,6 +207,12 @@ pub(crate) struct Broker {
     /// Memory accounts by uid; kept while a session or a buffer uses one.
     accounts: HashMap<u32, Arc<Account>>,
     total: Arc<Account>,
+    /// Registered services by name.
+    registrations: BTreeMap<String, Registration>,
+    /// Registrations per uid.
+    registered_by: HashMap<u32, u32>,
+    /// The daemon's own uid, which may always register.
+    own_uid: u32,
 }
 
 impl Broker {
@@ -206,8 +229,125 @@ impl Broker {
                 "the daemon".into(),
                 config.limits.memory_total,
             )),
+            registrations: BTreeMap::new(),
+            registered_by: HashMap::new(),
+            own_uid: rustix::process::geteuid().as_raw(),
             config,
         }
+    }
+
+    /// Makes `provider` the provider of `service` at `object`. Refused (in
+    /// this order) if the name is malformed, the caller may not register it
+    /// (root and the daemon's own uid always may; others as
+    /// `[providers.allow]` says), the name is built in (`builtin`) or
+    /// registered already, or the caller's uid holds
+    /// `registrations_per_user` names.
+    pub fn register(
+        &mut self,
+        provider: &Caller,
+        service: &str,
+        object: dbus::Path<'static>,
+        builtin: bool,
+    ) -> Result<&Registration, BrokerError> {
+        if !valid_service_name(service) {
+            return Err(BrokerError::InvalidOption(format!(
+                "service name {:?} is not 1 to {} ASCII letters, digits, '.', '-' or '_'",
+                crate::logcap::cut(service, crate::logcap::LOGGED_STRING),
+                shmlink_interfaces::limits::MAX_SERVICE_NAME
+            )));
+        }
+        let p = &self.config.providers;
+        let privileged = provider.uid == 0 || provider.uid == self.own_uid;
+        if !privileged && !p.may_register(provider.uid, &provider.gids, service) {
+            return Err(BrokerError::AccessDenied(format!(
+                "uid {} may not register service {service:?} (see [providers.allow] in the \
+                 daemon's configuration)",
+                provider.uid
+            )));
+        }
+        if builtin {
+            return Err(BrokerError::NameTaken(format!(
+                "{service:?} is a service built into the broker"
+            )));
+        }
+        if let Some(r) = self.registrations.get(service) {
+            return Err(BrokerError::NameTaken(format!(
+                "{service:?} is registered by {}",
+                r.provider.bus_name
+            )));
+        }
+        let held = self.registered_by.get(&provider.uid).copied().unwrap_or(0);
+        if held >= p.registrations_per_user {
+            return Err(BrokerError::LimitExceeded(format!(
+                "registrations_per_user: uid {} already provides {held} services (limit {})",
+                provider.uid, p.registrations_per_user
+            )));
+        }
+        *self.registered_by.entry(provider.uid).or_default() += 1;
+        Ok(self
+            .registrations
+            .entry(service.to_owned())
+            .or_insert(Registration {
+                service: service.to_owned(),
+                provider: provider.clone(),
+                object,
+            }))
+    }
+
+    /// Ends the registration of `service` by the connection `bus_name`.
+    pub fn unregister(&mut self, bus_name: &str, service: &str) -> Result<(), BrokerError> {
+        match self.registrations.get(service) {
+            Some(r) if r.provider.bus_name == bus_name => {
+                self.drop_registration(service);
+                Ok(())
+            }
+            _ => Err(BrokerError::UnknownService(format!(
+                "{} (not registered by {bus_name})",
+                crate::logcap::cut(service, crate::logcap::LOGGED_STRING)
+            ))),
+        }
+    }
+
+    /// Ends every registration of the connection `bus_name` (it left the
+    /// bus); returns the names it held.
+    pub fn unregister_all(&mut self, bus_name: &str) -> Vec<String> {
+        let names: Vec<String> = self
+            .registrations
+            .values()
+            .filter(|r| r.provider.bus_name == bus_name)
+            .map(|r| r.service.clone())
+            .collect();
+        for name in &names {
+            self.drop_registration(name);
+        }
+        names
+    }
+
+    fn drop_registration(&mut self, service: &str) {
+        let Some(r) = self.registrations.remove(service) else {
+            return;
+        };
+        if let Some(n) = self.registered_by.get_mut(&r.provider.uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.registered_by.remove(&r.provider.uid);
+            }
+        }
+    }
+
+    /// The registration of `service`, if a provider offers it.
+    pub fn registration(&self, service: &str) -> Option<&Registration> {
+        self.registrations.get(service)
+    }
+
+    /// Every registration, by name.
+    pub fn registrations(&self) -> impl Iterator<Item = &Registration> {
+        self.registrations.values()
+    }
+
+    /// The daemon's own uid.
+    pub fn own_uid(&self) -> u32 {
+        self.own_uid
     }
 
     /// The memory budget of `uid` (its account and the total), for the
@@ -237,6 +377,11 @@ impl Broker {
     #[cfg(test)]
     pub fn memory_total(&self) -> u64 {
         self.total.used()
+    }
+
+    /// The provider settings in force.
+    pub fn providers(&self) -> &crate::config::Providers {
+        &self.config.providers
     }
 
     /// The limits in force.
@@ -640,5 +785,117 @@ mod tests {
             b.authorize(id + 1, Some(&owner), ":1.1"),
             Err(BrokerError::UnknownSession(_))
         ));
+    }
+
+    fn registering(f: impl FnOnce(&mut crate::config::Providers)) -> Broker {
+        let mut config = Config::default();
+        f(&mut config.providers);
+        let mut b = Broker::new(config);
+        // Tests run as any uid; pretend the daemon's is one no caller has.
+        b.own_uid = 4242;
+        b
+    }
+
+    fn path(p: &str) -> dbus::Path<'static> {
+        dbus::Path::new(p.to_owned()).expect("path")
+    }
+
+    fn kind(e: BrokerError) -> String {
+        format!("{e:?}")
+            .split('(')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[test]
+    fn who_may_register() {
+        let mut b = registering(|p| {
+            p.allow.insert(
+                "sensor.*".into(),
+                ServiceAccess {
+                    allow_users: vec![1000],
+                    allow_groups: vec![],
+                },
+            );
+        });
+        let e = b
+            .register(&caller(":1.1", 1001), "sensor.a", path("/p"), false)
+            .unwrap_err();
+        assert!(
+            matches!(&e, BrokerError::AccessDenied(m) if m.contains("may not register service \"sensor.a\"")),
+            "{e:?}"
+        );
+        let e = b
+            .register(&caller(":1.1", 1000), "other", path("/p"), false)
+            .unwrap_err();
+        assert_eq!(kind(e), "AccessDenied", "outside the allowed pattern");
+        b.register(&caller(":1.1", 1000), "sensor.a", path("/p"), false)
+            .expect("allowed by the pattern");
+        b.register(&caller(":1.2", 0), "anything", path("/p"), false)
+            .expect("root may register any free name");
+        b.register(&caller(":1.3", 4242), "mine", path("/p"), false)
+            .expect("the daemon's own uid too");
+        let names: Vec<&str> = b.registrations().map(|r| r.service.as_str()).collect();
+        assert_eq!(names, ["anything", "mine", "sensor.a"]);
+        let r = b.registration("sensor.a").expect("registered");
+        assert_eq!((r.provider.bus_name.as_str(), &*r.object), (":1.1", "/p"));
+    }
+
+    #[test]
+    fn names_are_checked_and_never_shadowed() {
+        let mut b = registering(|_| {});
+        let root = caller(":1.1", 0);
+        for bad in ["", "a b", "x/y"] {
+            let e = b.register(&root, bad, path("/p"), false).unwrap_err();
+            assert_eq!(kind(e), "InvalidOption", "{bad:?}");
+        }
+        let e = b.register(&root, "echo", path("/p"), true).unwrap_err();
+        assert!(
+            matches!(&e, BrokerError::NameTaken(m) if m.contains("built into the broker")),
+            "{e:?}"
+        );
+        b.register(&root, "svc", path("/p"), false).expect("free");
+        for who in [&root, &caller(":1.2", 0)] {
+            let e = b.register(who, "svc", path("/q"), false).unwrap_err();
+            assert!(
+                matches!(&e, BrokerError::NameTaken(m) if m.contains("registered by :1.1")),
+                "the same connection twice, or another: {e:?}"
+            );
+        }
+        let e = b
+            .register(&caller(":1.3", 1000), "svc", path("/q"), false)
+            .unwrap_err();
+        assert_eq!(kind(e), "AccessDenied", "access before the name's owner");
+    }
+
+    #[test]
+    fn registrations_per_user_and_ending_them() {
+        let mut b = registering(|p| p.registrations_per_user = 2);
+        let a = caller(":1.1", 0);
+        b.register(&a, "s1", path("/p"), false).expect("1");
+        b.register(&caller(":1.2", 0), "s2", path("/p"), false)
+            .expect("2, another connection of the same uid");
+        let e = b.register(&a, "s3", path("/p"), false).unwrap_err();
+        assert!(
+            matches!(&e, BrokerError::LimitExceeded(m) if m.starts_with("registrations_per_user: uid 0 already provides 2")),
+            "{e:?}"
+        );
+        assert_eq!(
+            kind(b.unregister(":1.2", "s1").unwrap_err()),
+            "UnknownService",
+            "only its provider withdraws a name"
+        );
+        assert_eq!(
+            kind(b.unregister(":1.1", "nope").unwrap_err()),
+            "UnknownService"
+        );
+        b.unregister(":1.1", "s1").expect("withdrawn");
+        assert!(b.registration("s1").is_none());
+        b.register(&a, "s3", path("/p"), false)
+            .expect("withdrawing made room");
+        assert_eq!(b.unregister_all(":1.1"), vec!["s3".to_owned()]);
+        assert_eq!(b.unregister_all(":1.2"), vec!["s2".to_owned()]);
+        assert!(b.registered_by.is_empty() && b.registrations.is_empty());
     }
 }

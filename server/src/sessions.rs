@@ -12,16 +12,26 @@
 //! to drop the session, logs, and returns what the D-Bus side needs to
 //! remove the object and announce the end. It is idempotent: a second call
 //! for the same id returns `None`, so an end is announced once.
+//!
+//! A service a provider process registered opens in two steps:
+//! [`Sessions::open_provided`] (access, ring options, reservation, the fds
+//! made by [`shmlink_endpoint::create_unmapped`], nothing mapped) leaves the
+//! session pending while the provider is asked; then
+//! [`Sessions::accept_provided`] opens it (its link watched by [`Links`]) or
+//! [`Sessions::abandon_provided`] releases everything. An open provided
+//! session ends through `end_session` like any other, which closes the
+//! broker's end of its link.
 
-use crate::broker::{session_cost, session_path, Broker, BrokerError};
+use crate::broker::{session_cost, session_path, Broker, BrokerError, Registration};
 use crate::config::Config;
 use crate::engine::{Engine, Traffic};
+use crate::links::Links;
 use crate::logcap::{cut, LOGGED_STRING};
 use crate::service::{prop, Caller, Memory, Options, Service, StateView};
 use dbus::arg::PropMap;
 use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
 use shmlink_interfaces::{limits, option, param, wakeup};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +64,32 @@ pub(crate) struct SessionRecord {
     pub state: Option<Arc<dyn StateView>>,
 }
 
+/// A provided session just reserved, waiting for its provider: what to
+/// hand the provider, and what to hand the client once it accepts.
+pub(crate) struct ProvidedOpen {
+    /// The session's record (its object is created when the provider accepts).
+    pub record: SessionRecord,
+    /// The fds for the client.
+    pub client: PeerFds,
+    /// The fds for the provider.
+    pub provider: PeerFds,
+    /// The provider's end of the link.
+    pub provider_link: OwnedFd,
+    /// The `parameters` dictionary, for the provider and the client.
+    pub params: PropMap,
+    /// The client's options without the ring options, for the provider.
+    pub options: PropMap,
+    /// Who provides the service.
+    pub registration: Registration,
+}
+
+/// A provided session at the broker: the broker's end of its link while
+/// the provider is asked, then nothing (the link is in [`Links`]).
+enum Provided {
+    Pending(OwnedFd),
+    Open,
+}
+
 /// A session that just ended, for the D-Bus side to remove and announce.
 pub(crate) struct EndedSession {
     /// Its object path.
@@ -65,6 +101,10 @@ pub(crate) struct Sessions {
     services: BTreeMap<String, Arc<dyn Service>>,
     broker: Broker,
     engine: Engine,
+    /// Provided sessions by id, pending or open.
+    provided: HashMap<u64, Provided>,
+    /// The links of the open provided sessions.
+    links: Links,
 }
 
 impl Sessions {
@@ -79,7 +119,163 @@ impl Sessions {
             services,
             broker: Broker::new(config),
             engine,
+            provided: HashMap::new(),
+            links: Links::new()?,
         })
+    }
+
+    /// The books, for registrations.
+    pub fn broker_mut(&mut self) -> &mut Broker {
+        &mut self.broker
+    }
+
+    /// Whether `service` is built in.
+    pub fn is_builtin(&self, service: &str) -> bool {
+        self.services.contains_key(service)
+    }
+
+    /// Whether session `id` is open (reserved and, if provided, accepted).
+    pub fn is_open(&self, id: u64) -> bool {
+        self.broker.contains(id) && !matches!(self.provided.get(&id), Some(Provided::Pending(_)))
+    }
+
+    /// Number of open sessions (pending provided ones excluded).
+    pub fn open_count(&self) -> usize {
+        let pending = self
+            .provided
+            .values()
+            .filter(|p| matches!(p, Provided::Pending(_)))
+            .count();
+        self.broker.count() - pending
+    }
+
+    /// The epoll fd of the provider links: readable when
+    /// [`Sessions::reap_links`] has work.
+    pub fn links_fd(&self) -> Arc<OwnedFd> {
+        self.links.fd()
+    }
+
+    /// Reserves a session of the provided `service` for `caller` and makes
+    /// its fds; it stays pending until [`Sessions::accept_provided`] or
+    /// [`Sessions::abandon_provided`]. Errors keep the built-in precedence
+    /// (unknown service, access, ring options, limits); the provider judges
+    /// its own options.
+    pub fn open_provided(
+        &mut self,
+        caller: &Caller,
+        service: &str,
+        options: PropMap,
+    ) -> Result<ProvidedOpen, BrokerError> {
+        let registration = self
+            .broker
+            .registration(service)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownService(service.into()))?;
+        self.broker.check_access(caller, service)?;
+        let max_message = self.broker.limits().max_message;
+        let mut options = options;
+        let ring: PropMap = [option::CAPACITY, option::WAKEUP, option::SPIN_US]
+            .into_iter()
+            .filter_map(|k| options.remove_entry(k))
+            .collect();
+        let (capacity, wake) = ring_options(
+            &Options::new(ring, max_message),
+            self.broker.limits().max_capacity,
+        )?;
+        let cost = session_cost(shmlink_endpoint::rounded_capacity(capacity));
+        let id = self.broker.reserve(caller, service, cost)?.id;
+        let fds = match shmlink_endpoint::create_unmapped(capacity) {
+            Ok(fds) => fds,
+            Err(e) => {
+                self.broker.release(id);
+                return Err(BrokerError::Internal(format!(
+                    "could not create the rings: {e}"
+                )));
+            }
+        };
+        self.provided.insert(id, Provided::Pending(fds.broker_link));
+        log::debug!(
+            "session {id} of provided service {service} for {} (uid {}): asking {}",
+            caller.bus_name,
+            caller.uid,
+            registration.provider.bus_name
+        );
+        Ok(ProvidedOpen {
+            record: SessionRecord {
+                id,
+                path: session_path(id).into(),
+                service: service.to_owned(),
+                owner: caller.clone(),
+                traffic: Arc::new(Traffic::default()),
+                state: None,
+            },
+            client: fds.client,
+            provider: fds.provider,
+            provider_link: fds.provider_link,
+            params: reply_parameters(max_message, wake),
+            options,
+            registration,
+        })
+    }
+
+    /// The provider accepted pending session `id`: it is open from now on,
+    /// its link watched. Fails if it is not pending any more (it was
+    /// abandoned, or its client left meanwhile).
+    pub fn accept_provided(&mut self, id: u64) -> Result<(), BrokerError> {
+        let gone = || BrokerError::UnknownSession(session_path(id));
+        let Some(Provided::Pending(_)) = self.provided.get(&id) else {
+            return Err(gone());
+        };
+        let Some(Provided::Pending(link)) = self.provided.insert(id, Provided::Open) else {
+            return Err(gone());
+        };
+        if let Err(e) = self.links.watch(id, link) {
+            self.provided.remove(&id);
+            self.broker.release(id);
+            return Err(BrokerError::Internal(format!(
+                "could not watch the provider's link: {e}"
+            )));
+        }
+        if let Some(r) = self.broker.reservations().find(|r| r.id == id) {
+            log::info!(
+                "session {id} opened: provided service {}, owner {} (uid {}, pid {}), cost {}",
+                r.service,
+                r.owner.bus_name,
+                r.owner.uid,
+                r.owner.pid,
+                r.cost
+            );
+        }
+        Ok(())
+    }
+
+    /// Pending session `id` will not open (`reason`): releases its
+    /// reservation and drops the broker's end of its link, which a provider
+    /// that accepted late sees. Does nothing for a session not pending.
+    pub fn abandon_provided(&mut self, id: u64, reason: &str) {
+        if !matches!(self.provided.get(&id), Some(Provided::Pending(_))) {
+            return;
+        }
+        self.provided.remove(&id);
+        if let Some(r) = self.broker.release(id) {
+            log::info!(
+                "session {id} of provided service {} for {} (uid {}) not opened: {}",
+                r.service,
+                r.owner.bus_name,
+                r.owner.uid,
+                cut(reason, crate::logcap::LOGGED_ERROR)
+            );
+        }
+    }
+
+    /// Ends the provided sessions whose provider closed its link; returns
+    /// them with their reasons.
+    pub fn reap_links(&mut self) -> Vec<(EndedSession, String)> {
+        self.links
+            .take_ended()
+            .into_iter()
+            .filter_map(|(id, reason)| Some((self.end_session(id, reason)?, reason.to_owned())))
+            .collect()
     }
 
     /// The books (limits, owners, counts).
@@ -87,9 +283,21 @@ impl Sessions {
         &self.broker
     }
 
-    /// Names of the hosted services.
+    /// Names of the services OpenSession accepts: built in and registered, sorted.
     pub fn service_names(&self) -> Vec<String> {
-        self.services.keys().cloned().collect()
+        let mut names: Vec<String> = self
+            .services
+            .keys()
+            .cloned()
+            .chain(self.broker.registrations().map(|r| r.service.clone()))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Names of the built-in services.
+    pub fn builtin_names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
     }
 
     /// Number of engine worker threads.
@@ -175,7 +383,15 @@ impl Sessions {
     /// Ends session `id` for `reason` (see the module docs); `None` if it
     /// had already ended.
     pub fn end_session(&mut self, id: u64, reason: &str) -> Option<EndedSession> {
+        if matches!(self.provided.get(&id), Some(Provided::Pending(_))) {
+            // Never opened, so never announced: abandoned instead.
+            self.abandon_provided(id, reason);
+            return None;
+        }
         let traffic = self.engine.remove(id);
+        if self.provided.remove(&id).is_some() {
+            self.links.remove(id);
+        }
         let reservation = self.broker.release(id)?;
         log::info!(
             "session {id} ({}, owner {} uid {}) ended: {reason}; {}",
@@ -390,5 +606,130 @@ mod tests {
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].1, "client hung up");
         assert_eq!(s.broker().count(), 0);
+    }
+
+    fn provided(s: &mut Sessions) {
+        let provider = Caller {
+            bus_name: ":1.99".into(),
+            uid: 0,
+            pid: 1,
+            gids: vec![],
+        };
+        s.broker_mut()
+            .register(&provider, "remote", "/p".into(), false)
+            .expect("register");
+    }
+
+    fn wait_for_links(s: &mut Sessions) -> Vec<(EndedSession, String)> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ended = s.reap_links();
+            if !ended.is_empty() || std::time::Instant::now() > deadline {
+                return ended;
+            }
+            let fd = s.links_fd();
+            let _ = shmlink_endpoint::sys::poll_readable(
+                &[std::os::fd::AsFd::as_fd(&*fd)],
+                Some(deadline),
+            );
+        }
+    }
+
+    #[test]
+    fn a_provided_session_is_pending_until_accepted_and_abandoning_releases_it() {
+        let mut s = sessions(|_| {});
+        provided(&mut s);
+        assert_eq!(
+            s.service_names(),
+            ["channel", "echo", "remote", "sink", "source"]
+        );
+        let o = opts(vec![
+            ("capacity", Box::new(4096u64)),
+            ("flavour", Box::new("mild".to_owned())),
+        ]);
+        let open = s.open_provided(&caller(), "remote", o).expect("open");
+        let id = open.record.id;
+        assert_eq!(
+            open.options.keys().collect::<Vec<_>>(),
+            ["flavour"],
+            "the ring options stay with the broker"
+        );
+        assert_eq!(open.registration.provider.bus_name, ":1.99");
+        assert_eq!(
+            open.client.to_server.capacity,
+            open.provider.to_server.capacity
+        );
+        assert!(!s.is_open(id) && s.open_count() == 0, "pending");
+        assert!(s.broker().memory_total() > 0, "charged while pending");
+        let link = open.provider_link;
+        s.abandon_provided(id, "refused");
+        assert_eq!(s.broker().count(), 0);
+        assert_eq!(s.broker().memory_total(), 0);
+        assert_eq!(
+            shmlink_endpoint::sys::hangup_state(std::os::fd::AsFd::as_fd(&link)).expect("state"),
+            shmlink_endpoint::sys::HangupState::Closed,
+            "the provider sees the link close"
+        );
+        assert!(
+            s.accept_provided(id).is_err(),
+            "an abandoned session cannot be accepted late"
+        );
+        // Refusals before the reservation charge nothing.
+        let e = s
+            .open_provided(
+                &caller(),
+                "remote",
+                opts(vec![("capacity", Box::new(1u64))]),
+            )
+            .err()
+            .expect("refused");
+        assert!(matches!(e, BrokerError::InvalidCapacity(_)), "{e:?}");
+        assert!(matches!(
+            s.open_provided(&caller(), "nope", PropMap::new()).err(),
+            Some(BrokerError::UnknownService(_))
+        ));
+        assert_eq!(s.broker().count(), 0);
+    }
+
+    #[test]
+    fn an_accepted_session_ends_when_the_provider_closes_its_link_and_once() {
+        let mut s = sessions(|_| {});
+        provided(&mut s);
+        let open = s
+            .open_provided(&caller(), "remote", PropMap::new())
+            .expect("open");
+        let id = open.record.id;
+        s.accept_provided(id).expect("accept");
+        assert!(s.is_open(id) && s.open_count() == 1);
+        assert!(s.accept_provided(id).is_err(), "accepted once");
+        drop(open.provider_link);
+        let ended = wait_for_links(&mut s);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].1, "provider closed the session");
+        assert_eq!(ended[0].0.path, open.record.path);
+        assert!(s.end_session(id, "again").is_none());
+        assert_eq!(s.broker().memory_total(), 0);
+
+        // Ended at the broker: the provider's link end sees it.
+        let open = s
+            .open_provided(&caller(), "remote", PropMap::new())
+            .expect("open");
+        s.accept_provided(open.record.id).expect("accept");
+        assert!(s
+            .end_session(open.record.id, "closed by its owner")
+            .is_some());
+        assert_eq!(
+            shmlink_endpoint::sys::hangup_state(std::os::fd::AsFd::as_fd(&open.provider_link))
+                .expect("state"),
+            shmlink_endpoint::sys::HangupState::Closed
+        );
+        assert!(s.reap_links().is_empty());
+        // A pending session ended by its owner leaving is abandoned, never announced.
+        let open = s
+            .open_provided(&caller(), "remote", PropMap::new())
+            .expect("open");
+        assert!(s.end_sessions_of(":1.7", "owner left the bus").is_empty());
+        assert!(!s.broker().contains(open.record.id));
+        assert_eq!(s.broker().memory_total(), 0);
     }
 }
