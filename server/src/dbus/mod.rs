@@ -14,6 +14,7 @@
 
 mod broker1;
 mod peers;
+pub(crate) mod provider1;
 mod session1;
 
 pub(crate) use peers::name_owner_changed;
