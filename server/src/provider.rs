@@ -192,7 +192,10 @@ impl ProviderBuilder {
                 .channel()
                 .send_with_reply_and_block(call, CALL_TIMEOUT)
             {
-                Ok(_) => log::info!("registered {name:?} with {} ({owner})", provider.broker_name),
+                Ok(_) => log::info!(
+                    "registered {name:?} with {} ({owner})",
+                    provider.broker_name
+                ),
                 Err(e) => {
                     return Err(ProviderError::Refused {
                         service: name,
@@ -208,7 +211,11 @@ impl ProviderBuilder {
 
 /// The unique name owning `name` now, if any.
 fn name_owner(conn: &Connection, name: &str) -> Option<String> {
-    let proxy = conn.with_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", CALL_TIMEOUT);
+    let proxy = conn.with_proxy(
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        CALL_TIMEOUT,
+    );
     let (owner,): (String,) = proxy
         .method_call("org.freedesktop.DBus", "GetNameOwner", (name,))
         .ok()?;
@@ -274,8 +281,8 @@ impl Core {
         self.books.check_access(&caller, &service)?;
         let (max_message, wake) = parse_parameters(parameters, self.max_message)?;
         let budget = self.books.budget_of(caller.uid);
-        let opts = Options::new(options, u64::from(max_message))
-            .with_memory(Memory::new(budget.clone()));
+        let opts =
+            Options::new(options, u64::from(max_message)).with_memory(Memory::new(budget.clone()));
         let handler = svc.open(&caller, &opts)?;
         let unused = opts.unused();
         if !unused.is_empty() {
@@ -292,8 +299,10 @@ impl Core {
         };
         // Checked before anything is charged or mapped: a capacity beyond
         // the limit is refused here, whatever the memfd holds.
-        let mut endpoint = Endpoint::open_server(fds, link.as_fd(), max_message, wake, client_limits)
-            .map_err(|e| BrokerError::InvalidOption(format!("the session's fds are unusable: {e}")))?;
+        let mut endpoint =
+            Endpoint::open_server(fds, link.as_fd(), max_message, wake, client_limits).map_err(
+                |e| BrokerError::InvalidOption(format!("the session's fds are unusable: {e}")),
+            )?;
         let cost = cap_in + cap_out + 2 * RING_HEADER + SESSION_OVERHEAD;
         let id = self.books.reserve(&caller, &service, cost)?.id;
         endpoint.set_budget(budget);
@@ -491,10 +500,7 @@ impl Provider {
             }
             let ready = sys::poll_readable(&fds, None)?;
             if ready.get(2).is_some_and(|r| r.readable) {
-                log::info!(
-                    "stop requested; ending {} session(s)",
-                    self.session_count()
-                );
+                log::info!("stop requested; ending {} session(s)", self.session_count());
                 return Ok(());
             }
             if ready[1].readable {

@@ -14,6 +14,7 @@ mod introspection;
 mod leaks;
 mod liveness;
 mod memory;
+mod providers;
 mod scale;
 mod soak;
 mod streaming;

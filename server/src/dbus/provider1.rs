@@ -151,10 +151,17 @@ mod tests {
         d.insert(caller::GIDS.into(), prop(vec![1000u32, 27]));
         d.insert(caller::BUS_NAME.into(), prop(":1.9".to_owned()));
         let c = parse_caller(&d).expect("typed");
-        assert_eq!((c.uid, c.pid, c.gids.clone(), c.bus_name.as_str()), (1000, 42, vec![1000, 27], ":1.9"));
+        assert_eq!(
+            (c.uid, c.pid, c.gids.clone(), c.bus_name.as_str()),
+            (1000, 42, vec![1000, 27], ":1.9")
+        );
         d.insert(caller::UID.into(), prop(1000u64));
         let e = parse_caller(&d).err().expect("a uid as t is refused");
-        assert!(e.to_string().contains("\"uid\" must be present with type u"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("\"uid\" must be present with type u"),
+            "{e}"
+        );
         d.insert(caller::UID.into(), prop(1000u32));
         d.remove(caller::GIDS);
         let e = parse_caller(&d).err().expect("gids are required");

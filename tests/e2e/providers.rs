@@ -1,0 +1,275 @@
+//! Services served by a provider process instead of the broker.
+//!
+//! `the_broker_played_by_the_test`: a `Provider` (in a thread of the test)
+//! registers with a connection of the test that owns the broker's name, and
+//! that connection hands it sessions the way the broker does: fresh sealed
+//! memfds, eventfds, a hang-up pair and a link pair, over `AcceptSession`.
+
+use dbus::arg::{IterAppend, PropMap, RefArg, Variant};
+use dbus::blocking::Connection;
+use dbus::Message;
+use rustix::event::{eventfd, EventfdFlags};
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+use shmlink_endpoint::{rounded_capacity, sys, Endpoint, PeerFds, RingFds, Wakeup};
+use shmlink_interfaces::{
+    caller, error, member, param, wakeup, Bus, BROKER_INTERFACE, BUS_NAME, PROVIDER_INTERFACE,
+    RING_HEADER,
+};
+use shmlink_server::{builtin, Provider, DEFAULT_OBJECT_PATH};
+use shmlink_test_support::PrivateBus;
+use shmlink_tests::{hostile, payload, DEADLINE};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A ring's fds as the broker makes them: a sealed memfd and two eventfds.
+fn ring(capacity: u64) -> RingFds {
+    let memfd =
+        rustix::fs::memfd_create("test-ring", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .expect("memfd");
+    rustix::fs::ftruncate(&memfd, capacity + RING_HEADER).expect("size");
+    rustix::fs::fcntl_add_seals(&memfd, SealFlags::SHRINK | SealFlags::GROW).expect("seal");
+    let ev = || eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).expect("eventfd");
+    RingFds {
+        capacity,
+        memfd,
+        empty_signal: ev(),
+        full_signal: ev(),
+    }
+}
+
+fn dup(r: &RingFds) -> RingFds {
+    RingFds {
+        capacity: r.capacity,
+        memfd: r.memfd.try_clone().expect("dup"),
+        empty_signal: r.empty_signal.try_clone().expect("dup"),
+        full_signal: r.full_signal.try_clone().expect("dup"),
+    }
+}
+
+fn stream_pair() -> (OwnedFd, OwnedFd) {
+    rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .expect("socketpair")
+}
+
+/// One session as the broker sets it up: the provider's fds, the client's,
+/// and the broker's end of the link.
+struct Handover {
+    provider: PeerFds,
+    provider_link: OwnedFd,
+    client: PeerFds,
+    broker_link: OwnedFd,
+}
+
+fn handover(capacity: u64) -> Handover {
+    let capacity = rounded_capacity(capacity);
+    let (to_server, to_client) = (ring(capacity), ring(capacity));
+    let (server_hangup, client_hangup) = stream_pair();
+    let (broker_link, provider_link) = stream_pair();
+    Handover {
+        client: PeerFds {
+            to_server: dup(&to_server),
+            to_client: dup(&to_client),
+            hangup: client_hangup,
+        },
+        provider: PeerFds {
+            to_server,
+            to_client,
+            hangup: server_hangup,
+        },
+        provider_link,
+        broker_link,
+    }
+}
+
+fn dict(pairs: Vec<(&str, Box<dyn RefArg>)>) -> PropMap {
+    pairs
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), Variant(v)))
+        .collect()
+}
+
+/// An `AcceptSession` call to `provider` for session `n` of `service`.
+fn accept_call(
+    provider: &str,
+    n: u32,
+    service: &str,
+    options: PropMap,
+    fds: PeerFds,
+    link: OwnedFd,
+) -> Message {
+    let mut m = Message::method_call(
+        &provider.into(),
+        &DEFAULT_OBJECT_PATH.into(),
+        &PROVIDER_INTERFACE.into(),
+        &member::ACCEPT_SESSION.into(),
+    );
+    let who = dict(vec![
+        (caller::UID, Box::new(rustix::process::getuid().as_raw())),
+        (caller::PID, Box::new(std::process::id())),
+        (
+            caller::GIDS,
+            Box::new(vec![rustix::process::getgid().as_raw()]),
+        ),
+        (caller::BUS_NAME, Box::new(":1.999".to_owned())),
+    ]);
+    let params = dict(vec![
+        (param::MAX_MESSAGE, Box::new(1u64 << 20)),
+        (param::WAKEUP, Box::new(wakeup::PARK.to_owned())),
+        (param::SPIN_US, Box::new(0u32)),
+    ]);
+    let ring = |r: RingFds| (r.capacity, r.memfd, r.empty_signal, r.full_signal);
+    let mut ia = IterAppend::new(&mut m);
+    ia.append(dbus::Path::from(format!(
+        "/org/shmlink/Broker1/session/{n}"
+    )));
+    ia.append(service);
+    ia.append(who);
+    ia.append(options);
+    ia.append(ring(fds.to_server));
+    ia.append(ring(fds.to_client));
+    ia.append(fds.hangup);
+    ia.append(link);
+    ia.append(params);
+    m
+}
+
+/// Waits for the provider's `RegisterService` and accepts it; returns the
+/// provider's unique name.
+fn accept_registration(broker: &Connection, service: &str) -> String {
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        broker
+            .channel()
+            .read_write(Some(Duration::from_millis(50)))
+            .expect("bus");
+        while let Some(msg) = broker.channel().pop_message() {
+            if msg.interface().as_deref() != Some(BROKER_INTERFACE)
+                || msg.member().as_deref() != Some(member::REGISTER_SERVICE)
+            {
+                continue;
+            }
+            let (name, object, options): (String, dbus::Path, PropMap) =
+                msg.read3().expect("RegisterService arguments");
+            assert_eq!(name, service);
+            assert_eq!(&*object, DEFAULT_OBJECT_PATH);
+            assert!(options.is_empty());
+            broker.channel().send(msg.method_return()).expect("reply");
+            return msg.sender().expect("sender").to_string();
+        }
+    }
+    panic!("no RegisterService within {DEADLINE:?}");
+}
+
+fn error_name(e: &dbus::Error) -> &str {
+    e.name().unwrap_or_default()
+}
+
+#[test]
+fn the_broker_played_by_the_test() {
+    let bus = PrivateBus::start().expect("bus");
+    let broker = hostile::connect(bus.address()).expect("connect");
+    broker
+        .request_name(BUS_NAME, false, true, true)
+        .expect("own the broker's name");
+    let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
+    let stop_dup = stop.try_clone().expect("dup");
+    let address = bus.address().to_owned();
+    let provider_thread = std::thread::spawn(move || {
+        let provider = Provider::builder(&Bus::Address(address))
+            .service(Arc::new(builtin::Echo))
+            .register()
+            .expect("register");
+        provider.run(Some(stop_dup.as_fd()))
+    });
+    let provider = accept_registration(&broker, "echo");
+    let timeout = DEADLINE;
+
+    // An honest session: accepted, and echo works through the rings.
+    let h = handover(64 << 10);
+    let call = accept_call(
+        &provider,
+        1,
+        "echo",
+        PropMap::new(),
+        h.provider,
+        h.provider_link,
+    );
+    broker
+        .channel()
+        .send_with_reply_and_block(call, timeout)
+        .expect("accepted");
+    let mut client = Endpoint::open_client(h.client, 1 << 20, Wakeup::Park).expect("client");
+    client.set_timeout(Some(DEADLINE));
+    for i in 0..50u64 {
+        let msg = payload(i, (i as usize * 4099) % (200 << 10));
+        client.send(&msg).expect("send");
+        let back = client.recv().expect("recv").expect("echo ended early");
+        assert!(back == msg, "echo {i} differs");
+    }
+
+    // Unknown option keys and services are refused as the broker would.
+    let h2 = handover(4096);
+    let opts = dict(vec![("bogus", Box::new(1u32))]);
+    let call = accept_call(&provider, 2, "echo", opts, h2.provider, h2.provider_link);
+    let e = broker
+        .channel()
+        .send_with_reply_and_block(call, timeout)
+        .expect_err("unknown option");
+    assert_eq!(error_name(&e), error::INVALID_OPTION, "{e:?}");
+    assert!(e.message().unwrap_or("").contains("bogus"), "{e:?}");
+    let h3 = handover(4096);
+    let call = accept_call(
+        &provider,
+        3,
+        "nope",
+        PropMap::new(),
+        h3.provider,
+        h3.provider_link,
+    );
+    let e = broker
+        .channel()
+        .send_with_reply_and_block(call, timeout)
+        .expect_err("unknown service");
+    assert_eq!(error_name(&e), error::UNKNOWN_SERVICE, "{e:?}");
+    // A refused session's fds are dropped: the link closes at once.
+    let ready = sys::poll_readable(&[h3.broker_link.as_fd()], Some(Instant::now() + DEADLINE))
+        .expect("poll");
+    assert!(ready[0].hangup || ready[0].readable, "refused link closed");
+
+    // Anyone but the broker is refused.
+    let intruder = hostile::connect(bus.address()).expect("connect");
+    let h4 = handover(4096);
+    let call = accept_call(
+        &provider,
+        4,
+        "echo",
+        PropMap::new(),
+        h4.provider,
+        h4.provider_link,
+    );
+    let e = intruder
+        .channel()
+        .send_with_reply_and_block(call, timeout)
+        .expect_err("not the broker");
+    assert_eq!(error_name(&e), error::ACCESS_DENIED, "{e:?}");
+
+    // The broker ends session 1 by closing its link: the client sees the hang-up.
+    drop(h.broker_link);
+    let ready =
+        sys::poll_readable(&[client.hangup_fd()], Some(Instant::now() + DEADLINE)).expect("poll");
+    assert!(ready[0].hangup || ready[0].readable, "client saw the end");
+    assert!(client.peer_gone().expect("peer_gone"));
+
+    rustix::io::write(&stop, &1u64.to_ne_bytes()).expect("stop");
+    provider_thread
+        .join()
+        .expect("provider thread")
+        .expect("provider stopped cleanly");
+}
