@@ -156,7 +156,7 @@ mod tests {
             (1000, 42, vec![1000, 27], ":1.9")
         );
         d.insert(caller::UID.into(), prop(1000u64));
-        let e = parse_caller(&d).err().expect("a uid as t is refused");
+        let e = parse_caller(&d).expect_err("a uid as t is refused");
         assert!(
             e.to_string()
                 .contains("\"uid\" must be present with type u"),
@@ -164,7 +164,7 @@ mod tests {
         );
         d.insert(caller::UID.into(), prop(1000u32));
         d.remove(caller::GIDS);
-        let e = parse_caller(&d).err().expect("gids are required");
+        let e = parse_caller(&d).expect_err("gids are required");
         assert!(e.to_string().contains("\"gids\""), "{e}");
     }
 }
