@@ -22,6 +22,7 @@ mod daemon;
 mod dbus;
 mod engine;
 mod logcap;
+mod names;
 mod provider;
 mod service;
 mod sessions;
@@ -29,6 +30,7 @@ pub mod signals;
 pub mod systemd;
 
 pub use daemon::{Bus, Daemon, DaemonError};
+pub use names::{Names, NamesError};
 pub use provider::{Provider, ProviderBuilder, ProviderError, DEFAULT_OBJECT_PATH};
 
 /// Locks `m`, going on with the data if a thread panicked while holding it:

@@ -111,11 +111,11 @@ impl ProviderBuilder {
         self
     }
 
-    /// Registers with the broker owning `name` at `path` (by default
-    /// `org.shmlink.Broker1` at `/org/shmlink/Broker1`).
-    pub fn broker(mut self, name: &str, path: &str) -> Self {
-        self.broker_name = name.to_owned();
-        self.broker_path = path.to_owned();
+    /// Registers with the broker answering to `names` (by default
+    /// `shmlinkd`'s: `org.shmlink.Broker1` at `/org/shmlink/Broker1`).
+    pub fn broker(mut self, names: &crate::Names) -> Self {
+        self.broker_name = names.bus_name().to_owned();
+        self.broker_path = names.path().to_owned();
         self
     }
 

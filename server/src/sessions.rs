@@ -13,10 +13,11 @@
 //! remove the object and announce the end. It is idempotent: a second call
 //! for the same id returns `None`, so an end is announced once.
 
-use crate::broker::{session_cost, session_path, Broker, BrokerError};
+use crate::broker::{session_cost, Broker, BrokerError};
 use crate::config::Config;
 use crate::engine::{Engine, Traffic};
 use crate::logcap::{cut, LOGGED_STRING};
+use crate::names::Names;
 use crate::service::{prop, Caller, Memory, Options, Service, StateView};
 use dbus::arg::PropMap;
 use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
@@ -58,6 +59,8 @@ pub(crate) struct SessionRecord {
 pub(crate) struct EndedSession {
     /// Its object path.
     pub path: dbus::Path<'static>,
+    /// The broker object's path, which announces the end.
+    pub broker_path: dbus::Path<'static>,
 }
 
 /// The hosted services, the books and the engine.
@@ -80,6 +83,12 @@ impl Sessions {
             broker: Broker::new(config),
             engine,
         })
+    }
+
+    /// The same sessions under the broker names `names`.
+    pub fn with_names(mut self, names: Names) -> Self {
+        self.broker.set_names(names);
+        self
     }
 
     /// The books (limits, owners, counts).
@@ -161,7 +170,7 @@ impl Sessions {
         Ok(Opened {
             record: SessionRecord {
                 id,
-                path: session_path(id).into(),
+                path: self.broker.session_path(id).into(),
                 service: service.to_owned(),
                 owner: caller.clone(),
                 traffic,
@@ -185,7 +194,8 @@ impl Sessions {
             traffic.map(|t| t.summary()).unwrap_or_default()
         );
         Some(EndedSession {
-            path: session_path(id).into(),
+            path: self.broker.session_path(id).into(),
+            broker_path: self.broker.names().path().to_owned().into(),
         })
     }
 
@@ -354,7 +364,7 @@ mod tests {
         ]);
         let opened = s.open(&caller(), "echo", o).expect("open");
         let id = opened.record.id;
-        assert_eq!(&*opened.record.path, session_path(id));
+        assert_eq!(&*opened.record.path, s.broker().session_path(id));
         assert_eq!(
             opened
                 .params

@@ -78,7 +78,7 @@ pub(super) fn register(
                     .reservations()
                     .map(|r| {
                         (
-                            crate::broker::session_path(r.id).into(),
+                            c.sessions.broker().session_path(r.id).into(),
                             r.service.clone(),
                             r.owner.bus_name.clone(),
                             r.owner.uid,

@@ -29,7 +29,7 @@ use dbus::message::MessageType;
 use dbus::Message;
 use dbus_crossroads::{Crossroads, MethodErr};
 use peers::Peers;
-use shmlink_interfaces::{error, member, BROKER_INTERFACE, BROKER_PATH, SESSION_PATH_PREFIX};
+use shmlink_interfaces::{error, member, BROKER_INTERFACE};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
@@ -75,7 +75,7 @@ fn method_err(e: &BrokerError) -> MethodErr {
 fn retire(cr: &mut Crossroads, ended: &EndedSession, reason: &str) -> Message {
     cr.remove::<SessionRecord>(&ended.path);
     Message::signal(
-        &BROKER_PATH.into(),
+        &ended.broker_path,
         &BROKER_INTERFACE.into(),
         &member::SESSION_CLOSED.into(),
     )
@@ -93,12 +93,17 @@ pub(crate) struct Adapter {
     waiting: HashMap<String, Vec<Message>>,
     /// Length of the longest hosted service's name.
     longest_service: usize,
+    /// The broker object's path.
+    path: String,
+    /// The session objects' common prefix.
+    session_prefix: String,
 }
 
 impl Adapter {
     /// Registers the interfaces over `sessions` and publishes the broker object.
     pub fn new(sessions: Sessions) -> Self {
         let notify = sessions.notify_fd();
+        let names = sessions.broker().names().clone();
         let longest_service = sessions
             .service_names()
             .iter()
@@ -113,9 +118,10 @@ impl Adapter {
         let mut cr = Crossroads::new();
         let session_token = session1::register(&mut cr, shared.clone());
         let broker_token = broker1::register(&mut cr, shared.clone(), session_token);
-        cr.insert(BROKER_PATH, &[broker_token], ());
+        cr.insert(names.path().to_owned(), &[broker_token], ());
         // An empty parent node, so `busctl tree` and introspection list the sessions.
-        cr.insert(SESSION_PATH_PREFIX.trim_end_matches('/'), &[], ());
+        let session_prefix = names.session_prefix();
+        cr.insert(session_prefix.trim_end_matches('/').to_owned(), &[], ());
         Adapter {
             cr,
             shared,
@@ -123,6 +129,8 @@ impl Adapter {
             lookups: HashMap::new(),
             waiting: HashMap::new(),
             longest_service,
+            path: names.path().to_owned(),
+            session_prefix,
         }
     }
 
@@ -234,7 +242,7 @@ impl Adapter {
     /// `UnknownService` at once, read in place: neither the name nor the
     /// options are copied or formatted in full (a name may be megabytes).
     fn oversized_open_reply(&self, msg: &Message) -> Option<Message> {
-        if msg.path().as_deref() != Some(BROKER_PATH)
+        if msg.path().as_deref() != Some(self.path.as_str())
             || msg.interface().as_deref() != Some(BROKER_INTERFACE)
             || msg.member().as_deref() != Some(member::OPEN_SESSION)
         {
@@ -263,7 +271,7 @@ impl Adapter {
     /// rather than the generic `UnknownObject`.
     fn unknown_session_reply(&self, msg: &Message) -> Option<Message> {
         let path = msg.path()?;
-        let id = path.strip_prefix(SESSION_PATH_PREFIX)?;
+        let id = path.strip_prefix(self.session_prefix.as_str())?;
         let exists = id
             .parse::<u64>()
             .ok()
