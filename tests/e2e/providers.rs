@@ -273,3 +273,136 @@ fn the_broker_played_by_the_test() {
         .expect("provider thread")
         .expect("provider stopped cleanly");
 }
+
+/// A broker embedded in the test process under a name of its own.
+struct Embedded {
+    stop: OwnedFd,
+    thread: Option<std::thread::JoinHandle<Result<(), shmlink_server::DaemonError>>>,
+}
+
+impl Embedded {
+    fn start(bus: &PrivateBus, names: shmlink_server::Names) -> Embedded {
+        let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
+        let stop_dup = stop.try_clone().expect("dup");
+        let daemon = shmlink_server::Daemon::create_named(
+            &bus.bus(),
+            names,
+            shmlink_server::config::Config::default(),
+            builtin::all(),
+        )
+        .expect("embedded broker");
+        let thread = std::thread::spawn(move || daemon.run(Some(stop_dup.as_fd())));
+        Embedded {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        if let Some(t) = self.thread.take() {
+            let r = t.join().expect("broker thread");
+            if !std::thread::panicking() {
+                r.expect("the embedded broker stopped cleanly");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_embedded_broker_serves_under_its_own_name_beside_shmlinkd() {
+    use shmlink::Client;
+    let h = shmlink_tests::Harness::start();
+    let bus = PrivateBus::start().expect("bus");
+    let names = shmlink_server::Names::new("org.example.Embedded1").expect("names");
+    let _broker = Embedded::start(&bus, names);
+    let client = Client::connect_to(&bus.bus(), "org.example.Embedded1")
+        .expect("connect")
+        .with_call_timeout(DEADLINE);
+    assert_eq!(client.broker_path(), "/org/example/Embedded1");
+    client.ping().expect("the embedded broker answers");
+
+    // Echo, byte for byte, and the session lives below the broker's own path.
+    let session = client
+        .session("echo")
+        .capacity(8192)
+        .open()
+        .expect("open echo");
+    assert!(
+        session
+            .path()
+            .starts_with("/org/example/Embedded1/session/"),
+        "{}",
+        session.path()
+    );
+    let (mut w, mut r) = session.split();
+    let sizes = [0usize, 1, 4095, 8192, 100_000];
+    let reader = std::thread::spawn(move || {
+        for (i, &n) in sizes.iter().enumerate() {
+            let got = r.recv().expect("recv").expect("echo ended early");
+            assert!(got == payload(i as u64, n), "echo {i} differs");
+        }
+    });
+    for (i, &n) in sizes.iter().enumerate() {
+        w.send(&payload(i as u64, n)).expect("send");
+    }
+    reader.join().expect("reader");
+    let sessions = client.list_sessions().expect("list");
+    assert_eq!(sessions.len(), 1);
+    assert!(sessions[0]
+        .path
+        .starts_with("/org/example/Embedded1/session/"));
+
+    // The CLI reaches it by name, sink verdict and all; shmlinkd on the
+    // harness's bus is another broker and sees none of it.
+    let file = std::env::temp_dir().join(format!("shmlink-embedded-{}", std::process::id()));
+    std::fs::write(&file, payload(7, 300_000)).expect("write");
+    let out = std::process::Command::new(shmlink_tests::cli_binary())
+        .args([
+            "--bus",
+            bus.address(),
+            "--name",
+            "org.example.Embedded1",
+            "send",
+            "sink",
+        ])
+        .arg(&file)
+        .output()
+        .expect("run shmlink");
+    let _ = std::fs::remove_file(&file);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let crc = format!("{:08x}", crc32fast::hash(&payload(7, 300_000)));
+    assert!(
+        text.contains(&crc),
+        "the sink's checksum {crc} missing: {text}"
+    );
+    let out = std::process::Command::new(shmlink_tests::cli_binary())
+        .args([
+            "--bus",
+            bus.address(),
+            "--name",
+            "org.example.Embedded1",
+            "status",
+        ])
+        .output()
+        .expect("run shmlink");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("broker org.example.Embedded1"), "{text}");
+    assert!(text.contains("/org/example/Embedded1/session/"), "{text}");
+    assert_eq!(h.session_count(), 0, "shmlinkd saw nothing");
+    // Under the default name there is no broker on this bus.
+    let e = Client::connect(&bus.bus())
+        .expect("connect")
+        .ping()
+        .expect_err("no shmlinkd on this bus");
+    assert_eq!(
+        e.dbus_name(),
+        Some("org.freedesktop.DBus.Error.ServiceUnknown"),
+        "{e}"
+    );
+}
