@@ -301,7 +301,12 @@ impl Core {
         // the limit is refused here, whatever the memfd holds.
         let mut endpoint =
             Endpoint::open_server(fds, link.as_fd(), max_message, wake, client_limits).map_err(
-                |e| BrokerError::InvalidOption(format!("the session's fds are unusable: {e}")),
+                |e| match e {
+                    shmlink_endpoint::Error::OverLimit { .. } => {
+                        BrokerError::LimitExceeded(format!("this provider's limit: {e}"))
+                    }
+                    e => BrokerError::Internal(format!("the session's fds are unusable: {e}")),
+                },
             )?;
         let cost = cap_in + cap_out + 2 * RING_HEADER + SESSION_OVERHEAD;
         let id = self.books.reserve(&caller, &service, cost)?.id;

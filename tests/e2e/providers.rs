@@ -406,3 +406,117 @@ fn an_embedded_broker_serves_under_its_own_name_beside_shmlinkd() {
         "{e}"
     );
 }
+
+#[test]
+fn a_provider_bounds_its_sessions_checks_fds_and_registers_again_after_a_broker_restart() {
+    let bus = PrivateBus::start().expect("bus");
+    let first = hostile::connect(bus.address()).expect("connect");
+    first
+        .request_name(BUS_NAME, false, true, true)
+        .expect("own the broker's name");
+    let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
+    let stop_dup = stop.try_clone().expect("dup");
+    let address = bus.address().to_owned();
+    // Room for one 64 KiB session per uid (both rings, their headers, the
+    // fixed overhead) and its buffers, not for two.
+    let mut config = shmlink_server::config::Config::default();
+    config.limits.memory_per_user = 250_000;
+    config.engine.workers = 1;
+    let provider_thread = std::thread::spawn(move || {
+        let provider = Provider::builder(&Bus::Address(address))
+            .config(config)
+            .service(Arc::new(builtin::Echo))
+            .register()
+            .expect("register");
+        provider.run(Some(stop_dup.as_fd()))
+    });
+    let provider = accept_registration(&first, "echo");
+    let call = |broker: &Connection, n: u32, h: Handover| {
+        // The broker's and the client's ends stay with the caller, or go.
+        let (fds, link) = (h.provider, h.provider_link);
+        broker.channel().send_with_reply_and_block(
+            accept_call(&provider, n, "echo", PropMap::new(), fds, link),
+            DEADLINE,
+        )
+    };
+
+    let (a, client_fds, a_link) = split(handover(64 << 10));
+    call(&first, 1, a).expect("the first session fits");
+    let mut client = Endpoint::open_client(client_fds, 1 << 20, Wakeup::Park).expect("client");
+    client.set_timeout(Some(DEADLINE));
+    client.send(b"ping").expect("send");
+    assert_eq!(client.recv().expect("recv").as_deref(), Some(&b"ping"[..]));
+    let e = call(&first, 2, handover(64 << 10)).expect_err("a second one does not");
+    assert_eq!(error_name(&e), error::LIMIT_EXCEEDED, "{e:?}");
+    assert!(
+        e.message().unwrap_or("").contains("memory_per_user"),
+        "{e:?}"
+    );
+
+    // Fds that are not what they claim are refused before anything is mapped.
+    let mut bad = handover(4096);
+    bad.provider.to_client.capacity = rounded_capacity(1 << 20);
+    let e = call(&first, 3, bad).expect_err("a ring larger than its memfd");
+    assert_eq!(error_name(&e), error::INTERNAL, "{e:?}");
+    assert!(e.message().unwrap_or("").contains("memfd holds"), "{e:?}");
+    let mut bad = handover(4096);
+    bad.provider.hangup = eventfd(0, EventfdFlags::CLOEXEC).expect("eventfd");
+    let e = call(&first, 4, bad).expect_err("an eventfd as hang-up socket");
+    assert!(
+        e.message()
+            .unwrap_or("")
+            .contains("hang-up fd is not a socket"),
+        "{e:?}"
+    );
+
+    // The broker dies: its link ends close with it, the session ends, the
+    // client sees the hang-up.
+    drop(a_link);
+    drop(first);
+    let ready =
+        sys::poll_readable(&[client.hangup_fd()], Some(Instant::now() + DEADLINE)).expect("poll");
+    assert!(ready[0].hangup || ready[0].readable, "client saw the end");
+
+    // A new broker takes the name: the provider registers again, accepts
+    // from it (its budget free again) and from nobody else.
+    let second = hostile::connect(bus.address()).expect("connect");
+    second
+        .request_name(BUS_NAME, false, true, true)
+        .expect("own the broker's name");
+    assert_eq!(accept_registration(&second, "echo"), provider);
+    let (b, b_client, b_link) = split(handover(64 << 10));
+    call(&second, 1, b).expect("the new broker's session is accepted");
+    let mut client = Endpoint::open_client(b_client, 1 << 20, Wakeup::Park).expect("client");
+    client.set_timeout(Some(DEADLINE));
+    client.send(b"again").expect("send");
+    assert_eq!(client.recv().expect("recv").as_deref(), Some(&b"again"[..]));
+
+    // Stopping the provider ends its sessions: the broker's link and the
+    // client's hang-up both close.
+    rustix::io::write(&stop, &1u64.to_ne_bytes()).expect("stop");
+    provider_thread
+        .join()
+        .expect("provider thread")
+        .expect("provider stopped cleanly");
+    let deadline = Some(Instant::now() + DEADLINE);
+    let ready = sys::poll_readable(&[b_link.as_fd(), client.hangup_fd()], deadline).expect("poll");
+    assert!(
+        ready[0].hangup || ready[0].readable,
+        "the broker saw the end"
+    );
+    assert!(
+        client.peer_gone().expect("peer_gone"),
+        "the client saw the end"
+    );
+}
+
+/// A handover's client fds and broker link taken out (the rest keeps dups).
+fn split(h: Handover) -> (Handover, PeerFds, OwnedFd) {
+    let client = PeerFds {
+        to_server: dup(&h.client.to_server),
+        to_client: dup(&h.client.to_client),
+        hangup: h.client.hangup.try_clone().expect("dup"),
+    };
+    let link = h.broker_link.try_clone().expect("dup");
+    (h, client, link)
+}
