@@ -143,6 +143,22 @@ fn accept_call(
 /// Waits for the provider's `RegisterService` and accepts it; returns the
 /// provider's unique name.
 fn accept_registration(broker: &Connection, service: &str) -> String {
+    accept_registrations(broker, &[service])
+}
+
+/// Waits for one `RegisterService` per name in `services`, in that order,
+/// and accepts them; returns the provider's unique name.
+fn accept_registrations(broker: &Connection, services: &[&str]) -> String {
+    let mut provider = String::new();
+    for service in services {
+        let p = accept_one_registration(broker, service);
+        assert!(provider.is_empty() || provider == p, "one provider");
+        provider = p;
+    }
+    provider
+}
+
+fn accept_one_registration(broker: &Connection, service: &str) -> String {
     let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {
         broker
@@ -519,4 +535,136 @@ fn split(h: Handover) -> (Handover, PeerFds, OwnedFd) {
     };
     let link = h.broker_link.try_clone().expect("dup");
     (h, client, link)
+}
+
+/// The example provider's binary, built beside `shmlinkd`.
+fn frames_provider_binary() -> std::path::PathBuf {
+    let bin = shmlink_tests::daemon_binary().with_file_name("shmlink-frames-provider");
+    assert!(
+        bin.is_file(),
+        "{} missing (run the tests with `cargo test --workspace`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process killed (and reaped) when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_provider_process_streams_both_ways_and_its_death_unblocks_the_client_at_once() {
+    let bus = PrivateBus::start().expect("bus");
+    let broker = hostile::connect(bus.address()).expect("connect");
+    broker
+        .request_name(BUS_NAME, false, true, true)
+        .expect("own the broker's name");
+    let mut child = Child(
+        std::process::Command::new(frames_provider_binary())
+            .args(["--bus", bus.address()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the provider"),
+    );
+    let provider = accept_registrations(&broker, &["digest", "frames"]);
+    let accept = |n: u32, service: &str, options: PropMap, h: Handover| {
+        let (fds, link) = (h.provider, h.provider_link);
+        broker.channel().send_with_reply_and_block(
+            accept_call(&provider, n, service, options, fds, link),
+            DEADLINE,
+        )
+    };
+
+    // Both ways: every message comes back as its length and CRC-32.
+    let (h, client_fds, digest_link) = split(handover(256 << 10));
+    accept(1, "digest", PropMap::new(), h).expect("digest accepted");
+    let client = Endpoint::open_client(client_fds, 1 << 20, Wakeup::Park).expect("client");
+    let (mut tx, mut rx) = client.split();
+    tx.set_timeout(Some(DEADLINE));
+    rx.set_timeout(Some(DEADLINE));
+    let sizes: Vec<usize> = (0..300u64)
+        .map(|i| ((i * 7919) % (700 << 10)) as usize)
+        .collect();
+    let expected: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let msg = payload(i as u64, n);
+            let mut d = (msg.len() as u64).to_le_bytes().to_vec();
+            d.extend(crc32fast::hash(&msg).to_le_bytes());
+            d
+        })
+        .collect();
+    let writer = std::thread::spawn(move || {
+        for (i, &n) in sizes.iter().enumerate() {
+            tx.send(&payload(i as u64, n)).expect("send");
+        }
+        tx
+    });
+    for (i, want) in expected.iter().enumerate() {
+        let got = rx.recv().expect("recv").expect("digest ended early");
+        assert_eq!(&got, want, "digest {i}");
+    }
+    let tx = writer.join().expect("writer");
+    // The client goes away: the provider ends the session, the broker's link closes.
+    drop((tx, rx));
+    let ready =
+        sys::poll_readable(&[digest_link.as_fd()], Some(Instant::now() + DEADLINE)).expect("poll");
+    assert!(
+        ready[0].hangup || ready[0].readable,
+        "the broker saw the client's end"
+    );
+
+    // Frames stream out; the provider is killed mid-stream.
+    let (h, client_fds, frames_link) = split(handover(1 << 20));
+    let opts = dict(vec![
+        ("width", Box::new(640u32)),
+        ("height", Box::new(480u32)),
+        ("count", Box::new(1_000_000u64)),
+    ]);
+    accept(2, "frames", opts, h).expect("frames accepted");
+    let mut client = Endpoint::open_client(client_fds, 1 << 20, Wakeup::Park).expect("client");
+    client.set_timeout(Some(DEADLINE));
+    for i in 0..20u64 {
+        let f = client.recv().expect("recv").expect("frames ended early");
+        assert_eq!(f.len(), 16 + 640 * 480, "frame {i}");
+        assert_eq!(u64::from_le_bytes(f[8..16].try_into().unwrap()), i, "index");
+        let (x, y) = (17usize, 300usize);
+        assert_eq!(
+            f[16 + y * 640 + x],
+            (x as u64 + y as u64 + i) as u8,
+            "pixel of frame {i}"
+        );
+    }
+    let killed = Instant::now();
+    child.0.kill().expect("kill the provider");
+    let unblocked = loop {
+        match client.recv() {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a killed provider sent an end of stream"),
+            Err(e) => break (killed.elapsed(), e),
+        }
+    };
+    eprintln!(
+        "client unblocked {:?} after the kill: {}",
+        unblocked.0, unblocked.1
+    );
+    assert!(
+        unblocked.0 < Duration::from_millis(100),
+        "the client waited {:?} after the provider's death",
+        unblocked.0
+    );
+    assert!(client.peer_gone().expect("peer_gone"));
+    let ready =
+        sys::poll_readable(&[frames_link.as_fd()], Some(Instant::now() + DEADLINE)).expect("poll");
+    assert!(
+        ready[0].hangup || ready[0].readable,
+        "the broker saw the provider's death"
+    );
 }

@@ -7,6 +7,10 @@
 //! frame `i` being `(x + y + i) mod 256`, so a client can check every byte.
 //! Options: `width` and `height` (default 320 × 240), `count` (frames to
 //! send before the end of the stream, default 100).
+//!
+//! The `digest` service takes large inputs and answers: each message the
+//! client sends comes back as its length (`u64`) and CRC-32 (`u32`), both
+//! little-endian.
 
 use shmlink_server::{Caller, Options, Outbox, Service, ServiceError, SessionHandler};
 
@@ -107,6 +111,38 @@ impl SessionHandler for Stream {
         out.send_with(self.size, |buf| render(w, h, i, buf))?;
         self.next += 1;
         Ok(())
+    }
+}
+
+/// The name of the digest service.
+pub const DIGEST: &str = "digest";
+
+/// The `digest` service.
+pub struct Digest;
+
+impl Service for Digest {
+    fn name(&self) -> &str {
+        DIGEST
+    }
+
+    fn open(&self, _: &Caller, _: &Options) -> Result<Box<dyn SessionHandler>, ServiceError> {
+        Ok(Box::new(DigestSession))
+    }
+}
+
+struct DigestSession;
+
+/// The answer `digest` gives for `msg`.
+pub fn digest(msg: &[u8]) -> [u8; 12] {
+    let mut d = [0u8; 12];
+    d[..8].copy_from_slice(&(msg.len() as u64).to_le_bytes());
+    d[8..].copy_from_slice(&crc32fast::hash(msg).to_le_bytes());
+    d
+}
+
+impl SessionHandler for DigestSession {
+    fn on_message(&mut self, msg: Vec<u8>, out: &mut Outbox) -> Result<(), ServiceError> {
+        out.send(digest(&msg).to_vec())
     }
 }
 

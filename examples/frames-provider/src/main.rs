@@ -7,7 +7,8 @@ use shmlink_server::{signals, Bus, Names, Provider};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-/// Stream generated video frames to shmlink clients (`shmlink send frames`).
+/// Stream generated video frames to shmlink clients (`shmlink send frames`),
+/// and digest what they send (`shmlink send digest FILE`).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -32,9 +33,15 @@ fn main() -> Result<()> {
     let provider = Provider::builder(&args.bus)
         .broker(&names)
         .service(Arc::new(shmlink_frames_provider::Frames))
+        .service(Arc::new(shmlink_frames_provider::Digest))
         .register()
-        .with_context(|| format!("cannot offer the frames service through {}", args.broker))?;
-    log::info!("serving frames as {}", provider.unique_name());
+        .with_context(|| {
+            format!(
+                "cannot offer the frames and digest services through {}",
+                args.broker
+            )
+        })?;
+    log::info!("serving frames and digest as {}", provider.unique_name());
     provider
         .run(Some(stop.as_fd()))
         .context("the provider stopped")
