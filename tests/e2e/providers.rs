@@ -668,3 +668,69 @@ fn a_provider_process_streams_both_ways_and_its_death_unblocks_the_client_at_onc
         "the broker saw the provider's death"
     );
 }
+
+#[test]
+fn a_hostile_client_of_a_provided_service_ends_only_its_own_session() {
+    let bus = PrivateBus::start().expect("bus");
+    let broker = hostile::connect(bus.address()).expect("connect");
+    broker
+        .request_name(BUS_NAME, false, true, true)
+        .expect("own the broker's name");
+    let mut child = Child(
+        std::process::Command::new(frames_provider_binary())
+            .args(["--bus", bus.address()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the provider"),
+    );
+    let provider = accept_registrations(&broker, &["digest", "frames"]);
+    let mut sessions = Vec::new();
+    for n in 1..=2 {
+        let (h, client_fds, link) = split(handover(64 << 10));
+        let raw = dup(&client_fds.to_server);
+        let call = accept_call(
+            &provider,
+            n,
+            "digest",
+            PropMap::new(),
+            h.provider,
+            h.provider_link,
+        );
+        broker
+            .channel()
+            .send_with_reply_and_block(call, DEADLINE)
+            .expect("accepted");
+        let mut client = Endpoint::open_client(client_fds, 1 << 20, Wakeup::Park).expect("client");
+        client.set_timeout(Some(DEADLINE));
+        sessions.push((client, raw, link));
+    }
+    // Session 1's client claims more bytes in its ring than the ring holds.
+    let (_, raw, link) = &sessions[0];
+    rustix::io::pwrite(&raw.memfd, &u64::MAX.to_ne_bytes(), 0).expect("corrupt the count");
+    hostile::signal(raw.empty_signal.as_fd()).expect("wake the provider");
+    let ready = sys::poll_readable(&[link.as_fd()], Some(Instant::now() + DEADLINE)).expect("poll");
+    assert!(
+        ready[0].hangup || ready[0].readable,
+        "the corrupt session ended"
+    );
+    assert!(
+        sessions[0].0.peer_gone().expect("peer_gone"),
+        "its client saw it"
+    );
+    // The other session, and the provider, go on.
+    let client = &mut sessions[1].0;
+    for i in 0..20u64 {
+        let msg = payload(i, 100_000);
+        client.send(&msg).expect("send");
+        let d = client.recv().expect("recv").expect("digest ended early");
+        assert_eq!(d[8..], crc32fast::hash(&msg).to_le_bytes(), "digest {i}");
+    }
+    assert_eq!(
+        sys::hangup_state(sessions[1].2.as_fd()).expect("peek"),
+        sys::HangupState::Open
+    );
+    assert!(
+        child.0.try_wait().expect("wait").is_none(),
+        "the provider lives"
+    );
+}
