@@ -290,50 +290,13 @@ fn the_broker_played_by_the_test() {
         .expect("provider stopped cleanly");
 }
 
-/// A broker embedded in the test process under a name of its own.
-struct Embedded {
-    stop: OwnedFd,
-    thread: Option<std::thread::JoinHandle<Result<(), shmlink_server::DaemonError>>>,
-}
-
-impl Embedded {
-    fn start(bus: &PrivateBus, names: shmlink_server::Names) -> Embedded {
-        let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
-        let stop_dup = stop.try_clone().expect("dup");
-        let daemon = shmlink_server::Daemon::create_named(
-            &bus.bus(),
-            names,
-            shmlink_server::config::Config::default(),
-            builtin::all(),
-        )
-        .expect("embedded broker");
-        let thread = std::thread::spawn(move || daemon.run(Some(stop_dup.as_fd())));
-        Embedded {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Embedded {
-    fn drop(&mut self) {
-        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
-        if let Some(t) = self.thread.take() {
-            let r = t.join().expect("broker thread");
-            if !std::thread::panicking() {
-                r.expect("the embedded broker stopped cleanly");
-            }
-        }
-    }
-}
-
 #[test]
 fn an_embedded_broker_serves_under_its_own_name_beside_shmlinkd() {
     use shmlink::Client;
     let h = shmlink_tests::Harness::start();
     let bus = PrivateBus::start().expect("bus");
     let names = shmlink_server::Names::new("org.example.Embedded1").expect("names");
-    let _broker = Embedded::start(&bus, names);
+    let _broker = shmlink_tests::EmbeddedBroker::start(&bus.bus(), names);
     let client = Client::connect_to(&bus.bus(), "org.example.Embedded1")
         .expect("connect")
         .with_call_timeout(DEADLINE);
@@ -733,4 +696,29 @@ fn a_hostile_client_of_a_provided_service_ends_only_its_own_session() {
         child.0.try_wait().expect("wait").is_none(),
         "the provider lives"
     );
+}
+
+/// Part of the suite, against a broker embedded under another name.
+mod embedded {
+    use shmlink_tests::Harness;
+
+    #[test]
+    fn echo_edge_sizes() {
+        crate::echo::echo_edge_sizes(&Harness::embedded());
+    }
+
+    #[test]
+    fn read_write_adapters() {
+        crate::echo::read_write_adapters(&Harness::embedded());
+    }
+
+    #[test]
+    fn source_stream() {
+        crate::streaming::source_stream(&Harness::embedded());
+    }
+
+    #[test]
+    fn both_directions() {
+        crate::streaming::both_directions(&Harness::embedded());
+    }
 }
