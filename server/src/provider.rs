@@ -166,6 +166,11 @@ impl ProviderBuilder {
         let rule = format!("{},arg0='{}'", rule.match_str(), self.broker_name);
         conn.add_match_no_cb(&rule).map_err(bus_err)?;
         let owner = name_owner(&conn, &self.broker_name)
+            .or_else(|| {
+                // Not running yet: D-Bus activation may start it.
+                start_service(&conn, &self.broker_name);
+                name_owner(&conn, &self.broker_name)
+            })
             .ok_or_else(|| ProviderError::NoBroker(self.broker_name.clone()))?;
         let core = Arc::new(Mutex::new(Core {
             max_message: self.config.limits.max_message,
@@ -220,6 +225,17 @@ fn name_owner(conn: &Connection, name: &str) -> Option<String> {
         .method_call("org.freedesktop.DBus", "GetNameOwner", (name,))
         .ok()?;
     Some(owner)
+}
+
+/// Asks the bus to activate `name` (and waits for it to start, within
+/// [`CALL_TIMEOUT`]); a bus without an activation file for it says no.
+fn start_service(conn: &Connection, name: &str) {
+    let proxy = conn.with_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", CALL_TIMEOUT);
+    let started: Result<(u32,), _> =
+        proxy.method_call("org.freedesktop.DBus", "StartServiceByName", (name, 0u32));
+    if let Err(e) = started {
+        log::debug!("cannot activate {name}: {e}");
+    }
 }
 
 /// What the `AcceptSession` handler and the main loop share.
