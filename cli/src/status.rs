@@ -13,10 +13,20 @@ pub fn run(bus: &Bus, timeout: Duration, _args: Args) -> Result<()> {
     let version = client
         .version()
         .with_context(|| format!("shmlinkd does not answer on the {bus}"))?;
-    // A broker older than ListServices lists its (built-in) names only.
+    // A broker older than ListServices (or whose bus policy predates it)
+    // lists its names only.
+    let older = |e: &shmlink::Error| {
+        matches!(
+            e.dbus_name(),
+            Some(
+                "org.freedesktop.DBus.Error.UnknownMethod"
+                    | "org.freedesktop.DBus.Error.AccessDenied"
+            )
+        )
+    };
     let services = match client.list_services() {
         Ok(list) => list,
-        Err(e) if e.dbus_name() == Some("org.freedesktop.DBus.Error.UnknownMethod") => client
+        Err(e) if older(&e) => client
             .services()?
             .into_iter()
             .map(|name| shmlink::ServiceEntry {
