@@ -230,7 +230,11 @@ fn name_owner(conn: &Connection, name: &str) -> Option<String> {
 /// Asks the bus to activate `name` (and waits for it to start, within
 /// [`CALL_TIMEOUT`]); a bus without an activation file for it says no.
 fn start_service(conn: &Connection, name: &str) {
-    let proxy = conn.with_proxy("org.freedesktop.DBus", "/org/freedesktop/DBus", CALL_TIMEOUT);
+    let proxy = conn.with_proxy(
+        "org.freedesktop.DBus",
+        "/org/freedesktop/DBus",
+        CALL_TIMEOUT,
+    );
     let started: Result<(u32,), _> =
         proxy.method_call("org.freedesktop.DBus", "StartServiceByName", (name, 0u32));
     if let Err(e) = started {
