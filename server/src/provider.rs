@@ -342,12 +342,16 @@ impl Core {
             )));
         }
         log::info!(
-            "session {session} accepted: service {service}, client {} (uid {}, pid {}), capacity {cap_in}/{cap_out}",
+            "session {} accepted: service {service}, client {} (uid {}, pid {}), capacity {cap_in}/{cap_out}",
+            crate::logcap::cut(&session, crate::logcap::LOGGED_STRING),
             caller.bus_name,
             caller.uid,
             caller.pid
         );
-        self.paths.insert(id, session);
+        self.paths.insert(
+            id,
+            crate::logcap::cut(&session, crate::logcap::LOGGED_STRING).into_owned(),
+        );
         Ok(())
     }
 

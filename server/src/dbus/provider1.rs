@@ -4,7 +4,7 @@
 use super::method_err;
 use crate::broker::BrokerError;
 use crate::lock;
-use crate::logcap::{cut, LOGGED_ERROR};
+use crate::logcap::{cut, LOGGED_ERROR, LOGGED_STRING};
 use crate::provider::{AcceptRequest, Core};
 use crate::service::Caller;
 use dbus::arg::{OwnedFd, PropMap, RefArg};
@@ -51,7 +51,8 @@ pub(crate) fn crossroads(path: &str, core: Arc<Mutex<Core>>) -> Crossroads {
                 let sender = ctx.message().sender().map(|s| s.to_string());
                 let mut c = lock(&core);
                 if !c.is_broker(sender.as_deref()) {
-                    log::warn!(
+                    // Any connection can call: not worth a warning each time.
+                    log::debug!(
                         "AcceptSession from {} refused: not the broker",
                         sender.as_deref().unwrap_or("?")
                     );
@@ -61,11 +62,12 @@ pub(crate) fn crossroads(path: &str, core: Arc<Mutex<Core>>) -> Crossroads {
                     )));
                 }
                 let req = request(args)?;
-                let (session, service) = (req.session.clone(), req.service.clone());
+                let session = cut(&req.session, LOGGED_STRING).into_owned();
+                let service = req.service.clone();
                 c.accept(req).map_err(|e| {
                     log::warn!(
                         "session {session} of {:?} refused: {}",
-                        cut(&service, 64),
+                        cut(&service, LOGGED_STRING),
                         cut(&e.to_string(), LOGGED_ERROR)
                     );
                     method_err(&e)
