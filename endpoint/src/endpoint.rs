@@ -686,6 +686,77 @@ impl Endpoint {
     }
 }
 
+/// The fds of a session whose server is another process (a provider): one
+/// set for the client, one for the provider, and the link pair between the
+/// provider and the broker. See [`create_unmapped`].
+#[derive(Debug)]
+pub struct ProvidedFds {
+    /// The client's side, as `OpenSession` returns it.
+    pub client: PeerFds,
+    /// The provider's side: the same rings and eventfds, and the other end
+    /// of the client's hang-up socket.
+    pub provider: PeerFds,
+    /// The provider's end of the link socket pair.
+    pub provider_link: OwnedFd,
+    /// The broker's end of the link socket pair: it closing tells the
+    /// provider that the session ended at the broker, and the provider
+    /// closing its end tells the broker.
+    pub broker_link: OwnedFd,
+}
+
+/// Creates a session's fds without mapping anything: two sealed ring memfds
+/// of `capacity` (rounded as [`rounded_capacity`] does; the result is in the
+/// fds) with their four non-blocking eventfds, the hang-up socket pair (one
+/// end for the client, one for the provider) and the link socket pair (one
+/// end for the provider, one for the broker).
+///
+/// A broker hands these to a client and a provider and stays out of the
+/// data path: it never maps the rings. A fresh memfd reads as zeros, which is
+/// an empty ring, so the first side to map it finds it as shmem-ipc would
+/// have created it.
+pub fn create_unmapped(capacity: u64) -> Result<ProvidedFds, Error> {
+    let capacity = rounded_capacity(capacity);
+    usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
+    let signal = || -> Result<OwnedFd, Error> {
+        Ok(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(io::Error::from)?)
+    };
+    let ring = || -> Result<(RingFds, RingFds), Error> {
+        let memfd = OwnedFd::from(ring_memfd(capacity)?);
+        let (empty_signal, full_signal) = (signal()?, signal()?);
+        let copy = RingFds {
+            capacity,
+            memfd: memfd.try_clone()?,
+            empty_signal: empty_signal.try_clone()?,
+            full_signal: full_signal.try_clone()?,
+        };
+        let ring = RingFds {
+            capacity,
+            memfd,
+            empty_signal,
+            full_signal,
+        };
+        Ok((ring, copy))
+    };
+    let (client_to_server, provider_to_server) = ring()?;
+    let (client_to_client, provider_to_client) = ring()?;
+    let (client_hangup, provider_hangup) = sys::socketpair()?;
+    let (provider_link, broker_link) = sys::socketpair()?;
+    Ok(ProvidedFds {
+        client: PeerFds {
+            to_server: client_to_server,
+            to_client: client_to_client,
+            hangup: client_hangup,
+        },
+        provider: PeerFds {
+            to_server: provider_to_server,
+            to_client: provider_to_client,
+            hangup: provider_hangup,
+        },
+        provider_link,
+        broker_link,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1138,5 +1209,46 @@ mod tests {
             .err()
             .expect("refused");
         assert!(matches!(err, Error::OverLimit { .. }), "{err}");
+    }
+
+    #[test]
+    fn unmapped_fds_connect_a_client_and_a_server_side() {
+        let fds = create_unmapped(100).expect("create");
+        let cap = rounded_capacity(100);
+        assert_eq!(fds.client.to_server.capacity, cap);
+        assert_eq!(fds.provider.to_client.capacity, cap);
+        for ring in [&fds.client.to_server, &fds.client.to_client] {
+            validate_ring("ring", ring, cap).expect("a valid sealed ring");
+        }
+        validate_hangup(fds.provider.hangup.as_fd()).expect("a stream socket");
+        // The link's ends see each other close, and nothing else holds them.
+        let ProvidedFds {
+            client,
+            provider,
+            provider_link,
+            broker_link,
+        } = fds;
+        drop(provider_link);
+        assert_eq!(
+            sys::hangup_state(broker_link.as_fd()).expect("state"),
+            HangupState::Closed
+        );
+        // The client's rings are the provider's: a message crosses them.
+        let mut client = Endpoint::open_client(client, 1 << 10, Wakeup::Park).expect("client");
+        let mut server = Endpoint::open_client(
+            PeerFds {
+                to_server: provider.to_client,
+                to_client: provider.to_server,
+                hangup: provider.hangup,
+            },
+            1 << 10,
+            Wakeup::Park,
+        )
+        .expect("the provider's side, roles swapped");
+        client.send(b"across").expect("send");
+        assert_eq!(
+            server.recv().expect("recv").as_deref(),
+            Some(&b"across"[..])
+        );
     }
 }

@@ -17,7 +17,8 @@ mod ring;
 pub mod sys;
 
 pub use endpoint::{
-    rounded_capacity, ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Wakeup,
+    create_unmapped, rounded_capacity, ClientLimits, Endpoint, EndpointReceiver, EndpointSender,
+    ProvidedFds, Wakeup,
 };
 pub use frame::{Budget, FrameError, Item, OutFrame};
 pub use ring::{ReadProgress, RingReceiver, RingSender, WriteProgress};

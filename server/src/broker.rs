@@ -8,8 +8,11 @@
 //! fixed overhead, charged at [`Broker::reserve`]) and the workers (message
 //! buffers, charged before they are allocated, through a [`UserBudget`])
 //! draw on the same limits without waiting for each other.
+//!
+//! The books also hold the services provider processes registered: who
+//! provides which name, who may register at all, and how many names a uid holds.
 
-use crate::config::{Config, Limits};
+use crate::config::{valid_service_name, Config, Limits};
 use crate::names::Names;
 use crate::service::{Caller, ServiceError};
 use std::collections::{BTreeMap, HashMap};
@@ -141,6 +144,9 @@ pub(crate) enum BrokerError {
     /// No such session.
     #[error("no session {0}")]
     UnknownSession(String),
+    /// A built-in service or another registration has the name.
+    #[error("{0}")]
+    NameTaken(String),
     /// Our own failure.
     #[error("{0}")]
     Internal(String),
@@ -170,6 +176,17 @@ pub(crate) struct Reservation {
     budget: Arc<UserBudget>,
 }
 
+/// A service a provider process registered.
+#[derive(Clone, Debug)]
+pub(crate) struct Registration {
+    /// The name clients open.
+    pub service: String,
+    /// The provider's connection and credentials.
+    pub provider: Caller,
+    /// Where the provider exports `org.shmlink.Provider1`.
+    pub object: dbus::Path<'static>,
+}
+
 #[derive(Default)]
 struct Usage {
     sessions: u32,
@@ -187,6 +204,12 @@ pub(crate) struct Broker {
     total: Arc<Account>,
     /// The broker's names, for its sessions' object paths.
     names: Names,
+    /// Registered services by name.
+    registrations: BTreeMap<String, Registration>,
+    /// Registrations per uid.
+    registered_by: HashMap<u32, u32>,
+    /// The daemon's own uid, which may always register.
+    own_uid: u32,
 }
 
 impl Broker {
@@ -203,6 +226,9 @@ impl Broker {
                 "the daemon".into(),
                 config.limits.memory_total,
             )),
+            registrations: BTreeMap::new(),
+            registered_by: HashMap::new(),
+            own_uid: rustix::process::geteuid().as_raw(),
             config,
             names: Names::default(),
         }
@@ -221,6 +247,120 @@ impl Broker {
     /// The object path of session `id`.
     pub fn session_path(&self, id: u64) -> String {
         self.names.session_path(id)
+    }
+
+    /// Makes `provider` the provider of `service` at `object`. Refused (in
+    /// this order) if the name is malformed, the caller may not register it
+    /// (root and the daemon's own uid always may; others as
+    /// `[providers.allow]` says), the name is built in (`builtin`) or
+    /// registered already, or the caller's uid holds
+    /// `registrations_per_user` names.
+    pub fn register(
+        &mut self,
+        provider: &Caller,
+        service: &str,
+        object: dbus::Path<'static>,
+        builtin: bool,
+    ) -> Result<&Registration, BrokerError> {
+        if !valid_service_name(service) {
+            return Err(BrokerError::InvalidOption(format!(
+                "service name {:?} is not 1 to {} ASCII letters, digits, '.', '-' or '_'",
+                crate::logcap::cut(service, crate::logcap::LOGGED_STRING),
+                shmlink_interfaces::limits::MAX_SERVICE_NAME
+            )));
+        }
+        let p = &self.config.providers;
+        let privileged = provider.uid == 0 || provider.uid == self.own_uid;
+        if !privileged && !p.may_register(provider.uid, &provider.gids, service) {
+            return Err(BrokerError::AccessDenied(format!(
+                "uid {} may not register service {service:?} (see [providers.allow] in the \
+                 daemon's configuration)",
+                provider.uid
+            )));
+        }
+        if builtin {
+            return Err(BrokerError::NameTaken(format!(
+                "{service:?} is a service built into the broker"
+            )));
+        }
+        if let Some(r) = self.registrations.get(service) {
+            return Err(BrokerError::NameTaken(format!(
+                "{service:?} is registered by {}",
+                r.provider.bus_name
+            )));
+        }
+        let held = self.registered_by.get(&provider.uid).copied().unwrap_or(0);
+        if held >= p.registrations_per_user {
+            return Err(BrokerError::LimitExceeded(format!(
+                "registrations_per_user: uid {} already provides {held} services (limit {})",
+                provider.uid, p.registrations_per_user
+            )));
+        }
+        *self.registered_by.entry(provider.uid).or_default() += 1;
+        Ok(self
+            .registrations
+            .entry(service.to_owned())
+            .or_insert(Registration {
+                service: service.to_owned(),
+                provider: provider.clone(),
+                object,
+            }))
+    }
+
+    /// Ends the registration of `service` by the connection `bus_name`.
+    pub fn unregister(&mut self, bus_name: &str, service: &str) -> Result<(), BrokerError> {
+        match self.registrations.get(service) {
+            Some(r) if r.provider.bus_name == bus_name => {
+                self.drop_registration(service);
+                Ok(())
+            }
+            _ => Err(BrokerError::UnknownService(format!(
+                "{} (not registered by {bus_name})",
+                crate::logcap::cut(service, crate::logcap::LOGGED_STRING)
+            ))),
+        }
+    }
+
+    /// Ends every registration of the connection `bus_name` (it left the
+    /// bus); returns the names it held.
+    pub fn unregister_all(&mut self, bus_name: &str) -> Vec<String> {
+        let names: Vec<String> = self
+            .registrations
+            .values()
+            .filter(|r| r.provider.bus_name == bus_name)
+            .map(|r| r.service.clone())
+            .collect();
+        for name in &names {
+            self.drop_registration(name);
+        }
+        names
+    }
+
+    fn drop_registration(&mut self, service: &str) {
+        let Some(r) = self.registrations.remove(service) else {
+            return;
+        };
+        if let Some(n) = self.registered_by.get_mut(&r.provider.uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.registered_by.remove(&r.provider.uid);
+            }
+        }
+    }
+
+    /// The registration of `service`, if a provider offers it.
+    pub fn registration(&self, service: &str) -> Option<&Registration> {
+        self.registrations.get(service)
+    }
+
+    /// Every registration, by name.
+    pub fn registrations(&self) -> impl Iterator<Item = &Registration> {
+        self.registrations.values()
+    }
+
+    /// The daemon's own uid.
+    pub fn own_uid(&self) -> u32 {
+        self.own_uid
     }
 
     /// The memory budget of `uid` (its account and the total), for the
@@ -250,6 +390,11 @@ impl Broker {
     #[cfg(test)]
     pub fn memory_total(&self) -> u64 {
         self.total.used()
+    }
+
+    /// The provider settings in force.
+    pub fn providers(&self) -> &crate::config::Providers {
+        &self.config.providers
     }
 
     /// The limits in force.

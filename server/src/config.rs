@@ -17,6 +17,14 @@
 //! [services.sink]
 //! allow_users = [0, 1000]          # uids; absent: everyone
 //! allow_groups = [100]             # gids; a caller in any of them may use it
+//!
+//! [providers]
+//! accept_timeout_ms = 5000         # how long a provider may take to accept a session
+//! registrations_per_user = 32      # services one uid may register at once
+//!
+//! [providers.allow."sensor.*"]     # a service name, or a prefix ending in `*`
+//! allow_users = [1000]             # who may register matching names (root and the
+//! allow_groups = [100]             # daemon's own user always may)
 //! ```
 
 use serde::Deserialize;
@@ -114,6 +122,65 @@ impl ServiceAccess {
     }
 }
 
+/// Provider processes: who may register which service names, how many,
+/// and how long the broker waits for a provider to accept a session.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Providers {
+    /// Milliseconds a provider has to answer `AcceptSession` before the
+    /// client gets `ProviderUnavailable`.
+    pub accept_timeout_ms: u64,
+    /// Services one uid may have registered at once.
+    pub registrations_per_user: u32,
+    /// Who may register names matching each pattern: a service name, or a
+    /// prefix ending in `*` (`*` alone matches every name). Root and the
+    /// daemon's own uid may always register; nobody else may register a
+    /// name no pattern allows. A pattern whose lists are both empty allows
+    /// everyone, as in `[services.NAME]`.
+    pub allow: BTreeMap<String, ServiceAccess>,
+}
+
+impl Default for Providers {
+    fn default() -> Self {
+        Providers {
+            accept_timeout_ms: defaults::DEFAULT_ACCEPT_TIMEOUT_MS,
+            registrations_per_user: 32,
+            allow: BTreeMap::new(),
+        }
+    }
+}
+
+/// Longest accept timeout the configuration accepts: ten minutes.
+const MAX_ACCEPT_TIMEOUT_MS: u64 = 600_000;
+
+/// Whether `name` is a valid service name for `RegisterService`: 1 to
+/// [`MAX_SERVICE_NAME`](defaults::MAX_SERVICE_NAME) bytes of ASCII letters,
+/// digits, `.`, `-` and `_`.
+pub fn valid_service_name(name: &str) -> bool {
+    (1..=defaults::MAX_SERVICE_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+impl Providers {
+    /// Whether a caller with `uid` and `gids` (neither root nor the daemon's
+    /// own uid, which the broker lets through before asking) may register `name`.
+    pub fn may_register(&self, uid: u32, gids: &[u32], name: &str) -> bool {
+        self.allow
+            .iter()
+            .any(|(pattern, access)| pattern_matches(pattern, name) && access.allows(uid, gids))
+    }
+}
+
+/// Whether the `[providers.allow]` pattern `pattern` covers service `name`.
+fn pattern_matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => pattern == name,
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -122,8 +189,10 @@ pub struct Config {
     pub limits: Limits,
     /// Event loop.
     pub engine: EngineConfig,
-    /// Access rules by service name.
+    /// Access rules by service name (built-in and provided services alike).
     pub services: BTreeMap<String, ServiceAccess>,
+    /// Provider processes.
+    pub providers: Providers,
 }
 
 impl Config {
@@ -184,6 +253,21 @@ impl Config {
         if self.engine.workers > 256 {
             return bad("engine.workers must be at most 256".into());
         }
+        let p = &self.providers;
+        if !(1..=MAX_ACCEPT_TIMEOUT_MS).contains(&p.accept_timeout_ms) {
+            return bad(format!(
+                "providers.accept_timeout_ms must be between 1 and {MAX_ACCEPT_TIMEOUT_MS}"
+            ));
+        }
+        for pattern in p.allow.keys() {
+            let prefix = pattern.strip_suffix('*').unwrap_or(pattern);
+            if !(valid_service_name(prefix) || (prefix.is_empty() && pattern == "*")) {
+                return bad(format!(
+                    "providers.allow: {pattern:?} is neither a service name (ASCII letters, \
+                     digits, '.', '-', '_') nor such a prefix followed by '*'"
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -225,6 +309,9 @@ pub struct Overrides {
     /// Override engine.workers (0: one per CPU).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Override providers.accept_timeout_ms.
+    #[arg(long, value_name = "MS")]
+    pub accept_timeout_ms: Option<u64>,
 }
 
 impl Overrides {
@@ -239,6 +326,7 @@ impl Overrides {
             memory_per_user,
             memory_total,
             workers,
+            accept_timeout_ms,
         } = *self;
         let limits = &mut config.limits;
         set(&mut limits.max_capacity, max_capacity);
@@ -248,6 +336,7 @@ impl Overrides {
         set(&mut limits.memory_per_user, memory_per_user);
         set(&mut limits.memory_total, memory_total);
         set(&mut config.engine.workers, workers);
+        set(&mut config.providers.accept_timeout_ms, accept_timeout_ms);
     }
 }
 
@@ -308,6 +397,7 @@ mod tests {
             memory_per_user: Some(1 << 24),
             memory_total: Some(1 << 25),
             workers: Some(4),
+            accept_timeout_ms: Some(250),
         };
         let mut cfg = file.clone();
         all.apply(&mut cfg);
@@ -321,6 +411,7 @@ mod tests {
         };
         assert_eq!(cfg.limits, expected);
         assert_eq!(cfg.engine.workers, 4);
+        assert_eq!(cfg.providers.accept_timeout_ms, 250);
         assert_eq!(cfg.services, file.services);
     }
 
@@ -341,6 +432,7 @@ mod tests {
             "--memory-per-user=1048576",
             "--memory-total=2097152",
             "--workers=3",
+            "--accept-timeout-ms=100",
         ])
         .unwrap();
         assert_eq!(
@@ -353,8 +445,73 @@ mod tests {
                 memory_per_user: Some(1 << 20),
                 memory_total: Some(2 << 20),
                 workers: Some(3),
+                accept_timeout_ms: Some(100),
             }
         );
         assert!(Cli::try_parse_from(["shmlinkd", "--max-capacity=lots"]).is_err());
+    }
+
+    #[test]
+    fn providers_section_parses_with_defaults_and_patterns() {
+        let c = Config::parse("", "t").unwrap();
+        assert_eq!(c.providers.accept_timeout_ms, 5000);
+        assert_eq!(c.providers.registrations_per_user, 32);
+        assert!(
+            !c.providers.may_register(1000, &[], "x"),
+            "by default nobody but root and the daemon's user"
+        );
+        let c = Config::parse(
+            "[providers]\naccept_timeout_ms = 200\nregistrations_per_user = 2\n\
+             [providers.allow.\"sensor.*\"]\nallow_users = [1000]\n\
+             [providers.allow.exact]\nallow_groups = [50]\n\
+             [providers.allow.\"open-*\"]\n",
+            "t",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let p = &c.providers;
+        assert_eq!((p.accept_timeout_ms, p.registrations_per_user), (200, 2));
+        assert!(p.may_register(1000, &[], "sensor.temp"));
+        assert!(!p.may_register(1001, &[], "sensor.temp"), "not listed");
+        assert!(!p.may_register(1000, &[], "sensors"), "outside the prefix");
+        assert!(p.may_register(7, &[3, 50], "exact"), "listed group");
+        assert!(!p.may_register(7, &[3, 50], "exact2"), "exact names only");
+        assert!(
+            p.may_register(7, &[], "open-x"),
+            "empty lists allow everyone"
+        );
+    }
+
+    #[test]
+    fn bad_providers_values_are_refused() {
+        for (text, needle) in [
+            ("[providers]\naccept_timeout_ms = 0\n", "accept_timeout_ms"),
+            (
+                "[providers]\naccept_timeout_ms = 600001\n",
+                "accept_timeout_ms",
+            ),
+            ("[providers.allow.\"a b\"]\n", "\"a b\""),
+            ("[providers.allow.\"a*b\"]\n", "\"a*b\""),
+            ("[providers.allow.\"\"]\n", "\"\""),
+        ] {
+            let e = Config::parse(text, "t").unwrap().validate().unwrap_err();
+            assert!(e.to_string().contains(needle), "{text}: {e}");
+        }
+        Config::parse("[providers.allow.\"*\"]\n", "t")
+            .unwrap()
+            .validate()
+            .expect("every name");
+        let e = Config::parse("[providers]\nbogus = 1\n", "t").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn service_names() {
+        assert!(valid_service_name("org.example_sensor-2"));
+        assert!(valid_service_name(&"a".repeat(255)));
+        assert!(!valid_service_name(&"a".repeat(256)));
+        for bad in ["", "a b", "a/b", "é", "a*"] {
+            assert!(!valid_service_name(bad), "{bad:?}");
+        }
     }
 }

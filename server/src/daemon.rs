@@ -1,6 +1,6 @@
 //! The daemon: connects to the bus, takes the well-known name, and runs the
-//! main loop that ties bus traffic, the engine's notifications and the stop
-//! signal together. The interfaces themselves live in [`crate::dbus`], the
+//! main loop that ties bus traffic, the engine's notifications, the
+//! provider links, the providers' answer deadlines and the stop signal together. The interfaces themselves live in [`crate::dbus`], the
 //! session lifecycle in [`crate::sessions`].
 
 use crate::config::Config;
@@ -14,7 +14,7 @@ use shmlink_endpoint::sys;
 pub use shmlink_interfaces::Bus;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +127,7 @@ impl Daemon {
         // outlives this borrow (it lives until `self` is dropped).
         let bus_fd = unsafe { BorrowedFd::borrow_raw(watch.fd) };
         let notify = self.adapter.notify_fd();
+        let links = self.adapter.links_fd();
         loop {
             let channel = self.conn.channel();
             if channel.read_write(Some(Duration::ZERO)).is_err() {
@@ -135,13 +136,15 @@ impl Daemon {
             while let Some(msg) = channel.pop_message() {
                 self.adapter.handle(&self.conn, msg);
             }
-            channel.flush();
-            let mut fds = vec![bus_fd, notify.as_fd()];
+            self.adapter.expire(&self.conn, Instant::now());
+            self.conn.channel().flush();
+            let mut fds = vec![bus_fd, notify.as_fd(), links.as_fd()];
             if let Some(s) = stop {
                 fds.push(s);
             }
-            let ready = sys::poll_readable(&fds, None)?;
-            if ready.get(2).is_some_and(|r| r.readable) {
+            // Wake up for the first provider whose time to answer runs out.
+            let ready = sys::poll_readable(&fds, self.adapter.next_deadline())?;
+            if ready.get(3).is_some_and(|r| r.readable) {
                 log::info!(
                     "stop requested; closing {} session(s)",
                     self.adapter.session_count()
@@ -150,6 +153,9 @@ impl Daemon {
             }
             if ready[1].readable {
                 self.adapter.reap(&self.conn);
+            }
+            if ready[2].readable {
+                self.adapter.reap_links(&self.conn);
             }
             if ready[0].hangup && !ready[0].readable {
                 return Err(DaemonError::Disconnected);

@@ -21,6 +21,7 @@ pub mod config;
 mod daemon;
 mod dbus;
 mod engine;
+mod links;
 mod logcap;
 mod names;
 mod provider;

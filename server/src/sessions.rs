@@ -12,17 +12,27 @@
 //! to drop the session, logs, and returns what the D-Bus side needs to
 //! remove the object and announce the end. It is idempotent: a second call
 //! for the same id returns `None`, so an end is announced once.
+//!
+//! A service a provider process registered opens in two steps:
+//! [`Sessions::open_provided`] (access, ring options, reservation, the fds
+//! made by [`shmlink_endpoint::create_unmapped`], nothing mapped) leaves the
+//! session pending while the provider is asked; then
+//! [`Sessions::accept_provided`] opens it (its link watched by [`Links`]) or
+//! [`Sessions::abandon_provided`] releases everything. An open provided
+//! session ends through `end_session` like any other, which closes the
+//! broker's end of its link.
 
-use crate::broker::{session_cost, Broker, BrokerError};
+use crate::broker::{session_cost, Broker, BrokerError, Registration};
 use crate::config::Config;
 use crate::engine::{Engine, Traffic};
+use crate::links::Links;
 use crate::logcap::{cut, LOGGED_STRING};
 use crate::names::Names;
 use crate::service::{prop, Caller, Memory, Options, Service, StateView};
 use dbus::arg::PropMap;
 use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
 use shmlink_interfaces::{limits, option, param, wakeup};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +65,32 @@ pub(crate) struct SessionRecord {
     pub state: Option<Arc<dyn StateView>>,
 }
 
+/// A provided session just reserved, waiting for its provider: what to
+/// hand the provider, and what to hand the client once it accepts.
+pub(crate) struct ProvidedOpen {
+    /// The session's record (its object is created when the provider accepts).
+    pub record: SessionRecord,
+    /// The fds for the client.
+    pub client: PeerFds,
+    /// The fds for the provider.
+    pub provider: PeerFds,
+    /// The provider's end of the link.
+    pub provider_link: OwnedFd,
+    /// The `parameters` dictionary, for the provider and the client.
+    pub params: PropMap,
+    /// The client's options without the ring options, for the provider.
+    pub options: PropMap,
+    /// Who provides the service.
+    pub registration: Registration,
+}
+
+/// A provided session at the broker: the broker's end of its link while
+/// the provider is asked, then nothing (the link is in [`Links`]).
+enum Provided {
+    Pending(OwnedFd),
+    Open,
+}
+
 /// A session that just ended, for the D-Bus side to remove and announce.
 pub(crate) struct EndedSession {
     /// Its object path.
@@ -68,6 +104,10 @@ pub(crate) struct Sessions {
     services: BTreeMap<String, Arc<dyn Service>>,
     broker: Broker,
     engine: Engine,
+    /// Provided sessions by id, pending or open.
+    provided: HashMap<u64, Provided>,
+    /// The links of the open provided sessions.
+    links: Links,
 }
 
 impl Sessions {
@@ -82,6 +122,8 @@ impl Sessions {
             services,
             broker: Broker::new(config),
             engine,
+            provided: HashMap::new(),
+            links: Links::new()?,
         })
     }
 
@@ -91,14 +133,180 @@ impl Sessions {
         self
     }
 
+    /// The books, for registrations.
+    pub fn broker_mut(&mut self) -> &mut Broker {
+        &mut self.broker
+    }
+
+    /// Whether `service` is built in.
+    pub fn is_builtin(&self, service: &str) -> bool {
+        self.services.contains_key(service)
+    }
+
+    /// Whether session `id` is open (reserved and, if provided, accepted).
+    pub fn is_open(&self, id: u64) -> bool {
+        self.broker.contains(id) && !matches!(self.provided.get(&id), Some(Provided::Pending(_)))
+    }
+
+    /// Number of open sessions (pending provided ones excluded).
+    pub fn open_count(&self) -> usize {
+        let pending = self
+            .provided
+            .values()
+            .filter(|p| matches!(p, Provided::Pending(_)))
+            .count();
+        self.broker.count() - pending
+    }
+
+    /// The epoll fd of the provider links: readable when
+    /// [`Sessions::reap_links`] has work.
+    pub fn links_fd(&self) -> Arc<OwnedFd> {
+        self.links.fd()
+    }
+
+    /// Reserves a session of the provided `service` for `caller` and makes
+    /// its fds; it stays pending until [`Sessions::accept_provided`] or
+    /// [`Sessions::abandon_provided`]. Errors keep the built-in precedence
+    /// (unknown service, access, ring options, limits); the provider judges
+    /// its own options.
+    pub fn open_provided(
+        &mut self,
+        caller: &Caller,
+        service: &str,
+        options: PropMap,
+    ) -> Result<ProvidedOpen, BrokerError> {
+        let registration = self
+            .broker
+            .registration(service)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownService(service.into()))?;
+        self.broker.check_access(caller, service)?;
+        let max_message = self.broker.limits().max_message;
+        let mut options = options;
+        let ring: PropMap = [option::CAPACITY, option::WAKEUP, option::SPIN_US]
+            .into_iter()
+            .filter_map(|k| options.remove_entry(k))
+            .collect();
+        let (capacity, wake) = ring_options(
+            &Options::new(ring, max_message),
+            self.broker.limits().max_capacity,
+        )?;
+        let cost = session_cost(shmlink_endpoint::rounded_capacity(capacity));
+        let id = self.broker.reserve(caller, service, cost)?.id;
+        let fds = match shmlink_endpoint::create_unmapped(capacity) {
+            Ok(fds) => fds,
+            Err(e) => {
+                self.broker.release(id);
+                return Err(BrokerError::Internal(format!(
+                    "could not create the rings: {e}"
+                )));
+            }
+        };
+        self.provided.insert(id, Provided::Pending(fds.broker_link));
+        log::debug!(
+            "session {id} of provided service {service} for {} (uid {}): asking {}",
+            caller.bus_name,
+            caller.uid,
+            registration.provider.bus_name
+        );
+        Ok(ProvidedOpen {
+            record: SessionRecord {
+                id,
+                path: self.broker.session_path(id).into(),
+                service: service.to_owned(),
+                owner: caller.clone(),
+                traffic: Arc::new(Traffic::default()),
+                state: None,
+            },
+            client: fds.client,
+            provider: fds.provider,
+            provider_link: fds.provider_link,
+            params: reply_parameters(max_message, wake),
+            options,
+            registration,
+        })
+    }
+
+    /// The provider accepted pending session `id`: it is open from now on,
+    /// its link watched. Fails if it is not pending any more (it was
+    /// abandoned, or its client left meanwhile).
+    pub fn accept_provided(&mut self, id: u64) -> Result<(), BrokerError> {
+        let gone = || BrokerError::UnknownSession(self.broker.session_path(id));
+        let Some(Provided::Pending(_)) = self.provided.get(&id) else {
+            return Err(gone());
+        };
+        let Some(Provided::Pending(link)) = self.provided.insert(id, Provided::Open) else {
+            return Err(gone());
+        };
+        if let Err(e) = self.links.watch(id, link) {
+            self.provided.remove(&id);
+            self.broker.release(id);
+            return Err(BrokerError::Internal(format!(
+                "could not watch the provider's link: {e}"
+            )));
+        }
+        if let Some(r) = self.broker.reservations().find(|r| r.id == id) {
+            log::info!(
+                "session {id} opened: provided service {}, owner {} (uid {}, pid {}), cost {}",
+                r.service,
+                r.owner.bus_name,
+                r.owner.uid,
+                r.owner.pid,
+                r.cost
+            );
+        }
+        Ok(())
+    }
+
+    /// Pending session `id` will not open (`reason`): releases its
+    /// reservation and drops the broker's end of its link, which a provider
+    /// that accepted late sees. Does nothing for a session not pending.
+    pub fn abandon_provided(&mut self, id: u64, reason: &str) {
+        if !matches!(self.provided.get(&id), Some(Provided::Pending(_))) {
+            return;
+        }
+        self.provided.remove(&id);
+        if let Some(r) = self.broker.release(id) {
+            log::info!(
+                "session {id} of provided service {} for {} (uid {}) not opened: {}",
+                r.service,
+                r.owner.bus_name,
+                r.owner.uid,
+                cut(reason, crate::logcap::LOGGED_ERROR)
+            );
+        }
+    }
+
+    /// Ends the provided sessions whose provider closed its link; returns
+    /// them with their reasons.
+    pub fn reap_links(&mut self) -> Vec<(EndedSession, String)> {
+        self.links
+            .take_ended()
+            .into_iter()
+            .filter_map(|(id, reason)| Some((self.end_session(id, reason)?, reason.to_owned())))
+            .collect()
+    }
+
     /// The books (limits, owners, counts).
     pub fn broker(&self) -> &Broker {
         &self.broker
     }
 
-    /// Names of the hosted services.
+    /// Names of the services OpenSession accepts: built in and registered, sorted.
     pub fn service_names(&self) -> Vec<String> {
-        self.services.keys().cloned().collect()
+        let mut names: Vec<String> = self
+            .services
+            .keys()
+            .cloned()
+            .chain(self.broker.registrations().map(|r| r.service.clone()))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Names of the built-in services.
+    pub fn builtin_names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
     }
 
     /// Number of engine worker threads.
@@ -184,7 +392,15 @@ impl Sessions {
     /// Ends session `id` for `reason` (see the module docs); `None` if it
     /// had already ended.
     pub fn end_session(&mut self, id: u64, reason: &str) -> Option<EndedSession> {
+        if matches!(self.provided.get(&id), Some(Provided::Pending(_))) {
+            // Never opened, so never announced: abandoned instead.
+            self.abandon_provided(id, reason);
+            return None;
+        }
         let traffic = self.engine.remove(id);
+        if self.provided.remove(&id).is_some() {
+            self.links.remove(id);
+        }
         let reservation = self.broker.release(id)?;
         log::info!(
             "session {id} ({}, owner {} uid {}) ended: {reason}; {}",

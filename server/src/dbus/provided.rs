@@ -1,0 +1,222 @@
+//! Sessions of services that provider processes registered: the
+//! `AcceptSession` call the broker makes for each `OpenSession`, the table
+//! of calls waiting for their provider's answer, and how an answer (or its
+//! absence) becomes the client's reply.
+//!
+//! Nothing here waits: the call is queued on the bus, the answer arrives as
+//! any other message, and the main loop expires what is overdue.
+
+use crate::logcap::{cut, LOGGED_ERROR, LOGGED_STRING};
+use crate::service::{prop, Caller};
+use crate::sessions::{ProvidedOpen, SessionRecord};
+use dbus::arg::PropMap;
+use dbus::message::MessageType;
+use dbus::Message;
+use shmlink_endpoint::PeerFds;
+use shmlink_interfaces::{caller, error, member, PROVIDER_INTERFACE};
+use std::time::Instant;
+
+/// The bus daemon's own name: the sender of the errors it makes up (the
+/// provider left, its queue is full, ...).
+const DBUS_NAME: &str = "org.freedesktop.DBus";
+
+/// An `OpenSession` waiting for its provider's `AcceptSession` answer.
+pub(super) struct Pending {
+    /// The client's call, to answer.
+    pub call: Message,
+    /// The session's record, for its object.
+    pub record: SessionRecord,
+    /// The fds for the client.
+    pub client: PeerFds,
+    /// The reply's `parameters`.
+    pub params: PropMap,
+    /// The provider's unique name: the only sender whose answer counts.
+    pub provider: String,
+    /// When the provider's time is up.
+    pub deadline: Instant,
+}
+
+/// What became of an `AcceptSession` call.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// An empty method return: the session opens.
+    Accepted,
+    /// The provider refused: the error name and message for the client.
+    Refused(&'static str, String),
+    /// No usable answer: `ProviderUnavailable` with this message.
+    Unavailable(String),
+}
+
+/// The `AcceptSession` call for `open`, addressed to its provider; takes
+/// its options. The fds are duplicated into the message: dropping `open`
+/// afterwards leaves the broker holding only its end of the link and the
+/// client's fds.
+pub(super) fn accept_call(open: &mut ProvidedOpen) -> Result<Message, String> {
+    let reg = &open.registration;
+    let c: &Caller = &open.record.owner;
+    let mut who = PropMap::new();
+    who.insert(caller::UID.into(), prop(c.uid));
+    who.insert(caller::PID.into(), prop(c.pid));
+    who.insert(caller::GIDS.into(), prop(c.gids.clone()));
+    who.insert(caller::BUS_NAME.into(), prop(c.bus_name.clone()));
+    let ring = |r: &shmlink_endpoint::RingFds| -> Result<_, String> {
+        let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(|e| e.to_string());
+        Ok((
+            r.capacity,
+            dup(&r.memfd)?,
+            dup(&r.empty_signal)?,
+            dup(&r.full_signal)?,
+        ))
+    };
+    // The provider is the only one who reads the options from now on.
+    let options = std::mem::take(&mut open.options);
+    let p = &open.provider;
+    let msg = Message::new_method_call(
+        reg.provider.bus_name.as_str(),
+        reg.object.clone(),
+        PROVIDER_INTERFACE,
+        member::ACCEPT_SESSION,
+    )?
+    .append3(open.record.path.clone(), reg.service.as_str(), who)
+    .append3(options, ring(&p.to_server)?, ring(&p.to_client)?)
+    .append3(
+        p.hangup.try_clone().map_err(|e| e.to_string())?,
+        open.provider_link.try_clone().map_err(|e| e.to_string())?,
+        open.params
+            .iter()
+            .map(|(k, v)| (k.clone(), dbus::arg::Variant(v.0.box_clone())))
+            .collect::<PropMap>(),
+    );
+    Ok(msg)
+}
+
+/// Error names a provider's refusal keeps; any other becomes `Refused`.
+const RELAYED: [&str; 5] = [
+    error::INVALID_OPTION,
+    error::INVALID_CAPACITY,
+    error::LIMIT_EXCEEDED,
+    error::ACCESS_DENIED,
+    error::UNKNOWN_SERVICE,
+];
+
+/// Judges an answer to `AcceptSession` that came from `provider` or from
+/// the bus daemon (callers drop answers from anyone else).
+pub(super) fn judge(answer: &mut Message, provider: &str) -> Verdict {
+    let from_provider = answer.sender().as_deref() == Some(provider);
+    let kind = answer.msg_type();
+    if kind == MessageType::MethodReturn && from_provider {
+        return if answer.iter_init().arg_type() == dbus::arg::ArgType::Invalid {
+            Verdict::Accepted
+        } else {
+            Verdict::Unavailable(format!(
+                "provider {provider} answered AcceptSession with a body"
+            ))
+        };
+    }
+    if kind != MessageType::Error {
+        return Verdict::Unavailable(format!("provider {provider} answered wrongly"));
+    }
+    let (name, reason) = match answer.as_result() {
+        Err(e) => (
+            e.name().unwrap_or("").to_owned(),
+            cut(e.message().unwrap_or(""), LOGGED_ERROR).into_owned(),
+        ),
+        Ok(_) => (String::new(), String::new()),
+    };
+    match kind {
+        MessageType::Error if from_provider => {
+            let kept = RELAYED.iter().find(|n| **n == name);
+            match kept {
+                Some(kept) => Verdict::Refused(kept, reason),
+                None => Verdict::Refused(
+                    error::REFUSED,
+                    cut(
+                        &format!("{} ({reason})", cut(&name, LOGGED_STRING)),
+                        LOGGED_ERROR,
+                    )
+                    .into_owned(),
+                ),
+            }
+        }
+        _ => Verdict::Unavailable(format!(
+            "provider {provider} could not be reached: {reason}"
+        )),
+    }
+}
+
+/// Whether an answer to `AcceptSession` from `sender` may count: the
+/// provider's own, or an error the bus made up for it.
+pub(super) fn counts(answer: &Message, provider: &str) -> bool {
+    let sender = answer.sender();
+    let sender = sender.as_deref().unwrap_or("");
+    sender == provider || (sender == DBUS_NAME && answer.msg_type() == MessageType::Error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call() -> Message {
+        let mut m = Message::new_method_call(":1.5", "/p", PROVIDER_INTERFACE, "AcceptSession")
+            .expect("call");
+        m.set_serial(7);
+        m.set_sender(Some(":1.1".into()));
+        m
+    }
+
+    fn from(mut m: Message, sender: &str) -> Message {
+        m.set_sender(Some(sender.into()));
+        m
+    }
+
+    fn error(name: &str, text: &str) -> Message {
+        call().error(&name.into(), &std::ffi::CString::new(text).expect("text"))
+    }
+
+    #[test]
+    fn answers_become_verdicts() {
+        let mut ok = from(call().method_return(), ":1.5");
+        assert_eq!(judge(&mut ok, ":1.5"), Verdict::Accepted);
+        let mut body = from(call().method_return().append1(1u32), ":1.5");
+        assert!(
+            matches!(judge(&mut body, ":1.5"), Verdict::Unavailable(m) if m.contains("with a body")),
+        );
+        for name in RELAYED {
+            let mut e = from(error(name, "no"), ":1.5");
+            assert_eq!(judge(&mut e, ":1.5"), Verdict::Refused(name, "no".into()));
+        }
+        let mut e = from(error("com.example.Busy", "try later"), ":1.5");
+        assert_eq!(
+            judge(&mut e, ":1.5"),
+            Verdict::Refused(error::REFUSED, "com.example.Busy (try later)".into())
+        );
+        let huge = "x".repeat(1 << 20);
+        let mut e = from(error("com.example.Busy", &huge), ":1.5");
+        match judge(&mut e, ":1.5") {
+            Verdict::Refused(name, m) => {
+                assert_eq!(name, error::REFUSED);
+                assert!(m.len() <= LOGGED_ERROR + 64, "cut to the cap: {}", m.len());
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut bus = from(
+            error("org.freedesktop.DBus.Error.NoReply", "recipient left"),
+            DBUS_NAME,
+        );
+        assert!(counts(&bus, ":1.5"));
+        assert!(
+            matches!(judge(&mut bus, ":1.5"), Verdict::Unavailable(m) if m.contains("recipient left"))
+        );
+    }
+
+    #[test]
+    fn only_the_provider_or_the_bus_may_answer() {
+        assert!(counts(&from(call().method_return(), ":1.5"), ":1.5"));
+        assert!(!counts(&from(call().method_return(), ":1.6"), ":1.5"));
+        assert!(!counts(&from(error(error::REFUSED, "x"), ":1.6"), ":1.5"));
+        assert!(
+            !counts(&from(call().method_return(), DBUS_NAME), ":1.5"),
+            "the bus never accepts for a provider"
+        );
+    }
+}
