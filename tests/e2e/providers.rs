@@ -722,3 +722,96 @@ mod embedded {
         crate::streaming::both_directions(&Harness::embedded());
     }
 }
+
+/// The example provider registered with the harness's real shmlinkd.
+fn start_provider(h: &shmlink_tests::Harness) -> Child {
+    let child = Child(
+        std::process::Command::new(frames_provider_binary())
+            .args(["--bus", h.address()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the provider"),
+    );
+    let client = h.client();
+    assert!(
+        shmlink_tests::wait_until(DEADLINE, || client
+            .services()
+            .is_ok_and(|s| s.iter().any(|n| n == "frames"))),
+        "the provider never registered"
+    );
+    child
+}
+
+#[test]
+fn through_shmlinkd_a_provider_process_streams_and_its_death_ends_the_session() {
+    let h = shmlink_tests::Harness::start();
+    let mut child = start_provider(&h);
+    let client = h.client().with_call_timeout(DEADLINE);
+    let listed = client.list_services().expect("ListServices");
+    let frames = listed.iter().find(|s| s.name == "frames").expect("listed");
+    assert!(!frames.provider.is_empty(), "{listed:?}");
+
+    // Both ways through the provider, checksummed.
+    let session = client
+        .session("digest")
+        .capacity(256 << 10)
+        .open()
+        .expect("open digest");
+    let (mut w, mut r) = session.split();
+    let sizes: Vec<usize> = (0..200u64)
+        .map(|i| ((i * 7919) % (500 << 10)) as usize)
+        .collect();
+    let want: Vec<u32> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| crc32fast::hash(&payload(i as u64, n)))
+        .collect();
+    let writer = std::thread::spawn(move || {
+        for (i, &n) in sizes.iter().enumerate() {
+            w.send(&payload(i as u64, n)).expect("send");
+        }
+        w.finish().expect("finish");
+    });
+    for (i, crc) in want.iter().enumerate() {
+        let d = r.recv().expect("recv").expect("digest ended early");
+        assert_eq!(d[8..], crc.to_le_bytes(), "digest {i}");
+    }
+    assert_eq!(r.recv().expect("end"), None);
+    writer.join().expect("writer");
+
+    // Frames stream out; the provider dies mid-stream.
+    let mut session = client
+        .session("frames")
+        .option("count", 1_000_000u64)
+        .option("width", 640u64)
+        .option("height", 480u64)
+        .open()
+        .expect("open frames");
+    for i in 0..10u64 {
+        let f = session.recv().expect("recv").expect("frame");
+        assert_eq!(u64::from_le_bytes(f[8..16].try_into().unwrap()), i);
+    }
+    assert!(h.session_count() >= 1);
+    let killed = Instant::now();
+    child.0.kill().expect("kill");
+    let unblocked = loop {
+        match session.recv() {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("a killed provider sent an end of stream"),
+            Err(_) => break killed.elapsed(),
+        }
+    };
+    eprintln!("client unblocked {unblocked:?} after the provider's kill");
+    assert!(unblocked < Duration::from_millis(100), "{unblocked:?}");
+    // The broker ends it too (its link closed) and releases it.
+    assert!(
+        shmlink_tests::wait_until(DEADLINE, || h.session_count() == 0),
+        "the broker kept the session"
+    );
+    assert!(
+        shmlink_tests::wait_until(DEADLINE, || client
+            .services()
+            .is_ok_and(|s| !s.iter().any(|n| n == "frames"))),
+        "the registration outlived the provider"
+    );
+}
