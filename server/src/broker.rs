@@ -799,4 +799,116 @@ mod tests {
             Err(BrokerError::UnknownSession(_))
         ));
     }
+
+    fn registering(f: impl FnOnce(&mut crate::config::Providers)) -> Broker {
+        let mut config = Config::default();
+        f(&mut config.providers);
+        let mut b = Broker::new(config);
+        // Tests run as any uid; pretend the daemon's is one no caller has.
+        b.own_uid = 4242;
+        b
+    }
+
+    fn path(p: &str) -> dbus::Path<'static> {
+        dbus::Path::new(p.to_owned()).expect("path")
+    }
+
+    fn kind(e: BrokerError) -> String {
+        format!("{e:?}")
+            .split('(')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[test]
+    fn who_may_register() {
+        let mut b = registering(|p| {
+            p.allow.insert(
+                "sensor.*".into(),
+                ServiceAccess {
+                    allow_users: vec![1000],
+                    allow_groups: vec![],
+                },
+            );
+        });
+        let e = b
+            .register(&caller(":1.1", 1001), "sensor.a", path("/p"), false)
+            .unwrap_err();
+        assert!(
+            matches!(&e, BrokerError::AccessDenied(m) if m.contains("may not register service \"sensor.a\"")),
+            "{e:?}"
+        );
+        let e = b
+            .register(&caller(":1.1", 1000), "other", path("/p"), false)
+            .unwrap_err();
+        assert_eq!(kind(e), "AccessDenied", "outside the allowed pattern");
+        b.register(&caller(":1.1", 1000), "sensor.a", path("/p"), false)
+            .expect("allowed by the pattern");
+        b.register(&caller(":1.2", 0), "anything", path("/p"), false)
+            .expect("root may register any free name");
+        b.register(&caller(":1.3", 4242), "mine", path("/p"), false)
+            .expect("the daemon's own uid too");
+        let names: Vec<&str> = b.registrations().map(|r| r.service.as_str()).collect();
+        assert_eq!(names, ["anything", "mine", "sensor.a"]);
+        let r = b.registration("sensor.a").expect("registered");
+        assert_eq!((r.provider.bus_name.as_str(), &*r.object), (":1.1", "/p"));
+    }
+
+    #[test]
+    fn names_are_checked_and_never_shadowed() {
+        let mut b = registering(|_| {});
+        let root = caller(":1.1", 0);
+        for bad in ["", "a b", "x/y"] {
+            let e = b.register(&root, bad, path("/p"), false).unwrap_err();
+            assert_eq!(kind(e), "InvalidOption", "{bad:?}");
+        }
+        let e = b.register(&root, "echo", path("/p"), true).unwrap_err();
+        assert!(
+            matches!(&e, BrokerError::NameTaken(m) if m.contains("built into the broker")),
+            "{e:?}"
+        );
+        b.register(&root, "svc", path("/p"), false).expect("free");
+        for who in [&root, &caller(":1.2", 0)] {
+            let e = b.register(who, "svc", path("/q"), false).unwrap_err();
+            assert!(
+                matches!(&e, BrokerError::NameTaken(m) if m.contains("registered by :1.1")),
+                "the same connection twice, or another: {e:?}"
+            );
+        }
+        let e = b
+            .register(&caller(":1.3", 1000), "svc", path("/q"), false)
+            .unwrap_err();
+        assert_eq!(kind(e), "AccessDenied", "access before the name's owner");
+    }
+
+    #[test]
+    fn registrations_per_user_and_ending_them() {
+        let mut b = registering(|p| p.registrations_per_user = 2);
+        let a = caller(":1.1", 0);
+        b.register(&a, "s1", path("/p"), false).expect("1");
+        b.register(&caller(":1.2", 0), "s2", path("/p"), false)
+            .expect("2, another connection of the same uid");
+        let e = b.register(&a, "s3", path("/p"), false).unwrap_err();
+        assert!(
+            matches!(&e, BrokerError::LimitExceeded(m) if m.starts_with("registrations_per_user: uid 0 already provides 2")),
+            "{e:?}"
+        );
+        assert_eq!(
+            kind(b.unregister(":1.2", "s1").unwrap_err()),
+            "UnknownService",
+            "only its provider withdraws a name"
+        );
+        assert_eq!(
+            kind(b.unregister(":1.1", "nope").unwrap_err()),
+            "UnknownService"
+        );
+        b.unregister(":1.1", "s1").expect("withdrawn");
+        assert!(b.registration("s1").is_none());
+        b.register(&a, "s3", path("/p"), false)
+            .expect("withdrawing made room");
+        assert_eq!(b.unregister_all(":1.1"), vec!["s3".to_owned()]);
+        assert_eq!(b.unregister_all(":1.2"), vec!["s2".to_owned()]);
+        assert!(b.registered_by.is_empty() && b.registrations.is_empty());
+    }
 }

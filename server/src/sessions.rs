@@ -617,4 +617,129 @@ mod tests {
         assert_eq!(ended[0].1, "client hung up");
         assert_eq!(s.broker().count(), 0);
     }
+
+    fn provided(s: &mut Sessions) {
+        let provider = Caller {
+            bus_name: ":1.99".into(),
+            uid: 0,
+            pid: 1,
+            gids: vec![],
+        };
+        s.broker_mut()
+            .register(&provider, "remote", "/p".into(), false)
+            .expect("register");
+    }
+
+    fn wait_for_links(s: &mut Sessions) -> Vec<(EndedSession, String)> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ended = s.reap_links();
+            if !ended.is_empty() || std::time::Instant::now() > deadline {
+                return ended;
+            }
+            let fd = s.links_fd();
+            let _ = shmlink_endpoint::sys::poll_readable(
+                &[std::os::fd::AsFd::as_fd(&*fd)],
+                Some(deadline),
+            );
+        }
+    }
+
+    #[test]
+    fn a_provided_session_is_pending_until_accepted_and_abandoning_releases_it() {
+        let mut s = sessions(|_| {});
+        provided(&mut s);
+        assert_eq!(
+            s.service_names(),
+            ["channel", "echo", "remote", "sink", "source"]
+        );
+        let o = opts(vec![
+            ("capacity", Box::new(4096u64)),
+            ("flavour", Box::new("mild".to_owned())),
+        ]);
+        let open = s.open_provided(&caller(), "remote", o).expect("open");
+        let id = open.record.id;
+        assert_eq!(
+            open.options.keys().collect::<Vec<_>>(),
+            ["flavour"],
+            "the ring options stay with the broker"
+        );
+        assert_eq!(open.registration.provider.bus_name, ":1.99");
+        assert_eq!(
+            open.client.to_server.capacity,
+            open.provider.to_server.capacity
+        );
+        assert!(!s.is_open(id) && s.open_count() == 0, "pending");
+        assert!(s.broker().memory_total() > 0, "charged while pending");
+        let link = open.provider_link;
+        s.abandon_provided(id, "refused");
+        assert_eq!(s.broker().count(), 0);
+        assert_eq!(s.broker().memory_total(), 0);
+        assert_eq!(
+            shmlink_endpoint::sys::hangup_state(std::os::fd::AsFd::as_fd(&link)).expect("state"),
+            shmlink_endpoint::sys::HangupState::Closed,
+            "the provider sees the link close"
+        );
+        assert!(
+            s.accept_provided(id).is_err(),
+            "an abandoned session cannot be accepted late"
+        );
+        // Refusals before the reservation charge nothing.
+        let e = s
+            .open_provided(
+                &caller(),
+                "remote",
+                opts(vec![("capacity", Box::new(1u64))]),
+            )
+            .err()
+            .expect("refused");
+        assert!(matches!(e, BrokerError::InvalidCapacity(_)), "{e:?}");
+        assert!(matches!(
+            s.open_provided(&caller(), "nope", PropMap::new()).err(),
+            Some(BrokerError::UnknownService(_))
+        ));
+        assert_eq!(s.broker().count(), 0);
+    }
+
+    #[test]
+    fn an_accepted_session_ends_when_the_provider_closes_its_link_and_once() {
+        let mut s = sessions(|_| {});
+        provided(&mut s);
+        let open = s
+            .open_provided(&caller(), "remote", PropMap::new())
+            .expect("open");
+        let id = open.record.id;
+        s.accept_provided(id).expect("accept");
+        assert!(s.is_open(id) && s.open_count() == 1);
+        assert!(s.accept_provided(id).is_err(), "accepted once");
+        drop(open.provider_link);
+        let ended = wait_for_links(&mut s);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].1, "provider closed the session");
+        assert_eq!(ended[0].0.path, open.record.path);
+        assert!(s.end_session(id, "again").is_none());
+        assert_eq!(s.broker().memory_total(), 0);
+
+        // Ended at the broker: the provider's link end sees it.
+        let open = s
+            .open_provided(&caller(), "remote", PropMap::new())
+            .expect("open");
+        s.accept_provided(open.record.id).expect("accept");
+        assert!(s
+            .end_session(open.record.id, "closed by its owner")
+            .is_some());
+        assert_eq!(
+            shmlink_endpoint::sys::hangup_state(std::os::fd::AsFd::as_fd(&open.provider_link))
+                .expect("state"),
+            shmlink_endpoint::sys::HangupState::Closed
+        );
+        assert!(s.reap_links().is_empty());
+        // A pending session ended by its owner leaving is abandoned, never announced.
+        let open = s
+            .open_provided(&caller(), "remote", PropMap::new())
+            .expect("open");
+        assert!(s.end_sessions_of(":1.7", "owner left the bus").is_empty());
+        assert!(!s.broker().contains(open.record.id));
+        assert_eq!(s.broker().memory_total(), 0);
+    }
 }

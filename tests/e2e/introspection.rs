@@ -1,7 +1,8 @@
 //! The live introspection of a running daemon matches interfaces/*.xml.
 
 use shmlink_interfaces::{
-    BROKER_INTERFACE, BROKER_PATH, BROKER_XML, BUS_NAME, SESSION_INTERFACE, SESSION_XML,
+    BROKER_INTERFACE, BROKER_PATH, BROKER_XML, BUS_NAME, PROVIDER_INTERFACE, PROVIDER_XML,
+    SESSION_INTERFACE, SESSION_XML,
 };
 use shmlink_tests::Harness;
 use std::collections::BTreeSet;
@@ -46,8 +47,18 @@ fn shape(xml: &str, interface: &str) -> BTreeSet<String> {
                 out.insert(format!("{kind} {name}({})", args.join(", ")));
             }
             "property" => {
+                // Whether (and how) a change is announced is part of the contract.
+                let emits = m
+                    .children()
+                    .find(|a| {
+                        a.has_tag_name("annotation")
+                            && a.attribute("name")
+                                == Some("org.freedesktop.DBus.Property.EmitsChangedSignal")
+                    })
+                    .and_then(|a| a.attribute("value"))
+                    .unwrap_or("true");
                 out.insert(format!(
-                    "property {name}: {} {}",
+                    "property {name}: {} {} emits {emits}",
                     m.attribute("type").unwrap_or(""),
                     m.attribute("access").unwrap_or("")
                 ));
@@ -71,11 +82,21 @@ fn introspect(h: &Harness, path: &str) -> String {
 fn live_introspection_matches_the_documented_xml() {
     let h = Harness::start();
     let live = introspect(&h, BROKER_PATH);
+    let documented = shape(BROKER_XML, BROKER_INTERFACE);
     assert_eq!(
         shape(&live, BROKER_INTERFACE),
-        shape(BROKER_XML, BROKER_INTERFACE),
+        documented,
         "Broker1 drifted"
     );
+    // The provider methods are part of it, and Services announces its changes.
+    for expected in [
+        "method RegisterService(service:s:in, object:o:in, options:a{sv}:in)",
+        "method UnregisterService(service:s:in)",
+        "method ListServices(services:a(ssu):out)",
+        "property Services: as read emits true",
+    ] {
+        assert!(documented.contains(expected), "{expected} missing");
+    }
     let s = h
         .client()
         .session("echo")
@@ -104,6 +125,7 @@ fn the_documented_xml_documents_every_member() {
     for (xml, iface) in [
         (BROKER_XML, BROKER_INTERFACE),
         (SESSION_XML, SESSION_INTERFACE),
+        (PROVIDER_XML, PROVIDER_INTERFACE),
     ] {
         let doc = roxmltree::Document::parse_with_options(
             xml,

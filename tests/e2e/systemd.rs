@@ -355,6 +355,49 @@ fn systemd_deployment_under_real_systemd() {
         !close.stderr.contains("AccessDenied"),
         "Close must pass the bus policy: {close}"
     );
+    // Providers: listing services passes; registering passes the bus and is
+    // refused by the daemon (only root may register by default), as is
+    // withdrawing a name nobody registered.
+    send(
+        nobody,
+        "--dest=org.shmlink.Broker1 /org/shmlink/Broker1 org.shmlink.Broker1.ListServices",
+    )
+    .ok();
+    let register = sd.sh(&format!(
+        "{nobody}busctl --system call org.shmlink.Broker1 /org/shmlink/Broker1 \
+         org.shmlink.Broker1 RegisterService 'soa{{sv}}' nobody.svc /p 0"
+    ));
+    register.failed();
+    // busctl shows any AccessDenied as "Access denied": the daemon's journal
+    // tells that the call passed the bus and the daemon refused it.
+    sd.wait_for("the refused registration in the journal", DEADLINE, || {
+        let log = sd.run(&[
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "cat",
+            "-u",
+            "shmlinkd.service",
+        ]);
+        let text = log.all_output();
+        if text.contains("uid 65534 may not register service \"nobody.svc\"") {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    });
+    let unregister = send(
+        nobody,
+        "--dest=org.shmlink.Broker1 /org/shmlink/Broker1 org.shmlink.Broker1.UnregisterService \
+         string:nobody.svc",
+    );
+    unregister.failed();
+    assert!(
+        unregister
+            .stderr
+            .contains("org.shmlink.Error.UnknownService"),
+        "UnregisterService must pass the bus: {unregister}"
+    );
     // Refused by the bus before reaching the daemon: setting a property, an
     // unlisted method, for nobody and for root alike.
     for who in [nobody, ""] {

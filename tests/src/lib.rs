@@ -10,6 +10,7 @@ pub mod attacks;
 pub mod fake_broker;
 pub mod hostile;
 pub mod memory_attacks;
+pub mod raw_provider;
 pub mod sdboot;
 
 use shmlink::{Bus, Client};

@@ -79,16 +79,16 @@ pub(super) fn register(cr: &mut Crossroads, shared: Shared) -> IfaceToken<Sessio
             },
         );
         b.property::<String, _>(member::SERVICE)
-            .emits_changed_false()
+            .emits_changed_const()
             .get(|_, r: &mut SessionRecord| Ok(r.service.clone()));
         b.property::<String, _>(member::OWNER)
-            .emits_changed_false()
+            .emits_changed_const()
             .get(|_, r: &mut SessionRecord| Ok(r.owner.bus_name.clone()));
         b.property::<u32, _>(member::OWNER_UID)
-            .emits_changed_false()
+            .emits_changed_const()
             .get(|_, r: &mut SessionRecord| Ok(r.owner.uid));
         b.property::<u32, _>(member::OWNER_PID)
-            .emits_changed_false()
+            .emits_changed_const()
             .get(|_, r: &mut SessionRecord| Ok(r.owner.pid));
         let counters: [(&str, Counter); 4] = [
             (member::BYTES_TO_SERVER, |r| &r.traffic.bytes_to_server),

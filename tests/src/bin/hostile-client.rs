@@ -7,6 +7,7 @@
 //! hostile-client ADDR hold SERVICE N      open N sessions, print "READY N", wait for stdin EOF
 //! hostile-client ADDR stream              open a sink session, print "PATH p", stream until killed
 //! hostile-client ADDR close PATH          call Close; print "OK" or "ERR name message"
+//! hostile-client ADDR register SERVICE    call RegisterService; print "OK" or "ERR name message"
 //! hostile-client ADDR counters PATH       read BytesToServer; print "OK n" or "ERR name message"
 //! hostile-client ADDR vanish SERVICE      send OpenSession and exit without waiting
 //! hostile-client ADDR vanish-known SERVICE  same, after a first call (credentials cached)
@@ -130,6 +131,27 @@ fn main() {
             let r: Result<(), dbus::Error> = conn
                 .with_proxy(BUS_NAME, arg(2), hostile::CALL_TIMEOUT)
                 .method_call(SESSION_INTERFACE, member::CLOSE, ());
+            match r {
+                Ok(()) => println!("OK"),
+                Err(e) => refused(&e),
+            }
+        }
+        "register" => {
+            let r: Result<(), dbus::Error> = conn
+                .with_proxy(
+                    BUS_NAME,
+                    shmlink_interfaces::BROKER_PATH,
+                    hostile::CALL_TIMEOUT,
+                )
+                .method_call(
+                    shmlink_interfaces::BROKER_INTERFACE,
+                    member::REGISTER_SERVICE,
+                    (
+                        arg(2),
+                        dbus::Path::from("/com/example/Provider"),
+                        dbus::arg::PropMap::new(),
+                    ),
+                );
             match r {
                 Ok(()) => println!("OK"),
                 Err(e) => refused(&e),

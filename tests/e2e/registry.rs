@@ -1,0 +1,481 @@
+//! Services offered by provider processes, seen from the broker: who may
+//! register which names, the Services property and ListServices, and
+//! OpenSession relayed to a provider (a raw one, see
+//! `shmlink_tests::raw_provider`) that refuses, never answers, answers
+//! wrongly, accepts and closes, or leaves the bus. After every case the
+//! client's uid is charged nothing: a session as large as its whole memory
+//! limit opens again.
+
+use dbus::blocking::Connection;
+use dbus::message::MatchRule;
+use shmlink::Session;
+use shmlink_interfaces::{error, member, BROKER_INTERFACE, BROKER_PATH, BUS_NAME};
+use shmlink_tests::raw_provider::{Behaviour, RawProvider};
+use shmlink_tests::{wait_until, Harness, DEADLINE};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Each uid may hold 96 KiB: sessions of [`SMALL`] rings (and their
+/// messages), or one of [`WHOLE`] rings.
+const MEMORY_PER_USER: &str = "98304";
+/// A ring capacity whose session costs a quarter of [`MEMORY_PER_USER`]
+/// (2 × (4032 + 64) + 16 KiB of overhead).
+const SMALL: u64 = 4032;
+/// A ring capacity whose session costs all of [`MEMORY_PER_USER`]
+/// (2 × (40896 + 64) + 16 KiB).
+const WHOLE: u64 = 40896;
+
+fn harness(accept_timeout_ms: u64) -> Harness {
+    Harness::with_args(&[
+        "--memory-per-user",
+        MEMORY_PER_USER,
+        "--accept-timeout-ms",
+        &accept_timeout_ms.to_string(),
+    ])
+}
+
+/// Opens `service` with [`SMALL`] rings; the error's name if refused.
+fn open(h: &Harness, service: &str) -> Result<Session, (String, String)> {
+    h.client()
+        .session(service)
+        .capacity(SMALL)
+        .open()
+        .map_err(|e| match e {
+            shmlink::Error::Refused { name, message } => (name, message),
+            other => (other.to_string(), String::new()),
+        })
+}
+
+/// The client's uid is charged nothing and no session is open: a session
+/// as large as the whole per-uid limit opens (once the broker caught up).
+fn nothing_charged(h: &Harness) {
+    let client = h.client();
+    assert!(
+        wait_until(DEADLINE, || {
+            client.session("echo").capacity(WHOLE).open().is_ok()
+                && client.session_count().ok() == Some(0)
+        }),
+        "something is still charged or open:\n{}",
+        h.daemon_log()
+    );
+}
+
+fn list_services(h: &Harness) -> Vec<(String, String, u32)> {
+    let conn = Connection::new_address(h.address()).expect("connect");
+    let (list,): (Vec<(String, String, u32)>,) = conn
+        .with_proxy(BUS_NAME, BROKER_PATH, Duration::from_secs(5))
+        .method_call(BROKER_INTERFACE, member::LIST_SERVICES, ())
+        .expect("ListServices");
+    list
+}
+
+/// A connection that collects the broker's signals of one member.
+struct Signals {
+    conn: Connection,
+    seen: Arc<Mutex<Vec<dbus::Message>>>,
+}
+
+impl Signals {
+    fn watch(h: &Harness, interface: &'static str, name: &'static str) -> Signals {
+        let conn = Connection::new_address(h.address()).expect("connect");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        conn.add_match(
+            MatchRule::new_signal(interface, name).with_path(BROKER_PATH),
+            move |_: (), _, msg| {
+                s.lock().expect("lock").push(msg.duplicate().expect("copy"));
+                true
+            },
+        )
+        .expect("add match");
+        Signals { conn, seen }
+    }
+
+    /// Waits for a signal `accept` takes; returns it.
+    fn wait_for<T>(&self, mut accept: impl FnMut(&dbus::Message) -> Option<T>) -> T {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(found) = self.seen.lock().expect("lock").iter().find_map(&mut accept) {
+                return found;
+            }
+            assert!(Instant::now() < end, "the signal did not come");
+            self.conn
+                .process(Duration::from_millis(50))
+                .expect("process");
+        }
+    }
+}
+
+/// The `Services` value of a `PropertiesChanged` signal, if it carries one.
+fn services_in(msg: &dbus::Message) -> Option<Vec<String>> {
+    let (iface, changed, _): (String, dbus::arg::PropMap, Vec<String>) = msg.read3().ok()?;
+    if iface != BROKER_INTERFACE {
+        return None;
+    }
+    let v = changed.get(member::SERVICES)?;
+    let names: Option<Vec<String>> =
+        v.0.as_iter()?
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect();
+    names
+}
+
+/// The reason of the `SessionClosed` signal of `path`.
+fn closed_reason(signals: &Signals, path: &str) -> String {
+    signals.wait_for(|m| {
+        let (p, reason): (dbus::Path, String) = m.read2().ok()?;
+        (&*p == path).then_some(reason)
+    })
+}
+
+/// The error name and message of an `open` that must be refused.
+fn refusal(h: &Harness, service: &str) -> (String, String) {
+    open(h, service).err().expect("refused")
+}
+
+fn name_of(e: (String, String)) -> String {
+    e.0
+}
+
+#[test]
+fn registering_lists_announces_and_withdraws_a_service() {
+    let h = harness(5_000);
+    let changes = Signals::watch(&h, "org.freedesktop.DBus.Properties", "PropertiesChanged");
+    let p = RawProvider::start(h.address(), Behaviour::Accept);
+    p.register("remote.svc").expect("register");
+    let announced = changes.wait_for(services_in);
+    assert!(
+        announced.contains(&"remote.svc".to_owned()),
+        "{announced:?}"
+    );
+    assert!(h
+        .client()
+        .services()
+        .expect("Services")
+        .contains(&"remote.svc".into()));
+    let list = list_services(&h);
+    let uid = rustix::process::geteuid().as_raw();
+    assert!(
+        list.contains(&("remote.svc".into(), p.name().into(), uid)),
+        "{list:?}"
+    );
+    assert!(
+        list.contains(&("echo".into(), String::new(), uid)),
+        "built-ins have no provider and the broker's uid: {list:?}"
+    );
+
+    // Options are refused, names are checked.
+    let with_option = p.call_broker(member::REGISTER_SERVICE, |m| {
+        let mut o = dbus::arg::PropMap::new();
+        o.insert("x".into(), dbus::arg::Variant(Box::new(1u32)));
+        m.append3("other", dbus::Path::from("/p"), o)
+    });
+    assert_eq!(name_of(with_option.unwrap_err()), error::INVALID_OPTION);
+    for bad in ["", "a b", &"x".repeat(256), &"y".repeat(1 << 20)] {
+        let e = p.register(bad).unwrap_err();
+        assert_eq!(e.0, error::INVALID_OPTION, "{}", &bad[..bad.len().min(9)]);
+        assert!(e.1.len() < 1000, "the message is cut: {}", e.1.len());
+    }
+
+    changes.seen.lock().expect("lock").clear();
+    p.unregister("remote.svc").expect("unregister");
+    let announced = changes.wait_for(services_in);
+    assert!(
+        !announced.contains(&"remote.svc".to_owned()),
+        "{announced:?}"
+    );
+    assert_eq!(
+        name_of(p.unregister("remote.svc").unwrap_err()),
+        error::UNKNOWN_SERVICE
+    );
+    assert_eq!(name_of(refusal(&h, "remote.svc")), error::UNKNOWN_SERVICE);
+    assert!(!list_services(&h).iter().any(|s| s.0 == "remote.svc"));
+    nothing_charged(&h);
+}
+
+#[test]
+fn only_allowed_uids_register() {
+    let dir = std::env::temp_dir().join(format!("shmlink-registry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("shmlinkd.toml");
+    std::fs::write(
+        &config,
+        "[providers.allow.\"nobody.*\"]\nallow_users = [65534]\n",
+    )
+    .expect("write config");
+    let h = Harness::with_args(&["--config", config.to_str().expect("utf-8")]);
+    let register_as_nobody = |service: &str| {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(shmlink_tests::world_executable(
+                &shmlink_tests::hostile::hostile_binary(),
+            ))
+            .args([h.address(), "register", service])
+            .output()
+            .expect("run setpriv hostile-client");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let out = register_as_nobody("mine");
+    assert!(
+        out.starts_with(&format!("ERR {}", error::ACCESS_DENIED)),
+        "{out}"
+    );
+    assert!(out.contains("may not register service \"mine\""), "{out}");
+    assert_eq!(
+        register_as_nobody("nobody.sensor"),
+        "OK",
+        "an allowed pattern"
+    );
+    // The registration ended with the process's connection.
+    assert!(wait_until(DEADLINE, || !h
+        .client()
+        .services()
+        .expect("Services")
+        .contains(&"nobody.sensor".into())));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_name_is_never_taken_twice() {
+    let h = harness(5_000);
+    let a = RawProvider::start(h.address(), Behaviour::Accept);
+    let b = RawProvider::start(h.address(), Behaviour::Accept);
+    assert_eq!(name_of(a.register("echo").unwrap_err()), error::NAME_TAKEN);
+    // Both race for one name: exactly one wins.
+    let results = std::thread::scope(|s| {
+        let ra = s.spawn(|| a.register("contested"));
+        let rb = s.spawn(|| b.register("contested"));
+        [ra.join().expect("a"), rb.join().expect("b")]
+    });
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1, "{results:?}");
+    let loser = results.into_iter().find_map(Result::err).expect("a loser");
+    assert_eq!(loser.0, error::NAME_TAKEN);
+    let winner = if a.register("contested").is_err() {
+        &a
+    } else {
+        &b
+    };
+    let e = winner.register("contested").unwrap_err();
+    assert_eq!(e.0, error::NAME_TAKEN, "the same connection twice");
+    let owners: Vec<_> = list_services(&h)
+        .into_iter()
+        .filter(|s| s.0 == "contested")
+        .collect();
+    assert_eq!(owners.len(), 1);
+}
+
+#[test]
+fn a_refusal_is_relayed_and_charges_nothing() {
+    let h = harness(5_000);
+    let p = RawProvider::start(
+        h.address(),
+        Behaviour::Refuse(error::INVALID_OPTION.into(), "no flavour \"x\"".into()),
+    );
+    p.register("picky").expect("register");
+    let e = refusal(&h, "picky");
+    assert_eq!(e, (error::INVALID_OPTION.into(), "no flavour \"x\"".into()));
+    p.set_behaviour(Behaviour::Refuse(
+        "com.example.Busy".into(),
+        "try later".into(),
+    ));
+    let e = refusal(&h, "picky");
+    assert_eq!(e.0, error::REFUSED);
+    assert!(
+        e.1.contains("com.example.Busy") && e.1.contains("try later"),
+        "{e:?}"
+    );
+    assert_eq!(p.calls(), 2);
+    assert_eq!(h.session_count(), 0);
+    // The broker's checks come first: a bad capacity never reaches the provider.
+    let e = h
+        .client()
+        .session("picky")
+        .capacity(1)
+        .open()
+        .err()
+        .expect("refused");
+    assert_eq!(e.dbus_name(), Some(error::INVALID_CAPACITY));
+    assert_eq!(p.calls(), 2);
+    nothing_charged(&h);
+}
+
+#[test]
+fn a_silent_provider_times_out_while_others_are_served() {
+    const TIMEOUT_MS: u64 = 600;
+    let h = harness(TIMEOUT_MS);
+    let p = RawProvider::start(h.address(), Behaviour::Silent);
+    p.register("silent").expect("register");
+    let address = h.address().to_owned();
+    let waiting = std::thread::spawn(move || {
+        let client = shmlink::Client::connect(&shmlink::Bus::Address(address)).expect("client");
+        let start = Instant::now();
+        let r = client.session("silent").capacity(SMALL).open();
+        (
+            r.err().and_then(|e| e.dbus_name().map(str::to_owned)),
+            start.elapsed(),
+        )
+    });
+    assert!(wait_until(DEADLINE, || p.calls() == 1));
+    // The broker serves an honest client meanwhile, without waiting for the provider.
+    let start = Instant::now();
+    let mut echo = open(&h, "echo").expect("echo opens meanwhile");
+    echo.send(b"ping").expect("send");
+    assert_eq!(echo.recv().expect("recv").as_deref(), Some(&b"ping"[..]));
+    let served = start.elapsed();
+    assert!(
+        served < Duration::from_millis(TIMEOUT_MS / 2),
+        "the echo client waited {served:?}"
+    );
+    let (name, took) = waiting.join().expect("waiting client");
+    assert_eq!(name.as_deref(), Some(error::PROVIDER_UNAVAILABLE));
+    assert!(
+        took >= Duration::from_millis(TIMEOUT_MS) && took < Duration::from_secs(5),
+        "answered after {took:?}"
+    );
+    drop(echo);
+    nothing_charged(&h);
+}
+
+#[test]
+fn wrong_answers_fail_the_open() {
+    let h = harness(5_000);
+    let p = RawProvider::start(h.address(), Behaviour::ReplyWithBody);
+    p.register("odd").expect("register");
+    let e = refusal(&h, "odd");
+    assert_eq!(e.0, error::PROVIDER_UNAVAILABLE, "{e:?}");
+    assert!(e.1.contains("with a body"), "{e:?}");
+    p.set_behaviour(Behaviour::Refuse(
+        "com.example.Huge".into(),
+        "z".repeat(1 << 20),
+    ));
+    let e = refusal(&h, "odd");
+    assert_eq!(e.0, error::REFUSED);
+    assert!(
+        e.1.len() < 1000,
+        "the provider's message is cut: {}",
+        e.1.len()
+    );
+    nothing_charged(&h);
+}
+
+#[test]
+fn a_provider_closing_everything_ends_the_session_and_unblocks_the_client() {
+    let h = harness(5_000);
+    let closed = Signals::watch(&h, BROKER_INTERFACE, member::SESSION_CLOSED);
+    let p = RawProvider::start(h.address(), Behaviour::Accept);
+    p.register("remote").expect("register");
+    let mut s = open(&h, "remote").expect("accepted");
+    let path = s.path().to_owned();
+    assert_eq!(h.session_count(), 1);
+    let accepted = p.take_accepted();
+    assert_eq!(accepted.len(), 1);
+    assert_eq!(accepted[0].session, path);
+    assert_eq!(accepted[0].service, "remote");
+    let uid = accepted[0].caller.get("uid").and_then(|v| v.0.as_u64());
+    assert_eq!(uid, Some(u64::from(rustix::process::geteuid().as_raw())));
+    // The client blocks on its ring; the provider's closing everything wakes it.
+    let receiver = std::thread::spawn(move || {
+        s.set_timeout(Some(DEADLINE * 2));
+        s.recv()
+    });
+    drop(accepted);
+    let r = receiver.join().expect("receiver");
+    assert!(
+        matches!(
+            r,
+            Err(shmlink::Error::Session(shmlink_endpoint::Error::Closed))
+        ),
+        "{r:?}"
+    );
+    assert_eq!(closed_reason(&closed, &path), "provider closed the session");
+    nothing_charged(&h);
+
+    // A provider that closes at once after accepting: the session ends as soon as it opened.
+    p.set_behaviour(Behaviour::AcceptThenClose);
+    let s = open(&h, "remote").expect("accepted");
+    assert_eq!(
+        closed_reason(&closed, s.path()),
+        "provider closed the session"
+    );
+    drop(s);
+    nothing_charged(&h);
+}
+
+#[test]
+fn a_provider_leaving_withdraws_its_names_and_fails_pending_opens_at_once() {
+    let h = harness(60_000);
+    let mut p = RawProvider::start(h.address(), Behaviour::Silent);
+    p.register("leaving").expect("register");
+    let address = h.address().to_owned();
+    let waiting = std::thread::spawn(move || {
+        let client = shmlink::Client::connect(&shmlink::Bus::Address(address)).expect("client");
+        let start = Instant::now();
+        let r = client.session("leaving").capacity(SMALL).open();
+        (
+            r.err().and_then(|e| e.dbus_name().map(str::to_owned)),
+            start.elapsed(),
+        )
+    });
+    assert!(wait_until(DEADLINE, || p.calls() == 1));
+    p.leave();
+    let (name, took) = waiting.join().expect("waiting client");
+    assert_eq!(name.as_deref(), Some(error::PROVIDER_UNAVAILABLE));
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    assert!(wait_until(DEADLINE, || !h
+        .client()
+        .services()
+        .expect("Services")
+        .contains(&"leaving".into())));
+    assert_eq!(name_of(refusal(&h, "leaving")), error::UNKNOWN_SERVICE);
+    nothing_charged(&h);
+}
+
+#[test]
+fn a_session_ended_at_the_broker_closes_the_providers_link() {
+    let h = harness(5_000);
+    let p = RawProvider::start(h.address(), Behaviour::Accept);
+    p.register("remote").expect("register");
+    let link_closed = |a: &shmlink_tests::raw_provider::Accepted| {
+        use std::os::fd::AsFd;
+        shmlink_endpoint::sys::hangup_state(a.link.as_fd())
+            .is_ok_and(|s| s == shmlink_endpoint::sys::HangupState::Closed)
+    };
+    // Close by the owner.
+    let s = open(&h, "remote").expect("accepted");
+    let accepted = p.take_accepted();
+    assert!(!link_closed(&accepted[0]));
+    s.close().expect("Close");
+    assert!(wait_until(DEADLINE, || link_closed(&accepted[0])));
+    drop(accepted);
+
+    // The owner's connection leaves the bus.
+    let client = h.client();
+    let s = client
+        .session("remote")
+        .capacity(SMALL)
+        .open()
+        .expect("accepted");
+    let accepted = p.take_accepted();
+    drop((s, client));
+    assert!(wait_until(DEADLINE, || link_closed(&accepted[0])));
+    drop(accepted);
+    nothing_charged(&h);
+
+    // A provider that follows the hang-up: the client dying ends it all.
+    p.set_behaviour(Behaviour::AcceptAndFollowHangup);
+    let closed = Signals::watch(&h, BROKER_INTERFACE, member::SESSION_CLOSED);
+    let mut s =
+        shmlink_tests::hostile::RawSession::open(h.address(), "remote", SMALL).expect("accepted");
+    assert!(wait_until(DEADLINE, || p.held() == 1));
+    // The client closes its hang-up end but keeps its connection: only the
+    // provider can tell the broker.
+    drop(s.hangup.take());
+    assert_eq!(
+        closed_reason(&closed, &s.path),
+        "provider closed the session"
+    );
+    assert_eq!(p.held(), 0);
+    drop(s);
+    nothing_charged(&h);
+}
