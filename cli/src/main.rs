@@ -27,6 +27,14 @@ struct Cli {
     #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_timeout,
           default_value = "10")]
     timeout: Duration,
+    /// Well-known name of the broker to talk to: shmlinkd's, or any process
+    /// implementing org.shmlink.Broker1 (an application's own broker).
+    #[arg(long, global = true, value_name = "BUS_NAME", default_value = shmlink_interfaces::BUS_NAME)]
+    name: String,
+    /// Object path of that broker (default: derived from --name, e.g.
+    /// org.example.Frames1 → /org/example/Frames1).
+    #[arg(long, global = true, value_name = "OBJECT_PATH")]
+    path: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -64,6 +72,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     let bus = cli.bus.clone();
     let t = cli.timeout;
+    let _ = BROKER.set((cli.name.clone(), cli.path.clone()));
     let result: Result<()> = match cli.command {
         Cmd::Demo(a) => demo::run(bus, t, a),
         Cmd::Ping(a) => ping::run(&bus.unwrap_or(Bus::Session), t, a),
@@ -93,9 +102,21 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// Connects to `bus` with `timeout` for every D-Bus call.
+/// The broker the command line names (`--name`, `--path`), set once in `main`.
+static BROKER: std::sync::OnceLock<(String, Option<String>)> = std::sync::OnceLock::new();
+
+/// Connects to `bus` with `timeout` for every D-Bus call, to the broker
+/// `--name` and `--path` name (shmlinkd by default).
 pub fn connect(bus: &Bus, timeout: Duration) -> Result<Client> {
-    Ok(Client::connect(bus)?.with_call_timeout(timeout))
+    let (name, path) = BROKER
+        .get()
+        .cloned()
+        .unwrap_or_else(|| (shmlink_interfaces::BUS_NAME.to_owned(), None));
+    let mut client = Client::connect_to(bus, &name)?.with_call_timeout(timeout);
+    if let Some(path) = path {
+        client = client.with_broker_path(&path);
+    }
+    Ok(client)
 }
 
 /// An error and its causes on one line, like anyhow's `{:#}`, but a cause

@@ -13,10 +13,51 @@ pub fn run(bus: &Bus, timeout: Duration, _args: Args) -> Result<()> {
     let version = client
         .version()
         .with_context(|| format!("shmlinkd does not answer on the {bus}"))?;
-    let services = client.services()?;
+    // A broker older than ListServices (or whose bus policy predates it)
+    // lists its names only.
+    let older = |e: &shmlink::Error| {
+        matches!(
+            e.dbus_name(),
+            Some(
+                "org.freedesktop.DBus.Error.UnknownMethod"
+                    | "org.freedesktop.DBus.Error.AccessDenied"
+            )
+        )
+    };
+    let services = match client.list_services() {
+        Ok(list) => list,
+        Err(e) if older(&e) => client
+            .services()?
+            .into_iter()
+            .map(|name| shmlink::ServiceEntry {
+                name,
+                provider: String::new(),
+                uid: u32::MAX,
+            })
+            .collect(),
+        Err(e) => return Err(e.into()),
+    };
     let sessions = client.list_sessions()?;
-    println!("shmlinkd {version} on the {bus}");
-    println!("services: {}", services.join(", "));
+    println!(
+        "broker {} {version} at {} on the {bus}",
+        client.broker_name(),
+        client.broker_path()
+    );
+    println!("services: {}", services.len());
+    println!("{:<24} {:<14} {:>6}", "SERVICE", "PROVIDER", "UID");
+    for s in &services {
+        let provider = if s.provider.is_empty() {
+            "(built in)"
+        } else {
+            s.provider.as_str()
+        };
+        let uid = if s.uid == u32::MAX {
+            "?".to_owned()
+        } else {
+            s.uid.to_string()
+        };
+        println!("{:<24} {:<14} {:>6}", s.name, provider, uid);
+    }
     println!(
         "limits: ring capacity up to {} bytes, messages up to {} bytes",
         client.max_capacity()?,

@@ -148,14 +148,48 @@ pub struct SessionEntry {
 pub struct Client {
     conn: Arc<SyncConnection>,
     call_timeout: Duration,
+    /// The broker's well-known name and object path.
+    name: Arc<str>,
+    path: Arc<str>,
+}
+
+/// One row of `ListServices`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// The name `OpenSession` takes.
+    pub name: String,
+    /// The provider's unique bus name, or empty for a service built into the broker.
+    pub provider: String,
+    /// The provider's uid (the broker's own for a built-in service).
+    pub uid: u32,
+}
+
+/// The object path the D-Bus convention gives a well-known name:
+/// `org.example.Frames1` → `/org/example/Frames1`.
+pub fn default_path(bus_name: &str) -> String {
+    format!("/{}", bus_name.replace('.', "/").replace('-', "_"))
 }
 
 /// A proxy for one object of the broker.
 pub(crate) type Proxy<'a> = dbus::blocking::Proxy<'a, &'a SyncConnection>;
 
 impl Client {
-    /// Connects to `bus`. Nothing is asked of the broker yet.
+    /// Connects to `bus`, to talk to `shmlinkd` (`org.shmlink.Broker1`).
+    /// Nothing is asked of the broker yet.
     pub fn connect(bus: &Bus) -> Result<Client, Error> {
+        Self::connect_to(bus, BUS_NAME)
+    }
+
+    /// Connects to `bus`, to talk to the broker that owns `name` (any
+    /// process implementing `org.shmlink.Broker1`, such as an application's
+    /// embedded broker), at the path [`default_path`] derives from it; see
+    /// [`Client::with_broker_path`] for another path.
+    pub fn connect_to(bus: &Bus, name: &str) -> Result<Client, Error> {
+        let path: Arc<str> = if name == BUS_NAME {
+            BROKER_PATH.into()
+        } else {
+            default_path(name).into()
+        };
         let channel = bus.connect().map_err(|e| Error::Connect {
             bus: bus.to_string(),
             message: e.message().unwrap_or("unknown error").to_owned(),
@@ -163,7 +197,25 @@ impl Client {
         Ok(Client {
             conn: Arc::new(SyncConnection::from(channel)),
             call_timeout: CALL_TIMEOUT,
+            name: name.into(),
+            path,
         })
+    }
+
+    /// The same connection, talking to the broker object at `path`.
+    pub fn with_broker_path(mut self, path: &str) -> Client {
+        self.path = path.into();
+        self
+    }
+
+    /// The broker's well-known name.
+    pub fn broker_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The broker object's path.
+    pub fn broker_path(&self) -> &str {
+        &self.path
     }
 
     /// The same connection with another timeout for its D-Bus calls (and
@@ -189,7 +241,7 @@ impl Client {
         f: impl FnOnce(&Proxy<'_>) -> Result<T, dbus::Error>,
     ) -> Result<T, Error> {
         let start = Instant::now();
-        let proxy = self.conn.with_proxy(BUS_NAME, path, self.call_timeout);
+        let proxy = self.conn.with_proxy(&*self.name, path, self.call_timeout);
         f(&proxy).map_err(|e| {
             // The bus also answers NoReply when the callee leaves without
             // replying; only a call that lasted its whole timeout timed out.
@@ -243,12 +295,12 @@ impl Client {
     /// On a bus with activation this also starts the broker.
     pub fn ping(&self) -> Result<Duration, Error> {
         let start = Instant::now();
-        self.method::<_, ()>(BROKER_PATH, "org.freedesktop.DBus.Peer", "Ping", ())?;
+        self.method::<_, ()>(&self.path, "org.freedesktop.DBus.Peer", "Ping", ())?;
         Ok(start.elapsed())
     }
 
     fn broker_prop<T: for<'b> dbus::arg::Get<'b> + 'static>(&self, name: &str) -> Result<T, Error> {
-        self.property(BROKER_PATH, BROKER_INTERFACE, name)
+        self.property(&self.path, BROKER_INTERFACE, name)
     }
 
     /// The broker's version.
@@ -280,7 +332,7 @@ impl Client {
     pub fn list_sessions(&self) -> Result<Vec<SessionEntry>, Error> {
         type Row = (dbus::Path<'static>, String, String, u32, u32);
         let (list,): (Vec<Row>,) =
-            self.method(BROKER_PATH, BROKER_INTERFACE, member::LIST_SESSIONS, ())?;
+            self.method(&self.path, BROKER_INTERFACE, member::LIST_SESSIONS, ())?;
         Ok(list
             .into_iter()
             .map(|(path, service, owner, uid, pid)| SessionEntry {
@@ -289,6 +341,20 @@ impl Client {
                 owner,
                 uid,
                 pid,
+            })
+            .collect())
+    }
+
+    /// Every service `OpenSession` accepts, with its provider (`ListServices`).
+    pub fn list_services(&self) -> Result<Vec<ServiceEntry>, Error> {
+        let (list,): (Vec<(String, String, u32)>,) =
+            self.method(&self.path, BROKER_INTERFACE, member::LIST_SERVICES, ())?;
+        Ok(list
+            .into_iter()
+            .map(|(name, provider, uid)| ServiceEntry {
+                name,
+                provider,
+                uid,
             })
             .collect())
     }

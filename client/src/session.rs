@@ -5,7 +5,7 @@ use dbus::arg::{PropMap, RefArg, Variant};
 use shmlink_endpoint::{ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Item, Wakeup};
 use shmlink_interfaces::{
     member, option, param, wakeup, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
-    BROKER_PATH, SESSION_INTERFACE,
+    SESSION_INTERFACE,
 };
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -105,7 +105,7 @@ impl SessionBuilder {
             ..self.limits
         };
         let reply: OpenSessionArgs = self.client.method(
-            BROKER_PATH,
+            self.client.broker_path(),
             BROKER_INTERFACE,
             member::OPEN_SESSION,
             (self.service.as_str(), self.options),

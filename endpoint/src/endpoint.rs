@@ -174,25 +174,31 @@ fn socket_type_name(t: SocketType) -> String {
 /// peer long gone. An unconnected one would fail the first wait with an
 /// error that names nothing the server did.
 fn validate_hangup(fd: BorrowedFd<'_>) -> Result<(), Error> {
+    validate_stream_socket("hang-up", fd)
+}
+
+/// The checks of [`validate_hangup`] for any socket that signals liveness
+/// only (the hang-up socket, a provider's link); `name` names it in errors.
+fn validate_stream_socket(name: &str, fd: BorrowedFd<'_>) -> Result<(), Error> {
     match sys::fd_kind(fd)? {
         FdKind::Socket => {}
         other => {
             return Err(Error::BadFd(format!(
-                "hang-up fd is not a socket ({other:?})"
+                "{name} fd is not a socket ({other:?})"
             )))
         }
     }
     let family = sockopt::socket_domain(fd).map_err(io::Error::from)?;
     if family != AddressFamily::UNIX {
         return Err(Error::BadFd(format!(
-            "hang-up socket is not an AF_UNIX socket (address family {})",
+            "{name} socket is not an AF_UNIX socket (address family {})",
             family.as_raw()
         )));
     }
     let kind = sockopt::socket_type(fd).map_err(io::Error::from)?;
     if kind != SocketType::STREAM {
         return Err(Error::BadFd(format!(
-            "hang-up socket is {}, not SOCK_STREAM",
+            "{name} socket is {}, not SOCK_STREAM",
             socket_type_name(kind)
         )));
     }
@@ -201,12 +207,28 @@ fn validate_hangup(fd: BorrowedFd<'_>) -> Result<(), Error> {
         Err(Errno::NOTCONN) => {
             let listening = sockopt::socket_acceptconn(fd).unwrap_or(false);
             Err(Error::BadFd(format!(
-                "hang-up socket is not connected{}",
+                "{name} socket is not connected{}",
                 if listening { " (it is listening)" } else { "" }
             )))
         }
         Err(e) => Err(io::Error::from(e).into()),
     }
+}
+
+/// The checks both sides make on fds the other side (or the broker)
+/// created, before anything is mapped: `max_message` within the limit, both
+/// rings (see [`validate_ring`]) and the hang-up socket.
+fn validate_peer_fds(fds: &PeerFds, max_message: u32, limits: &ClientLimits) -> Result<(), Error> {
+    if max_message > limits.max_message {
+        return Err(Error::OverLimit {
+            what: "max-message",
+            offered: max_message.into(),
+            limit: limits.max_message.into(),
+        });
+    }
+    validate_ring("client-to-server ring", &fds.to_server, limits.max_capacity)?;
+    validate_ring("server-to-client ring", &fds.to_client, limits.max_capacity)?;
+    validate_hangup(fds.hangup.as_fd())
 }
 
 /// What both halves of an endpoint share: the hang-up socket and the wait policy.
@@ -508,16 +530,7 @@ impl Endpoint {
         wakeup: Wakeup,
         limits: ClientLimits,
     ) -> Result<Endpoint, Error> {
-        if max_message > limits.max_message {
-            return Err(Error::OverLimit {
-                what: "max-message",
-                offered: max_message.into(),
-                limit: limits.max_message.into(),
-            });
-        }
-        validate_ring("client-to-server ring", &fds.to_server, limits.max_capacity)?;
-        validate_ring("server-to-client ring", &fds.to_client, limits.max_capacity)?;
-        validate_hangup(fds.hangup.as_fd())?;
+        validate_peer_fds(&fds, max_message, &limits)?;
         let open_tx = |r: RingFds| {
             Sender::<u8>::open(
                 r.capacity as usize,
@@ -540,6 +553,50 @@ impl Endpoint {
         Ok(Endpoint::assemble(
             RingSender::new(open_tx(fds.to_server)?),
             RingReceiver::new(open_rx(fds.to_client)?, max_message),
+            fds.hangup,
+            wakeup,
+            max_message,
+            caps,
+        ))
+    }
+
+    /// Opens the server's side of a session whose fds another process (the
+    /// broker) created, as a provider does: the same checks as
+    /// [`Endpoint::open_client_within`] (rings within `limits`, sealed
+    /// memfds large enough, four eventfds, a connected `AF_UNIX` stream
+    /// hang-up socket, `max_message` within `limits.max_message`), plus the
+    /// same socket checks for `link`, with the roles swapped: this side reads
+    /// the client-to-server ring and writes the server-to-client one. Nothing
+    /// is mapped unless all of it holds. `link` is only checked here; the
+    /// caller keeps and watches it.
+    pub fn open_server(
+        fds: PeerFds,
+        link: BorrowedFd<'_>,
+        max_message: u32,
+        wakeup: Wakeup,
+        limits: ClientLimits,
+    ) -> Result<Endpoint, Error> {
+        validate_peer_fds(&fds, max_message, &limits)?;
+        validate_stream_socket("link", link)?;
+        let caps = (fds.to_client.capacity, fds.to_server.capacity);
+        let (tx, rx) = (fds.to_client, fds.to_server);
+        let tx = Sender::<u8>::open(
+            tx.capacity as usize,
+            tx.memfd.into(),
+            tx.empty_signal.into(),
+            tx.full_signal.into(),
+        )
+        .map_err(setup)?;
+        let rx = Receiver::<u8>::open(
+            rx.capacity as usize,
+            rx.memfd.into(),
+            rx.empty_signal.into(),
+            rx.full_signal.into(),
+        )
+        .map_err(setup)?;
+        Ok(Endpoint::assemble(
+            RingSender::new(tx),
+            RingReceiver::new(rx, max_message),
             fds.hangup,
             wakeup,
             max_message,
@@ -1037,6 +1094,121 @@ mod tests {
             matches!(err, Error::BadFd(ref m) if m.contains("eventfd")),
             "{err}"
         );
+    }
+
+    /// The fds a broker creates for a provided session, without mapping
+    /// anything: the provider's side, the client's side (the same files),
+    /// and the link's two ends (the broker's, the provider's).
+    fn provided_fds(capacity: u64) -> (PeerFds, PeerFds, OwnedFd, OwnedFd) {
+        let capacity = rounded_capacity(capacity);
+        let ring = || {
+            let memfd = OwnedFd::from(ring_memfd(capacity).unwrap());
+            let ev = || eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+            RingFds {
+                capacity,
+                memfd,
+                empty_signal: ev(),
+                full_signal: ev(),
+            }
+        };
+        let dup = |r: &RingFds| RingFds {
+            capacity: r.capacity,
+            memfd: r.memfd.try_clone().unwrap(),
+            empty_signal: r.empty_signal.try_clone().unwrap(),
+            full_signal: r.full_signal.try_clone().unwrap(),
+        };
+        let (to_server, to_client) = (ring(), ring());
+        let (server_hangup, client_hangup) = sys::socketpair().unwrap();
+        let (broker_link, provider_link) = sys::socketpair().unwrap();
+        let client = PeerFds {
+            to_server: dup(&to_server),
+            to_client: dup(&to_client),
+            hangup: client_hangup,
+        };
+        let server = PeerFds {
+            to_server,
+            to_client,
+            hangup: server_hangup,
+        };
+        (server, client, broker_link, provider_link)
+    }
+
+    #[test]
+    fn a_provider_serves_fds_it_did_not_create_both_ways() {
+        let (server_fds, client_fds, _broker_link, link) = provided_fds(4096);
+        let mut server = Endpoint::open_server(
+            server_fds,
+            link.as_fd(),
+            1 << 20,
+            Wakeup::Park,
+            ClientLimits::default(),
+        )
+        .expect("honest fds");
+        let mut client = Endpoint::open_client(client_fds, 1 << 20, Wakeup::Park).unwrap();
+        for ep in [&mut server, &mut client] {
+            ep.set_timeout(Some(Duration::from_secs(10)));
+        }
+        client.send(b"to the provider").unwrap();
+        assert_eq!(
+            server.recv().unwrap().as_deref(),
+            Some(&b"to the provider"[..])
+        );
+        server.send(b"to the client").unwrap();
+        assert_eq!(
+            client.recv().unwrap().as_deref(),
+            Some(&b"to the client"[..])
+        );
+        drop(client);
+        assert!(server.peer_gone().unwrap(), "the client's hang-up is seen");
+    }
+
+    #[test]
+    fn a_provider_refuses_a_hostile_link_or_ring() {
+        let open = |fds: PeerFds, link: BorrowedFd<'_>| {
+            Endpoint::open_server(fds, link, 1 << 20, Wakeup::Park, ClientLimits::default())
+                .err()
+                .expect("refused")
+        };
+        // A datagram link never reports the broker's close.
+        let (fds, _client, _broker, _) = provided_fds(4096);
+        let (dgram, _peer) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let err = open(fds, dgram.as_fd());
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.starts_with("link socket is SOCK_DGRAM")),
+            "{err}"
+        );
+        // An eventfd where the link should be.
+        let (fds, _client, _broker, _) = provided_fds(4096);
+        let ev = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+        let err = open(fds, ev.as_fd());
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.starts_with("link fd is not a socket")),
+            "{err}"
+        );
+        // A ring that claims more than its memfd holds would be a SIGBUS.
+        let (mut fds, _client, _broker, link) = provided_fds(4096);
+        fds.to_server.capacity = rounded_capacity(1 << 20);
+        let err = open(fds, link.as_fd());
+        assert!(
+            matches!(err, Error::BadFd(ref m) if m.starts_with("client-to-server ring: memfd holds")),
+            "{err}"
+        );
+        // A ring beyond the provider's own limit.
+        let (fds, _client, _broker, link) = provided_fds(1 << 20);
+        let small = ClientLimits {
+            max_capacity: 4096,
+            ..ClientLimits::default()
+        };
+        let err = Endpoint::open_server(fds, link.as_fd(), 1 << 20, Wakeup::Park, small)
+            .err()
+            .expect("refused");
+        assert!(matches!(err, Error::OverLimit { .. }), "{err}");
     }
 
     #[test]

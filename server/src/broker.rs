@@ -13,8 +13,8 @@
 //! provides which name, who may register at all, and how many names a uid holds.
 
 use crate::config::{valid_service_name, Config, Limits};
+use crate::names::Names;
 use crate::service::{Caller, ServiceError};
-use shmlink_interfaces::SESSION_PATH_PREFIX;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -161,11 +161,6 @@ impl From<ServiceError> for BrokerError {
     }
 }
 
-/// The object path of session `id`.
-pub(crate) fn session_path(id: u64) -> String {
-    format!("{SESSION_PATH_PREFIX}{id}")
-}
-
 /// One session's entry in the books: its owner and what it is charged.
 #[derive(Clone, Debug)]
 pub(crate) struct Reservation {
@@ -207,6 +202,8 @@ pub(crate) struct Broker {
     /// Memory accounts by uid; kept while a session or a buffer uses one.
     accounts: HashMap<u32, Arc<Account>>,
     total: Arc<Account>,
+    /// The broker's names, for its sessions' object paths.
+    names: Names,
     /// Registered services by name.
     registrations: BTreeMap<String, Registration>,
     /// Registrations per uid.
@@ -233,7 +230,23 @@ impl Broker {
             registered_by: HashMap::new(),
             own_uid: rustix::process::geteuid().as_raw(),
             config,
+            names: Names::default(),
         }
+    }
+
+    /// Names the sessions' objects after `names` (default: `shmlinkd`'s).
+    pub fn set_names(&mut self, names: Names) {
+        self.names = names;
+    }
+
+    /// The broker's names.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// The object path of session `id`.
+    pub fn session_path(&self, id: u64) -> String {
+        self.names.session_path(id)
     }
 
     /// Makes `provider` the provider of `service` at `object`. Refused (in
@@ -494,12 +507,12 @@ impl Broker {
         let r = self
             .reservations
             .get(&id)
-            .ok_or_else(|| BrokerError::UnknownSession(session_path(id)))?;
+            .ok_or_else(|| BrokerError::UnknownSession(self.session_path(id)))?;
         let root = caller.is_some_and(|c| c.uid == 0);
         if r.owner.bus_name != sender && !root {
             return Err(BrokerError::AccessDenied(format!(
                 "session {} belongs to {}, not to {sender}",
-                session_path(id),
+                self.session_path(id),
                 r.owner.bus_name
             )));
         }

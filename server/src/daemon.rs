@@ -5,13 +5,13 @@
 
 use crate::config::Config;
 use crate::dbus::{name_owner_changed, Adapter};
+use crate::names::Names;
 use crate::service::Service;
 use crate::sessions::Sessions;
 use dbus::blocking::stdintf::org_freedesktop_dbus::RequestNameReply;
 use dbus::blocking::Connection;
 use shmlink_endpoint::sys;
 pub use shmlink_interfaces::Bus;
-use shmlink_interfaces::BUS_NAME;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +46,7 @@ pub enum DaemonError {
 /// A running broker on a bus.
 pub struct Daemon {
     conn: Connection,
+    bus_name: String,
     adapter: Adapter,
     bus_label: String,
 }
@@ -58,13 +59,27 @@ impl Daemon {
         config: Config,
         services: Vec<Arc<dyn Service>>,
     ) -> Result<Daemon, DaemonError> {
+        Self::create_named(bus, Names::default(), config, services)
+    }
+
+    /// [`Daemon::create`] owning `names.bus_name()` with the broker object
+    /// at `names.path()` and the sessions below it: an application's own
+    /// broker, with its own services and limits, beside (or instead of)
+    /// `shmlinkd`.
+    pub fn create_named(
+        bus: &Bus,
+        names: Names,
+        config: Config,
+        services: Vec<Arc<dyn Service>>,
+    ) -> Result<Daemon, DaemonError> {
+        let bus_name = names.bus_name().to_owned();
         let mut channel = bus.connect().map_err(|source| DaemonError::Connect {
             bus: bus.to_string(),
             source,
         })?;
         channel.set_watch_enabled(true);
         let conn = Connection::from(channel);
-        let adapter = Adapter::new(Sessions::start(config, services)?);
+        let adapter = Adapter::new(Sessions::start(config, services)?.with_names(names));
 
         // Learn when clients leave the bus.
         conn.add_match_no_cb(&name_owner_changed().match_str())
@@ -73,16 +88,16 @@ impl Daemon {
                 source,
             })?;
         let name_err = |reason: String| DaemonError::Name {
-            name: BUS_NAME.into(),
+            name: bus_name.clone(),
             reason,
         };
-        match conn.request_name(BUS_NAME, false, false, true) {
+        match conn.request_name(bus_name.as_str(), false, false, true) {
             Ok(RequestNameReply::PrimaryOwner) => {}
             Ok(_) => return Err(name_err("another process owns it".into())),
             Err(e) => return Err(name_err(e.to_string())),
         }
         log::info!(
-            "serving {BUS_NAME} on {} as {} with {} worker thread(s)",
+            "serving {bus_name} on {} as {} with {} worker thread(s)",
             match bus {
                 Bus::Address(a) => a.clone(),
                 other => format!("the {other:?} bus").to_lowercase(),
@@ -92,6 +107,7 @@ impl Daemon {
         );
         Ok(Daemon {
             conn,
+            bus_name,
             adapter,
             bus_label: format!("{bus:?}"),
         })
@@ -150,7 +166,7 @@ impl Daemon {
     fn shutdown(&mut self) {
         self.adapter.shutdown(&self.conn);
         self.conn.channel().flush();
-        let _ = self.conn.release_name(BUS_NAME);
+        let _ = self.conn.release_name(self.bus_name.as_str());
         log::info!("stopped serving on {}", self.bus_label);
     }
 }

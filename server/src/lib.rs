@@ -23,12 +23,16 @@ mod dbus;
 mod engine;
 mod links;
 mod logcap;
+mod names;
+mod provider;
 mod service;
 mod sessions;
 pub mod signals;
 pub mod systemd;
 
 pub use daemon::{Bus, Daemon, DaemonError};
+pub use names::{Names, NamesError};
+pub use provider::{Provider, ProviderBuilder, ProviderError, DEFAULT_OBJECT_PATH};
 
 /// Locks `m`, going on with the data if a thread panicked while holding it:
 /// a panicking session is ended alone, and the state it shares stays usable.

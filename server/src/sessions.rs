@@ -22,11 +22,12 @@
 //! session ends through `end_session` like any other, which closes the
 //! broker's end of its link.
 
-use crate::broker::{session_cost, session_path, Broker, BrokerError, Registration};
+use crate::broker::{session_cost, Broker, BrokerError, Registration};
 use crate::config::Config;
 use crate::engine::{Engine, Traffic};
 use crate::links::Links;
 use crate::logcap::{cut, LOGGED_STRING};
+use crate::names::Names;
 use crate::service::{prop, Caller, Memory, Options, Service, StateView};
 use dbus::arg::PropMap;
 use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
@@ -94,6 +95,8 @@ enum Provided {
 pub(crate) struct EndedSession {
     /// Its object path.
     pub path: dbus::Path<'static>,
+    /// The broker object's path, which announces the end.
+    pub broker_path: dbus::Path<'static>,
 }
 
 /// The hosted services, the books and the engine.
@@ -122,6 +125,12 @@ impl Sessions {
             provided: HashMap::new(),
             links: Links::new()?,
         })
+    }
+
+    /// The same sessions under the broker names `names`.
+    pub fn with_names(mut self, names: Names) -> Self {
+        self.broker.set_names(names);
+        self
     }
 
     /// The books, for registrations.
@@ -203,7 +212,7 @@ impl Sessions {
         Ok(ProvidedOpen {
             record: SessionRecord {
                 id,
-                path: session_path(id).into(),
+                path: self.broker.session_path(id).into(),
                 service: service.to_owned(),
                 owner: caller.clone(),
                 traffic: Arc::new(Traffic::default()),
@@ -222,7 +231,7 @@ impl Sessions {
     /// its link watched. Fails if it is not pending any more (it was
     /// abandoned, or its client left meanwhile).
     pub fn accept_provided(&mut self, id: u64) -> Result<(), BrokerError> {
-        let gone = || BrokerError::UnknownSession(session_path(id));
+        let gone = || BrokerError::UnknownSession(self.broker.session_path(id));
         let Some(Provided::Pending(_)) = self.provided.get(&id) else {
             return Err(gone());
         };
@@ -369,7 +378,7 @@ impl Sessions {
         Ok(Opened {
             record: SessionRecord {
                 id,
-                path: session_path(id).into(),
+                path: self.broker.session_path(id).into(),
                 service: service.to_owned(),
                 owner: caller.clone(),
                 traffic,
@@ -401,7 +410,8 @@ impl Sessions {
             traffic.map(|t| t.summary()).unwrap_or_default()
         );
         Some(EndedSession {
-            path: session_path(id).into(),
+            path: self.broker.session_path(id).into(),
+            broker_path: self.broker.names().path().to_owned().into(),
         })
     }
 
@@ -570,7 +580,7 @@ mod tests {
         ]);
         let opened = s.open(&caller(), "echo", o).expect("open");
         let id = opened.record.id;
-        assert_eq!(&*opened.record.path, session_path(id));
+        assert_eq!(&*opened.record.path, s.broker().session_path(id));
         assert_eq!(
             opened
                 .params

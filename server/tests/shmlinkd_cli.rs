@@ -307,3 +307,47 @@ fn logs_go_to_journald_only_when_journal_stream_names_stderr() {
         "with JOURNAL_STREAM naming stderr, logs should go to journald:\n{log}"
     );
 }
+
+#[test]
+fn name_and_path_make_another_broker() {
+    let bus = PrivateBus::start();
+    let dir = TempDir::new("shmlinkd-name");
+    let socket_path = dir.0.join("notify");
+    let notify = UnixDatagram::bind(&socket_path).unwrap();
+    notify.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut child = shmlinkd()
+        .args(["--address", &bus.address, "--name", "org.example.Second1"])
+        .args(["--path", "/org/example/Broker"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = recv_notification(&notify);
+    assert_eq!(ready, "READY=1\nSTATUS=serving org.example.Second1\n");
+    assert!(bus.name_has_owner("org.example.Second1"));
+    assert!(!bus.name_has_owner("org.shmlink.Broker1"));
+    let mut channel = dbus::channel::Channel::open_private(&bus.address).unwrap();
+    channel.register().unwrap();
+    let conn = dbus::blocking::Connection::from(channel);
+    let proxy = conn.with_proxy("org.example.Second1", "/org/example/Broker", DEADLINE);
+    let (count,): (dbus::arg::Variant<u32>,) = proxy
+        .method_call(
+            "org.freedesktop.DBus.Properties",
+            "Get",
+            ("org.shmlink.Broker1", "SessionCount"),
+        )
+        .expect("the broker object is at --path");
+    assert_eq!(count.0, 0);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut child).success());
+
+    let out = shmlinkd()
+        .args(["--address", &bus.address, "--name", ":1.5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad --name or --path"), "{err}");
+}

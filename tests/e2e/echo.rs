@@ -4,7 +4,11 @@ use shmlink_tests::{payload, Harness};
 
 #[test]
 fn echo_round_trips_every_edge_size_byte_for_byte() {
-    let h = Harness::start();
+    echo_edge_sizes(&Harness::start());
+}
+
+/// The body of `echo_round_trips_every_edge_size_byte_for_byte`, against any harness (shmlinkd or an embedded broker).
+pub(crate) fn echo_edge_sizes(h: &Harness) {
     let client = h.client();
     let session = client
         .session("echo")
@@ -71,8 +75,12 @@ fn messages_above_the_maximum_are_refused_clearly() {
 
 #[test]
 fn read_and_write_adapters_stream_bytes() {
+    read_write_adapters(&Harness::start());
+}
+
+/// The body of `read_and_write_adapters_stream_bytes`, against any harness (shmlinkd or an embedded broker).
+pub(crate) fn read_write_adapters(h: &Harness) {
     use std::io::{Read, Write};
-    let h = Harness::start();
     let session = h
         .client()
         .session("echo")

@@ -15,6 +15,7 @@ mod introspection;
 mod leaks;
 mod liveness;
 mod memory;
+mod providers;
 mod registry;
 mod scale;
 mod soak;

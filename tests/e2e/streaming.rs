@@ -43,7 +43,11 @@ fn one_gib_into_sink_with_checksum() {
 
 #[test]
 fn source_stream_is_verified_by_the_client() {
-    let h = Harness::start();
+    source_stream(&Harness::start());
+}
+
+/// The body of `source_stream_is_verified_by_the_client`, against any harness (shmlinkd or an embedded broker).
+pub(crate) fn source_stream(h: &Harness) {
     let mut s = h
         .client()
         .session("source")
@@ -65,7 +69,11 @@ fn source_stream_is_verified_by_the_client() {
 
 #[test]
 fn both_directions_at_once_do_not_deadlock() {
-    let h = Harness::start();
+    both_directions(&Harness::start());
+}
+
+/// The body of `both_directions_at_once_do_not_deadlock`, against any harness (shmlinkd or an embedded broker).
+pub(crate) fn both_directions(h: &Harness) {
     // A small ring and large messages force both rings to fill at the same time.
     let session = h
         .client()

@@ -118,6 +118,80 @@ fn exposure(run: &Run) -> f64 {
         .unwrap_or_else(|| panic!("no exposure level in {run}"))
 }
 
+/// Installs the example provider (binary, unit, bus policy) as its README
+/// says, starts it after shmlinkd and streams through it as `nobody`.
+fn provider_unit(sd: &SdBoot) {
+    sd.sh(
+        "install -m 0755 /mnt/bin/shmlink-frames-provider /usr/local/bin/ && \
+         install -m 0644 /mnt/src/examples/frames-provider/systemd/shmlink-frames-provider.service \
+             /etc/systemd/system/ && \
+         install -m 0644 /mnt/src/examples/frames-provider/systemd/shmlink-frames-provider.conf \
+             /usr/share/dbus-1/system.d/ && \
+         systemctl daemon-reload && \
+         dbus-send --system --print-reply --dest=org.freedesktop.DBus / org.freedesktop.DBus.ReloadConfig",
+    )
+    .ok();
+    let verify = sd.run(&[
+        "systemd-analyze",
+        "verify",
+        "/etc/systemd/system/shmlink-frames-provider.service",
+    ]);
+    verify.ok();
+    assert!(
+        !verify.all_output().contains("shmlink-frames-provider"),
+        "verify complained: {verify}"
+    );
+    sd.run(&["systemctl", "start", "shmlink-frames-provider.service"])
+        .ok();
+    let after = show(sd, false, "shmlink-frames-provider.service", "After");
+    assert!(after.contains("shmlinkd.service"), "After={after}");
+    // Registered once the provider is up: ListServices names it with its provider.
+    let listed = sd.wait_for("the provider's registration", DEADLINE, || {
+        let run = sd.run_with(&[], DEADLINE, &["shmlink", "--bus", "system", "status"]);
+        match run.stdout.lines().find(|l| l.starts_with("frames ")) {
+            Some(line) if !line.contains("(built in)") => Ok(line.to_owned()),
+            _ => {
+                let journal = sd.run(&[
+                    "journalctl",
+                    "--no-pager",
+                    "-n",
+                    "20",
+                    "-u",
+                    "shmlink-frames-provider.service",
+                ]);
+                Err(format!(
+                    "{run}\nthe provider's journal:\n{}",
+                    journal.stdout
+                ))
+            }
+        }
+    });
+    eprintln!("[systemd e2e] {listed}");
+    // 10 frames of 64×64 (16-byte header each), then the end of the stream.
+    let frames = sd.sh(
+        "setpriv --reuid=nobody --regid=nogroup --clear-groups \
+         shmlink --bus system send frames -o count=10 -o width=64 -o height=64 < /dev/null | wc -c",
+    );
+    assert_eq!(
+        frames.ok().trim(),
+        (10 * (16 + 64 * 64)).to_string(),
+        "{frames}"
+    );
+    // 4 MiB in 64 KiB messages: 64 answers of 12 bytes.
+    let digests = sd.sh("setpriv --reuid=nobody --regid=nogroup --clear-groups \
+         shmlink --bus system send digest /run/shmlink-e2e/data | wc -c");
+    assert_eq!(digests.ok().trim(), "768", "{digests}");
+    sd.run(&["systemctl", "stop", "shmlink-frames-provider.service"])
+        .ok();
+    sd.wait_for("frames to leave the list", DEADLINE, || {
+        let run = sd.run_with(&[], DEADLINE, &["shmlink", "--bus", "system", "status"]);
+        match run.stdout.lines().any(|l| l.starts_with("frames ")) {
+            false => Ok(()),
+            true => Err(run.to_string()),
+        }
+    });
+}
+
 /// Asserts that a `dbus-send --print-reply` run was refused by the bus policy.
 #[track_caller]
 fn assert_access_denied(run: &Run) {
@@ -321,6 +395,11 @@ fn systemd_deployment_under_real_systemd() {
         "busctl status: {status}"
     );
     steps.done("start + stream 2x4 MiB as root and nobody");
+
+    // 3b. A provider with its own unit, started after shmlinkd, serves a
+    // client of another uid through the system bus.
+    provider_unit(&sd);
+    steps.done("example provider unit: frames and digest for nobody");
 
     // 4. The bus policy. Allowed: reading properties and listing sessions, as anyone.
     let mut nobody_call = AS_NOBODY.to_vec();

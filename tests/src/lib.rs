@@ -21,12 +21,60 @@ use std::time::{Duration, Instant};
 /// The default deadline for things that should happen "soon".
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A private bus with a `shmlinkd` on it.
+/// A private bus with a `shmlinkd` on it, or a broker embedded in the test
+/// process under a name of its own ([`Harness::embedded`]).
 pub struct Harness {
-    // Field order matters: the daemon must go before its bus.
+    // Field order matters: the broker must go before its bus.
     daemon: Option<DaemonProcess>,
+    /// Held for its drop, which stops the broker before the bus.
+    _embedded: Option<EmbeddedBroker>,
     bus: PrivateBus,
     daemon_args: Vec<String>,
+    broker_name: String,
+}
+
+/// The name [`Harness::embedded`]'s broker owns.
+pub const EMBEDDED_NAME: &str = "org.shmlink.test.Embedded1";
+
+/// A broker with the built-in services running in a thread of the test
+/// process (`Daemon::create_named`), stopped and joined on drop.
+pub struct EmbeddedBroker {
+    stop: std::os::fd::OwnedFd,
+    thread: Option<std::thread::JoinHandle<Result<(), shmlink_server::DaemonError>>>,
+}
+
+impl EmbeddedBroker {
+    /// Owns `names` on `bus` and serves until dropped.
+    pub fn start(bus: &Bus, names: shmlink_server::Names) -> EmbeddedBroker {
+        use rustix::event::{eventfd, EventfdFlags};
+        use std::os::fd::AsFd;
+        let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop eventfd");
+        let watch = stop.try_clone().expect("dup");
+        let daemon = shmlink_server::Daemon::create_named(
+            bus,
+            names,
+            shmlink_server::config::Config::default(),
+            shmlink_server::builtin::all(),
+        )
+        .expect("start the embedded broker");
+        let thread = std::thread::spawn(move || daemon.run(Some(watch.as_fd())));
+        EmbeddedBroker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        if let Some(t) = self.thread.take() {
+            let stopped = t.join().expect("the embedded broker's thread");
+            if !std::thread::panicking() {
+                stopped.expect("the embedded broker stopped cleanly");
+            }
+        }
+    }
 }
 
 impl Harness {
@@ -42,8 +90,26 @@ impl Harness {
             DaemonProcess::start(&daemon_binary(), bus.address(), args).expect("start shmlinkd");
         Harness {
             daemon: Some(daemon),
+            _embedded: None,
             bus,
             daemon_args: args.iter().map(|s| s.to_string()).collect(),
+            broker_name: shmlink_interfaces::BUS_NAME.to_owned(),
+        }
+    }
+
+    /// A bus and a broker embedded in this process as [`EMBEDDED_NAME`]
+    /// (at the path the D-Bus convention derives), default settings; no
+    /// `shmlinkd`. [`Harness::client`] talks to it.
+    pub fn embedded() -> Harness {
+        let bus = PrivateBus::start().expect("start a private dbus-daemon");
+        let names = shmlink_server::Names::new(EMBEDDED_NAME).expect("names");
+        let embedded = EmbeddedBroker::start(&bus.bus(), names);
+        Harness {
+            daemon: None,
+            _embedded: Some(embedded),
+            bus,
+            daemon_args: Vec::new(),
+            broker_name: EMBEDDED_NAME.to_owned(),
         }
     }
 
@@ -57,9 +123,9 @@ impl Harness {
         self.bus.bus()
     }
 
-    /// A new client connection.
+    /// A new client connection to this harness's broker.
     pub fn client(&self) -> Client {
-        Client::connect(&self.bus()).expect("connect to the private bus")
+        Client::connect_to(&self.bus(), &self.broker_name).expect("connect to the private bus")
     }
 
     /// The daemon's pid.

@@ -55,6 +55,28 @@ pub(super) fn shmlink_sink(
     Ok(cell(label, msg.len(), n, secs))
 }
 
+/// One-way into `service` (a sink served elsewhere, e.g. by a provider), park mode.
+pub(super) fn shmlink_sink_as(
+    client: &Client,
+    service: &str,
+    label: &'static str,
+    msg: &[u8],
+    budget: Duration,
+) -> Result<Throughput> {
+    let mut s = client
+        .session(service)
+        .capacity(RING)
+        .open()
+        .with_context(|| format!("open a {service} session"))?;
+    let t = Instant::now();
+    let n = stream_for(budget, || Ok(s.send(msg)?))?;
+    s.finish()?;
+    ensure!(s.recv()?.is_none(), "{service} sent data back");
+    let secs = t.elapsed().as_secs_f64();
+    s.close()?;
+    Ok(cell(label, msg.len(), n, secs))
+}
+
 /// Through `echo` and back, counted one way; sender and receiver are two threads.
 pub(super) fn shmlink_echo(client: &Client, msg: &[u8], budget: Duration) -> Result<Throughput> {
     let s = client
@@ -112,7 +134,7 @@ impl Peer {
         BufReader::new(out).read_line(&mut line)?;
         ensure!(
             line.trim() == "ready",
-            "the D-Bus peer did not start (said {line:?})"
+            "the benchmark's peer did not start (said {line:?})"
         );
         Ok(self)
     }
@@ -378,6 +400,21 @@ pub(super) fn open_session_times(client: &Client, n: usize) -> Result<Latency> {
         s.close()?;
     }
     Ok(Latency::from_samples("OpenSession + mapping", samples))
+}
+
+/// `OpenSession` of `service` served by a provider process, with the mapping.
+pub(super) fn provided_open_times(client: &Client, service: &str, n: usize) -> Result<Latency> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let s = client.session(service).capacity(64 << 10).open()?;
+        samples.push(t.elapsed());
+        s.close()?;
+    }
+    Ok(Latency::from_samples(
+        "OpenSession through a provider + mapping",
+        samples,
+    ))
 }
 
 /// `clients` connections, each streaming 64 KiB messages into its own sink at once.

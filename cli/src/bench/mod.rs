@@ -46,6 +46,8 @@ const PEER_NAME: &str = "org.shmlink.BenchPeer";
 const PEER_IFACE: &str = "org.shmlink.BenchPeer";
 /// The eventfd value that tells the eventfd peer to exit.
 const QUIT: u64 = 1 << 40;
+/// The name under which the provider process offers the built-in sink.
+const PROVIDED_SINK: &str = "bench-provided-sink";
 const DBUS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Arguments of `shmlink bench`.
@@ -116,6 +118,9 @@ struct Latency {
 #[derive(Serialize)]
 struct Setup {
     open_session: Latency,
+    /// `OpenSession` of the sink a provider process serves (`None` when no
+    /// provider could register, e.g. a broker without providers).
+    open_provided: Option<Latency>,
     dbus_call: Latency,
 }
 
@@ -193,11 +198,27 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         Stdio::piped(),
     )?
     .await_ready()?;
+    // The built-in sink served again from a provider process of its own
+    // (the broker hands the rings over and leaves the data path).
+    let provided = match Peer::spawn(
+        "provided-sink",
+        &["--address", &address],
+        Stdio::piped(),
+        Stdio::piped(),
+    )
+    .and_then(Peer::await_ready)
+    {
+        Ok(p) => Some(p),
+        Err(e) => {
+            log::warn!("no provided-sink rows: {e:#}");
+            None
+        }
+    };
     let dbus = Channel::open_private(&address)
         .and_then(|mut c| c.register().map(|_| c))
         .context("D-Bus connection")?;
 
-    let steps = (SIZES.len() * 7 + 6 + 2 + 4) as u64;
+    let steps = (SIZES.len() * 8 + 6 + 3 + 4) as u64;
     let bar = ProgressBar::new(steps);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
@@ -221,6 +242,17 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         let msg: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
         step(format!("throughput {size} B: shmlink sink"));
         throughput.push(shmlink_sink(&client, &msg, budget.stream, Wakeup::Park)?);
+        bar.inc(1);
+        step(format!("throughput {size} B: shmlink provided sink"));
+        if provided.is_some() {
+            throughput.push(shmlink_sink_as(
+                &client,
+                PROVIDED_SINK,
+                "shmlink provided sink",
+                &msg,
+                budget.stream,
+            )?);
+        }
         bar.inc(1);
         step(format!("throughput {size} B: shmlink sink, spin"));
         throughput.push(shmlink_sink(
@@ -293,6 +325,12 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
     step("set-up: OpenSession + mapping".into());
     let open_session = open_session_times(&client, setups)?;
     bar.inc(1);
+    step("set-up: OpenSession through a provider + mapping".into());
+    let open_provided = match &provided {
+        Some(_) => Some(provided_open_times(&client, PROVIDED_SINK, setups)?),
+        None => None,
+    };
+    bar.inc(1);
     step("set-up: bare D-Bus call".into());
     let mut pings = Vec::with_capacity(setups);
     for _ in 0..setups {
@@ -318,6 +356,9 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
 
     drop(dbus);
     dbus_peer.stop();
+    if let Some(p) = provided {
+        p.stop();
+    }
     let targets = targets(&throughput, &latency, &open_session, &dbus_call);
     let report = Report {
         machine,
@@ -327,6 +368,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         latency,
         setup: Setup {
             open_session,
+            open_provided,
             dbus_call,
         },
         aggregate,
@@ -486,6 +528,7 @@ fn print_report(r: &Report) {
     println!();
     for tr in [
         "shmlink sink",
+        "shmlink provided sink",
         "shmlink sink (spin)",
         "shmlink echo",
         "unix socket",
@@ -543,7 +586,14 @@ fn print_report(r: &Report) {
         "{:<36}{:>10}{:>10}{:>10}{:>10}",
         "session set-up", "p50 µs", "p99 µs", "p99.9 µs", "samples"
     );
-    for l in [&r.setup.open_session, &r.setup.dbus_call] {
+    for l in [
+        Some(&r.setup.open_session),
+        r.setup.open_provided.as_ref(),
+        Some(&r.setup.dbus_call),
+    ]
+    .into_iter()
+    .flatten()
+    {
         println!(
             "{:<36}{:>10.1}{:>10.1}{:>10.1}{:>10}",
             l.name, l.p50_us, l.p99_us, l.p999_us, l.samples

@@ -47,6 +47,11 @@ pub fn peer(args: PeerArgs) -> Result<()> {
                 eventfd_write(&pong, 1)?;
             }
         }
+        "provided-sink" => provided_sink(
+            args.address
+                .as_deref()
+                .context("provided-sink needs --address")?,
+        ),
         "dbus-echo" => dbus_peer(
             args.address
                 .as_deref()
@@ -100,4 +105,41 @@ pub(super) fn dbus_peer(address: &str) -> Result<()> {
         }
         c.flush();
     }
+}
+
+/// The built-in sink under another name, so that a provider can offer it
+/// beside the broker's own.
+struct Renamed(&'static str, Arc<dyn shmlink_server::Service>);
+
+impl shmlink_server::Service for Renamed {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn open(
+        &self,
+        caller: &shmlink_server::Caller,
+        options: &shmlink_server::Options,
+    ) -> Result<Box<dyn shmlink_server::SessionHandler>, shmlink_server::ServiceError> {
+        self.1.open(caller, options)
+    }
+}
+
+/// A provider process serving the built-in sink as [`PROVIDED_SINK`]
+/// through the broker on the bus at `address`; says "ready" once registered
+/// and serves until its stdin closes.
+fn provided_sink(address: &str) -> Result<()> {
+    let provider = shmlink_server::Provider::builder(&Bus::Address(address.to_owned()))
+        .service(Arc::new(Renamed(
+            PROVIDED_SINK,
+            Arc::new(shmlink_server::builtin::Sink),
+        )))
+        .register()
+        .context("cannot register the provided sink")?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    // Stop when the benchmark closes our stdin (or dies).
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
+    provider
+        .run(Some(stdin.as_fd()))
+        .context("the provided sink stopped")
 }

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use shmlink_server::config::{Config, Overrides, DEFAULT_CONFIG_PATH};
-use shmlink_server::{builtin, signals, Bus, Daemon};
+use shmlink_server::{builtin, signals, Bus, Daemon, Names};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
@@ -23,8 +23,28 @@ struct Args {
     /// Configuration file (default /etc/shmlink/shmlinkd.toml, if present).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Well-known name to own instead of org.shmlink.Broker1 (a second broker
+    /// with its own configuration beside the system's).
+    #[arg(long, value_name = "BUS_NAME")]
+    name: Option<String>,
+    /// Object path of the broker object (default: derived from --name, e.g.
+    /// org.example.Frames1 → /org/example/Frames1).
+    #[arg(long, value_name = "OBJECT_PATH")]
+    path: Option<String>,
     #[command(flatten)]
     overrides: Overrides,
+}
+
+/// The names `--name` and `--path` give (shmlinkd's own by default).
+fn names(args: &Args) -> Result<Names> {
+    let names = match &args.name {
+        Some(n) => Names::new(n)?,
+        None => Names::default(),
+    };
+    Ok(match &args.path {
+        Some(p) => names.with_path(p)?,
+        None => names,
+    })
 }
 
 fn load_config(args: &Args) -> Result<Config> {
@@ -86,6 +106,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let stop = signals::termination_fd().context("cannot set up signal handling")?;
     let config = load_config(&args).context("configuration rejected")?;
+    let names = names(&args).context("bad --name or --path")?;
+    let serving = format!("serving {}", names.bus_name());
     raise_fd_limit();
     bound_freed_buffers();
     let bus = if args.system {
@@ -99,8 +121,9 @@ fn main() -> Result<()> {
     } else {
         Bus::Session
     };
-    let daemon = Daemon::create(&bus, config, builtin::all()).context("cannot start shmlinkd")?;
-    shmlink_server::systemd::notify_ready("serving org.shmlink.Broker1");
+    let daemon = Daemon::create_named(&bus, names, config, builtin::all())
+        .context("cannot start shmlinkd")?;
+    shmlink_server::systemd::notify_ready(&serving);
     let result = daemon.run(Some(stop.as_fd()));
     shmlink_server::systemd::notify_stopping();
     result.context("shmlinkd stopped with an error")?;

@@ -82,7 +82,7 @@ pub(super) fn register(
                     .filter(|r| c.sessions.is_open(r.id))
                     .map(|r| {
                         (
-                            crate::broker::session_path(r.id).into(),
+                            c.sessions.broker().session_path(r.id).into(),
                             r.service.clone(),
                             r.owner.bus_name.clone(),
                             r.owner.uid,
@@ -133,7 +133,10 @@ pub(super) fn register(
                     caller.uid,
                     caller.pid
                 );
-                ctx.push_msg(services_changed(c.sessions.service_names()));
+                ctx.push_msg(services_changed(
+                    c.sessions.broker().names().path(),
+                    c.sessions.service_names(),
+                ));
                 Ok(())
             },
         );
@@ -160,7 +163,10 @@ pub(super) fn register(
                     return Err(method_err(&e));
                 }
                 log::info!("service {service} withdrawn by {sender}");
-                ctx.push_msg(services_changed(c.sessions.service_names()));
+                ctx.push_msg(services_changed(
+                    c.sessions.broker().names().path(),
+                    c.sessions.service_names(),
+                ));
                 Ok(())
             },
         );

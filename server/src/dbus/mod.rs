@@ -17,6 +17,7 @@
 mod broker1;
 mod peers;
 mod provided;
+pub(crate) mod provider1;
 mod session1;
 
 pub(crate) use peers::name_owner_changed;
@@ -36,8 +37,7 @@ use dbus_crossroads::{Crossroads, IfaceToken, MethodErr};
 use peers::Peers;
 use provided::{Pending, Verdict};
 use shmlink_interfaces::{
-    error, limits, member, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE, BROKER_PATH,
-    SESSION_PATH_PREFIX,
+    error, limits, member, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
 };
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -85,15 +85,16 @@ fn method_err(e: &BrokerError) -> MethodErr {
 fn retire(cr: &mut Crossroads, ended: &EndedSession, reason: &str) -> Message {
     cr.remove::<SessionRecord>(&ended.path);
     Message::signal(
-        &BROKER_PATH.into(),
+        &ended.broker_path,
         &BROKER_INTERFACE.into(),
         &member::SESSION_CLOSED.into(),
     )
     .append2(ended.path.clone(), reason)
 }
 
-/// `PropertiesChanged` for the broker's `Services` property, now `names`.
-fn services_changed(names: Vec<String>) -> Message {
+/// `PropertiesChanged` for the `Services` property of the broker object at
+/// `path`, now `names`.
+fn services_changed(path: &str, names: Vec<String>) -> Message {
     let mut changed = PropMap::new();
     changed.insert(member::SERVICES.into(), prop(names));
     PropertiesPropertiesChanged {
@@ -101,7 +102,7 @@ fn services_changed(names: Vec<String>) -> Message {
         changed_properties: changed,
         invalidated_properties: Vec::new(),
     }
-    .to_emit_message(&BROKER_PATH.into())
+    .to_emit_message(&path.to_owned().into())
 }
 
 /// The error reply to `call` for `err`.
@@ -110,10 +111,10 @@ fn error_reply(call: &Message, err: &MethodErr) -> Option<Message> {
     Some(call.error(err.errorname(), &text))
 }
 
-/// Whether `msg` calls the broker object's method `name` (the interface may
-/// be left out of a call, as D-Bus allows).
-fn is_broker_call(msg: &Message, name: &str) -> bool {
-    msg.path().as_deref() == Some(BROKER_PATH)
+/// Whether `msg` calls the method `name` of the broker object at `path`
+/// (the interface may be left out of a call, as D-Bus allows).
+fn is_broker_call(msg: &Message, path: &str, name: &str) -> bool {
+    msg.path().as_deref() == Some(path)
         && msg.interface().map_or(true, |i| &*i == BROKER_INTERFACE)
         && msg.member().as_deref() == Some(name)
 }
@@ -138,12 +139,17 @@ pub(crate) struct Adapter {
     /// Longest service name an `OpenSession` may name: the longest
     /// built-in one or the longest a provider may register.
     longest_service: usize,
+    /// The broker object's path.
+    path: String,
+    /// The session objects' common prefix.
+    session_prefix: String,
 }
 
 impl Adapter {
     /// Registers the interfaces over `sessions` and publishes the broker object.
     pub fn new(sessions: Sessions) -> Self {
         let notify = sessions.notify_fd();
+        let names = sessions.broker().names().clone();
         let links = sessions.links_fd();
         let accept_timeout = Duration::from_millis(sessions.broker().providers().accept_timeout_ms);
         let longest_service = sessions
@@ -160,9 +166,10 @@ impl Adapter {
         let mut cr = Crossroads::new();
         let session_token = session1::register(&mut cr, shared.clone());
         let broker_token = broker1::register(&mut cr, shared.clone(), session_token);
-        cr.insert(BROKER_PATH, &[broker_token], ());
+        cr.insert(names.path().to_owned(), &[broker_token], ());
         // An empty parent node, so `busctl tree` and introspection list the sessions.
-        cr.insert(SESSION_PATH_PREFIX.trim_end_matches('/'), &[], ());
+        let session_prefix = names.session_prefix();
+        cr.insert(session_prefix.trim_end_matches('/').to_owned(), &[], ());
         Adapter {
             cr,
             shared,
@@ -174,6 +181,8 @@ impl Adapter {
             pending: HashMap::new(),
             accept_timeout,
             longest_service,
+            path: names.path().to_owned(),
+            session_prefix,
         }
     }
 
@@ -212,7 +221,7 @@ impl Adapter {
     /// asks its provider, and leaves the call pending. Gives the message back
     /// if it is not one.
     fn open_provided(&mut self, conn: &Connection, msg: Message) -> Option<Message> {
-        if !is_broker_call(&msg, member::OPEN_SESSION) {
+        if !is_broker_call(&msg, &self.path, member::OPEN_SESSION) {
             return Some(msg);
         }
         let Ok((service, options)) = msg.read2::<&str, PropMap>() else {
@@ -433,7 +442,7 @@ impl Adapter {
                 "provider {name} left the bus; services withdrawn: {}",
                 withdrawn.join(", ")
             );
-            let _ = conn.send(services_changed(names));
+            let _ = conn.send(services_changed(&self.path, names));
         }
     }
 
@@ -513,7 +522,7 @@ impl Adapter {
             (member::UNREGISTER_SERVICE, limits::MAX_SERVICE_NAME),
         ]
         .into_iter()
-        .find(|(name, _)| is_broker_call(msg, name))?;
+        .find(|(name, _)| is_broker_call(msg, &self.path, name))?;
         let service: &str = msg.iter_init().get()?;
         if service.len() <= longest {
             return None;
@@ -543,7 +552,7 @@ impl Adapter {
     /// rather than the generic `UnknownObject`.
     fn unknown_session_reply(&self, msg: &Message) -> Option<Message> {
         let path = msg.path()?;
-        let id = path.strip_prefix(SESSION_PATH_PREFIX)?;
+        let id = path.strip_prefix(self.session_prefix.as_str())?;
         let exists = id
             .parse::<u64>()
             .ok()

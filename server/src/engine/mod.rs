@@ -8,7 +8,8 @@
 //! or panicked) drops it and reports an [`Ended`] on a channel whose notify
 //! eventfd the main loop polls.
 //!
-//! Each session registers three fds under its id (see [`Pump::fds`]). A
+//! Each session registers three fds under its id (see [`Pump::fds`]), four
+//! for a session a provider serves (the fourth is its link to the broker). A
 //! wake-up queues the session on its worker's run queue; one run is bounded
 //! by a time slice (then it is re-queued, so one busy session cannot starve
 //! others). A failing or panicking session ends alone; its worker carries on.
@@ -16,7 +17,7 @@
 mod pump;
 
 pub(crate) use pump::Traffic;
-use pump::{Pump, Slice, Step, FIRED_DATA, FIRED_HANGUP, FIRED_ROOM};
+use pump::{Pump, Slice, Step, FIRED_DATA, FIRED_HANGUP, FIRED_LINK, FIRED_ROOM};
 
 use crate::lock;
 use crate::service::{SessionHandler, SessionWaker};
@@ -163,8 +164,23 @@ impl Engine {
         &mut self,
         id: u64,
         endpoint: Endpoint,
+        handler: Box<dyn SessionHandler>,
+        traffic: Arc<Traffic>,
+    ) -> std::io::Result<()> {
+        self.add_linked(id, endpoint, handler, traffic, None)
+    }
+
+    /// [`Engine::add`] for a session a provider serves: its worker also
+    /// watches `link` and ends the session when the broker closes the other
+    /// end; ending the session (however it ends) drops `link`, which the
+    /// broker sees.
+    pub fn add_linked(
+        &mut self,
+        id: u64,
+        endpoint: Endpoint,
         mut handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
+        link: Option<OwnedFd>,
     ) -> std::io::Result<()> {
         let index = self.next % self.mailboxes.len();
         let mailbox = &self.mailboxes[index];
@@ -174,7 +190,11 @@ impl Engine {
                 m.post(Command::Kick(id));
             }
         }));
-        let pump = Box::new(Pump::new(endpoint, handler, traffic.clone()));
+        let mut pump = Pump::new(endpoint, handler, traffic.clone());
+        if let Some(link) = link {
+            pump = pump.with_link(link);
+        }
+        let pump = Box::new(pump);
         // Watch the pump's own fds (not duplicates): epoll keys its entries
         // by fd and file, and the worker removes them by the same fds.
         let fds = pump.fds();
@@ -283,7 +303,8 @@ impl Worker {
                 if token == WAKE_TOKEN {
                     let _ = sys::eventfd_drain(self.mailbox.wake.as_fd());
                 } else {
-                    let fired = [FIRED_DATA, FIRED_ROOM, FIRED_HANGUP][(token & 3).min(2) as usize];
+                    let fired =
+                        [FIRED_DATA, FIRED_ROOM, FIRED_HANGUP, FIRED_LINK][(token & 3) as usize];
                     self.enqueue(token >> 2, fired);
                 }
             }
@@ -408,6 +429,53 @@ mod tests {
         assert!(
             ready[0].hangup || ready[0].readable,
             "shutdown drops every session"
+        );
+    }
+
+    #[test]
+    fn a_linked_session_ends_with_its_link_and_drops_it_when_it_ends() {
+        let mut engine = Engine::start(1).expect("start");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut links = Vec::new();
+        let mut clients = Vec::new();
+        for id in 1..=2 {
+            let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
+            let handler = Echo.open(&caller(), &options(&[])).expect("open");
+            let (broker_end, link) = sys::socketpair().expect("link");
+            engine
+                .add_linked(id, server, handler, Arc::default(), Some(link))
+                .expect("add");
+            clients.push(Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client"));
+            links.push(broker_end);
+        }
+        // The broker ends session 1: the worker reports it and the client sees the hang-up.
+        drop(links.remove(0));
+        let ended = loop {
+            let ended = engine.take_ended();
+            if !ended.is_empty() || Instant::now() > deadline {
+                break ended;
+            }
+            let notify = engine.notify_fd();
+            let _ = sys::poll_readable(&[notify.as_fd()], Some(deadline));
+        };
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].id, 1);
+        assert_eq!(ended[0].reason, "the broker ended the session");
+        let ready = sys::poll_readable(&[clients[0].hangup_fd()], Some(deadline)).expect("poll");
+        assert!(
+            ready[0].hangup || ready[0].readable,
+            "the client sees the end"
+        );
+        // Session 2 ends on the provider's side: the broker sees its link close.
+        engine.remove(2);
+        let ready = sys::poll_readable(&[links[0].as_fd()], Some(deadline)).expect("poll");
+        assert!(
+            ready[0].hangup || ready[0].readable,
+            "the broker sees the end"
+        );
+        assert_eq!(
+            sys::hangup_state(links[0].as_fd()).expect("peek"),
+            sys::HangupState::Closed
         );
     }
 }

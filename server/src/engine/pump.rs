@@ -18,7 +18,7 @@
 use crate::service::{Memory, Outbox, Outgoing, ServiceError, SessionHandler};
 use shmlink_endpoint::frame::OutFrame;
 use shmlink_endpoint::{sys, Endpoint, Item, ReadProgress, Wakeup, WriteProgress};
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +39,8 @@ pub(crate) const FIRED_DATA: u8 = 1;
 pub(crate) const FIRED_ROOM: u8 = 2;
 /// The hang-up socket fired.
 pub(crate) const FIRED_HANGUP: u8 = 4;
+/// The link to the broker fired (provided sessions only).
+pub(crate) const FIRED_LINK: u8 = 8;
 
 /// Byte, message and time counts of one session, updated by its pump and
 /// read by the D-Bus side without waiting for it.
@@ -116,6 +118,9 @@ pub(crate) struct Pump {
     handler: Box<dyn SessionHandler>,
     outbox: Outbox,
     traffic: Arc<Traffic>,
+    /// A provided session's end of its link to the broker: it closes when
+    /// the broker ends the session, and dropping it tells the broker.
+    link: Option<OwnedFd>,
     /// A message frame partly written to the outgoing ring (still charged).
     pending: Option<OutFrame<Outgoing>>,
     /// The end-of-stream frame, once started.
@@ -150,6 +155,7 @@ impl Pump {
             handler,
             outbox,
             traffic,
+            link: None,
             pending: None,
             end_frame: None,
             end_sent: false,
@@ -157,14 +163,24 @@ impl Pump {
         }
     }
 
+    /// The same pump, also watching `link` (a provided session's link to
+    /// the broker): the session ends when the broker closes its end.
+    pub fn with_link(mut self, link: OwnedFd) -> Self {
+        self.link = Some(link);
+        self
+    }
+
     /// The fds to watch, in the order of the `FIRED_*` bits: the incoming
-    /// ring's data eventfd, the outgoing ring's space eventfd, the hang-up socket.
-    pub fn fds(&self) -> [BorrowedFd<'_>; 3] {
-        [
+    /// ring's data eventfd, the outgoing ring's space eventfd, the hang-up
+    /// socket, and the link if there is one.
+    pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        let mut fds = vec![
             self.endpoint.readable_fd(),
             self.endpoint.writable_fd(),
             self.endpoint.hangup_fd(),
-        ]
+        ];
+        fds.extend(self.link.as_ref().map(|l| l.as_fd()));
+        fds
     }
 
     /// Moves as much data as the rings and `slice` allow; `fired` says which
@@ -206,6 +222,20 @@ impl Pump {
         }
         if fired & FIRED_HANGUP != 0 && self.endpoint.peer_gone().map_err(ep_err)? {
             return Err("client hung up".into());
+        }
+        if fired & FIRED_LINK != 0 {
+            if let Some(link) = &self.link {
+                match sys::hangup_state(link.as_fd()) {
+                    Ok(sys::HangupState::Open) => {}
+                    Ok(sys::HangupState::Closed) => {
+                        return Err("the broker ended the session".into())
+                    }
+                    Ok(sys::HangupState::Written) => {
+                        return Err("the broker wrote to the session's link".into())
+                    }
+                    Err(e) => return Err(format!("the session's link failed: {e}")),
+                }
+            }
         }
         let (mut msgs, mut bytes) = (0u32, 0u64);
         loop {
@@ -461,6 +491,36 @@ mod tests {
         assert_eq!(
             pump.run(FIRED_HANGUP, roomy()),
             Step::End("client hung up".into())
+        );
+    }
+
+    #[test]
+    fn the_broker_closing_the_link_ends_the_session() {
+        let (pump, _client, _) = pair(&Echo, 4096, &[]);
+        let (broker_end, link) = sys::socketpair().expect("link");
+        let mut pump = pump.with_link(link);
+        assert_eq!(pump.fds().len(), 4, "the link is watched");
+        assert_eq!(
+            pump.run(FIRED_LINK, roomy()),
+            Step::Idle,
+            "an open link is no end"
+        );
+        drop(broker_end);
+        assert_eq!(
+            pump.run(FIRED_LINK, roomy()),
+            Step::End("the broker ended the session".into())
+        );
+    }
+
+    #[test]
+    fn a_broker_writing_to_the_link_ends_the_session() {
+        let (pump, _client, _) = pair(&Echo, 4096, &[]);
+        let (broker_end, link) = sys::socketpair().expect("link");
+        let mut pump = pump.with_link(link);
+        rustix::io::write(&broker_end, b"x").expect("write");
+        assert_eq!(
+            pump.run(FIRED_LINK, roomy()),
+            Step::End("the broker wrote to the session's link".into())
         );
     }
 
