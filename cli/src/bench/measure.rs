@@ -412,7 +412,7 @@ pub(super) fn provided_open_times(client: &Client, service: &str, n: usize) -> R
         s.close()?;
     }
     Ok(Latency::from_samples(
-        "OpenSession through a provider + mapping",
+        "OpenSession via provider + mapping",
         samples,
     ))
 }
