@@ -8,6 +8,7 @@ use shmlink_interfaces::{
     BROKER_PATH, SESSION_INTERFACE,
 };
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -294,6 +295,25 @@ impl Session {
         Ok(self.endpoint.try_recv()?)
     }
 
+    /// For event loops: the eventfd that becomes readable when incoming data
+    /// arrives. A wake-up is only a hint: read it to zero, then
+    /// [`Session::try_recv`] until it returns `None` before waiting again.
+    pub fn readable_fd(&self) -> BorrowedFd<'_> {
+        self.endpoint.readable_fd()
+    }
+
+    /// For event loops: the eventfd that becomes readable when the outgoing
+    /// ring gets room.
+    pub fn writable_fd(&self) -> BorrowedFd<'_> {
+        self.endpoint.writable_fd()
+    }
+
+    /// For event loops: the hang-up socket, readable once the broker ended
+    /// the session (data it sent before is still there to receive).
+    pub fn hangup_fd(&self) -> BorrowedFd<'_> {
+        self.endpoint.hangup_fd()
+    }
+
     /// The broker's counters for this session.
     pub fn counters(&self) -> Result<Counters, Error> {
         counters(&self.info)
@@ -468,6 +488,11 @@ impl SessionReceiver {
         self.rx
             .recv()
             .map_err(|e| self.info.wait_error(e, Dir::Recv, self.timeout))
+    }
+    /// Receives a complete message if one is there, without waiting
+    /// ([`Item::End`] once the service finished sending).
+    pub fn try_recv(&mut self) -> Result<Option<Item>, Error> {
+        Ok(self.rx.try_recv()?)
     }
     /// The broker's counters for this session.
     pub fn counters(&self) -> Result<Counters, Error> {
