@@ -359,7 +359,7 @@ struct shmlink_session *shmlink_session_open(const struct shmlink_client *client
  * readable bytes (or `len` is 0); `err` NULL or writable.
  */
 int shmlink_session_send(struct shmlink_session *session,
-                         const uint8_t *data,
+                         const void *data,
                          size_t len,
                          struct shmlink_error **err);
 
@@ -388,7 +388,7 @@ int shmlink_session_finish(struct shmlink_session *session,
  * writable.
  */
 int shmlink_session_recv(struct shmlink_session *session,
-                         uint8_t *buf,
+                         void *buf,
                          size_t size,
                          size_t *len,
                          struct shmlink_error **err);
@@ -403,7 +403,7 @@ int shmlink_session_recv(struct shmlink_session *session,
  * As for `shmlink_session_recv`.
  */
 int shmlink_session_try_recv(struct shmlink_session *session,
-                             uint8_t *buf,
+                             void *buf,
                              size_t size,
                              size_t *len,
                              struct shmlink_error **err);

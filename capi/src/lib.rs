@@ -30,7 +30,7 @@ pub use error::shmlink_error;
 use error::Failure;
 use shmlink::Item;
 use shmlink_endpoint::sys::{self, HangupState};
-use std::ffi::{c_char, c_int, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr;
 use std::time::Duration;
@@ -724,7 +724,7 @@ pub unsafe extern "C" fn shmlink_session_open(
 #[no_mangle]
 pub unsafe extern "C" fn shmlink_session_send(
     session: *mut shmlink_session,
-    data: *const u8,
+    data: *const c_void,
     len: usize,
     err: *mut *mut shmlink_error,
 ) -> c_int {
@@ -732,7 +732,7 @@ pub unsafe extern "C" fn shmlink_session_send(
     unsafe {
         ffi::status(err, || {
             let s = ffi::obj_mut(session, "session")?;
-            s.session.send(ffi::bytes(data, len, "data")?)?;
+            s.session.send(ffi::bytes(data.cast(), len, "data")?)?;
             Ok(SHMLINK_OK)
         })
     }
@@ -772,7 +772,7 @@ pub unsafe extern "C" fn shmlink_session_finish(
 #[no_mangle]
 pub unsafe extern "C" fn shmlink_session_recv(
     session: *mut shmlink_session,
-    buf: *mut u8,
+    buf: *mut c_void,
     size: usize,
     len: *mut usize,
     err: *mut *mut shmlink_error,
@@ -782,7 +782,7 @@ pub unsafe extern "C" fn shmlink_session_recv(
         ffi::status(err, || {
             let s = ffi::obj_mut(session, "session")?;
             let mut n = None;
-            let r = s.receive(ffi::bytes_mut(buf, size, "buffer")?, &mut n, true);
+            let r = s.receive(ffi::bytes_mut(buf.cast(), size, "buffer")?, &mut n, true);
             if let Some(n) = n {
                 ffi::store(len, n);
             }
@@ -801,7 +801,7 @@ pub unsafe extern "C" fn shmlink_session_recv(
 #[no_mangle]
 pub unsafe extern "C" fn shmlink_session_try_recv(
     session: *mut shmlink_session,
-    buf: *mut u8,
+    buf: *mut c_void,
     size: usize,
     len: *mut usize,
     err: *mut *mut shmlink_error,
@@ -811,7 +811,7 @@ pub unsafe extern "C" fn shmlink_session_try_recv(
         ffi::status(err, || {
             let s = ffi::obj_mut(session, "session")?;
             let mut n = None;
-            let r = s.receive(ffi::bytes_mut(buf, size, "buffer")?, &mut n, false);
+            let r = s.receive(ffi::bytes_mut(buf.cast(), size, "buffer")?, &mut n, false);
             if let Some(n) = n {
                 ffi::store(len, n);
             }
