@@ -363,7 +363,16 @@ pub unsafe extern "C" fn shmlink_client_set_call_timeout(
 #[no_mangle]
 pub unsafe extern "C" fn shmlink_client_free(client: *mut shmlink_client) {
     // SAFETY: the caller's promise above.
-    unsafe { ffi::guard(ptr::null_mut(), |_| (), || Ok(ffi::free(client))) }
+    unsafe {
+        ffi::guard(
+            ptr::null_mut(),
+            |_| (),
+            || {
+                ffi::free(client);
+                Ok(())
+            },
+        )
+    }
 }
 
 // ---- options --------------------------------------------------------------
@@ -389,7 +398,16 @@ pub extern "C" fn shmlink_options_new() -> *mut shmlink_options {
 #[no_mangle]
 pub unsafe extern "C" fn shmlink_options_free(opts: *mut shmlink_options) {
     // SAFETY: the caller's promise above.
-    unsafe { ffi::guard(ptr::null_mut(), |_| (), || Ok(ffi::free(opts))) }
+    unsafe {
+        ffi::guard(
+            ptr::null_mut(),
+            |_| (),
+            || {
+                ffi::free(opts);
+                Ok(())
+            },
+        )
+    }
 }
 
 /// Applies `f` to the options behind `opts`.
@@ -921,5 +939,14 @@ pub unsafe extern "C" fn shmlink_session_close(
 #[no_mangle]
 pub unsafe extern "C" fn shmlink_session_free(session: *mut shmlink_session) {
     // SAFETY: the caller's promise above.
-    unsafe { ffi::guard(ptr::null_mut(), |_| (), || Ok(ffi::free(session))) }
+    unsafe {
+        ffi::guard(
+            ptr::null_mut(),
+            |_| (),
+            || {
+                ffi::free(session);
+                Ok(())
+            },
+        )
+    }
 }
