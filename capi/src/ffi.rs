@@ -189,3 +189,47 @@ pub(crate) unsafe fn take<T>(p: *mut T, what: &str) -> Result<T, Failure> {
     // by the caller's promise.
     Ok(*unsafe { Box::from_raw(p) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ptr;
+
+    /// Takes the message out of an error object and frees it.
+    fn take_message(err: *mut shmlink_error) -> (c_int, String) {
+        // SAFETY: an error object made by `guard`, freed once here.
+        let e = unsafe { take(err, "error") }.expect("an error object");
+        (e.code as c_int, e.message.to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn a_panic_becomes_an_internal_error() {
+        let mut err = ptr::null_mut();
+        // SAFETY: `err` is a writable pointer.
+        let code = unsafe { status(&mut err, || panic!("boom in a callback")) };
+        assert_eq!(code, shmlink_status::SHMLINK_ERR_INTERNAL as c_int);
+        let (c, m) = take_message(err);
+        assert_eq!(c, code);
+        assert!(m.contains("boom in a callback"), "{m}");
+    }
+
+    #[test]
+    fn a_failure_sets_the_error_and_a_success_leaves_it() {
+        let mut err = ptr::null_mut();
+        // SAFETY: `err` is a writable pointer.
+        let ok = unsafe { status(&mut err, || Ok(shmlink_status::SHMLINK_AGAIN)) };
+        assert_eq!(ok, shmlink_status::SHMLINK_AGAIN as c_int);
+        assert!(err.is_null());
+        // SAFETY: as above; a NUL inside the message must not cut it or fail.
+        let code = unsafe {
+            status(&mut err, || {
+                Err(Failure::new(shmlink_status::SHMLINK_ERR_PEER, "bad\0name"))
+            })
+        };
+        assert_eq!(code, shmlink_status::SHMLINK_ERR_PEER as c_int);
+        assert_eq!(take_message(err), (code, "bad\u{fffd}name".to_string()));
+        // SAFETY: NULL `err` means the caller does not want details.
+        let code = unsafe { status(ptr::null_mut(), || Err(Failure::invalid("x"))) };
+        assert_eq!(code, shmlink_status::SHMLINK_ERR_INVALID_ARGUMENT as c_int);
+    }
+}
