@@ -5,6 +5,7 @@
 #   sudo make post-install                create the user, reload systemd and the bus
 #   make install DESTDIR=/tmp/stage       stage for a package (no post-install)
 #   make install BINDIR_SRC=target/debug  install the debug build instead
+#   make install-lib DESTDIR=/tmp/stage   only the C library, its header and shmlink.pc
 #
 # `install` copies already-built binaries and never writes into the source tree,
 # so it also runs from a read-only checkout. Unit and activation files hold
@@ -15,6 +16,8 @@ PREFIX ?= /usr
 DESTDIR ?=
 # Where the built binaries are (relative to this directory, or absolute).
 BINDIR_SRC ?= target/release
+# Where the built C library (libshmlink_capi.so/.a) is; by default beside the binaries.
+LIBDIR_SRC ?= $(BINDIR_SRC)
 
 bindir ?= $(PREFIX)/bin
 libexecdir ?= $(PREFIX)/libexec
@@ -27,6 +30,10 @@ dbussystemservicedir ?= $(datadir)/dbus-1/system-services
 dbussessionservicedir ?= $(datadir)/dbus-1/services
 dbussystempolicydir ?= $(datadir)/dbus-1/system.d
 dbusinterfacedir ?= $(datadir)/dbus-1/interfaces
+# The C library (Debian-style multiarch: libdir=$(PREFIX)/lib/x86_64-linux-gnu).
+libdir ?= $(PREFIX)/lib
+includedir ?= $(PREFIX)/include
+pkgconfigdir ?= $(libdir)/pkgconfig
 
 CARGO ?= cargo
 INSTALL ?= install
@@ -34,6 +41,10 @@ INSTALL ?= install
 # This Makefile's directory, so `make -f /path/to/Makefile install` works from anywhere.
 SRCDIR := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 BIN_SRC := $(if $(filter /%,$(BINDIR_SRC)),$(BINDIR_SRC),$(SRCDIR)/$(BINDIR_SRC))
+LIB_SRC := $(if $(filter /%,$(LIBDIR_SRC)),$(LIBDIR_SRC),$(SRCDIR)/$(LIBDIR_SRC))
+# The C library's version (the workspace's) and its soname's major number.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' '$(SRCDIR)/Cargo.toml' | head -n 1)
+SOMAJOR := $(firstword $(subst ., ,$(VERSION)))
 
 SUBST = sed \
 	-e 's|@bindir@|$(bindir)|g' \
@@ -43,7 +54,11 @@ SUBST = sed \
 	-e 's|@sysusersdir@|$(sysusersdir)|g' \
 	-e 's|@dbussystemservicedir@|$(dbussystemservicedir)|g' \
 	-e 's|@dbussessionservicedir@|$(dbussessionservicedir)|g' \
-	-e 's|@dbussystempolicydir@|$(dbussystempolicydir)|g'
+	-e 's|@dbussystempolicydir@|$(dbussystempolicydir)|g' \
+	-e 's|@prefix@|$(PREFIX)|g' \
+	-e 's|@libdir@|$(libdir)|g' \
+	-e 's|@includedir@|$(includedir)|g' \
+	-e 's|@version@|$(VERSION)|g'
 
 # install_subst SRC DEST: copy SRC to $(DESTDIR)DEST with placeholders replaced, mode 0644.
 define install_subst
@@ -52,14 +67,14 @@ define install_subst
 	chmod 0644 '$(DESTDIR)$(2)'
 endef
 
-.PHONY: all build install install-bin install-data post-install uninstall
+.PHONY: all build install install-bin install-data install-lib install-lib-if-built post-install uninstall
 
 all: build
 
 build:
-	$(CARGO) build --release --locked -p shmlink-server -p shmlink-cli
+	$(CARGO) build --release --locked -p shmlink-server -p shmlink-cli -p shmlink-capi
 
-install: install-bin install-data
+install: install-bin install-data install-lib-if-built
 
 install-bin:
 	@for b in shmlinkd shmlink; do \
@@ -81,6 +96,27 @@ install-data:
 	$(INSTALL) -m 0644 '$(SRCDIR)/interfaces/org.shmlink.Broker1.xml' '$(SRCDIR)/interfaces/org.shmlink.Session1.xml' '$(DESTDIR)$(dbusinterfacedir)/'
 	$(INSTALL) -m 0644 '$(SRCDIR)/docs/DEPLOYING.md' '$(DESTDIR)$(docdir)/'
 
+# The C library: libshmlink.so.$(VERSION) with the soname link
+# libshmlink.so.$(SOMAJOR) and the development link libshmlink.so, the static
+# libshmlink.a, shmlink.h and shmlink.pc.
+install-lib:
+	@test -f '$(LIB_SRC)/libshmlink_capi.so' || { \
+	  echo "error: $(LIB_SRC)/libshmlink_capi.so is missing: run 'make build' (or set LIBDIR_SRC)" >&2; exit 1; }
+	$(INSTALL) -d -m 0755 '$(DESTDIR)$(libdir)' '$(DESTDIR)$(includedir)'
+	$(INSTALL) -m 0755 '$(LIB_SRC)/libshmlink_capi.so' '$(DESTDIR)$(libdir)/libshmlink.so.$(VERSION)'
+	ln -sfn 'libshmlink.so.$(VERSION)' '$(DESTDIR)$(libdir)/libshmlink.so.$(SOMAJOR)'
+	ln -sfn 'libshmlink.so.$(SOMAJOR)' '$(DESTDIR)$(libdir)/libshmlink.so'
+	if test -f '$(LIB_SRC)/libshmlink_capi.a'; then \
+	  $(INSTALL) -m 0644 '$(LIB_SRC)/libshmlink_capi.a' '$(DESTDIR)$(libdir)/libshmlink.a'; fi
+	$(INSTALL) -m 0644 '$(SRCDIR)/capi/include/shmlink.h' '$(DESTDIR)$(includedir)/shmlink.h'
+	$(call install_subst,capi/shmlink.pc.in,$(pkgconfigdir)/shmlink.pc)
+
+# `install` adds the C library when it was built (`make build` builds it);
+# `install-lib` alone insists on it.
+install-lib-if-built:
+	@if test -f '$(LIB_SRC)/libshmlink_capi.so'; then $(MAKE) -f '$(SRCDIR)/Makefile' install-lib; \
+	else echo "note: $(LIB_SRC)/libshmlink_capi.so is not built; the C library is not installed"; fi
+
 # On the installed system (not for DESTDIR staging): create the shmlink user
 # before the bus re-reads its policy (a policy naming an unknown user is
 # ignored), then make systemd and the system bus pick up the new files.
@@ -100,5 +136,8 @@ uninstall:
 	  '$(DESTDIR)$(sysusersdir)/shmlink.conf' \
 	  '$(DESTDIR)$(dbusinterfacedir)/org.shmlink.Broker1.xml' \
 	  '$(DESTDIR)$(dbusinterfacedir)/org.shmlink.Session1.xml' \
-	  '$(DESTDIR)$(docdir)/DEPLOYING.md'
+	  '$(DESTDIR)$(docdir)/DEPLOYING.md' \
+	  '$(DESTDIR)$(libdir)/libshmlink.so.$(VERSION)' '$(DESTDIR)$(libdir)/libshmlink.so.$(SOMAJOR)' \
+	  '$(DESTDIR)$(libdir)/libshmlink.so' '$(DESTDIR)$(libdir)/libshmlink.a' \
+	  '$(DESTDIR)$(includedir)/shmlink.h' '$(DESTDIR)$(pkgconfigdir)/shmlink.pc'
 	-rmdir '$(DESTDIR)$(docdir)' 2>/dev/null
