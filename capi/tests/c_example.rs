@@ -18,7 +18,7 @@ fn build_dir() -> PathBuf {
         .to_path_buf();
     assert!(
         dir.join("libshmlink_capi.so").is_file(),
-        "{} lacks libshmlink_capi.so",
+        "{} lacks libshmlink_capi.so (tests/run builds it: cargo build --workspace)",
         dir.display()
     );
     dir
