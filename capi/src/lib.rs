@@ -795,18 +795,8 @@ pub unsafe extern "C" fn shmlink_session_recv(
     len: *mut usize,
     err: *mut *mut shmlink_error,
 ) -> c_int {
-    // SAFETY: the caller's promise above.
-    unsafe {
-        ffi::status(err, || {
-            let s = ffi::obj_mut(session, "session")?;
-            let mut n = None;
-            let r = s.receive(ffi::bytes_mut(buf.cast(), size, "buffer")?, &mut n, true);
-            if let Some(n) = n {
-                ffi::store(len, n);
-            }
-            r
-        })
-    }
+    // SAFETY: the caller's promise above, which `receive_into` needs.
+    unsafe { receive_into(session, buf, size, len, err, true) }
 }
 
 /// Like `shmlink_session_recv` but never waits: returns `SHMLINK_AGAIN` when
@@ -824,12 +814,28 @@ pub unsafe extern "C" fn shmlink_session_try_recv(
     len: *mut usize,
     err: *mut *mut shmlink_error,
 ) -> c_int {
-    // SAFETY: the caller's promise above.
+    // SAFETY: the caller's promise above, which `receive_into` needs.
+    unsafe { receive_into(session, buf, size, len, err, false) }
+}
+
+/// The body of `shmlink_session_recv` (`wait`) and `shmlink_session_try_recv`.
+///
+/// # Safety
+/// As for `shmlink_session_recv`.
+unsafe fn receive_into(
+    session: *mut shmlink_session,
+    buf: *mut c_void,
+    size: usize,
+    len: *mut usize,
+    err: *mut *mut shmlink_error,
+    wait: bool,
+) -> c_int {
+    // SAFETY: the caller's promise (see `shmlink_session_recv`).
     unsafe {
         ffi::status(err, || {
             let s = ffi::obj_mut(session, "session")?;
             let mut n = None;
-            let r = s.receive(ffi::bytes_mut(buf.cast(), size, "buffer")?, &mut n, false);
+            let r = s.receive(ffi::bytes_mut(buf.cast(), size, "buffer")?, &mut n, wait);
             if let Some(n) = n {
                 ffi::store(len, n);
             }

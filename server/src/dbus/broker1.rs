@@ -3,7 +3,7 @@
 //! `SessionClosed` signal. (`OpenSession` of a registered service is
 //! answered later, when its provider does: see [`super::provided`].)
 
-use super::{method_err, services_changed, Shared};
+use super::{method_err, Shared};
 use crate::broker::BrokerError;
 use crate::lock;
 use crate::logcap::{cut, LOGGED_ERROR, LOGGED_STRING};
@@ -133,10 +133,7 @@ pub(super) fn register(
                     caller.uid,
                     caller.pid
                 );
-                ctx.push_msg(services_changed(
-                    c.sessions.broker().names().path(),
-                    c.sessions.service_names(),
-                ));
+                ctx.push_msg(c.services_changed());
                 Ok(())
             },
         );
@@ -163,10 +160,7 @@ pub(super) fn register(
                     return Err(method_err(&e));
                 }
                 log::info!("service {service} withdrawn by {sender}");
-                ctx.push_msg(services_changed(
-                    c.sessions.broker().names().path(),
-                    c.sessions.service_names(),
-                ));
+                ctx.push_msg(c.services_changed());
                 Ok(())
             },
         );

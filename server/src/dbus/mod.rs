@@ -59,6 +59,14 @@ impl Control {
             log::warn!("{}", line());
         }
     }
+
+    /// The `PropertiesChanged` signal announcing the current `Services`.
+    fn services_changed(&self) -> Message {
+        services_changed(
+            self.sessions.broker().names().path(),
+            self.sessions.service_names(),
+        )
+    }
 }
 
 type Shared = Arc<Mutex<Control>>;
