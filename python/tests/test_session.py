@@ -5,13 +5,16 @@ from __future__ import annotations
 import array
 import builtins
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,18 +140,39 @@ with client.open("echo") as s:  # other services stay open to this user
 """
 
 
-def test_access_denied(make_broker: Callable[..., Broker]) -> None:
-    broker = make_broker(config="[services.sink]\nallow_users = [4242]\n")
-    # Root may use every service: check as nobody (uid 65534) when root.
-    prefix = [] if os.getuid() != 0 else [
-        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-    ]
-    done = subprocess.run(
-        [*prefix, sys.executable, "-c", ACCESS_CHECK, broker.address],
+def run_access_check(
+    python: list[str], env: dict[str, str], address: str
+) -> subprocess.CompletedProcess[str]:
+    """Runs ACCESS_CHECK with the interpreter command given."""
+    return subprocess.run(
+        [*python, "-c", ACCESS_CHECK, address],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
+
+
+def test_access_denied(make_broker: Callable[..., Broker]) -> None:
+    broker = make_broker(config="[services.sink]\nallow_users = [4242]\n")
+    if os.getuid() != 0:
+        done = run_access_check([sys.executable], os.environ.copy(), broker.address)
+    else:
+        # Root may use every service: check as nobody (uid 65534). nobody may
+        # not be able to reach this checkout or its venv (a private temporary
+        # directory), so it runs the system interpreter on a copy of the
+        # package in a directory it can read.
+        with tempfile.TemporaryDirectory(prefix="shmlink-py-nobody-") as d:
+            os.chmod(d, 0o755)
+            shutil.copytree(
+                Path(shmlink.__file__).parent,
+                Path(d) / "shmlink",
+                ignore=shutil.ignore_patterns("__pycache__"),
+            )
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": d}
+            prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            python = os.path.realpath(sys.executable)
+            done = run_access_check([*prefix, python, "-s"], env, broker.address)
     assert done.returncode == 0, done.stderr
     assert "uid" in done.stdout and "sink" in done.stdout
 
