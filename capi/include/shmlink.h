@@ -76,7 +76,8 @@ typedef enum shmlink_status {
    */
   SHMLINK_ERR_TOO_LARGE = -8,
   /**
-   * Sending after `shmlink_session_finish`.
+   * Sending after `shmlink_session_finish`, or after a send that stopped
+   * in the middle of a message (it timed out): the session can send no more.
    */
   SHMLINK_ERR_FINISHED = -9,
   /**

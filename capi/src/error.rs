@@ -60,7 +60,7 @@ fn endpoint_code(e: &shmlink_endpoint::Error) -> shmlink_status {
         E::Closed => SHMLINK_ERR_CLOSED,
         E::TimedOut => SHMLINK_ERR_TIMED_OUT,
         E::TooLarge { .. } => SHMLINK_ERR_TOO_LARGE,
-        E::AlreadyFinished => SHMLINK_ERR_FINISHED,
+        E::AlreadyFinished | E::HalfSent => SHMLINK_ERR_FINISHED,
         E::NoMemory(_) => SHMLINK_ERR_NO_MEMORY,
         E::Io(_) | E::Setup(_) => SHMLINK_ERR_IO,
         E::Corrupt(_)

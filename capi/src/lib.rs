@@ -65,7 +65,8 @@ pub enum shmlink_status {
     SHMLINK_ERR_CLOSED = -7,
     /// The message exceeds the session's maximum (`shmlink_session_max_message`).
     SHMLINK_ERR_TOO_LARGE = -8,
-    /// Sending after `shmlink_session_finish`.
+    /// Sending after `shmlink_session_finish`, or after a send that stopped
+    /// in the middle of a message (it timed out): the session can send no more.
     SHMLINK_ERR_FINISHED = -9,
     /// The other side broke the protocol, corrupted a ring or offered
     /// more than the limits allow; the session is unusable.

@@ -19,7 +19,7 @@
 use crate::session::{self, io_err, SessionInfo};
 use crate::{Counters, Error, Session, SessionBuilder};
 use dbus::arg::PropMap;
-use shmlink_endpoint::frame::OutFrame;
+use shmlink_endpoint::frame::{FillFrame, OutFrame, Piece, Received, WriteFrame};
 use shmlink_endpoint::sys;
 use shmlink_endpoint::{Endpoint, Item, Wakeup};
 use std::future::poll_fn;
@@ -101,7 +101,7 @@ pub struct AsyncSession {
     hangup_out: AsyncFd<OwnedFd>,
     /// The rest of a frame whose sending started but did not finish (ring
     /// full in `poll_write`, or a dropped `send` future): it goes first.
-    pending: Option<OutFrame<Vec<u8>>>,
+    pending: Option<Box<dyn WriteFrame + Send>>,
     /// The end-of-stream frame was queued.
     finished: bool,
     leftover: Vec<u8>,
@@ -197,7 +197,7 @@ impl AsyncSession {
             &self.room,
             &self.hangup_out,
             Dir::Out,
-            |ep| { Ok(ep.ring_sender().write_frame(frame)?.then_some(())) }
+            |ep| { Ok(ep.ring_sender().write_frame(frame.as_mut())?.then_some(())) }
         ))?;
         self.pending = None;
         Poll::Ready(Ok(()))
@@ -209,19 +209,43 @@ impl AsyncSession {
     /// dropped after part of the message went out, the rest is kept and
     /// sent before anything else, so the peer never sees a torn frame.
     pub async fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
+        self.check_send(msg.len())?;
+        self.send_frame(OutFrame::message(msg)).await
+    }
+
+    /// Sends one message of `len` bytes that `fill` writes straight into the
+    /// shared ring, waiting (without blocking the thread) while the ring is
+    /// full; see [`Session::send_with`] for the pieces and what a fill may
+    /// do with them. Cancel-safe like [`AsyncSession::send`]: a future
+    /// dropped mid-message keeps `fill` (hence `'static`) to finish the
+    /// message before anything else is sent.
+    pub async fn send_with(
+        &mut self,
+        len: usize,
+        fill: impl FnMut(Piece<'_>) + Send + 'static,
+    ) -> Result<(), Error> {
+        self.check_send(len)?;
+        self.send_frame(FillFrame::message(len, fill)).await
+    }
+
+    fn check_send(&self, len: usize) -> Result<(), Error> {
         if self.finished {
             return Err(shmlink_endpoint::Error::AlreadyFinished.into());
         }
-        if msg.len() > self.endpoint.max_message() as usize {
+        if len > self.endpoint.max_message() as usize {
             return Err(shmlink_endpoint::Error::TooLarge {
-                len: msg.len(),
+                len,
                 max: self.endpoint.max_message(),
             }
             .into());
         }
+        Ok(())
+    }
+
+    async fn send_frame<F: Stash>(&mut self, frame: F) -> Result<(), Error> {
         poll_fn(|cx| self.poll_pending(cx)).await?;
         let mut sending = Sending {
-            frame: Some(OutFrame::message(msg)),
+            frame: Some(frame),
             stash: &mut self.pending,
         };
         let ep = &mut self.endpoint;
@@ -246,7 +270,7 @@ impl AsyncSession {
     fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), shmlink_endpoint::Error>> {
         ready!(self.poll_pending(cx))?;
         if !self.finished {
-            self.pending = Some(OutFrame::end().into_owned());
+            self.pending = Some(Box::new(OutFrame::end()));
             self.finished = true;
         }
         self.poll_pending(cx)
@@ -257,6 +281,18 @@ impl AsyncSession {
         let (data, hangup) = (&self.data, &self.hangup_in);
         let ep = &mut self.endpoint;
         Ok(poll_fn(|cx| poll_ring(cx, ep, data, hangup, Dir::In, next_item)).await?)
+    }
+
+    /// Receives the next message into `buf`, replacing its contents, without
+    /// allocating once the buffers have grown (see [`Session::recv_into`]);
+    /// false once the service finished sending.
+    pub async fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<bool, Error> {
+        let (data, hangup) = (&self.data, &self.hangup_in);
+        let ep = &mut self.endpoint;
+        let received =
+            poll_fn(|cx| poll_ring(cx, ep, data, hangup, Dir::In, |ep| ep.try_recv_into(buf)))
+                .await?;
+        Ok(received == Received::Message)
     }
 
     /// The broker's counters for this session (the D-Bus call runs on the blocking pool).
@@ -290,18 +326,36 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::BadReply(format!("the D-Bus call's task failed: {e}")))?
 }
 
-/// A message being sent by a `send` future; if the future is dropped
-/// mid-frame, the unsent rest is copied into the session's pending slot.
-struct Sending<'a, 'm> {
-    frame: Option<OutFrame<&'m [u8]>>,
-    stash: &'a mut Option<OutFrame<Vec<u8>>>,
+/// A frame a dropped `send` future can leave behind to be finished later.
+trait Stash: WriteFrame {
+    /// The frame as the session keeps it (a borrowed payload is copied).
+    fn stash(self) -> Box<dyn WriteFrame + Send>;
 }
 
-impl Drop for Sending<'_, '_> {
+impl Stash for OutFrame<&[u8]> {
+    fn stash(self) -> Box<dyn WriteFrame + Send> {
+        Box::new(self.into_owned())
+    }
+}
+
+impl<F: FnMut(Piece<'_>) + Send + 'static> Stash for FillFrame<F> {
+    fn stash(self) -> Box<dyn WriteFrame + Send> {
+        Box::new(self)
+    }
+}
+
+/// A message being sent by a `send` future; if the future is dropped
+/// mid-frame, the unsent rest goes into the session's pending slot.
+struct Sending<'a, F: Stash> {
+    frame: Option<F>,
+    stash: &'a mut Option<Box<dyn WriteFrame + Send>>,
+}
+
+impl<F: Stash> Drop for Sending<'_, F> {
     fn drop(&mut self) {
         if let Some(f) = self.frame.take() {
             if f.is_partial() {
-                *self.stash = Some(f.into_owned());
+                *self.stash = Some(f.stash());
             }
         }
     }
@@ -374,7 +428,7 @@ impl AsyncWrite for AsyncSession {
         ))
         .map_err(io_err)?;
         if frame.is_partial() {
-            this.pending = Some(frame.into_owned());
+            this.pending = Some(frame.stash());
         }
         Poll::Ready(Ok(n))
     }

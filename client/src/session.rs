@@ -2,7 +2,9 @@
 
 use crate::{Client, Error};
 use dbus::arg::{PropMap, RefArg, Variant};
-use shmlink_endpoint::{ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Item, Wakeup};
+use shmlink_endpoint::{
+    ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Item, Piece, Received, Wakeup,
+};
 use shmlink_interfaces::{
     member, option, param, wakeup, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
     SESSION_INTERFACE,
@@ -269,6 +271,27 @@ impl Session {
             .map_err(|e| self.info.wait_error(e, Dir::Send, self.timeout))
     }
 
+    /// Sends one message of `len` bytes that `fill` writes straight into the
+    /// shared ring, with no buffer in between (render a frame, fill samples,
+    /// read a file into it), waiting while the ring is full.
+    ///
+    /// `fill` is called once for each [`Piece`] of the message, in order: a
+    /// message can wrap around the ring's end or be larger than the ring, so
+    /// it may come in several pieces, each with its offset in the message.
+    /// A piece can be written but never read: the service maps the same
+    /// memory and may change it at any time, so nothing the fill does can
+    /// depend on what is there. Bytes it leaves unwritten carry whatever the
+    /// ring held (earlier bytes of this session).
+    ///
+    /// If the call fails (a timeout) or `fill` panics part-way through the
+    /// message, the session can send no more: later sends fail with
+    /// `HalfSent`, since the service would read them as the rest of this one.
+    pub fn send_with(&mut self, len: usize, fill: impl FnMut(Piece<'_>)) -> Result<(), Error> {
+        self.endpoint
+            .send_with(len, fill)
+            .map_err(|e| self.info.wait_error(e, Dir::Send, self.timeout))
+    }
+
     /// Tells the service we will send nothing more.
     pub fn finish(&mut self) -> Result<(), Error> {
         self.endpoint
@@ -283,6 +306,18 @@ impl Session {
             .map_err(|e| self.info.wait_error(e, Dir::Recv, self.timeout))
     }
 
+    /// Receives the next message into `buf`, replacing its contents; returns
+    /// false (leaving `buf` alone) once the service finished sending.
+    ///
+    /// The buffer `buf` held is kept for a later message, so a caller that
+    /// passes the same buffer every time receives without allocating: the
+    /// message is copied once, out of the shared ring, and no more.
+    pub fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<bool, Error> {
+        self.endpoint
+            .recv_into(buf)
+            .map_err(|e| self.info.wait_error(e, Dir::Recv, self.timeout))
+    }
+
     /// Sets how long `send`, `recv` and `finish` may wait without progress
     /// (None: as long as the session lasts).
     pub fn set_timeout(&mut self, t: Option<Duration>) {
@@ -293,6 +328,12 @@ impl Session {
     /// Receives a complete message if one is there, without waiting.
     pub fn try_recv(&mut self) -> Result<Option<Item>, Error> {
         Ok(self.endpoint.try_recv()?)
+    }
+
+    /// [`Session::try_recv`] into a reused buffer (see [`Session::recv_into`]):
+    /// `Some(Received::Message)` when a message replaced `buf`'s contents.
+    pub fn try_recv_into(&mut self, buf: &mut Vec<u8>) -> Result<Option<Received>, Error> {
+        Ok(self.endpoint.try_recv_into(buf)?)
     }
 
     /// For event loops: the eventfd that becomes readable when incoming data
@@ -448,6 +489,12 @@ impl SessionSender {
             .send(msg)
             .map_err(|e| self.info.wait_error(e, Dir::Send, self.timeout))
     }
+    /// Sends one message written in place; see [`Session::send_with`].
+    pub fn send_with(&mut self, len: usize, fill: impl FnMut(Piece<'_>)) -> Result<(), Error> {
+        self.tx
+            .send_with(len, fill)
+            .map_err(|e| self.info.wait_error(e, Dir::Send, self.timeout))
+    }
     /// Tells the service we will send nothing more.
     pub fn finish(&mut self) -> Result<(), Error> {
         self.tx
@@ -487,6 +534,12 @@ impl SessionReceiver {
     pub fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
         self.rx
             .recv()
+            .map_err(|e| self.info.wait_error(e, Dir::Recv, self.timeout))
+    }
+    /// Receives the next message into a reused buffer; see [`Session::recv_into`].
+    pub fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<bool, Error> {
+        self.rx
+            .recv_into(buf)
             .map_err(|e| self.info.wait_error(e, Dir::Recv, self.timeout))
     }
     /// Receives a complete message if one is there, without waiting

@@ -1,6 +1,6 @@
 //! One side of a session: two rings, a hang-up socket, blocking and non-blocking I/O.
 
-use crate::frame::{Item, OutFrame};
+use crate::frame::{FillFrame, Item, OutFrame, Piece, Received, WriteFrame};
 use crate::ring::{RingReceiver, RingSender};
 use crate::sys::{self, FdKind, HangupState};
 use crate::Error;
@@ -322,6 +322,27 @@ impl EndpointSender {
         self.send_frame(OutFrame::message(msg))
     }
 
+    /// Sends one message of `len` bytes that `fill` writes straight into the
+    /// outgoing ring, with no buffer in between, blocking while the ring is
+    /// full. `fill` is called once for each [`Piece`] of the message, in order
+    /// (a message can wrap around the ring's end or be larger than the ring);
+    /// bytes of a piece it leaves unwritten carry whatever the ring held there.
+    ///
+    /// If the call fails or `fill` panics part-way through, the message
+    /// cannot be completed: every later send fails with [`Error::HalfSent`].
+    pub fn send_with(&mut self, len: usize, fill: impl FnMut(Piece<'_>)) -> Result<(), Error> {
+        if self.sent_end {
+            return Err(Error::AlreadyFinished);
+        }
+        if len > self.link.max_message as usize {
+            return Err(Error::TooLarge {
+                len,
+                max: self.link.max_message,
+            });
+        }
+        self.send_frame(FillFrame::message(len, fill))
+    }
+
     /// Sends the end-of-stream marker: this side will send nothing more.
     pub fn finish(&mut self) -> Result<(), Error> {
         if self.sent_end {
@@ -332,17 +353,24 @@ impl EndpointSender {
         Ok(())
     }
 
-    fn send_frame<B: AsRef<[u8]>>(&mut self, mut frame: OutFrame<B>) -> Result<(), Error> {
+    fn send_frame(&mut self, mut frame: impl WriteFrame) -> Result<(), Error> {
         let deadline = self.timeout.map(|t| Instant::now() + t);
-        while !self.tx.write_frame(&mut frame)? {
-            self.link.wait(
-                &mut self.tx,
-                RingSender::space_signal,
-                deadline,
-                RingSender::has_room,
-            )?;
+        let sent = (|| {
+            while !self.tx.write_frame(&mut frame)? {
+                self.link.wait(
+                    &mut self.tx,
+                    RingSender::space_signal,
+                    deadline,
+                    RingSender::has_room,
+                )?;
+            }
+            Ok(())
+        })();
+        if sent.is_err() && frame.is_partial() {
+            // The peer would read the next frame as the rest of this one.
+            self.tx.poison_half_sent();
         }
-        Ok(())
+        sent
     }
 
     /// Sets how long a blocking call may wait (None: forever).
@@ -374,14 +402,23 @@ impl EndpointReceiver {
     ///
     /// Returns `None` once the peer has finished sending (end of stream).
     pub fn recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
+        let mut buf = Vec::new();
+        Ok(self.recv_into(&mut buf)?.then_some(buf))
+    }
+
+    /// Like [`EndpointReceiver::recv`], but the message replaces the
+    /// contents of `buf`, and the buffer `buf` held is kept for a later
+    /// message: passing the same buffer every time makes steady receiving
+    /// allocation-free. Returns false (leaving `buf` alone) at end of stream.
+    pub fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<bool, Error> {
         let deadline = self.timeout.map(|t| Instant::now() + t);
         loop {
             if self.rx.ended() {
-                return Ok(None);
+                return Ok(false);
             }
-            match self.rx.read_item()? {
-                Some(Item::Message(m)) => return Ok(Some(m)),
-                Some(Item::End) => return Ok(None),
+            match self.rx.read_into(buf)? {
+                Some(Received::Message) => return Ok(true),
+                Some(Received::End) => return Ok(false),
                 None => {
                     self.link.wait(
                         &mut self.rx,
@@ -400,6 +437,15 @@ impl EndpointReceiver {
             return Ok(Some(Item::End));
         }
         self.rx.read_item()
+    }
+
+    /// [`EndpointReceiver::try_recv`] into a reused buffer (see
+    /// [`EndpointReceiver::recv_into`]).
+    pub fn try_recv_into(&mut self, buf: &mut Vec<u8>) -> Result<Option<Received>, Error> {
+        if self.rx.ended() {
+            return Ok(Some(Received::End));
+        }
+        self.rx.read_into(buf)
     }
 
     /// Sets how long a blocking call may wait (None: forever).
@@ -684,6 +730,21 @@ impl Endpoint {
     pub fn try_recv(&mut self) -> Result<Option<Item>, Error> {
         self.receiver.try_recv()
     }
+
+    /// See [`EndpointSender::send_with`].
+    pub fn send_with(&mut self, len: usize, fill: impl FnMut(Piece<'_>)) -> Result<(), Error> {
+        self.sender.send_with(len, fill)
+    }
+
+    /// See [`EndpointReceiver::recv_into`].
+    pub fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<bool, Error> {
+        self.receiver.recv_into(buf)
+    }
+
+    /// See [`EndpointReceiver::try_recv_into`].
+    pub fn try_recv_into(&mut self, buf: &mut Vec<u8>) -> Result<Option<Received>, Error> {
+        self.receiver.try_recv_into(buf)
+    }
 }
 
 /// The fds of a session whose server is another process (a provider): one
@@ -822,13 +883,14 @@ mod tests {
         );
         // The reader takes 1,000 bytes per call: Bounded until the ring is empty.
         let mut got = None;
+        let mut buf = Vec::new();
         let mut reads = 0;
         while got.is_none() {
             reads += 1;
-            match server.ring_receiver().read_item_bounded(1000).unwrap() {
+            match server.ring_receiver().read_bounded(1000, &mut buf).unwrap() {
                 ReadProgress::Bounded => {}
-                ReadProgress::Item(Item::Message(m)) => got = Some(m),
-                ReadProgress::Item(Item::End) => panic!("no end was sent"),
+                ReadProgress::Received(Received::Message) => got = Some(buf.clone()),
+                ReadProgress::Received(Received::End) => panic!("no end was sent"),
                 ReadProgress::Empty => {
                     // The ring is drained: the writer finishes the frame.
                     while client
@@ -846,9 +908,114 @@ mod tests {
         );
         assert_eq!(got.unwrap(), msg);
         assert!(matches!(
-            server.ring_receiver().read_item_bounded(1000).unwrap(),
+            server.ring_receiver().read_bounded(1000, &mut buf).unwrap(),
             ReadProgress::Empty
         ));
+    }
+
+    /// Messages written in place arrive exactly as filled, whatever their
+    /// size against the ring: each piece is offered once, in order, and the
+    /// pieces cover the message.
+    #[test]
+    fn messages_written_in_place_wrap_and_exceed_the_ring() {
+        let (mut server, mut client) = pair(4096);
+        let cap = client.send_capacity() as usize;
+        let sizes = [0, 1, 4095, cap - 8, cap, cap + 1, 3 * cap + 17];
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = Vec::new();
+            while server.recv_into(&mut buf).unwrap() {
+                got.push(buf.clone());
+            }
+            got
+        });
+        let byte = |round: usize, i: usize| (i as u8).wrapping_mul(7).wrapping_add(round as u8);
+        let mut sent = Vec::new();
+        let mut pieces = 0;
+        for round in 0..10 {
+            for &len in &sizes {
+                let mut next = 0;
+                client
+                    .send_with(len, |mut piece| {
+                        assert_eq!(piece.offset(), next, "pieces come in order");
+                        next += piece.len();
+                        pieces += 1;
+                        let bytes: Vec<u8> =
+                            (piece.offset()..next).map(|i| byte(round, i)).collect();
+                        piece.write_at(0, &bytes);
+                    })
+                    .unwrap();
+                assert_eq!(next, len, "the pieces cover the message");
+                sent.push((0..len).map(|i| byte(round, i)).collect::<Vec<u8>>());
+            }
+        }
+        client.finish().unwrap();
+        assert_eq!(reader.join().unwrap(), sent);
+        assert!(
+            pieces > sent.len(),
+            "messages larger than the ring came in several pieces"
+        );
+    }
+
+    /// A fill that panics leaves its message half written: the panic
+    /// reaches the caller, and nothing more can be sent, since the peer
+    /// would read the next frame as the rest of this one.
+    #[test]
+    fn a_panicking_fill_stops_the_sender() {
+        let (mut server, mut client) = pair(4096);
+        client.send(b"before").unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            client.send_with(100, |piece| {
+                if piece.offset() == 0 {
+                    panic!("fill failed");
+                }
+            })
+        }));
+        assert!(panicked.is_err(), "the fill's panic goes on to the caller");
+        assert!(matches!(client.send(b"after"), Err(Error::HalfSent)));
+        assert!(matches!(client.send_with(1, |_| {}), Err(Error::HalfSent)));
+        assert_eq!(server.recv().unwrap().as_deref(), Some(&b"before"[..]));
+    }
+
+    /// A send that times out in the middle of a message stops the sender
+    /// too, rather than let the next message land inside the torn one.
+    #[test]
+    fn a_send_that_times_out_mid_message_stops_the_sender() {
+        let (_server, mut client) = pair(4096);
+        client.set_timeout(Some(Duration::from_millis(20)));
+        let big = vec![1u8; 3 * client.send_capacity() as usize];
+        assert!(matches!(client.send(&big), Err(Error::TimedOut)));
+        assert!(matches!(client.send(b"x"), Err(Error::HalfSent)));
+        // A send that times out before writing anything leaves no torn frame.
+        let (mut server, mut client) = pair(4096);
+        client.set_timeout(Some(Duration::from_millis(20)));
+        let fill = vec![2u8; client.send_capacity() as usize - 8];
+        client.send(&fill).unwrap();
+        assert!(matches!(client.send(b"y"), Err(Error::TimedOut)));
+        assert_eq!(server.recv().unwrap().map(|m| m.len()), Some(fill.len()));
+        client.send(b"z").unwrap();
+        assert_eq!(server.recv().unwrap().as_deref(), Some(&b"z"[..]));
+    }
+
+    /// Receiving into the same buffer again and again allocates nothing
+    /// once the two buffers (the caller's and the one the receiver keeps)
+    /// have grown to size: the message buffers swap places.
+    #[test]
+    fn receiving_into_a_reused_buffer_settles_on_two_buffers() {
+        let (mut server, mut client) = pair(64 << 10);
+        let mut buf = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..50u8 {
+            let msg = vec![i; 10_000];
+            client.send(&msg).unwrap();
+            assert!(server.recv_into(&mut buf).unwrap());
+            assert_eq!(buf, msg);
+            seen.insert(buf.as_ptr() as usize);
+        }
+        assert!(seen.len() <= 3, "{} distinct buffers", seen.len());
+        client.finish().unwrap();
+        assert!(!server.recv_into(&mut buf).unwrap(), "end of stream");
+        assert_eq!(buf, vec![49u8; 10_000], "the end leaves the buffer alone");
     }
 
     #[test]

@@ -108,6 +108,15 @@ pub enum Item {
     End,
 }
 
+/// What [`Decoder::decode_into`] completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// A complete message, now in the caller's buffer.
+    Message,
+    /// The peer will send nothing more.
+    End,
+}
+
 /// A message body being received: the bytes so far, the announced length
 /// and the bytes charged to the decoder's budget for its allocation.
 #[derive(Debug)]
@@ -121,15 +130,24 @@ struct Body {
 /// length, so a header alone does not make the decoder hold its length.
 const FIRST_BODY_CHUNK: usize = 1 << 20;
 
+/// Largest buffer the decoder keeps between messages for the next body
+/// (see [`Decoder::decode_into`]); a larger one is freed.
+pub const MAX_SPARE: usize = FIRST_BODY_CHUNK;
+
 /// Incremental frame decoder: feed it bytes in any split, get messages out.
 ///
 /// Body memory is taken with `try_reserve` (an allocation failure is an
 /// error, never an abort) and, with a [`Budget`], charged before it is taken.
+/// A buffer the caller gives back through [`Decoder::decode_into`] is kept
+/// (up to [`MAX_SPARE`] bytes, charged while kept) for the next body, so a
+/// steady stream of messages allocates nothing.
 pub struct Decoder {
     max_message: u32,
     header: [u8; HEADER_LEN],
     header_len: usize,
     body: Option<Body>,
+    /// An empty buffer for the next body, and the bytes charged for it.
+    spare: (Vec<u8>, usize),
     ended: bool,
     budget: Option<Arc<dyn Budget>>,
 }
@@ -140,6 +158,7 @@ impl std::fmt::Debug for Decoder {
             .field("max_message", &self.max_message)
             .field("header_len", &self.header_len)
             .field("body", &self.body)
+            .field("spare", &self.spare.0.capacity())
             .field("ended", &self.ended)
             .field("budget", &self.budget.is_some())
             .finish()
@@ -149,6 +168,7 @@ impl std::fmt::Debug for Decoder {
 impl Drop for Decoder {
     fn drop(&mut self) {
         self.drop_body();
+        self.drop_spare();
     }
 }
 
@@ -160,6 +180,7 @@ impl Decoder {
             header: [0; HEADER_LEN],
             header_len: 0,
             body: None,
+            spare: (Vec::new(), 0),
             ended: false,
             budget: None,
         }
@@ -168,6 +189,7 @@ impl Decoder {
     /// Charges every body allocation from now on to `budget`.
     pub fn set_budget(&mut self, budget: Arc<dyn Budget>) {
         self.drop_body();
+        self.drop_spare();
         self.budget = Some(budget);
     }
 
@@ -181,6 +203,36 @@ impl Decoder {
         if let Some(body) = self.body.take() {
             self.release(body.charged);
         }
+    }
+
+    /// Frees the kept buffer and releases its charge.
+    fn drop_spare(&mut self) {
+        let (_, charged) = std::mem::take(&mut self.spare);
+        self.release(charged);
+    }
+
+    /// Keeps `buf` for the next body when it is small enough and the budget
+    /// takes it, moving the charge from `released` (what the message that
+    /// just left held) to the kept buffer in one step.
+    fn keep_spare(&mut self, mut buf: Vec<u8>, released: usize) {
+        buf.clear();
+        let cap = buf.capacity();
+        let keep = cap > 0 && cap <= MAX_SPARE && self.spare.0.capacity() == 0;
+        if !keep {
+            self.release(released);
+            return;
+        }
+        match (&self.budget, cap.cmp(&released)) {
+            (None, _) | (Some(_), std::cmp::Ordering::Equal) => {}
+            (Some(_), std::cmp::Ordering::Less) => self.release(released - cap),
+            (Some(b), std::cmp::Ordering::Greater) => {
+                if b.try_charge(cap - released).is_err() {
+                    self.release(released);
+                    return;
+                }
+            }
+        }
+        self.spare = (buf, if self.budget.is_some() { cap } else { 0 });
     }
 
     fn release(&self, bytes: usize) {
@@ -228,11 +280,30 @@ impl Decoder {
     /// Consumes bytes from `src` up to the end of the next complete frame.
     ///
     /// Returns how many bytes were consumed and the frame, if one completed.
-    /// Bytes after a completed frame are left for the next call.
+    /// Bytes after a completed frame are left for the next call. Each
+    /// message comes in a new buffer; [`Decoder::decode_into`] reuses one.
     pub fn decode<S: ByteSource + ?Sized>(
         &mut self,
         src: &S,
     ) -> Result<(usize, Option<Item>), FrameError> {
+        let mut out = Vec::new();
+        Ok(match self.decode_into(src, &mut out)? {
+            (used, Some(Received::Message)) => (used, Some(Item::Message(out))),
+            (used, Some(Received::End)) => (used, Some(Item::End)),
+            (used, None) => (used, None),
+        })
+    }
+
+    /// Like [`Decoder::decode`], but a completed message replaces the
+    /// contents of `out`, and the buffer `out` held is kept for the next
+    /// message's body: a caller that passes the same buffer every time
+    /// makes the decoder allocate nothing once both have grown to size.
+    /// `out` is untouched until a message completes.
+    pub fn decode_into<S: ByteSource + ?Sized>(
+        &mut self,
+        src: &S,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, Option<Received>), FrameError> {
         let avail = src.len();
         let mut used = 0;
         if self.ended {
@@ -262,7 +333,7 @@ impl Decoder {
                 KIND_END if len != 0 => return Err(FrameError::EndWithPayload(len)),
                 KIND_END => {
                     self.ended = true;
-                    return Ok((used, Some(Item::End)));
+                    return Ok((used, Some(Received::End)));
                 }
                 KIND_MESSAGE if len > self.max_message => {
                     return Err(FrameError::TooLong {
@@ -271,10 +342,11 @@ impl Decoder {
                     })
                 }
                 KIND_MESSAGE => {
+                    let (bytes, charged) = std::mem::take(&mut self.spare);
                     self.body = Some(Body {
-                        bytes: Vec::new(),
+                        bytes,
                         want: len as usize,
-                        charged: 0,
+                        charged,
                     });
                 }
                 other => return Err(FrameError::UnknownKind(other)),
@@ -296,12 +368,31 @@ impl Decoder {
         }
         if have + take == want {
             let body = self.body.take().expect("body present");
-            // The message leaves the decoder: whoever keeps it accounts for it.
-            self.release(body.charged);
-            return Ok((used, Some(Item::Message(body.bytes))));
+            // The message leaves the decoder: whoever keeps it accounts for
+            // it. The caller's old buffer stays as the next body's.
+            let old = std::mem::replace(out, body.bytes);
+            self.keep_spare(old, body.charged);
+            return Ok((used, Some(Received::Message)));
         }
         Ok((used, None))
     }
+}
+
+/// A frame on its way into a ring, written piece by piece as the ring has room.
+pub trait WriteFrame {
+    /// Whether every byte has been written.
+    fn is_done(&self) -> bool;
+
+    /// Whether some, but not all, of the frame has been written: the stream
+    /// is mid-frame and this frame must be finished before any other.
+    fn is_partial(&self) -> bool;
+
+    /// Writes the next unwritten bytes into `dst`, returning how many.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `room` bytes for the duration of
+    /// the call, and no reference may point into those bytes meanwhile.
+    unsafe fn write_into(&mut self, dst: *mut u8, room: usize) -> usize;
 }
 
 /// A frame being written: header plus payload, and how much of it is out.
@@ -328,17 +419,6 @@ impl<B: AsRef<[u8]>> OutFrame<B> {
         HEADER_LEN + self.payload.as_ref().len()
     }
 
-    /// Whether every byte has been written.
-    pub(crate) fn is_done(&self) -> bool {
-        self.written == self.total_len()
-    }
-
-    /// Whether some, but not all, of the frame has been written: the stream
-    /// is mid-frame and this frame must be finished before any other.
-    pub fn is_partial(&self) -> bool {
-        self.written > 0 && !self.is_done()
-    }
-
     /// The same frame with an owned copy of its payload, keeping how much was
     /// written (so that an async sender whose future was dropped mid-frame
     /// can finish the frame later).
@@ -349,12 +429,18 @@ impl<B: AsRef<[u8]>> OutFrame<B> {
             written: self.written,
         }
     }
+}
 
-    /// Copies the next unwritten bytes into `dst`, returning how many.
-    ///
-    /// # Safety
-    /// `dst` must be valid for writes of `room` bytes.
-    pub(crate) unsafe fn write_into(&mut self, dst: *mut u8, room: usize) -> usize {
+impl<B: AsRef<[u8]>> WriteFrame for OutFrame<B> {
+    fn is_done(&self) -> bool {
+        self.written == self.total_len()
+    }
+
+    fn is_partial(&self) -> bool {
+        self.written > 0 && !self.is_done()
+    }
+
+    unsafe fn write_into(&mut self, dst: *mut u8, room: usize) -> usize {
         let mut done = 0;
         while done < room && !self.is_done() {
             let (src, start): (&[u8], usize) = if self.written < HEADER_LEN {
@@ -367,6 +453,160 @@ impl<B: AsRef<[u8]>> OutFrame<B> {
             // is writable for `room` bytes and `done + n <= room`; our own memory
             // cannot overlap the destination the caller handed us.
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(start), dst.add(done), n) };
+            done += n;
+            self.written += n;
+        }
+        done
+    }
+}
+
+/// A stretch of a message being written in place, in the ring's shared
+/// memory: see [`FillFrame`].
+///
+/// It offers only writes. The memory is mapped by the peer too, which may
+/// change it at any moment; a view that let safe code read it back could
+/// see a value change between a check and its use. Here the bytes are
+/// `MaybeUninit<u8>`, which safe code can write but never read, so nothing
+/// the writer does can depend on what the peer puts there. Bytes left
+/// unwritten carry whatever the ring held before: earlier bytes of this
+/// same session, never another session's (each session's rings are new,
+/// zeroed memory).
+pub struct Piece<'a> {
+    offset: usize,
+    bytes: &'a mut [MaybeUninit<u8>],
+}
+
+impl Piece<'_> {
+    /// Where in the message this piece starts.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Length of this piece.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the piece is empty (never, for pieces a fill is given).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Copies `src` into the piece at `at`. Panics if it does not fit.
+    pub fn write_at(&mut self, at: usize, src: &[u8]) {
+        let dst = &mut self.bytes[at..at + src.len()];
+        // SAFETY: `dst` and `src` have the same length; `src` is ours and
+        // cannot overlap the ring memory `dst` points into; any byte is a
+        // valid `MaybeUninit<u8>`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<u8>(), src.len())
+        }
+    }
+
+    /// Copies the piece's stretch of a whole message, `msg[offset..offset + len]`.
+    pub fn copy_from_message(&mut self, msg: &[u8]) {
+        let start = self.offset;
+        let len = self.len();
+        self.write_at(0, &msg[start..start + len]);
+    }
+
+    /// Sets every byte of the piece to `byte`.
+    pub fn fill(&mut self, byte: u8) {
+        for b in self.bytes.iter_mut() {
+            b.write(byte);
+        }
+    }
+}
+
+/// Runs `fill` over `len` bytes of private memory, in pieces of at most
+/// `piece_len` bytes, as a ring would take them: the message a fill writes,
+/// for tests of fills and for callers that need it in memory as well.
+pub fn fill_to_vec(len: usize, piece_len: usize, mut fill: impl FnMut(Piece<'_>)) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    for (i, chunk) in buf.chunks_mut(piece_len.max(1)).enumerate() {
+        // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and a `Piece`
+        // only ever stores initialised bytes (`write_at`, `fill`): it offers
+        // no way to write an uninitialised one, so `buf` stays valid `u8`s.
+        let bytes = unsafe { &mut *(chunk as *mut [u8] as *mut [MaybeUninit<u8>]) };
+        fill(Piece {
+            offset: i * piece_len.max(1),
+            bytes,
+        });
+    }
+    buf
+}
+
+/// A message frame whose payload a closure writes straight into the ring.
+///
+/// `fill` is called with each [`Piece`] of the payload in order (a message
+/// may wrap around the ring's end, or be larger than the ring, so it comes
+/// in pieces); together the pieces cover the payload exactly once.
+pub struct FillFrame<F> {
+    header: [u8; HEADER_LEN],
+    len: usize,
+    written: usize,
+    fill: F,
+}
+
+impl<F: FnMut(Piece<'_>)> FillFrame<F> {
+    /// A message frame of `len` payload bytes that `fill` writes. The caller
+    /// checks the length limit.
+    pub fn message(len: usize, fill: F) -> Self {
+        let header_len = u32::try_from(len).expect("caller checks the message limit");
+        FillFrame {
+            header: encode_header(KIND_MESSAGE, header_len),
+            len,
+            written: 0,
+            fill,
+        }
+    }
+}
+
+impl<F> std::fmt::Debug for FillFrame<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FillFrame")
+            .field("len", &self.len)
+            .field("written", &self.written)
+            .finish()
+    }
+}
+
+impl<F: FnMut(Piece<'_>)> WriteFrame for FillFrame<F> {
+    fn is_done(&self) -> bool {
+        self.written == HEADER_LEN + self.len
+    }
+
+    fn is_partial(&self) -> bool {
+        self.written > 0 && !self.is_done()
+    }
+
+    unsafe fn write_into(&mut self, dst: *mut u8, room: usize) -> usize {
+        let mut done = 0;
+        if self.written < HEADER_LEN {
+            let n = (HEADER_LEN - self.written).min(room);
+            // SAFETY: the header range is in bounds; the caller guarantees
+            // `dst` is writable for `room >= n` bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.header.as_ptr().add(self.written), dst, n)
+            };
+            done += n;
+            self.written += n;
+        }
+        let n = (HEADER_LEN + self.len - self.written).min(room - done);
+        if self.written >= HEADER_LEN && n > 0 {
+            // SAFETY: the caller guarantees `dst` is writable for `room` bytes
+            // and that nothing else in this process refers to them during the
+            // call; `done + n <= room`. A `MaybeUninit<u8>` slice has no
+            // validity requirement, and safe code cannot read its values, so
+            // the peer changing these bytes meanwhile cannot affect the fill
+            // (see `Piece`).
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(dst.add(done).cast::<MaybeUninit<u8>>(), n)
+            };
+            (self.fill)(Piece {
+                offset: self.written - HEADER_LEN,
+                bytes,
+            });
             done += n;
             self.written += n;
         }
@@ -476,6 +716,63 @@ mod tests {
 
     fn used(b: &TestBudget) -> usize {
         *b.used.lock().unwrap()
+    }
+
+    fn framed(msg: &[u8]) -> Vec<u8> {
+        let mut bytes = encode_header(KIND_MESSAGE, msg.len() as u32).to_vec();
+        bytes.extend_from_slice(msg);
+        bytes
+    }
+
+    /// The buffer a caller gives back through `decode_into` becomes the next
+    /// body, charged while the decoder keeps it; dropping the decoder gives
+    /// the charge back, and a buffer above the bound is not kept.
+    #[test]
+    fn a_returned_buffer_is_kept_charged_and_reused() {
+        let budget = Arc::new(TestBudget {
+            limit: 8 << 20,
+            ..Default::default()
+        });
+        let mut d = Decoder::new(8 << 20);
+        d.set_budget(budget.clone());
+        let mut out = Vec::with_capacity(4096);
+        let kept = out.as_ptr() as usize;
+        let first = framed(&[1u8; 1000]);
+        assert_eq!(
+            d.decode_into(&first[..], &mut out).unwrap(),
+            (first.len(), Some(Received::Message))
+        );
+        assert_eq!(out, [1u8; 1000]);
+        assert_eq!(used(&budget), 4096, "the kept buffer is charged");
+        let second = framed(&[2u8; 3000]);
+        d.decode_into(&second[..], &mut out).unwrap();
+        assert_eq!(out, [2u8; 3000]);
+        assert_eq!(out.as_ptr() as usize, kept, "the kept buffer carried it");
+        assert_eq!(
+            used(&budget),
+            1000,
+            "the first message's buffer is kept now, charged as what it holds"
+        );
+        drop(d);
+        assert_eq!(used(&budget), 0, "dropping the decoder gives it all back");
+
+        let mut d = Decoder::new(8 << 20);
+        d.set_budget(budget.clone());
+        let mut out = Vec::with_capacity(MAX_SPARE + 1);
+        d.decode_into(&first[..], &mut out).unwrap();
+        assert_eq!(used(&budget), 0, "a buffer above the bound is freed");
+        // A budget that cannot take the buffer frees it instead.
+        let tight = Arc::new(TestBudget {
+            limit: 100,
+            ..Default::default()
+        });
+        let mut d = Decoder::new(8 << 20);
+        d.set_budget(tight.clone());
+        let mut out = Vec::with_capacity(4096);
+        let small = framed(&[3u8; 50]);
+        d.decode_into(&small[..], &mut out).unwrap();
+        assert_eq!(out, [3u8; 50]);
+        assert_eq!(used(&tight), 0, "nothing kept beyond the budget");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! invariant, so a panic is a finding. Built for this crate's tests and
 //! with the `fuzzing` feature (which `fuzz/` enables); not part of the stable API.
 
-use crate::frame::{self, Decoder, Item, OutFrame};
+use crate::frame::{self, Decoder, Item, OutFrame, WriteFrame};
 use crate::{Endpoint, Error, Wakeup};
 use memmap2::{MmapOptions, MmapRaw};
 use std::os::fd::BorrowedFd;

@@ -20,7 +20,7 @@ pub use endpoint::{
     create_unmapped, rounded_capacity, ClientLimits, Endpoint, EndpointReceiver, EndpointSender,
     ProvidedFds, Wakeup,
 };
-pub use frame::{Budget, FrameError, Item, OutFrame};
+pub use frame::{Budget, FillFrame, FrameError, Item, OutFrame, Piece, Received, WriteFrame};
 pub use ring::{ReadProgress, RingReceiver, RingSender, WriteProgress};
 pub use shmlink_interfaces::{PeerFds, RingFds};
 
@@ -76,6 +76,10 @@ pub enum Error {
     /// This side already sent its end-of-stream frame.
     #[error("this side already finished sending")]
     AlreadyFinished,
+    /// An earlier send stopped in the middle of a message (it timed out or
+    /// its fill panicked), so nothing more can be sent on this session.
+    #[error("an earlier message was left half sent; this side can send no more")]
+    HalfSent,
     /// A system call failed.
     #[error("system call failed: {0}")]
     Io(std::io::Error),
@@ -158,6 +162,7 @@ mod tests {
             },
             Error::TooLarge { len: 9, max: 8 },
             Error::AlreadyFinished,
+            Error::HalfSent,
             Error::from(std::io::Error::from_raw_os_error(libc::EBADF)),
             Error::from(std::io::Error::other("disk on fire")),
             Error::Setup("mmap failed".into()),

@@ -6,7 +6,7 @@
 //! panic inside shmem-ipc caused by a peer that changes the ring's count under
 //! us (a debug-build subtraction overflow) becomes an error, not a crash.
 
-use crate::frame::{Budget, ByteSource, Decoder, FrameError, Item, OutFrame};
+use crate::frame::{Budget, ByteSource, Decoder, FrameError, Item, Received, WriteFrame};
 use crate::sys;
 use crate::Error;
 use shmem_ipc::sharedring::{Receiver, Sender};
@@ -15,23 +15,34 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+/// Why a ring can no longer be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Broken {
+    /// The peer corrupted its bookkeeping or framing.
+    Corrupt,
+    /// This side stopped writing in the middle of a message.
+    HalfSent,
+}
+
 /// Runs one shmem-ipc ring operation, turning both its errors and its panics
 /// into [`Error::Corrupt`] and latching the ring as broken.
 fn guarded<T>(
-    broken: &mut bool,
+    broken: &mut Option<Broken>,
     f: impl FnOnce() -> Result<T, shmem_ipc::ringbuf::Error>,
 ) -> Result<T, Error> {
-    if *broken {
-        return Err(Error::Corrupt("ring already found corrupt".into()));
+    match broken {
+        Some(Broken::Corrupt) => return Err(Error::Corrupt("ring already found corrupt".into())),
+        Some(Broken::HalfSent) => return Err(Error::HalfSent),
+        None => {}
     }
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
-            *broken = true;
+            *broken = Some(Broken::Corrupt);
             Err(Error::Corrupt(e.to_string()))
         }
         Err(_) => {
-            *broken = true;
+            *broken = Some(Broken::Corrupt);
             Err(Error::Corrupt(
                 "ring count changed during an operation".into(),
             ))
@@ -78,10 +89,10 @@ pub enum WriteProgress {
 }
 
 /// What one bounded read found.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadProgress {
-    /// A whole frame was decoded.
-    Item(Item),
+    /// A whole frame was decoded (a message is in the caller's buffer).
+    Received(Received),
     /// The ring holds no more bytes: wait for the writer's wake-up (or re-check `has_data`).
     Empty,
     /// The byte bound was reached; the ring may hold more, so call again.
@@ -91,14 +102,20 @@ pub enum ReadProgress {
 /// The sending half of one ring.
 pub struct RingSender {
     ring: Sender<u8>,
-    broken: bool,
+    broken: Option<Broken>,
 }
 
 impl RingSender {
     pub(crate) fn new(ring: Sender<u8>) -> Self {
-        RingSender {
-            ring,
-            broken: false,
+        RingSender { ring, broken: None }
+    }
+
+    /// Marks the stream as stopped mid-message (a send gave up or its fill
+    /// panicked part-way): every later write fails with [`Error::HalfSent`],
+    /// since the peer would read the next frame as the rest of this one.
+    pub fn poison_half_sent(&mut self) {
+        if self.broken.is_none() {
+            self.broken = Some(Broken::HalfSent);
         }
     }
 
@@ -106,7 +123,7 @@ impl RingSender {
     ///
     /// Keeps copying while the reader keeps making room; a caller that must
     /// not be held for long uses [`RingSender::write_frame_bounded`].
-    pub fn write_frame<B: AsRef<[u8]>>(&mut self, frame: &mut OutFrame<B>) -> Result<bool, Error> {
+    pub fn write_frame(&mut self, frame: &mut (impl WriteFrame + ?Sized)) -> Result<bool, Error> {
         loop {
             match self.write_frame_bounded(frame, usize::MAX)? {
                 WriteProgress::Done => return Ok(true),
@@ -121,9 +138,12 @@ impl RingSender {
     /// [`WriteProgress::Bounded`] means the bound stopped the copy while the ring
     /// may still have room: call again rather than wait for the reader's
     /// wake-up, which may never come.
-    pub fn write_frame_bounded<B: AsRef<[u8]>>(
+    ///
+    /// A panic in the frame's own code (a fill) leaves the ring marked
+    /// half-sent (see [`RingSender::poison_half_sent`]) and goes on to the caller.
+    pub fn write_frame_bounded(
         &mut self,
-        frame: &mut OutFrame<B>,
+        frame: &mut (impl WriteFrame + ?Sized),
         max_bytes: usize,
     ) -> Result<WriteProgress, Error> {
         let mut left = max_bytes.max(1);
@@ -133,14 +153,29 @@ impl RingSender {
             }
             let ring = &mut self.ring;
             let mut copied = 0;
+            let mut panicked = None;
             let status = guarded(&mut self.broken, || {
                 ring.sender_mut().send(|ptr, room| {
-                    // SAFETY: shmem-ipc passes a pointer writable for `room` bytes,
-                    // and we pass on a length no larger than `room`.
-                    copied = unsafe { frame.write_into(ptr, room.min(left)) };
+                    let write = AssertUnwindSafe(|| {
+                        // SAFETY: shmem-ipc passes a pointer writable for `room` bytes
+                        // of our mapping, no reference into them exists, and we pass
+                        // on a length no larger than `room`.
+                        unsafe { frame.write_into(ptr, room.min(left)) }
+                    });
+                    match catch_unwind(write) {
+                        Ok(n) => copied = n,
+                        Err(p) => panicked = Some(p),
+                    }
                     copied
                 })
-            })?;
+            });
+            if let Some(p) = panicked {
+                // Whatever of the frame the ring took stays there: the stream
+                // is mid-message for good.
+                self.poison_half_sent();
+                std::panic::resume_unwind(p);
+            }
+            let status = status?;
             left -= copied;
             if status.signal {
                 sys::eventfd_signal(self.ring.empty_signal().as_fd()).map_err(Error::signal)?;
@@ -177,7 +212,7 @@ impl RingSender {
 pub struct RingReceiver {
     ring: Receiver<u8>,
     decoder: Decoder,
-    broken: bool,
+    broken: Option<Broken>,
 }
 
 impl RingReceiver {
@@ -185,18 +220,29 @@ impl RingReceiver {
         RingReceiver {
             ring,
             decoder: Decoder::new(max_message),
-            broken: false,
+            broken: None,
         }
     }
 
     /// Returns the next complete frame, or `None` when the ring holds no complete frame yet.
     ///
-    /// Keeps decoding while the writer keeps feeding; a caller that must not
-    /// be held for long uses [`RingReceiver::read_item_bounded`].
+    /// Each message comes in a new buffer; [`RingReceiver::read_into`] reuses one.
     pub fn read_item(&mut self) -> Result<Option<Item>, Error> {
+        let mut out = Vec::new();
+        Ok(match self.read_into(&mut out)? {
+            Some(Received::Message) => Some(Item::Message(out)),
+            Some(Received::End) => Some(Item::End),
+            None => None,
+        })
+    }
+
+    /// Like [`RingReceiver::read_item`], but a message replaces the contents
+    /// of `out` (see [`Decoder::decode_into`]: passing the same buffer each
+    /// time makes steady reading allocation-free).
+    pub fn read_into(&mut self, out: &mut Vec<u8>) -> Result<Option<Received>, Error> {
         loop {
-            match self.read_item_bounded(usize::MAX)? {
-                ReadProgress::Item(item) => return Ok(Some(item)),
+            match self.read_bounded(usize::MAX, out)? {
+                ReadProgress::Received(r) => return Ok(Some(r)),
                 ReadProgress::Empty => return Ok(None),
                 ReadProgress::Bounded => {}
             }
@@ -204,18 +250,22 @@ impl RingReceiver {
     }
 
     /// Decodes at most `max_bytes` from the ring (at least one byte if there
-    /// is data), returning a frame if one completed.
+    /// is data); a message that completes replaces the contents of `out`.
     ///
     /// [`ReadProgress::Bounded`] means the bound stopped the decoding while the ring
     /// may still hold data: call again rather than wait for the writer's
     /// wake-up, which may never come.
-    pub fn read_item_bounded(&mut self, max_bytes: usize) -> Result<ReadProgress, Error> {
+    pub fn read_bounded(
+        &mut self,
+        max_bytes: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<ReadProgress, Error> {
         let mut left = max_bytes.max(1);
         loop {
             if left == 0 {
                 return Ok(ReadProgress::Bounded);
             }
-            let mut item = None;
+            let mut received = None;
             let mut frame_error = None;
             let mut consumed = 0;
             let decoder = &mut self.decoder;
@@ -226,9 +276,9 @@ impl RingReceiver {
                         ptr,
                         len: len.min(left),
                     };
-                    match decoder.decode(&src) {
-                        Ok((used, it)) => {
-                            item = it;
+                    match decoder.decode_into(&src, out) {
+                        Ok((used, r)) => {
+                            received = r;
                             consumed = used;
                             used
                         }
@@ -242,7 +292,7 @@ impl RingReceiver {
             match frame_error {
                 Some(FrameError::NoMemory(m)) => return Err(Error::NoMemory(m)),
                 Some(e) => {
-                    self.broken = true;
+                    self.broken = Some(Broken::Corrupt);
                     return Err(Error::Protocol(e));
                 }
                 None => {}
@@ -251,8 +301,8 @@ impl RingReceiver {
                 sys::eventfd_signal(self.ring.full_signal().as_fd()).map_err(Error::signal)?;
             }
             left -= consumed;
-            if let Some(item) = item {
-                return Ok(ReadProgress::Item(item));
+            if let Some(r) = received {
+                return Ok(ReadProgress::Received(r));
             }
             if consumed == 0 {
                 return Ok(ReadProgress::Empty);

@@ -142,7 +142,7 @@ fn to_py(py: Python<'_>, e: shmlink::Error) -> PyErr {
         shmlink::Error::TimedOut { .. } => timeout_err(py, text),
         shmlink::Error::Session(E::Closed) => ClosedError::new_err(text),
         shmlink::Error::Session(E::TimedOut) => timeout_err(py, text),
-        shmlink::Error::Session(E::TooLarge { .. } | E::AlreadyFinished) => {
+        shmlink::Error::Session(E::TooLarge { .. } | E::AlreadyFinished | E::HalfSent) => {
             PyValueError::new_err(text)
         }
         shmlink::Error::Session(E::Io(_) | E::NoMemory(_) | E::Setup(_)) => Error::new_err(text),

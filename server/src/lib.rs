@@ -40,6 +40,8 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 pub use service::{
-    prop, Caller, Charge, Memory, Options, Outbox, Service, ServiceError, SessionHandler,
+    prop, Caller, Charge, Memory, Message, Options, Outbox, Service, ServiceError, SessionHandler,
     SessionWaker, StateView,
 };
+/// A stretch of a message written in place (see [`Outbox::send_with`]).
+pub use shmlink_endpoint::frame::Piece;

@@ -15,6 +15,7 @@
 //! which ends the session with the limit's name as the reason.
 
 use dbus::arg::{PropMap, RefArg, Variant};
+use shmlink_endpoint::frame::{FillFrame, OutFrame, Piece, WriteFrame};
 use shmlink_endpoint::Budget;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -223,11 +224,20 @@ pub struct Caller {
     pub gids: Vec<u32>,
 }
 
-/// A message queued for the client, holding its charge until written out.
-#[derive(Debug)]
+/// A fill queued by [`Outbox::send_with`], run when the message's turn comes.
+type BoxedFill = Box<dyn FnMut(Piece<'_>) + Send>;
+
+/// A message queued for the client, as the frame the pump writes into the
+/// ring, holding its charge until written out.
 pub(crate) struct Outgoing {
-    payload: Payload,
+    frame: OutgoingFrame,
+    len: usize,
     _charge: Charge,
+}
+
+enum OutgoingFrame {
+    Bytes(OutFrame<Payload>),
+    Fill(FillFrame<BoxedFill>),
 }
 
 #[derive(Debug)]
@@ -236,19 +246,109 @@ enum Payload {
     Shared(Arc<Vec<u8>>),
 }
 
-impl std::ops::Deref for Outgoing {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match &self.payload {
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        match self {
             Payload::Owned(v) => v,
             Payload::Shared(v) => v,
         }
     }
 }
 
-impl AsRef<[u8]> for Outgoing {
-    fn as_ref(&self) -> &[u8] {
-        self
+impl Outgoing {
+    fn bytes(payload: Payload, charge: Charge) -> Self {
+        Outgoing {
+            len: payload.as_ref().len(),
+            frame: OutgoingFrame::Bytes(OutFrame::message(payload)),
+            _charge: charge,
+        }
+    }
+
+    /// Payload bytes of the message.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The payload, as the client will receive it (runs a fill into a
+    /// buffer of its own).
+    #[cfg(test)]
+    pub(crate) fn into_payload(mut self) -> Vec<u8> {
+        let mut wire = vec![0u8; shmlink_endpoint::frame::HEADER_LEN + self.len];
+        // SAFETY: `wire` is our own buffer, writable for its whole length,
+        // and nothing else refers to it during the call.
+        let n = unsafe { self.write_into(wire.as_mut_ptr(), wire.len()) };
+        assert_eq!(n, wire.len(), "a frame fills its length exactly");
+        wire.split_off(shmlink_endpoint::frame::HEADER_LEN)
+    }
+}
+
+impl WriteFrame for Outgoing {
+    fn is_done(&self) -> bool {
+        match &self.frame {
+            OutgoingFrame::Bytes(f) => f.is_done(),
+            OutgoingFrame::Fill(f) => f.is_done(),
+        }
+    }
+
+    fn is_partial(&self) -> bool {
+        match &self.frame {
+            OutgoingFrame::Bytes(f) => f.is_partial(),
+            OutgoingFrame::Fill(f) => f.is_partial(),
+        }
+    }
+
+    unsafe fn write_into(&mut self, dst: *mut u8, room: usize) -> usize {
+        // SAFETY: the caller's guarantee for `dst` and `room` is passed on unchanged.
+        unsafe {
+            match &mut self.frame {
+                OutgoingFrame::Bytes(f) => f.write_into(dst, room),
+                OutgoingFrame::Fill(f) => f.write_into(dst, room),
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.frame {
+            OutgoingFrame::Bytes(_) => "bytes",
+            OutgoingFrame::Fill(_) => "fill",
+        };
+        write!(f, "Outgoing({kind}, {} bytes)", self.len)
+    }
+}
+
+/// A message from the client as a handler receives it: its bytes, in a
+/// buffer the session's pump reuses for the next message, so receiving
+/// allocates nothing. Read it through `Deref<Target = [u8]>`; a handler that
+/// keeps the message takes the buffer with [`Message::into_vec`].
+pub struct Message<'a> {
+    buf: &'a mut Vec<u8>,
+}
+
+impl<'a> Message<'a> {
+    /// A message held in `buf` (for tests and tools that drive handlers).
+    pub fn new(buf: &'a mut Vec<u8>) -> Self {
+        Message { buf }
+    }
+
+    /// Takes the buffer without copying it (the pump then allocates a new
+    /// one for the next message).
+    pub fn into_vec(self) -> Vec<u8> {
+        std::mem::take(self.buf)
+    }
+}
+
+impl std::ops::Deref for Message<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buf
+    }
+}
+
+impl std::fmt::Debug for Message<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Message({} bytes)", self.buf.len())
     }
 }
 
@@ -296,10 +396,8 @@ impl Outbox {
     pub fn send(&mut self, msg: Vec<u8>) -> Result<(), ServiceError> {
         self.check(msg.len())?;
         let charge = self.memory.try_charge(msg.capacity())?;
-        self.queue.push_back(Outgoing {
-            payload: Payload::Owned(msg),
-            _charge: charge,
-        });
+        self.queue
+            .push_back(Outgoing::bytes(Payload::Owned(msg), charge));
         Ok(())
     }
 
@@ -309,25 +407,29 @@ impl Outbox {
     pub fn send_shared(&mut self, msg: Arc<Vec<u8>>) -> Result<(), ServiceError> {
         self.check(msg.len())?;
         let charge = self.memory.try_charge(msg.len())?;
-        self.queue.push_back(Outgoing {
-            payload: Payload::Shared(msg),
-            _charge: charge,
-        });
+        self.queue
+            .push_back(Outgoing::bytes(Payload::Shared(msg), charge));
         Ok(())
     }
 
-    /// Queues a message of `len` bytes that `fill` writes, charging it before
-    /// it is allocated (so a refused charge allocates nothing).
+    /// Queues a message of `len` bytes that `fill` writes straight into the
+    /// ring to the client when its turn comes: no buffer is allocated, and
+    /// only the closure itself is charged. `fill` is called once for each
+    /// [`Piece`] of the message, in order (a message can wrap around the
+    /// ring's end or be larger than the ring); bytes of a piece it leaves
+    /// unwritten carry whatever the ring held there before (earlier bytes
+    /// of this session, never another's). A fill that panics ends the session.
     pub fn send_with(
         &mut self,
         len: usize,
-        fill: impl FnOnce(&mut [u8]),
+        fill: impl FnMut(Piece<'_>) + Send + 'static,
     ) -> Result<(), ServiceError> {
         self.check(len)?;
-        let (mut buf, charge) = self.memory.try_alloc(len)?;
-        fill(&mut buf);
+        let charge = self.memory.try_charge(std::mem::size_of_val(&fill))?;
+        let fill: BoxedFill = Box::new(fill);
         self.queue.push_back(Outgoing {
-            payload: Payload::Owned(buf),
+            frame: OutgoingFrame::Fill(FillFrame::message(len, fill)),
+            len,
             _charge: charge,
         });
         Ok(())
@@ -389,7 +491,7 @@ pub trait Service: Send + Sync + 'static {
 /// One session's logic, driven by the broker's event loop.
 pub trait SessionHandler: Send + 'static {
     /// A complete message arrived from the client.
-    fn on_message(&mut self, msg: Vec<u8>, out: &mut Outbox) -> Result<(), ServiceError>;
+    fn on_message(&mut self, msg: Message<'_>, out: &mut Outbox) -> Result<(), ServiceError>;
 
     /// The client finished sending. The default finishes too.
     fn on_end(&mut self, out: &mut Outbox) -> Result<(), ServiceError> {
@@ -513,7 +615,7 @@ mod tests {
             matches!(out.send(vec![1]), Err(ServiceError::Failed(m)) if m.contains("after finishing"))
         );
         assert_eq!(
-            out.pop().as_deref(),
+            out.pop().map(Outgoing::into_payload).as_deref(),
             Some(&[0u8; 4][..]),
             "queued messages still flush"
         );
@@ -538,18 +640,28 @@ mod tests {
         let shared = Arc::new(vec![1u8; 30]);
         out.send_shared(shared.clone()).expect("shared");
         assert_eq!(books.memory_of(1), 90);
-        let err = out.send_with(11, |_| unreachable!("refused before allocating"));
+        let err = out.send(Vec::with_capacity(11));
         assert!(
             matches!(&err, Err(ServiceError::NoMemory(m)) if m.starts_with("memory_per_user: uid 1")),
             "{err:?}"
         );
-        out.send_with(10, |b| b.fill(7)).expect("what is left");
+        // A fill is charged its closure, not its message length.
+        let state = [7u8; 9];
+        out.send_with(100, move |mut p| p.fill(state[p.offset() % 9]))
+            .expect("the closure fits what is left");
+        assert_eq!(books.memory_of(1), 99);
         let first = out.pop().expect("first");
-        assert_eq!(books.memory_of(1), 100, "popped but not yet written out");
+        assert_eq!(books.memory_of(1), 99, "popped but not yet written out");
         drop(first);
-        assert_eq!(books.memory_of(1), 40);
-        assert_eq!(out.pop().as_deref(), Some(&shared[..]));
-        assert_eq!(out.pop().as_deref(), Some(&[7u8; 10][..]));
+        assert_eq!(books.memory_of(1), 39);
+        assert_eq!(
+            out.pop().map(Outgoing::into_payload).as_deref(),
+            Some(&shared[..])
+        );
+        assert_eq!(
+            out.pop().map(Outgoing::into_payload).as_deref(),
+            Some(&[7u8; 100][..])
+        );
         assert_eq!(books.memory_of(1), 0);
     }
 

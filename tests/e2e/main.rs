@@ -11,6 +11,7 @@ mod echo;
 mod freeze;
 mod hostile;
 mod hostile_server;
+mod in_place;
 mod introspection;
 mod leaks;
 mod liveness;

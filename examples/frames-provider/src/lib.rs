@@ -12,7 +12,9 @@
 //! client sends comes back as its length (`u64`) and CRC-32 (`u32`), both
 //! little-endian.
 
-use shmlink_server::{Caller, Options, Outbox, Service, ServiceError, SessionHandler};
+use shmlink_server::{
+    Caller, Message, Options, Outbox, Piece, Service, ServiceError, SessionHandler,
+};
 
 /// The name clients open.
 pub const SERVICE: &str = "frames";
@@ -87,8 +89,39 @@ pub fn render(width: u32, height: u32, index: u64, buf: &mut [u8]) {
     }
 }
 
+/// Writes one piece of frame `index` (the bytes `render` would put at the
+/// piece's offset) straight into the ring, a stretch of a row at a time.
+pub fn render_piece(width: u32, height: u32, index: u64, mut piece: Piece<'_>) {
+    let mut header = [0u8; HEADER];
+    header[0..4].copy_from_slice(&width.to_le_bytes());
+    header[4..8].copy_from_slice(&height.to_le_bytes());
+    header[8..16].copy_from_slice(&index.to_le_bytes());
+    let (start, len) = (piece.offset(), piece.len());
+    let mut at = 0;
+    let mut row = [0u8; 4096];
+    while at < len {
+        let pos = start + at;
+        if pos < HEADER {
+            let n = (HEADER - pos).min(len - at);
+            piece.write_at(at, &header[pos..pos + n]);
+            at += n;
+            continue;
+        }
+        let p = (pos - HEADER) as u64;
+        let (x, y) = (p % u64::from(width), p / u64::from(width));
+        let n = ((u64::from(width) - x) as usize)
+            .min(len - at)
+            .min(row.len());
+        for (i, b) in row[..n].iter_mut().enumerate() {
+            *b = (x + i as u64 + y + index) as u8;
+        }
+        piece.write_at(at, &row[..n]);
+        at += n;
+    }
+}
+
 impl SessionHandler for Stream {
-    fn on_message(&mut self, _msg: Vec<u8>, _out: &mut Outbox) -> Result<(), ServiceError> {
+    fn on_message(&mut self, _msg: Message<'_>, _out: &mut Outbox) -> Result<(), ServiceError> {
         Err(ServiceError::Protocol(
             "the frames service takes no input".into(),
         ))
@@ -108,7 +141,7 @@ impl SessionHandler for Stream {
             return Ok(());
         }
         let (w, h, i) = (self.width, self.height, self.next);
-        out.send_with(self.size, |buf| render(w, h, i, buf))?;
+        out.send_with(self.size, move |piece| render_piece(w, h, i, piece))?;
         self.next += 1;
         Ok(())
     }
@@ -141,7 +174,7 @@ pub fn digest(msg: &[u8]) -> [u8; 12] {
 }
 
 impl SessionHandler for DigestSession {
-    fn on_message(&mut self, msg: Vec<u8>, out: &mut Outbox) -> Result<(), ServiceError> {
+    fn on_message(&mut self, msg: Message<'_>, out: &mut Outbox) -> Result<(), ServiceError> {
         out.send(digest(&msg).to_vec())
     }
 }
@@ -159,5 +192,20 @@ mod tests {
         assert_eq!(u64::from_le_bytes(buf[8..16].try_into().unwrap()), 300);
         // Pixel (x=1, y=2) of frame 300: (1 + 2 + 300) mod 256 = 47.
         assert_eq!(buf[HEADER + 2 * 4 + 1], 47);
+    }
+
+    /// Written in place, piece by piece at any split, a frame is the one
+    /// `render` makes.
+    #[test]
+    fn a_frame_written_in_pieces_is_the_rendered_frame() {
+        let (w, h, i) = (1000, 7, 12);
+        let mut whole = vec![0u8; HEADER + 1000 * 7];
+        render(w, h, i, &mut whole);
+        for piece in [1, 5, 16, 999, 4096, 10_000] {
+            let got = shmlink_endpoint::frame::fill_to_vec(whole.len(), piece, |p| {
+                render_piece(w, h, i, p)
+            });
+            assert!(got == whole, "pieces of {piece} bytes");
+        }
     }
 }

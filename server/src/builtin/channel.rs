@@ -1,7 +1,8 @@
 use crate::lock;
 use crate::service::{prop, StateView};
 use crate::{
-    Caller, Charge, Memory, Options, Outbox, Service, ServiceError, SessionHandler, SessionWaker,
+    Caller, Charge, Memory, Message, Options, Outbox, Service, ServiceError, SessionHandler,
+    SessionWaker,
 };
 use dbus::arg::PropMap;
 use shmlink_interfaces::{option, service};
@@ -167,8 +168,8 @@ impl Member {
 }
 
 impl SessionHandler for Member {
-    fn on_message(&mut self, msg: Vec<u8>, _out: &mut Outbox) -> Result<(), ServiceError> {
-        let msg = Arc::new(msg);
+    fn on_message(&mut self, msg: Message<'_>, _out: &mut Outbox) -> Result<(), ServiceError> {
+        let msg = Arc::new(msg.into_vec());
         // Collect the receivers first so that no inbox lock is taken under the group lock.
         let others: Vec<Arc<Inbox>> = lock(&self.groups)
             .get(&self.name)
@@ -254,7 +255,8 @@ mod tests {
             w.fetch_add(1, Ordering::Relaxed);
         }));
         let mut out = Outbox::new(1 << 20);
-        a.on_message(b"hi".to_vec(), &mut out).expect("publish");
+        a.on_message(Message::new(&mut b"hi".to_vec()), &mut out)
+            .expect("publish");
         assert_eq!(woken.load(Ordering::Relaxed), 1, "b is woken");
         assert!(!a.wants_to_produce(), "the sender does not hear itself");
         assert!(
@@ -263,7 +265,12 @@ mod tests {
         );
         assert!(b.wants_to_produce());
         b.produce(&mut out).expect("deliver");
-        assert_eq!(out.pop().as_deref(), Some(&b"hi"[..]));
+        assert_eq!(
+            out.pop()
+                .map(crate::service::Outgoing::into_payload)
+                .as_deref(),
+            Some(&b"hi"[..])
+        );
         let a_state = a.state_view().expect("view").state();
         assert_eq!(get_u64(&a_state, "members"), Some(2));
         assert_eq!(get_u64(&a_state, "published"), Some(1));
@@ -286,7 +293,8 @@ mod tests {
         let b = join(&ch, "room");
         let mut out = Outbox::new(1 << 20);
         for _ in 0..INBOX_MESSAGES + 3 {
-            a.on_message(vec![1], &mut out).expect("publish");
+            a.on_message(Message::new(&mut vec![1]), &mut out)
+                .expect("publish");
         }
         let st = b.state_view().expect("view").state();
         assert_eq!(get_u64(&st, "dropped"), Some(3));
@@ -310,7 +318,7 @@ mod tests {
         let mut out = Outbox::new(1 << 20);
         for _ in 0..3 {
             publisher
-                .on_message(vec![9; 100], &mut out)
+                .on_message(Message::new(&mut vec![9; 100]), &mut out)
                 .expect("publish");
         }
         assert_eq!(books.memory_of(1), 0, "the publisher holds nothing");

@@ -1,4 +1,4 @@
-use crate::{Caller, Options, Outbox, Service, ServiceError, SessionHandler};
+use crate::{Caller, Message, Options, Outbox, Service, ServiceError, SessionHandler};
 use shmlink_interfaces::service;
 
 /// Sends every message back unchanged, in order.
@@ -20,8 +20,9 @@ impl Service for Echo {
 struct EchoSession;
 
 impl SessionHandler for EchoSession {
-    fn on_message(&mut self, msg: Vec<u8>, out: &mut Outbox) -> Result<(), ServiceError> {
-        out.send(msg)
+    fn on_message(&mut self, msg: Message<'_>, out: &mut Outbox) -> Result<(), ServiceError> {
+        // The message's buffer goes out as it is, without a copy.
+        out.send(msg.into_vec())
     }
 }
 
@@ -29,15 +30,24 @@ impl SessionHandler for EchoSession {
 mod tests {
     use super::*;
     use crate::builtin::tests::{caller, options};
+    use crate::service::Outgoing;
 
     #[test]
     fn sends_every_message_back_in_order() {
         let mut h = Echo.open(&caller(), &options(&[])).expect("open");
         let mut out = Outbox::new(1 << 20);
-        h.on_message(b"one".to_vec(), &mut out).expect("one");
-        h.on_message(b"two".to_vec(), &mut out).expect("two");
-        assert_eq!(out.pop().as_deref(), Some(&b"one"[..]));
-        assert_eq!(out.pop().as_deref(), Some(&b"two"[..]));
+        h.on_message(Message::new(&mut b"one".to_vec()), &mut out)
+            .expect("one");
+        h.on_message(Message::new(&mut b"two".to_vec()), &mut out)
+            .expect("two");
+        assert_eq!(
+            out.pop().map(Outgoing::into_payload).as_deref(),
+            Some(&b"one"[..])
+        );
+        assert_eq!(
+            out.pop().map(Outgoing::into_payload).as_deref(),
+            Some(&b"two"[..])
+        );
         assert!(out.pop().is_none());
         assert!(!h.wants_to_produce());
         h.on_end(&mut out).expect("end");

@@ -1,5 +1,5 @@
 use crate::service::{prop, StateView};
-use crate::{Caller, Options, Outbox, Service, ServiceError, SessionHandler};
+use crate::{Caller, Message, Options, Outbox, Service, ServiceError, SessionHandler};
 use dbus::arg::PropMap;
 use shmlink_interfaces::service;
 use std::sync::{Arc, Mutex};
@@ -51,7 +51,7 @@ impl StateView for SharedTotals {
 }
 
 impl SessionHandler for SinkSession {
-    fn on_message(&mut self, msg: Vec<u8>, _out: &mut Outbox) -> Result<(), ServiceError> {
+    fn on_message(&mut self, msg: Message<'_>, _out: &mut Outbox) -> Result<(), ServiceError> {
         self.tally.bytes += msg.len() as u64;
         self.tally.messages += 1;
         // Checksum outside the lock; the lock only guards a small copy.
@@ -75,8 +75,10 @@ mod tests {
         let mut h = Sink.open(&caller(), &options(&[])).expect("open");
         let view = h.state_view().expect("sink has a state view");
         let mut out = Outbox::new(1 << 20);
-        h.on_message(b"hello ".to_vec(), &mut out).expect("msg");
-        h.on_message(b"world".to_vec(), &mut out).expect("msg");
+        h.on_message(Message::new(&mut b"hello ".to_vec()), &mut out)
+            .expect("msg");
+        h.on_message(Message::new(&mut b"world".to_vec()), &mut out)
+            .expect("msg");
         let st = view.state();
         assert_eq!(get_u64(&st, "bytes"), Some(11));
         assert_eq!(get_u64(&st, "messages"), Some(2));

@@ -1,4 +1,4 @@
-use crate::{Caller, Options, Outbox, Service, ServiceError, SessionHandler};
+use crate::{Caller, Message, Options, Outbox, Piece, Service, ServiceError, SessionHandler};
 use shmlink_interfaces::{option, service, source_pattern_byte};
 
 /// Default size of each message `source` sends.
@@ -47,17 +47,20 @@ struct SourceSession {
     next: u64,
 }
 
-/// Writes message `index`'s pattern into `buf`, one period at a time; the
-/// session keeps no copy, so only the queued message is held (and charged).
-fn fill_pattern(index: u64, buf: &mut [u8]) {
-    let period: [u8; PERIOD] = std::array::from_fn(|i| source_pattern_byte(index, i as u64));
-    for chunk in buf.chunks_mut(PERIOD) {
-        chunk.copy_from_slice(&period[..chunk.len()]);
+/// Writes message `index`'s pattern into one piece of it, straight into
+/// the ring, one period at a time: no buffer holds the message.
+fn fill_pattern(period: &[u8; PERIOD], mut piece: Piece<'_>) {
+    let mut at = 0;
+    while at < piece.len() {
+        let phase = (piece.offset() + at) % PERIOD;
+        let n = (PERIOD - phase).min(piece.len() - at);
+        piece.write_at(at, &period[phase..phase + n]);
+        at += n;
     }
 }
 
 impl SessionHandler for SourceSession {
-    fn on_message(&mut self, _msg: Vec<u8>, _out: &mut Outbox) -> Result<(), ServiceError> {
+    fn on_message(&mut self, _msg: Message<'_>, _out: &mut Outbox) -> Result<(), ServiceError> {
         Err(ServiceError::Protocol(
             "the source service accepts no messages".into(),
         ))
@@ -78,7 +81,8 @@ impl SessionHandler for SourceSession {
         }
         let index = self.next;
         let size = usize::try_from(self.size).unwrap_or(usize::MAX);
-        out.send_with(size, |buf| fill_pattern(index, buf))?;
+        let period: [u8; PERIOD] = std::array::from_fn(|i| source_pattern_byte(index, i as u64));
+        out.send_with(size, move |piece| fill_pattern(&period, piece))?;
         self.next += 1;
         Ok(())
     }
@@ -102,7 +106,7 @@ mod tests {
         for n in 0..3u64 {
             assert!(h.wants_to_produce());
             h.produce(&mut out).expect("produce");
-            let m = out.pop().expect("one message per produce");
+            let m = out.pop().expect("one message per produce").into_payload();
             assert_eq!(m.len(), 300);
             for (j, &b) in m.iter().enumerate() {
                 assert_eq!(b, source_pattern_byte(n, j as u64), "message {n} byte {j}");
@@ -118,7 +122,7 @@ mod tests {
         let mut h = Source.open(&caller(), &options(&[])).expect("defaults");
         let mut out = Outbox::new(1 << 20);
         assert!(matches!(
-            h.on_message(b"x".to_vec(), &mut out),
+            h.on_message(Message::new(&mut b"x".to_vec()), &mut out),
             Err(ServiceError::Protocol(_))
         ));
         let too_big = options(&[(option::MESSAGE_SIZE, prop((1u64 << 20) + 1))]);

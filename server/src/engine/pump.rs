@@ -15,9 +15,9 @@
 //! while other sessions of the same worker wait to run: then it yields after
 //! one look at its rings. Spin time and run time are counted per session.
 
-use crate::service::{Memory, Outbox, Outgoing, ServiceError, SessionHandler};
-use shmlink_endpoint::frame::OutFrame;
-use shmlink_endpoint::{sys, Endpoint, Item, ReadProgress, Wakeup, WriteProgress};
+use crate::service::{Memory, Message, Outbox, Outgoing, ServiceError, SessionHandler};
+use shmlink_endpoint::frame::{OutFrame, Received};
+use shmlink_endpoint::{sys, Endpoint, ReadProgress, Wakeup, WriteProgress};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -122,7 +122,11 @@ pub(crate) struct Pump {
     /// the broker ends the session, and dropping it tells the broker.
     link: Option<OwnedFd>,
     /// A message frame partly written to the outgoing ring (still charged).
-    pending: Option<OutFrame<Outgoing>>,
+    pending: Option<Outgoing>,
+    /// The buffer incoming messages are decoded into and handed to the
+    /// handler from; it swaps with the decoder's, so a steady stream of
+    /// messages allocates nothing.
+    incoming: Vec<u8>,
     /// The end-of-stream frame, once started.
     end_frame: Option<OutFrame<&'static [u8]>>,
     end_sent: bool,
@@ -157,6 +161,7 @@ impl Pump {
             traffic,
             link: None,
             pending: None,
+            incoming: Vec::new(),
             end_frame: None,
             end_sent: false,
             waiting_since: None,
@@ -267,7 +272,7 @@ impl Pump {
                 t.bytes_to_client.fetch_add(msg.len() as u64, Relaxed);
                 t.messages_to_client.fetch_add(1, Relaxed);
                 bytes += msg.len() as u64;
-                self.pending = Some(OutFrame::message(msg));
+                self.pending = Some(msg);
                 continue;
             }
             if self.outbox.finished() {
@@ -294,21 +299,22 @@ impl Pump {
             let read = self
                 .endpoint
                 .ring_receiver()
-                .read_item_bounded(RING_OP_BYTES)
+                .read_bounded(RING_OP_BYTES, &mut self.incoming)
                 .map_err(ep_err)?;
             match read {
-                ReadProgress::Item(Item::Message(m)) => {
+                ReadProgress::Received(Received::Message) => {
                     self.waiting_since = None;
+                    let len = self.incoming.len() as u64;
                     let t = &self.traffic;
-                    t.bytes_to_server.fetch_add(m.len() as u64, Relaxed);
+                    t.bytes_to_server.fetch_add(len, Relaxed);
                     t.messages_to_server.fetch_add(1, Relaxed);
-                    bytes += m.len() as u64;
+                    bytes += len;
                     msgs += 1;
                     self.handler
-                        .on_message(m, &mut self.outbox)
+                        .on_message(Message::new(&mut self.incoming), &mut self.outbox)
                         .map_err(|e| service_error("service refused input", e))?;
                 }
-                ReadProgress::Item(Item::End) => {
+                ReadProgress::Received(Received::End) => {
                     self.waiting_since = None;
                     self.handler
                         .on_end(&mut self.outbox)
@@ -382,6 +388,7 @@ mod tests {
     use crate::builtin::tests::{caller, options};
     use crate::builtin::{Echo, Sink, Source};
     use crate::service::{prop, Service, ServiceError};
+    use shmlink_endpoint::Item;
     use shmlink_interfaces::option;
 
     const MAX_MESSAGE: u32 = 1 << 16;
@@ -568,7 +575,7 @@ mod tests {
     fn a_failing_service_ends_the_session() {
         struct Failing;
         impl crate::SessionHandler for Failing {
-            fn on_message(&mut self, _: Vec<u8>, _: &mut Outbox) -> Result<(), ServiceError> {
+            fn on_message(&mut self, _: Message<'_>, _: &mut Outbox) -> Result<(), ServiceError> {
                 Err(ServiceError::Failed("no".into()))
             }
         }
