@@ -277,6 +277,13 @@ impl Decoder {
         self.ended
     }
 
+    /// Takes back a buffer a message was handed out in, to keep for the
+    /// next body (charged, up to [`MAX_SPARE`]) or free: a caller that must
+    /// not hold memory between messages gives each buffer back this way.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.keep_spare(buf, 0);
+    }
+
     /// Consumes bytes from `src` up to the end of the next complete frame.
     ///
     /// Returns how many bytes were consumed and the frame, if one completed.

@@ -310,6 +310,11 @@ impl RingReceiver {
         }
     }
 
+    /// Gives a message buffer back to the decoder (see [`Decoder::recycle`]).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.decoder.recycle(buf);
+    }
+
     /// Charges the memory the frame decoder takes for message bodies to `budget`.
     pub fn set_budget(&mut self, budget: Arc<dyn Budget>) {
         self.decoder.set_budget(budget);

@@ -123,9 +123,10 @@ pub(crate) struct Pump {
     link: Option<OwnedFd>,
     /// A message frame partly written to the outgoing ring (still charged).
     pending: Option<Outgoing>,
-    /// The buffer incoming messages are decoded into and handed to the
-    /// handler from; it swaps with the decoder's, so a steady stream of
-    /// messages allocates nothing.
+    /// The buffer an incoming message is decoded into and handed to the
+    /// handler in; given back to the decoder right after (which keeps it,
+    /// charged, for the next body), so a steady stream of messages
+    /// allocates nothing and the pump holds nothing between messages.
     incoming: Vec<u8>,
     /// The end-of-stream frame, once started.
     end_frame: Option<OutFrame<&'static [u8]>>,
@@ -310,9 +311,12 @@ impl Pump {
                     t.messages_to_server.fetch_add(1, Relaxed);
                     bytes += len;
                     msgs += 1;
-                    self.handler
-                        .on_message(Message::new(&mut self.incoming), &mut self.outbox)
-                        .map_err(|e| service_error("service refused input", e))?;
+                    let handled = self
+                        .handler
+                        .on_message(Message::new(&mut self.incoming), &mut self.outbox);
+                    let buf = std::mem::take(&mut self.incoming);
+                    self.endpoint.ring_receiver().recycle(buf);
+                    handled.map_err(|e| service_error("service refused input", e))?;
                 }
                 ReadProgress::Received(Received::End) => {
                     self.waiting_since = None;
@@ -684,6 +688,46 @@ mod tests {
             Some(u64::from(expected_crc)),
             "the message arrived intact"
         );
+    }
+
+    /// Between messages the pump holds no message buffer of its own: the
+    /// one a message was handed over in goes back to the decoder, which
+    /// keeps it charged (up to its bound) or frees it.
+    #[test]
+    fn between_messages_only_the_charged_kept_buffer_remains() {
+        let mut config = crate::config::Config::default();
+        config.limits.memory_per_user = 64 << 20;
+        let mut books = crate::broker::Broker::new(config);
+        let (mut server, fds) = Endpoint::create_server(1 << 20, 8 << 20, Wakeup::Park).unwrap();
+        server.set_budget(books.budget_of(1));
+        let client = Endpoint::open_client(fds, 8 << 20, Wakeup::Park).expect("client");
+        let handler = Sink.open(&caller(), &options(&[])).expect("open");
+        let traffic = Arc::new(Traffic::default());
+        let mut pump = Pump::new(server, handler, traffic.clone());
+        let writer = std::thread::spawn(move || {
+            let mut client = client;
+            client.set_timeout(Some(Duration::from_secs(30)));
+            client
+                .send(&vec![1u8; 3 << 20])
+                .expect("a message above the kept bound");
+            client
+        });
+        drive(&mut pump, FIRED_DATA, || {
+            traffic.messages_to_server.load(Relaxed) == 1
+        });
+        let mut client = writer.join().expect("writer");
+        assert_eq!(books.memory_of(1), 0, "a 3 MiB buffer is not kept");
+        client.send(&[2u8; 100_000]).expect("send");
+        drive(&mut pump, FIRED_DATA, || {
+            traffic.messages_to_server.load(Relaxed) == 2
+        });
+        assert_eq!(
+            books.memory_of(1),
+            100_000,
+            "the buffer kept for the next message, charged"
+        );
+        drop(pump);
+        assert_eq!(books.memory_of(1), 0, "and given back with the session");
     }
 
     /// Runs `pump` (woken by `fired`, waiting on that fd when idle) until
