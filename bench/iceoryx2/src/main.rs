@@ -12,7 +12,6 @@
 //! - `open --samples N`
 
 use anyhow::{bail, ensure, Context, Result};
-use iceoryx2::port::BackpressureAction;
 use iceoryx2::prelude::*;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -133,29 +132,19 @@ fn node() -> Result<Node<ipc::Service>> {
         .context("create an iceoryx2 node")
 }
 
-/// A publisher's full queue makes it wait (iceoryx2's
-/// `RetryUntilDelivered`, which yields, then sleeps after 10,000 tries); in
-/// spin mode a handler spins between the tries as well.
-fn backpressure_handler(
-    builder: iceoryx2::service::port_factory::publisher::PortFactoryPublisher<
-        '_,
-        ipc::Service,
-        [u8],
-        u64,
-    >,
-    wake: Wakeup,
-) -> iceoryx2::service::port_factory::publisher::PortFactoryPublisher<'_, ipc::Service, [u8], u64> {
-    let builder = builder.backpressure_strategy(BackpressureStrategy::RetryUntilDelivered);
-    match wake {
-        Wakeup::Event => builder,
-        Wakeup::Spin => builder.set_backpressure_handler(|_| {
-            for _ in 0..64 {
-                std::hint::spin_loop();
-            }
-            BackpressureAction::Retry
-        }),
-    }
-}
+/// The services are made with `enable_safe_overflow(false)`: a full queue
+/// then makes a send wait (iceoryx2's `RetryUntilDelivered`, which yields,
+/// and sleeps 100 µs, later 10 ms, after 10,000 tries) instead of dropping
+/// the oldest sample. Spin mode keeps its queue from filling (see
+/// [`Credits`]), so that its publisher only ever spins.
+const BACKPRESSURE: BackpressureStrategy = BackpressureStrategy::RetryUntilDelivered;
+
+/// The count of samples the spinning subscriber has consumed, published on
+/// an iceoryx2 blackboard: the spinning publisher sends only while fewer
+/// than the queue's depth are in flight, busy-polling this count with
+/// `spin_loop` otherwise (iceoryx2's own wait on a full queue yields the
+/// vCPU, which on a loaded machine costs a time slice per sample).
+const CREDITS_KEY: u64 = 0;
 
 /// The peer process, killed and reaped if it is still there when dropped.
 struct PeerProcess {
@@ -247,12 +236,30 @@ fn throughput(opts: &Options) -> Result<String> {
         .enable_safe_overflow(false)
         .create()
         .context("create the data service")?;
-    let publisher = backpressure_handler(
-        service.publisher_builder().initial_max_slice_len(size),
-        wake,
-    )
-    .create()
-    .context("create the publisher")?;
+    let publisher = service
+        .publisher_builder()
+        .initial_max_slice_len(size)
+        .backpressure_strategy(BACKPRESSURE)
+        .create()
+        .context("create the publisher")?;
+    let credits = match wake {
+        Wakeup::Spin => Some(
+            node.service_builder(&service_name(&run, "consumed")?)
+                .blackboard_creator::<u64>()
+                .add::<u64>(CREDITS_KEY, 0)
+                .create()
+                .context("create the consumed-count blackboard")?,
+        ),
+        Wakeup::Event => None,
+    };
+    let credits_reader = match &credits {
+        Some(c) => Some(c.reader_builder().create().context("create its reader")?),
+        None => None,
+    };
+    let consumed = match &credits_reader {
+        Some(r) => Some(r.entry::<u64>(&CREDITS_KEY).context("its entry")?),
+        None => None,
+    };
     let event = match wake {
         Wakeup::Event => Some(
             node.service_builder(&service_name(&run, "wake")?)
@@ -292,6 +299,11 @@ fn throughput(opts: &Options) -> Result<String> {
     loop {
         // Look at the clock every few messages only.
         let last = sent % 16 == 15 && start.elapsed() >= budget;
+        if let Some(c) = &consumed {
+            while sent - *c.get() >= depth as u64 {
+                std::hint::spin_loop();
+            }
+        }
         let mut sample = publisher.loan_slice_uninit(size).context("loan a sample")?;
         *sample.user_header_mut() = if last { LAST } else { MORE };
         sample
@@ -352,10 +364,12 @@ fn latency(opts: &Options) -> Result<String> {
     };
     let ping = pubsub("ping")?;
     let pong = pubsub("pong")?;
-    let publisher =
-        backpressure_handler(ping.publisher_builder().initial_max_slice_len(size), wake)
-            .create()
-            .context("create the ping publisher")?;
+    let publisher = ping
+        .publisher_builder()
+        .initial_max_slice_len(size)
+        .backpressure_strategy(BACKPRESSURE)
+        .create()
+        .context("create the ping publisher")?;
     let subscriber = pong
         .subscriber_builder()
         .buffer_size(1)
@@ -550,6 +564,23 @@ fn sink(run: &str, opts: &Options) -> Result<()> {
         ),
         None => None,
     };
+    let credits = match wake {
+        Wakeup::Spin => Some(
+            node.service_builder(&service_name(run, "consumed")?)
+                .blackboard_opener::<u64>()
+                .open()
+                .context("open the consumed-count blackboard")?,
+        ),
+        Wakeup::Event => None,
+    };
+    let credits_writer = match &credits {
+        Some(c) => Some(c.writer_builder().create().context("create its writer")?),
+        None => None,
+    };
+    let consumed = match &credits_writer {
+        Some(w) => Some(w.entry::<u64>(&CREDITS_KEY).context("its entry")?),
+        None => None,
+    };
     ready()?;
     let mut buf: Vec<u8> = Vec::new();
     let mut count = 0u64;
@@ -567,7 +598,13 @@ fn sink(run: &str, opts: &Options) -> Result<()> {
             };
             crcs = crcs.wrapping_add(crc);
             count += 1;
-            if *sample.user_header() == LAST {
+            let last = *sample.user_header() == LAST;
+            // Give the sample back before saying it was consumed.
+            drop(sample);
+            if let Some(c) = &consumed {
+                c.update_with_copy(count);
+            }
+            if last {
                 break 'stream;
             }
         }
@@ -605,10 +642,12 @@ fn echo(run: &str, size: usize, wake: Wakeup) -> Result<()> {
         .buffer_size(1)
         .create()
         .context("create the ping subscriber")?;
-    let publisher =
-        backpressure_handler(pong.publisher_builder().initial_max_slice_len(size), wake)
-            .create()
-            .context("create the pong publisher")?;
+    let publisher = pong
+        .publisher_builder()
+        .initial_max_slice_len(size)
+        .backpressure_strategy(BACKPRESSURE)
+        .create()
+        .context("create the pong publisher")?;
     let events = match wake {
         Wakeup::Event => {
             let ev = |what: &str| -> Result<_> {
