@@ -45,6 +45,14 @@ fn run() -> Result<()> {
         return peer(&role, &Options::parse(args)?);
     }
     let opts = Options::parse(args)?;
+    // A measurement that hangs (a peer gone with a full queue leaves a
+    // publisher waiting for ever) ends the program; its peer notices.
+    let limit = match command.as_str() {
+        "throughput" => opts.num::<f64>("seconds")?,
+        "latency" => opts.num::<f64>("cap-secs")?,
+        _ => 60.0,
+    };
+    watchdog(Duration::from_secs_f64(limit * 4.0 + 60.0));
     let json = match command.as_str() {
         "throughput" => throughput(&opts)?,
         "latency" => latency(&opts)?,
@@ -53,6 +61,67 @@ fn run() -> Result<()> {
     };
     println!("{json}");
     Ok(())
+}
+
+/// Ends this process once `limit` has passed.
+fn watchdog(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("shmlink-bench-iceoryx2: no result after {limit:?}, giving up");
+        std::process::exit(2);
+    });
+}
+
+/// How a peer waits for its next sample, stopping when the process that
+/// started it has gone.
+struct Idle {
+    parent: u32,
+    spins: u32,
+}
+
+impl Idle {
+    /// How long a listener waits before the peer looks for its parent.
+    const CHECK: Duration = Duration::from_millis(500);
+
+    fn new() -> Idle {
+        Idle {
+            parent: std::os::unix::process::parent_id(),
+            spins: 0,
+        }
+    }
+
+    /// Waits on `listener` until notified, or spins once without one.
+    fn wait(
+        &mut self,
+        listener: Option<&iceoryx2::port::listener::Listener<ipc::Service>>,
+    ) -> Result<()> {
+        match listener {
+            Some(l) => {
+                if l.timed_wait(|_| {}, Self::CHECK)
+                    .context("wait on the listener")?
+                    == 0
+                {
+                    self.check()?;
+                }
+            }
+            None => {
+                std::hint::spin_loop();
+                self.spins = self.spins.wrapping_add(1);
+                if self.spins.is_multiple_of(1 << 20) {
+                    self.check()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<()> {
+        ensure!(
+            std::os::unix::process::parent_id() == self.parent,
+            "the benchmark that started this peer has gone"
+        );
+        Ok(())
+    }
 }
 
 /// `--key value` pairs.
@@ -582,6 +651,7 @@ fn sink(run: &str, opts: &Options) -> Result<()> {
         None => None,
     };
     ready()?;
+    let mut idle = Idle::new();
     let mut buf: Vec<u8> = Vec::new();
     let mut count = 0u64;
     let mut crcs = 0u32;
@@ -608,12 +678,8 @@ fn sink(run: &str, opts: &Options) -> Result<()> {
                 break 'stream;
             }
         }
-        match &listener {
-            Some(l) => {
-                l.blocking_wait(|_| {}).context("wait on the listener")?;
-            }
-            None if !got => std::hint::spin_loop(),
-            None => {}
+        if listener.is_some() || !got {
+            idle.wait(listener.as_ref())?;
         }
     }
     let mut out = std::io::stdout().lock();
@@ -674,14 +740,10 @@ fn echo(run: &str, size: usize, wake: Wakeup) -> Result<()> {
         None => None,
     };
     ready()?;
+    let mut idle = Idle::new();
     loop {
         let Some(sample) = subscriber.receive().context("receive")? else {
-            match &ends {
-                Some((l, _)) => {
-                    l.blocking_wait(|_| {}).context("wait on the listener")?;
-                }
-                None => std::hint::spin_loop(),
-            }
+            idle.wait(ends.as_ref().map(|(l, _)| l))?;
             continue;
         };
         if *sample.user_header() == LAST {
