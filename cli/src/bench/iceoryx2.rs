@@ -122,7 +122,7 @@ fn field(v: &serde_json::Value, key: &str) -> Result<f64> {
         .with_context(|| format!("no number {key:?} in {v}"))
 }
 
-/// One round's values, in the order of [`ROWS`].
+/// One round's values: (row name, metric, value).
 type Round = Vec<(&'static str, &'static str, f64)>;
 
 /// The rows of the table: section heading, then (name, metric) pairs.
@@ -568,5 +568,66 @@ pub(super) fn print(v: &Versus) {
             t.measured,
             t.target
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &'static str, metric: &'static str, values: &[f64]) -> Row {
+        Row {
+            name,
+            metric,
+            values: values.to_vec(),
+            median: median(values),
+            min: 0.0,
+            max: 0.0,
+        }
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn targets_without_the_baseline_are_left_out() {
+        let rows = [
+            row("shmlink sink (park)", "bytes_per_sec", &[6e9, 5e9, 7e9]),
+            row("memcpy", "bytes_per_sec", &[10e9]),
+            row("shmlink echo (spin)", "p99_us", &[2.0]),
+        ];
+        let t = targets(&rows);
+        let names: Vec<&str> = t.iter().map(|t| t.what.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "64 KiB one-way park: shmlink / memcpy",
+                "spin round trip p99: shmlink, in µs"
+            ]
+        );
+        assert!((t[0].measured - 0.6).abs() < 1e-9 && t[0].met);
+        assert!(t[1].met);
+    }
+
+    #[test]
+    fn targets_against_iceoryx2_use_the_medians() {
+        let rows = [
+            row("shmlink sink (park)", "bytes_per_sec", &[6e9]),
+            row(
+                "iceoryx2 event, copying reader",
+                "bytes_per_sec",
+                &[4e9, 5e9, 6e9],
+            ),
+        ];
+        let t = targets(&rows);
+        let copy = t
+            .iter()
+            .find(|t| t.what.contains("copying"))
+            .expect("the copying target");
+        assert!((copy.measured - 1.2).abs() < 1e-9 && copy.met);
     }
 }
