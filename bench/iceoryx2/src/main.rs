@@ -258,6 +258,13 @@ impl PeerProcess {
         Ok(line.trim().to_owned())
     }
 
+    fn check_alive(&mut self) -> Result<()> {
+        match self.child.try_wait().context("look at the peer")? {
+            None => Ok(()),
+            Some(status) => bail!("the peer exited early, with {status}"),
+        }
+    }
+
     /// Closes the peer's stdin and waits for it to exit successfully.
     fn finish(mut self) -> Result<()> {
         drop(self.stdin.take());
@@ -369,8 +376,13 @@ fn throughput(opts: &Options) -> Result<String> {
         // Look at the clock every few messages only.
         let last = sent % 16 == 15 && start.elapsed() >= budget;
         if let Some(c) = &consumed {
+            let mut spins = 0u32;
             while sent - *c.get() >= depth as u64 {
                 std::hint::spin_loop();
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(1 << 20) {
+                    peer.check_alive()?;
+                }
             }
         }
         let mut sample = publisher.loan_slice_uninit(size).context("loan a sample")?;
