@@ -24,6 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+mod iceoryx2;
 mod measure;
 mod peer;
 
@@ -59,9 +60,13 @@ pub struct Args {
     /// A short run (about a tenth of the time): rougher numbers, same table.
     #[arg(long)]
     quick: bool,
-    /// Run one section only (to profile it): throughput, latency, setup or aggregate.
+    /// Run one section only (to profile it): throughput, latency, setup, aggregate or versus.
     #[arg(long, value_name = "SECTION")]
     only: Option<String>,
+    /// Alternating rounds of the versus section (shmlink against iceoryx2);
+    /// 5, or 3 with --quick.
+    #[arg(long, value_name = "N")]
+    rounds: Option<usize>,
 }
 
 /// Arguments of the hidden peer subcommand.
@@ -149,6 +154,8 @@ struct Report {
     aggregate: Vec<Aggregate>,
     daemon_threads: Option<u64>,
     targets: Vec<Target>,
+    /// The versus section (`None` when it did not run).
+    versus: Option<iceoryx2::Versus>,
     seconds: f64,
 }
 
@@ -231,8 +238,8 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
     let want = |section: &str| args.only.as_deref().map_or(true, |o| o == section);
     if let Some(o) = args.only.as_deref() {
         ensure!(
-            ["throughput", "latency", "setup", "aggregate"].contains(&o),
-            "--only takes throughput, latency, setup or aggregate, not {o:?}"
+            ["throughput", "latency", "setup", "aggregate", "versus"].contains(&o),
+            "--only takes throughput, latency, setup, aggregate or versus, not {o:?}"
         );
     }
 
@@ -349,6 +356,13 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         });
         bar.inc(1);
     }
+    // shmlink against iceoryx2, in alternating rounds.
+    let versus = if want("versus") {
+        let rounds = args.rounds.unwrap_or(if args.quick { 3 } else { 5 });
+        Some(iceoryx2::versus(&client, &budget, rounds, &bar)?)
+    } else {
+        None
+    };
     let daemon_threads = children
         .as_ref()
         .map(|(_, d)| proc_status(d.pid(), "Threads"));
@@ -374,6 +388,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         aggregate,
         daemon_threads,
         targets,
+        versus,
         seconds: started.elapsed().as_secs_f64(),
     };
     if args.json {
@@ -622,6 +637,9 @@ fn print_report(r: &Report) {
             t.measured,
             t.target
         );
+    }
+    if let Some(v) = &r.versus {
+        iceoryx2::print(v);
     }
     println!("({:.0} s)", r.seconds);
 }
