@@ -675,6 +675,35 @@ mod tests {
         }
     }
 
+    /// A fill frame written in rooms of any size is, byte for byte, the
+    /// frame `OutFrame` writes for the same payload, and the fill sees each
+    /// payload byte exactly once, in order, whatever the split.
+    #[test]
+    fn a_fill_frame_in_every_split_is_the_copied_frame() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut expected = encode_header(KIND_MESSAGE, 3000).to_vec();
+        expected.extend_from_slice(&payload);
+        for room in [1, 2, 7, 8, 9, 64, 2999, 3008, 5000] {
+            let mut next = 0;
+            let mut frame = FillFrame::message(payload.len(), |mut piece: Piece<'_>| {
+                assert_eq!(piece.offset(), next, "in order, room {room}");
+                next += piece.len();
+                piece.copy_from_message(&payload);
+            });
+            let mut wire = vec![0u8; expected.len() + room];
+            let mut at = 0;
+            while !frame.is_done() {
+                assert!(!frame.is_partial() || at > 0);
+                let n = room.min(wire.len() - at);
+                // SAFETY: `wire[at..at + n]` is our own buffer, in bounds,
+                // and nothing else refers to it during the call.
+                at += unsafe { frame.write_into(wire.as_mut_ptr().add(at), n) };
+            }
+            assert_eq!(&wire[..at], &expected[..], "room {room}");
+            assert_eq!(next, payload.len());
+        }
+    }
+
     #[test]
     fn refuses_bad_headers() {
         let mut d = Decoder::new(100);
