@@ -89,7 +89,9 @@ pub(super) fn shmlink_echo(client: &Client, msg: &[u8], budget: Duration) -> Res
     let t = Instant::now();
     let reader = std::thread::spawn(move || -> Result<(u64, shmlink::SessionReceiver)> {
         let mut n = 0u64;
-        while let Some(m) = r.recv()? {
+        // One buffer for every message, as a streaming reader would use it.
+        let mut m = Vec::new();
+        while r.recv_into(&mut m)? {
             ensure!(m.len() == len, "echo returned {} bytes for {len}", m.len());
             n += 1;
         }
@@ -298,9 +300,10 @@ pub(super) fn shmlink_rtt(
         .open()
         .context("open an echo session")?;
     let msg = [0x5au8; PING];
+    let mut back = Vec::new();
     let lat = time_round_trips(name, budget, || {
         s.send(&msg)?;
-        let back = s.recv()?.context("echo ended early")?;
+        ensure!(s.recv_into(&mut back)?, "echo ended early");
         ensure!(back.len() == PING, "echo returned {} bytes", back.len());
         Ok(())
     })?;
