@@ -28,7 +28,7 @@ mod ffi;
 pub use error::shmlink_error;
 
 use error::Failure;
-use shmlink::Item;
+use shmlink::Received;
 use shmlink_endpoint::sys::{self, HangupState};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -115,8 +115,10 @@ pub struct shmlink_options {
 #[allow(non_camel_case_types)]
 pub struct shmlink_session {
     session: shmlink::Session,
-    /// A message taken from the ring that did not fit the caller's buffer.
-    pending: Option<Vec<u8>>,
+    /// The buffer messages are received into, reused for every message.
+    incoming: Vec<u8>,
+    /// `incoming` holds a message that did not fit the caller's buffer.
+    pending: bool,
     /// The service finished sending; every later receive reports the end.
     ended: bool,
     /// Readable when a message or the hang-up arrives (an epoll set).
@@ -125,19 +127,19 @@ pub struct shmlink_session {
 }
 
 impl shmlink_session {
-    /// One step without waiting: the next item, or `None` if none is there.
-    /// Resets the readable eventfd first, so a caller that gets `None` can
-    /// wait on the session's fd.
-    fn try_next(&mut self) -> Result<Option<Item>, Failure> {
+    /// One step without waiting: the next item (a message lands in
+    /// `incoming`), or `None` if none is there. Resets the readable eventfd
+    /// first, so a caller that gets `None` can wait on the session's fd.
+    fn try_next(&mut self) -> Result<Option<Received>, Failure> {
         let io = |e| Failure::from(shmlink_endpoint::Error::Io(e));
         sys::eventfd_drain(self.session.readable_fd()).map_err(io)?;
-        if let Some(item) = self.session.try_recv()? {
+        if let Some(item) = self.session.try_recv_into(&mut self.incoming)? {
             return Ok(Some(item));
         }
         match sys::hangup_state(self.session.hangup_fd()).map_err(io)? {
             HangupState::Open => Ok(None),
             // Data that came just before the hang-up is still ours.
-            HangupState::Closed => match self.session.try_recv()? {
+            HangupState::Closed => match self.session.try_recv_into(&mut self.incoming)? {
                 Some(item) => Ok(Some(item)),
                 None => Err(shmlink_endpoint::Error::Closed.into()),
             },
@@ -145,24 +147,29 @@ impl shmlink_session {
         }
     }
 
-    /// Delivers `msg` into `buf` (keeping it if it does not fit); its
-    /// length goes to `len` either way.
+    /// Delivers the message in `incoming` into `buf` (keeping it if it
+    /// does not fit); its length goes to `len` either way.
     fn deliver(
         &mut self,
-        msg: Vec<u8>,
         buf: &mut [u8],
         len: &mut Option<usize>,
     ) -> Result<shmlink_status, Failure> {
+        let msg = &self.incoming;
         *len = Some(msg.len());
         if msg.len() > buf.len() {
             let (need, have) = (msg.len(), buf.len());
-            self.pending = Some(msg);
+            self.pending = true;
             return Err(Failure::new(
                 SHMLINK_ERR_BUFFER_TOO_SMALL,
                 format!("the next message has {need} bytes; the buffer holds {have}"),
             ));
         }
-        buf[..msg.len()].copy_from_slice(&msg);
+        buf[..msg.len()].copy_from_slice(msg);
+        self.pending = false;
+        // Kept for the next message, unless it is large.
+        if self.incoming.capacity() > shmlink_endpoint::frame::MAX_SPARE {
+            self.incoming = Vec::new();
+        }
         Ok(SHMLINK_OK)
     }
 
@@ -173,27 +180,28 @@ impl shmlink_session {
         len: &mut Option<usize>,
         wait: bool,
     ) -> Result<shmlink_status, Failure> {
-        if let Some(msg) = self.pending.take() {
-            return self.deliver(msg, buf, len);
+        if self.pending {
+            return self.deliver(buf, len);
         }
         if self.ended {
             return Ok(SHMLINK_END);
         }
         let item = if wait {
-            Some(match self.session.recv()? {
-                Some(m) => Item::Message(m),
-                None => Item::End,
+            Some(if self.session.recv_into(&mut self.incoming)? {
+                Received::Message
+            } else {
+                Received::End
             })
         } else {
             self.try_next()?
         };
         match item {
             None => Ok(SHMLINK_AGAIN),
-            Some(Item::End) => {
+            Some(Received::End) => {
                 self.ended = true;
                 Ok(SHMLINK_END)
             }
-            Some(Item::Message(m)) => self.deliver(m, buf, len),
+            Some(Received::Message) => self.deliver(buf, len),
         }
     }
 }
@@ -723,7 +731,8 @@ pub unsafe extern "C" fn shmlink_session_open(
                 let path = CString::new(session.path()).unwrap_or_default();
                 Ok(ffi::into_handle(shmlink_session {
                     session,
-                    pending: None,
+                    incoming: Vec::new(),
+                    pending: false,
                     ended: false,
                     poll,
                     path,

@@ -547,6 +547,10 @@ impl SessionReceiver {
     pub fn try_recv(&mut self) -> Result<Option<Item>, Error> {
         Ok(self.rx.try_recv()?)
     }
+    /// [`SessionReceiver::try_recv`] into a reused buffer; see [`Session::try_recv_into`].
+    pub fn try_recv_into(&mut self, buf: &mut Vec<u8>) -> Result<Option<Received>, Error> {
+        Ok(self.rx.try_recv_into(buf)?)
+    }
     /// The broker's counters for this session.
     pub fn counters(&self) -> Result<Counters, Error> {
         counters(&self.info)

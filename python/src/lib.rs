@@ -14,7 +14,7 @@ use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyMemoryView, PyString, PyType};
-use shmlink::{Bus, Item, SessionBuilder, SessionReceiver, SessionSender, Wakeup};
+use shmlink::{Bus, Received, SessionBuilder, SessionReceiver, SessionSender, Wakeup};
 use shmlink_endpoint::sys::{self, HangupState};
 use shmlink_interfaces::{error as dbus_error, option};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -335,6 +335,9 @@ struct Info {
 /// sees the hang-up once every copy of that socket is closed).
 struct Receiving {
     rx: SessionReceiver,
+    /// The buffer messages are received into, reused while one caller at a
+    /// time receives (a concurrent receive finds it taken and uses its own).
+    buf: Vec<u8>,
     readable: OwnedFd,
     hangup: OwnedFd,
 }
@@ -370,6 +373,7 @@ impl Session {
             tx: Mutex::new(Some(tx)),
             rx: Mutex::new(Some(Receiving {
                 rx,
+                buf: Vec::new(),
                 readable,
                 hangup,
             })),
@@ -394,9 +398,20 @@ impl Session {
             };
             let r = py.detach(|| {
                 let mut guard = lock(&self.rx);
-                let rx = &mut guard.as_mut().ok_or(None)?.rx;
-                rx.set_timeout(Some(slice));
-                rx.recv().map_err(Some)
+                let r = guard.as_mut().ok_or(None)?;
+                r.rx.set_timeout(Some(slice));
+                let mut buf = std::mem::take(&mut r.buf);
+                match r.rx.recv_into(&mut buf) {
+                    Ok(true) => Ok(Some(buf)),
+                    Ok(false) => {
+                        r.buf = buf;
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        r.buf = buf;
+                        Err(Some(e))
+                    }
+                }
             });
             match r {
                 Ok(v) => return Ok(v),
@@ -568,7 +583,14 @@ impl Session {
     /// Receives the next message; None once the service finished sending.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let m = self.recv_blocking(py)?;
-        Ok(m.map(|m| PyBytes::new(py, &m)))
+        let bytes = m.as_deref().map(|m| PyBytes::new(py, m));
+        // The buffer goes back for the next message, unless it is large.
+        if let (Some(buf), Some(r)) = (m, lock(&self.rx).as_mut()) {
+            if r.buf.capacity() == 0 && buf.capacity() <= shmlink_endpoint::frame::MAX_SPARE {
+                r.buf = buf;
+            }
+        }
+        Ok(bytes)
     }
 
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -675,21 +697,22 @@ impl Session {
         let mut guard = lock(&self.rx);
         let Receiving {
             rx,
+            buf,
             readable,
             hangup,
         } = guard.as_mut().ok_or_else(closed)?;
         sys::eventfd_drain(readable.as_fd())
             .map_err(|e| to_py(py, shmlink_endpoint::Error::Io(e).into()))?;
-        match rx.try_recv().map_err(|e| to_py(py, e))? {
-            Some(Item::Message(m)) => Ok((true, Some(PyBytes::new(py, &m)))),
-            Some(Item::End) => Ok((true, None)),
+        match rx.try_recv_into(buf).map_err(|e| to_py(py, e))? {
+            Some(Received::Message) => Ok((true, Some(PyBytes::new(py, buf)))),
+            Some(Received::End) => Ok((true, None)),
             None => match sys::hangup_state(hangup.as_fd()) {
                 Ok(HangupState::Open) => Ok((false, None)),
                 Ok(HangupState::Closed) => {
                     // Data that came just before the hang-up is still ours.
-                    match rx.try_recv().map_err(|e| to_py(py, e))? {
-                        Some(Item::Message(m)) => Ok((true, Some(PyBytes::new(py, &m)))),
-                        Some(Item::End) => Ok((true, None)),
+                    match rx.try_recv_into(buf).map_err(|e| to_py(py, e))? {
+                        Some(Received::Message) => Ok((true, Some(PyBytes::new(py, buf)))),
+                        Some(Received::End) => Ok((true, None)),
                         None => Err(to_py(py, shmlink_endpoint::Error::Closed.into())),
                     }
                 }
