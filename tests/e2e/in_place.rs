@@ -2,7 +2,7 @@
 //! real daemon, in both wake-up modes: what arrives is what was filled, the
 //! sink's checksum agrees, and `source`'s in-place fills verify.
 
-use shmlink::{Error, Wakeup};
+use shmlink::{Error, Piece, Wakeup};
 use shmlink_interfaces::{option, source_pattern_byte};
 use shmlink_tests::Harness;
 use std::time::Duration;
@@ -10,6 +10,15 @@ use std::time::Duration;
 /// The byte a fill writes at `offset` of message `index`.
 fn byte(index: u64, offset: usize) -> u8 {
     (index as usize).wrapping_mul(131).wrapping_add(offset * 7) as u8
+}
+
+/// The fill of message `index`: writes `byte(index, offset)` at each offset.
+fn fill(index: u64) -> impl FnMut(Piece<'_>) + Send + 'static {
+    move |mut piece| {
+        let at = piece.offset();
+        let bytes: Vec<u8> = (at..at + piece.len()).map(|i| byte(index, i)).collect();
+        piece.write_at(0, &bytes);
+    }
 }
 
 fn modes() -> [Wakeup; 2] {
@@ -55,13 +64,7 @@ fn messages_written_in_place_echo_back_into_a_reused_buffer() {
         let mut sent = 0u64;
         for _ in 0..20 {
             for &len in &sizes {
-                let index = sent;
-                w.send_with(len, |mut piece| {
-                    let at = piece.offset();
-                    let bytes: Vec<u8> = (at..at + piece.len()).map(|i| byte(index, i)).collect();
-                    piece.write_at(0, &bytes);
-                })
-                .expect("send_with");
+                w.send_with(len, fill(sent)).expect("send_with");
                 sent += 1;
             }
         }
@@ -187,13 +190,6 @@ async fn async_messages_written_in_place_and_a_dropped_send() {
         .open_async()
         .await
         .expect("open echo");
-    let fill = |index: u64| {
-        move |mut piece: shmlink::Piece<'_>| {
-            let at = piece.offset();
-            let bytes: Vec<u8> = (at..at + piece.len()).map(|i| byte(index, i)).collect();
-            piece.write_at(0, &bytes);
-        }
-    };
     let mut buf = Vec::new();
     for index in 0..50u64 {
         let len = (index as usize * 61) % 4000;
