@@ -221,86 +221,65 @@ pub(super) fn versus(
             Ok(v)
         };
 
-        step("shmlink sink, park");
-        let t = shmlink_sink(client, &msg, budget.stream, Wakeup::Park)?;
-        push(
-            &mut r,
-            "shmlink sink (park)",
-            "bytes_per_sec",
-            Some(t.bytes_per_sec),
-        );
-        bar.inc(1);
-        for (reader, name) in [
-            ("copy", "iceoryx2 event, copying reader"),
-            ("in-place", "iceoryx2 event, reader in place"),
-        ] {
-            let v = iox(
-                name,
-                &[
-                    "throughput",
-                    "--size",
-                    &size,
-                    "--buffer",
-                    &buffer,
-                    "--seconds",
-                    &secs,
-                    "--wakeup",
-                    "event",
-                    "--reader",
-                    reader,
+        // One way, each wake-up mode: shmlink's sink, then iceoryx2's two readers.
+        for (wake, label, iox_wakeup, readers) in [
+            (
+                Wakeup::Park,
+                "shmlink sink (park)",
+                "event",
+                [
+                    ("copy", "iceoryx2 event, copying reader"),
+                    ("in-place", "iceoryx2 event, reader in place"),
                 ],
-            )?;
-            push(
-                &mut r,
-                name,
-                "bytes_per_sec",
-                v.map(|v| field(&v, "bytes_per_sec")).transpose()?,
-            );
-        }
-        step("memcpy");
-        push(
-            &mut r,
-            "memcpy",
-            "bytes_per_sec",
-            Some(memcpy(&msg, budget.stream).bytes_per_sec),
-        );
-        bar.inc(1);
-
-        step("shmlink sink, spin");
-        let t = shmlink_sink(client, &msg, budget.stream, Wakeup::Spin(SPIN))?;
-        push(
-            &mut r,
-            "shmlink sink (spin)",
-            "bytes_per_sec",
-            Some(t.bytes_per_sec),
-        );
-        bar.inc(1);
-        for (reader, name) in [
-            ("copy", "iceoryx2 spin, copying reader"),
-            ("in-place", "iceoryx2 spin, reader in place"),
-        ] {
-            let v = iox(
-                name,
-                &[
-                    "throughput",
-                    "--size",
-                    &size,
-                    "--buffer",
-                    &buffer,
-                    "--seconds",
-                    &secs,
-                    "--wakeup",
-                    "spin",
-                    "--reader",
-                    reader,
+            ),
+            (
+                Wakeup::Spin(SPIN),
+                "shmlink sink (spin)",
+                "spin",
+                [
+                    ("copy", "iceoryx2 spin, copying reader"),
+                    ("in-place", "iceoryx2 spin, reader in place"),
                 ],
-            )?;
-            push(
-                &mut r,
-                name,
-                "bytes_per_sec",
-                v.map(|v| field(&v, "bytes_per_sec")).transpose()?,
-            );
+            ),
+        ] {
+            step(label);
+            let t = shmlink_sink(client, &msg, budget.stream, wake)?;
+            push(&mut r, label, "bytes_per_sec", Some(t.bytes_per_sec));
+            bar.inc(1);
+            for (reader, name) in readers {
+                let v = iox(
+                    name,
+                    &[
+                        "throughput",
+                        "--size",
+                        &size,
+                        "--buffer",
+                        &buffer,
+                        "--seconds",
+                        &secs,
+                        "--wakeup",
+                        iox_wakeup,
+                        "--reader",
+                        reader,
+                    ],
+                )?;
+                push(
+                    &mut r,
+                    name,
+                    "bytes_per_sec",
+                    v.map(|v| field(&v, "bytes_per_sec")).transpose()?,
+                );
+            }
+            if wake == Wakeup::Park {
+                step("memcpy");
+                push(
+                    &mut r,
+                    "memcpy",
+                    "bytes_per_sec",
+                    Some(memcpy(&msg, budget.stream).bytes_per_sec),
+                );
+                bar.inc(1);
+            }
         }
 
         step("shmlink echo, park");
@@ -560,15 +539,7 @@ pub(super) fn print(v: &Versus) {
         }
     }
     println!("versus targets:");
-    for t in &v.targets {
-        println!(
-            "  [{}] {:<56} {:>8.2} (target {})",
-            if t.met { "met " } else { "MISS" },
-            t.what,
-            t.measured,
-            t.target
-        );
-    }
+    print_targets(&v.targets);
 }
 
 #[cfg(test)]

@@ -431,6 +431,19 @@ fn machine() -> Machine {
     }
 }
 
+/// One line per target: met or missed, what, the value, the target.
+fn print_targets(targets: &[Target]) {
+    for t in targets {
+        println!(
+            "  [{}] {:<56} {:>8.2} (target {})",
+            if t.met { "met " } else { "MISS" },
+            t.what,
+            t.measured,
+            t.target
+        );
+    }
+}
+
 fn find<'a>(t: &'a [Throughput], transport: &str, size: usize) -> Option<&'a Throughput> {
     t.iter()
         .find(|c| c.transport == transport && c.size == size)
@@ -629,15 +642,7 @@ fn print_report(r: &Report) {
     }
     println!();
     println!("targets:");
-    for t in &r.targets {
-        println!(
-            "  [{}] {:<56} {:>8.2} (target {})",
-            if t.met { "met " } else { "MISS" },
-            t.what,
-            t.measured,
-            t.target
-        );
-    }
+    print_targets(&r.targets);
     if let Some(v) = &r.versus {
         iceoryx2::print(v);
     }
