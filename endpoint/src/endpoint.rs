@@ -505,44 +505,7 @@ impl Endpoint {
         max_message: u32,
         wakeup: Wakeup,
     ) -> Result<(Endpoint, PeerFds), Error> {
-        let capacity = rounded_capacity(capacity);
-        let cap =
-            usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
-        let [rx_mem, tx_mem] = [ring_memfd(capacity)?, ring_memfd(capacity)?];
-        // Non-blocking eventfds: we never block on them, and a peer that stops
-        // reading them cannot stall our writes.
-        let signal = || -> Result<File, Error> {
-            let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-                .map_err(std::io::Error::from)?;
-            Ok(File::from(fd))
-        };
-        let rx_ring = Receiver::<u8>::open(cap, rx_mem, signal()?, signal()?).map_err(setup)?;
-        let tx_ring = Sender::<u8>::open(cap, tx_mem, signal()?, signal()?).map_err(setup)?;
-        let (ours, theirs) = sys::socketpair()?;
-        let peer = PeerFds {
-            to_server: RingFds {
-                capacity,
-                memfd: clone_fd(rx_ring.memfd().as_file())?,
-                empty_signal: clone_fd(rx_ring.empty_signal())?,
-                full_signal: clone_fd(rx_ring.full_signal())?,
-            },
-            to_client: RingFds {
-                capacity,
-                memfd: clone_fd(tx_ring.memfd().as_file())?,
-                empty_signal: clone_fd(tx_ring.empty_signal())?,
-                full_signal: clone_fd(tx_ring.full_signal())?,
-            },
-            hangup: theirs,
-        };
-        let ep = Endpoint::assemble(
-            RingSender::new(tx_ring),
-            RingReceiver::new(rx_ring, max_message),
-            ours,
-            wakeup,
-            max_message,
-            (capacity, capacity),
-        );
-        Ok((ep, peer))
+        Ok(ServerRings::create(capacity)?.into_endpoint(max_message, wakeup))
     }
 
     /// Charges the memory this side takes for incoming message bodies to
@@ -763,6 +726,89 @@ pub struct ProvidedFds {
     /// provider that the session ended at the broker, and the provider
     /// closing its end tells the broker.
     pub broker_link: OwnedFd,
+}
+
+/// A session's rings made by the server ahead of the session: both rings
+/// mapped, their eventfds, the hang-up socket pair and the fds for the
+/// client, with no message size or wake-up policy yet.
+///
+/// Making them is most of the server's work for a new session (two memfds,
+/// four eventfds, a socket pair, two mappings), so a server can make the next
+/// session's rings while it is idle and answer the open without it. They are
+/// fresh for each session: a ring is never used for a second one, so no
+/// byte of one client's session can reach another client.
+pub struct ServerRings {
+    rx: Receiver<u8>,
+    tx: Sender<u8>,
+    hangup: OwnedFd,
+    peer: PeerFds,
+}
+
+impl ServerRings {
+    /// Makes a session's rings of `capacity` bytes each, rounded up as
+    /// shmem-ipc rounds it (see [`rounded_capacity`]).
+    pub fn create(capacity: u64) -> Result<ServerRings, Error> {
+        let capacity = rounded_capacity(capacity);
+        let cap =
+            usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
+        let [rx_mem, tx_mem] = [ring_memfd(capacity)?, ring_memfd(capacity)?];
+        // Non-blocking eventfds: we never block on them, and a peer that stops
+        // reading them cannot stall our writes.
+        let signal = || -> Result<File, Error> {
+            let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(std::io::Error::from)?;
+            Ok(File::from(fd))
+        };
+        let rx = Receiver::<u8>::open(cap, rx_mem, signal()?, signal()?).map_err(setup)?;
+        let tx = Sender::<u8>::open(cap, tx_mem, signal()?, signal()?).map_err(setup)?;
+        let (hangup, theirs) = sys::socketpair()?;
+        let peer = PeerFds {
+            to_server: RingFds {
+                capacity,
+                memfd: clone_fd(rx.memfd().as_file())?,
+                empty_signal: clone_fd(rx.empty_signal())?,
+                full_signal: clone_fd(rx.full_signal())?,
+            },
+            to_client: RingFds {
+                capacity,
+                memfd: clone_fd(tx.memfd().as_file())?,
+                empty_signal: clone_fd(tx.empty_signal())?,
+                full_signal: clone_fd(tx.full_signal())?,
+            },
+            hangup: theirs,
+        };
+        Ok(ServerRings {
+            rx,
+            tx,
+            hangup,
+            peer,
+        })
+    }
+
+    /// Usable bytes of each ring (after rounding).
+    pub fn capacity(&self) -> u64 {
+        self.peer.to_server.capacity
+    }
+
+    /// The fds the client will be handed.
+    pub fn client_fds(&self) -> &PeerFds {
+        &self.peer
+    }
+
+    /// The server's side of the session, with its message size bound and
+    /// wake-up policy, and the fds to hand to the client.
+    pub fn into_endpoint(self, max_message: u32, wakeup: Wakeup) -> (Endpoint, PeerFds) {
+        let capacity = self.capacity();
+        let ep = Endpoint::assemble(
+            RingSender::new(self.tx),
+            RingReceiver::new(self.rx, max_message),
+            self.hangup,
+            wakeup,
+            max_message,
+            (capacity, capacity),
+        );
+        (ep, self.peer)
+    }
 }
 
 /// Creates a session's fds without mapping anything: two sealed ring memfds

@@ -18,7 +18,7 @@ pub mod sys;
 
 pub use endpoint::{
     create_unmapped, rounded_capacity, ClientLimits, Endpoint, EndpointReceiver, EndpointSender,
-    ProvidedFds, Wakeup,
+    ProvidedFds, ServerRings, Wakeup,
 };
 pub use frame::{Budget, FillFrame, FrameError, Item, OutFrame, Piece, Received, WriteFrame};
 pub use ring::{ReadProgress, RingReceiver, RingSender, WriteProgress};

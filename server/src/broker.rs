@@ -524,6 +524,11 @@ impl Broker {
         self.reservations.contains_key(&id)
     }
 
+    /// The reservation of session `id`, if it holds one.
+    pub fn reservation(&self, id: u64) -> Option<&Reservation> {
+        self.reservations.get(&id)
+    }
+
     /// Every open session, by id.
     pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
         self.reservations.values()

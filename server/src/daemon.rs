@@ -138,6 +138,7 @@ impl Daemon {
             }
             self.adapter.expire(&self.conn, Instant::now());
             self.conn.channel().flush();
+            self.adapter.idle();
             let mut fds = vec![bus_fd, notify.as_fd(), links.as_fd()];
             if let Some(s) = stop {
                 fds.push(s);

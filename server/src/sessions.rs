@@ -2,9 +2,9 @@
 //!
 //! [`Sessions::open`]: parse the ring options → the service's `open` (its
 //! options and handler) → [`Broker::reserve`] (limits, id, charges) →
-//! [`Endpoint::create_server`] (the rings) → [`Engine::add`] (a worker serves
-//! it). Any failure after the reservation releases it, so a refused call
-//! leaves no trace.
+//! [`ServerRings`] (the rings, usually made ahead while the D-Bus thread
+//! was idle) → [`Engine::add`] (a worker serves it). Any failure after the
+//! reservation releases it, so a refused call leaves no trace.
 //!
 //! [`Sessions::end_session`] is the only way a session ends, whatever the
 //! cause (`Close`, the owner leaving the bus, the engine reporting a dead or
@@ -30,7 +30,7 @@ use crate::logcap::{cut, LOGGED_STRING};
 use crate::names::Names;
 use crate::service::{prop, Caller, Memory, Options, Service, StateView};
 use dbus::arg::PropMap;
-use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
+use shmlink_endpoint::{PeerFds, ServerRings, Wakeup};
 use shmlink_interfaces::{limits, option, param, wakeup};
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
@@ -108,6 +108,14 @@ pub(crate) struct Sessions {
     provided: HashMap<u64, Provided>,
     /// The links of the open provided sessions.
     links: Links,
+    /// The next session's rings, made ahead while the D-Bus thread was idle
+    /// (see [`Sessions::make_rings_ahead`]).
+    rings_ahead: Option<ServerRings>,
+    /// The capacity the last session asked for: the rings to make ahead.
+    capacity_ahead: Option<u64>,
+    /// Sessions opened (id, capacity) whose workers are not woken and whose
+    /// opening is not logged yet (see [`Sessions::after_reply`]).
+    opened: Vec<(u64, u64)>,
 }
 
 impl Sessions {
@@ -124,6 +132,9 @@ impl Sessions {
             engine,
             provided: HashMap::new(),
             links: Links::new()?,
+            rings_ahead: None,
+            capacity_ahead: None,
+            opened: Vec::new(),
         })
     }
 
@@ -354,8 +365,8 @@ impl Sessions {
             e
         };
         let max_message32 = u32::try_from(max_message).unwrap_or(u32::MAX);
-        let (mut endpoint, fds) = match Endpoint::create_server(capacity, max_message32, wake) {
-            Ok(v) => v,
+        let (mut endpoint, fds) = match self.rings(capacity) {
+            Ok(rings) => rings.into_endpoint(max_message32, wake),
             Err(e) => {
                 let e = BrokerError::Internal(format!("could not create the rings: {e}"));
                 return Err(release_on_err(&mut self.broker, e));
@@ -368,13 +379,7 @@ impl Sessions {
             let e = BrokerError::Internal(format!("could not start serving the session: {e}"));
             return Err(release_on_err(&mut self.broker, e));
         }
-        log::info!(
-            "session {id} opened: service {service}, owner {} (uid {}, pid {}), capacity {}",
-            caller.bus_name,
-            caller.uid,
-            caller.pid,
-            fds.to_server.capacity
-        );
+        self.opened.push((id, fds.to_server.capacity));
         Ok(Opened {
             record: SessionRecord {
                 id,
@@ -387,6 +392,60 @@ impl Sessions {
             fds,
             params: reply_parameters(max_message, wake),
         })
+    }
+
+    /// What follows the reply to the calls that opened sessions: their
+    /// workers are woken (see [`Engine::wake_added`]) and the opens logged.
+    /// Neither is needed for the reply, so the client does not wait for them.
+    pub fn after_reply(&mut self) {
+        self.engine.wake_added();
+        for (id, capacity) in self.opened.drain(..) {
+            if let Some(r) = self.broker.reservation(id) {
+                log::info!(
+                    "session {id} opened: service {}, owner {} (uid {}, pid {}), capacity {capacity}",
+                    r.service,
+                    r.owner.bus_name,
+                    r.owner.uid,
+                    r.owner.pid,
+                );
+            }
+        }
+    }
+
+    /// Rings of `capacity` for a new session: those made ahead if they have
+    /// that capacity, else new ones. Either way, rings of that capacity are
+    /// the next to be made ahead.
+    fn rings(&mut self, capacity: u64) -> Result<ServerRings, shmlink_endpoint::Error> {
+        let capacity = shmlink_endpoint::rounded_capacity(capacity);
+        self.capacity_ahead = Some(capacity);
+        match self.rings_ahead.take() {
+            Some(rings) if rings.capacity() == capacity => Ok(rings),
+            _ => ServerRings::create(capacity),
+        }
+    }
+
+    /// Makes the next session's rings now, while the D-Bus thread has
+    /// nothing else to do, so that the next `OpenSession` of the same
+    /// capacity as the last is answered without making them (most of the
+    /// broker's work for an open). At most one set is kept: two memfds whose
+    /// pages are untouched but for their headers, four eventfds and a socket
+    /// pair, all the broker's own until a session takes them; each set serves
+    /// one session only.
+    pub fn make_rings_ahead(&mut self) {
+        let Some(capacity) = self.capacity_ahead else {
+            return;
+        };
+        if self.rings_ahead.is_some() {
+            return;
+        }
+        match ServerRings::create(capacity) {
+            Ok(rings) => self.rings_ahead = Some(rings),
+            Err(e) => {
+                // Tried again after the next open, which makes its own.
+                log::debug!("could not make rings ahead: {e}");
+                self.capacity_ahead = None;
+            }
+        }
     }
 
     /// Ends session `id` for `reason` (see the module docs); `None` if it
@@ -596,10 +655,48 @@ mod tests {
         assert!(s.shutdown("bye").is_empty());
     }
 
+    /// The inode of a session's client-to-server memfd: which ring it is.
+    fn ring_inode(opened: &Opened) -> u64 {
+        rustix::fs::fstat(&opened.fds.to_server.memfd)
+            .expect("fstat")
+            .st_ino
+    }
+
+    #[test]
+    fn rings_made_ahead_serve_the_next_open_of_that_capacity_once() {
+        let mut s = sessions(|_| {});
+        let cap = |c: u64| opts(vec![("capacity", Box::new(c))]);
+        let first = s.open(&caller(), "echo", cap(4096)).expect("open");
+        assert!(s.rings_ahead.is_none(), "nothing made ahead before an open");
+        s.make_rings_ahead();
+        let ahead = s.rings_ahead.as_ref().expect("made ahead");
+        assert_eq!(ahead.capacity(), first.fds.to_server.capacity);
+        let ahead_ino = rustix::fs::fstat(&ahead.client_fds().to_server.memfd)
+            .expect("fstat")
+            .st_ino;
+
+        // The next open of that capacity takes them, and they are new rings.
+        let second = s.open(&caller(), "echo", cap(4096)).expect("open");
+        assert!(s.rings_ahead.is_none(), "taken by the open");
+        assert_eq!(ring_inode(&second), ahead_ino);
+        assert_ne!(ring_inode(&second), ring_inode(&first));
+
+        // Made again, but of another capacity than the next open asks for:
+        // dropped, and that open gets rings of its own capacity.
+        s.make_rings_ahead();
+        let third = s.open(&caller(), "echo", cap(16384)).expect("open");
+        assert_ne!(third.fds.to_server.capacity, second.fds.to_server.capacity);
+        assert!(s.rings_ahead.is_none());
+        for id in [first.record.id, second.record.id, third.record.id] {
+            s.end_session(id, "test").expect("was open");
+        }
+    }
+
     #[test]
     fn a_hang_up_reported_by_the_engine_ends_the_session() {
         let mut s = sessions(|_| {});
         let opened = s.open(&caller(), "echo", PropMap::new()).expect("open");
+        s.after_reply();
         drop(opened.fds);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let ended = loop {

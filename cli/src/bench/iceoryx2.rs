@@ -346,18 +346,16 @@ pub(super) fn versus(
             );
         }
 
-        step("OpenSession + mapping");
-        let l = open_session_times(client, budget.setups)?;
-        push(&mut r, "OpenSession + mapping", "p50_us", Some(l.p50_us));
-        bar.inc(1);
-        step("bare D-Bus call");
-        let mut pings = Vec::with_capacity(budget.setups);
-        for _ in 0..budget.setups {
-            pings.push(client.ping()?);
-        }
-        let l = Latency::from_samples("bare D-Bus call", pings);
-        push(&mut r, "bare D-Bus call", "p50_us", Some(l.p50_us));
-        bar.inc(1);
+        step("OpenSession + mapping, and a bare D-Bus call");
+        let (open, ping) = setup_times(
+            client,
+            service::ECHO,
+            "OpenSession + mapping",
+            budget.setups,
+        )?;
+        push(&mut r, "OpenSession + mapping", "p50_us", Some(open.p50_us));
+        push(&mut r, "bare D-Bus call", "p50_us", Some(ping.p50_us));
+        bar.inc(2);
         let v = iox("iceoryx2 open", &["open", "--samples", &setups])?;
         push(
             &mut r,

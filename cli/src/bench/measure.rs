@@ -393,30 +393,28 @@ pub(super) fn dbus_rtt(dbus: &Channel, budget: &Budget) -> Result<Latency> {
     })
 }
 
-/// OpenSession and the client-side checks and mappings, to a usable session.
-pub(super) fn open_session_times(client: &Client, n: usize) -> Result<Latency> {
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        let s = client.session(service::ECHO).capacity(64 << 10).open()?;
-        samples.push(t.elapsed());
-        s.close()?;
-    }
-    Ok(Latency::from_samples("OpenSession + mapping", samples))
-}
-
-/// `OpenSession` of `service` served by a provider process, with the mapping.
-pub(super) fn provided_open_times(client: &Client, service: &str, n: usize) -> Result<Latency> {
-    let mut samples = Vec::with_capacity(n);
+/// Set-up times, `n` of each, taken in turns so that both see the same
+/// machine: `OpenSession` of `service` with the client-side checks and
+/// mappings, to a usable session, and a bare D-Bus call to the same daemon
+/// (`Peer.Ping`). Each session is closed before the next call. `label`
+/// names the opens in the table.
+pub(super) fn setup_times(
+    client: &Client,
+    service: &str,
+    label: &'static str,
+    n: usize,
+) -> Result<(Latency, Latency)> {
+    let (mut opens, mut pings) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for _ in 0..n {
         let t = Instant::now();
         let s = client.session(service).capacity(64 << 10).open()?;
-        samples.push(t.elapsed());
+        opens.push(t.elapsed());
         s.close()?;
+        pings.push(client.ping()?);
     }
-    Ok(Latency::from_samples(
-        "OpenSession via provider + mapping",
-        samples,
+    Ok((
+        Latency::from_samples(label, opens),
+        Latency::from_samples("D-Bus method call (Peer.Ping to shmlinkd)", pings),
     ))
 }
 

@@ -225,7 +225,8 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
         .and_then(|mut c| c.register().map(|_| c))
         .context("D-Bus connection")?;
 
-    let steps = (SIZES.len() * 8 + 6 + 3 + 4) as u64;
+    // Per size 8 rows; 6 latency rows; 2 set-up steps; 4 aggregate runs.
+    let steps = (SIZES.len() * 8 + 6 + 2 + 4) as u64;
     let bar = ProgressBar::new(steps);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
@@ -329,21 +330,23 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
 
     // Session set-up against a bare call to the same daemon.
     let setups = if want("setup") { budget.setups } else { 0 };
-    step("set-up: OpenSession + mapping".into());
-    let open_session = open_session_times(&client, setups)?;
+    step("set-up: OpenSession + mapping, and a bare D-Bus call".into());
+    let (open_session, dbus_call) =
+        setup_times(&client, service::ECHO, "OpenSession + mapping", setups)?;
     bar.inc(1);
     step("set-up: OpenSession through a provider + mapping".into());
     let open_provided = match &provided {
-        Some(_) => Some(provided_open_times(&client, PROVIDED_SINK, setups)?),
+        Some(_) => Some(
+            setup_times(
+                &client,
+                PROVIDED_SINK,
+                "OpenSession via provider + mapping",
+                setups,
+            )?
+            .0,
+        ),
         None => None,
     };
-    bar.inc(1);
-    step("set-up: bare D-Bus call".into());
-    let mut pings = Vec::with_capacity(setups);
-    for _ in 0..setups {
-        pings.push(client.ping()?);
-    }
-    let dbus_call = Latency::from_samples("D-Bus method call (Peer.Ping to shmlinkd)", pings);
     bar.inc(1);
 
     // Aggregate throughput with several clients.

@@ -387,11 +387,23 @@ impl Adapter {
         lock(&self.shared).sessions.open_count()
     }
 
+    /// Work for when no message is waiting: the next session's rings are
+    /// made ahead (see [`Sessions::make_rings_ahead`](crate::sessions::Sessions::make_rings_ahead)).
+    pub fn idle(&mut self) {
+        lock(&self.shared).sessions.make_rings_ahead();
+    }
+
     /// Handles one incoming message: method calls (once the caller's
     /// credentials are known), the bus's answers to our credential
     /// lookups, and connections leaving the bus. Never waits for the bus or
-    /// a worker.
-    pub fn handle(&mut self, conn: &Connection, mut msg: Message) {
+    /// a worker. What is left of opening sessions once the replies are out
+    /// (waking their workers, logging) comes last.
+    pub fn handle(&mut self, conn: &Connection, msg: Message) {
+        self.handle_message(conn, msg);
+        lock(&self.shared).sessions.after_reply();
+    }
+
+    fn handle_message(&mut self, conn: &Connection, mut msg: Message) {
         match msg.msg_type() {
             MessageType::MethodCall => self.method_call(conn, msg),
             MessageType::MethodReturn | MessageType::Error => {

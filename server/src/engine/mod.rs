@@ -70,7 +70,16 @@ struct Mailbox {
 
 impl Mailbox {
     fn post(&self, c: Command) {
+        self.queue(c);
+        self.wake();
+    }
+
+    /// Queues `c` for the worker's next wake-up.
+    fn queue(&self, c: Command) {
         lock(&self.commands).push(c);
+    }
+
+    fn wake(&self) {
         let _ = sys::eventfd_signal(self.wake.as_fd());
     }
 }
@@ -86,6 +95,8 @@ pub(crate) struct Engine {
     /// Which worker serves each session, and the session's counters.
     placement: HashMap<u64, (usize, Arc<Traffic>)>,
     next: usize,
+    /// Mailboxes given sessions since the last [`Engine::wake_added`].
+    unwoken: Vec<usize>,
     stop: Arc<AtomicBool>,
     ended: mpsc::Receiver<Ended>,
     notify: Arc<OwnedFd>,
@@ -102,6 +113,7 @@ impl Engine {
             threads: Vec::new(),
             placement: HashMap::new(),
             next: 0,
+            unwoken: Vec::new(),
             stop,
             ended,
             notify,
@@ -159,7 +171,8 @@ impl Engine {
     }
 
     /// Starts serving session `id`: watches its fds on the next worker in
-    /// turn, hands it the handler (attached to a waker) and runs it once.
+    /// turn, hands it the handler (attached to a waker) and runs it once,
+    /// once [`Engine::wake_added`] has woken that worker.
     pub fn add(
         &mut self,
         id: u64,
@@ -212,8 +225,22 @@ impl Engine {
         self.next += 1;
         self.placement.insert(id, (index, traffic));
         // Added with a first run: sessions like `source` have work before the client sends anything.
-        mailbox.post(Command::Add(id, pump));
+        mailbox.queue(Command::Add(id, pump));
+        if !self.unwoken.contains(&index) {
+            self.unwoken.push(index);
+        }
         Ok(())
+    }
+
+    /// Wakes the workers given sessions by [`Engine::add`] since the last
+    /// call, so that they start serving them. Kept apart from `add` so the
+    /// D-Bus side can send the `OpenSession` reply first: waking a worker
+    /// costs the D-Bus thread a system call and, when the worker is woken
+    /// on the same CPU, its time slice, and the client waits for neither.
+    pub fn wake_added(&mut self) {
+        for index in self.unwoken.drain(..) {
+            self.mailboxes[index].wake();
+        }
     }
 
     /// Stops serving session `id`; its worker drops the rings and hang-up
@@ -232,7 +259,7 @@ impl Engine {
     pub fn shutdown(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         for m in &self.mailboxes {
-            let _ = sys::eventfd_signal(m.wake.as_fd());
+            m.wake();
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -403,6 +430,7 @@ mod tests {
             engine
                 .add(id, server, handler, Arc::default())
                 .expect("add");
+            engine.wake_added();
             let mut client = Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client");
             client.set_timeout(Some(Duration::from_secs(10)));
             clients.push(client);
@@ -445,6 +473,7 @@ mod tests {
             engine
                 .add_linked(id, server, handler, Arc::default(), Some(link))
                 .expect("add");
+            engine.wake_added();
             clients.push(Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client"));
             links.push(broker_end);
         }
