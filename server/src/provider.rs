@@ -341,6 +341,7 @@ impl Core {
                 "could not start serving the session: {e}"
             )));
         }
+        self.engine.wake_added();
         log::info!(
             "session {} accepted: service {service}, client {} (uid {}, pid {}), capacity {cap_in}/{cap_out}",
             crate::logcap::cut(&session, crate::logcap::LOGGED_STRING),

@@ -436,7 +436,8 @@ fn machine() -> Machine {
 
 /// One line per target: met or missed, what, the value, the target.
 fn print_targets(targets: &[Target]) {
-    for t in targets {
+    // A section left out with --only measured nothing to compare.
+    for t in targets.iter().filter(|t| !t.measured.is_nan()) {
         println!(
             "  [{}] {:<56} {:>8.2} (target {})",
             if t.met { "met " } else { "MISS" },
