@@ -131,7 +131,8 @@ fn a_thousand_concurrent_sessions_on_bounded_threads_and_memory() {
     // ends of the hang-up pair.
     const RINGS_AHEAD_FDS: usize = 14;
     assert!(
-        wait_until(DEADLINE, || fd_count(pid) <= fds_before + 8 + RINGS_AHEAD_FDS),
+        wait_until(DEADLINE, || fd_count(pid)
+            <= fds_before + 8 + RINGS_AHEAD_FDS),
         "daemon fds {} after all sessions closed (before: {fds_before})",
         fd_count(pid)
     );
