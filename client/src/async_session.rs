@@ -21,7 +21,7 @@ use crate::{Counters, Error, Session, SessionBuilder};
 use dbus::arg::PropMap;
 use shmlink_endpoint::frame::{FillFrame, OutFrame, Piece, Received, WriteFrame};
 use shmlink_endpoint::sys;
-use shmlink_endpoint::{Endpoint, Item, Wakeup};
+use shmlink_endpoint::{spin_until_ready, Endpoint, Item, Wakeup};
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -134,10 +134,10 @@ fn poll_ring<T>(
         return Poll::Ready(Ok(v));
     }
     if let Wakeup::Spin(budget) = ep.wakeup() {
-        let ready = sys::spin_until(budget, || match dir {
-            Dir::In => ep.ring_receiver().has_data().unwrap_or(true),
-            Dir::Out => ep.ring_sender().has_room().unwrap_or(true),
-        });
+        let ready = match dir {
+            Dir::In => spin_until_ready(ep.ring_receiver(), budget),
+            Dir::Out => spin_until_ready(ep.ring_sender(), budget),
+        };
         if ready {
             if let Some(v) = progress(ep)? {
                 return Poll::Ready(Ok(v));

@@ -1,7 +1,7 @@
 //! One side of a session: two rings, a hang-up socket, blocking and non-blocking I/O.
 
 use crate::frame::{FillFrame, Item, OutFrame, Piece, Received, WriteFrame};
-use crate::ring::{RingReceiver, RingSender};
+use crate::ring::{spin_until_ready, RingReceiver, RingSender, Waitable};
 use crate::sys::{self, FdKind, HangupState};
 use crate::Error;
 use rustix::event::{eventfd, EventfdFlags};
@@ -247,43 +247,28 @@ impl Link {
         }
     }
 
-    /// Blocks until `ready(ring)` says the ring can make progress, the peer
-    /// leaves, or the deadline passes. `signal(ring)` is the eventfd the
-    /// peer writes when it made progress for us.
-    fn wait<R>(
-        &self,
-        ring: &mut R,
-        signal: impl Fn(&R) -> BorrowedFd<'_>,
-        deadline: Option<Instant>,
-        mut ready: impl FnMut(&mut R) -> Result<bool, Error>,
-    ) -> Result<(), Error> {
+    /// Blocks until `ring` can make progress, the peer leaves, or the
+    /// deadline passes. In spin mode it first busy-polls for up to the spin
+    /// budget with its polling word set, so the peer need not signal it.
+    fn wait(&self, ring: &mut impl Waitable, deadline: Option<Instant>) -> Result<(), Error> {
         if let Wakeup::Spin(budget) = self.wakeup {
-            let mut failed = None;
-            let now_ready = sys::spin_until(budget, || match ready(ring) {
-                Ok(r) => r,
-                Err(e) => {
-                    failed = Some(e);
-                    true
-                }
-            });
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            if now_ready {
+            if spin_until_ready(ring, budget) {
+                // Ready, or failed: the check below says which.
+                ring.ready()?;
                 return Ok(());
             }
         }
         loop {
-            if ready(ring)? {
+            if ring.ready()? {
                 return Ok(());
             }
-            let polled = sys::poll_readable(&[signal(ring), self.hangup.as_fd()], deadline)?;
+            let polled = sys::poll_readable(&[ring.signal(), self.hangup.as_fd()], deadline)?;
             if polled[0].readable {
-                sys::eventfd_drain(signal(ring))?;
+                sys::eventfd_drain(ring.signal())?;
             }
             if polled[1].readable || polled[1].hangup {
                 // Data the peer wrote before leaving is still ours to read.
-                if ready(ring)? {
+                if ring.ready()? {
                     return Ok(());
                 }
                 if self.peer_gone()? {
@@ -357,12 +342,7 @@ impl EndpointSender {
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let sent = (|| {
             while !self.tx.write_frame(&mut frame)? {
-                self.link.wait(
-                    &mut self.tx,
-                    RingSender::space_signal,
-                    deadline,
-                    RingSender::has_room,
-                )?;
+                self.link.wait(&mut self.tx, deadline)?;
             }
             Ok(())
         })();
@@ -420,12 +400,7 @@ impl EndpointReceiver {
                 Some(Received::Message) => return Ok(true),
                 Some(Received::End) => return Ok(false),
                 None => {
-                    self.link.wait(
-                        &mut self.rx,
-                        RingReceiver::data_signal,
-                        deadline,
-                        RingReceiver::has_data,
-                    )?;
+                    self.link.wait(&mut self.rx, deadline)?;
                 }
             }
         }
@@ -872,6 +847,75 @@ mod tests {
         let (server, fds) = Endpoint::create_server(capacity, 1 << 20, Wakeup::Park).unwrap();
         let client = Endpoint::open_client(fds, 1 << 20, Wakeup::Park).unwrap();
         (server, client)
+    }
+
+    /// Whether `fd` (an eventfd) was written since it was last drained; drains it.
+    fn signalled(fd: BorrowedFd<'_>) -> bool {
+        let now = sys::poll_readable(&[fd], Some(Instant::now())).expect("poll")[0].readable;
+        sys::eventfd_drain(fd).expect("drain");
+        now
+    }
+
+    #[test]
+    fn a_writer_skips_the_data_signal_only_while_the_reader_polls() {
+        let (mut server, mut client) = pair(4096);
+        // The reader's word means nothing before its first read has shown it
+        // the header: the first message is signalled although it asked.
+        server.ring_receiver().set_polling(true);
+        client.send(b"one").unwrap();
+        assert!(signalled(server.ring_receiver().data_signal()));
+        assert_eq!(server.recv().unwrap().as_deref(), Some(&b"one"[..]));
+
+        server.ring_receiver().set_polling(true);
+        client.send(b"two").unwrap();
+        assert!(
+            !signalled(server.ring_receiver().data_signal()),
+            "a polling reader is not signalled"
+        );
+        assert_eq!(server.recv().unwrap().as_deref(), Some(&b"two"[..]));
+
+        server.ring_receiver().set_polling(false);
+        client.send(b"three").unwrap();
+        assert!(
+            signalled(server.ring_receiver().data_signal()),
+            "a reader that stopped polling is signalled again"
+        );
+        assert_eq!(server.recv().unwrap().as_deref(), Some(&b"three"[..]));
+    }
+
+    #[test]
+    fn a_reader_skips_the_room_signal_only_while_the_writer_polls() {
+        let (mut server, mut client) = pair(4096);
+        let fill = |client: &mut Endpoint| {
+            let mut frame = OutFrame::message(&[5u8; 8192]);
+            assert!(
+                !client.ring_sender().write_frame(&mut frame).unwrap(),
+                "the ring fills"
+            );
+            frame
+        };
+        let mut frame = fill(&mut client);
+        client.ring_sender().set_polling(true);
+        assert!(server.ring_receiver().read_item().unwrap().is_none());
+        assert!(
+            !signalled(client.ring_sender().space_signal()),
+            "a polling writer is not signalled"
+        );
+        // It finds the room by polling, and the rest of the message goes in.
+        assert!(client.ring_sender().has_room().unwrap());
+        while !client.ring_sender().write_frame(&mut frame).unwrap() {
+            let _ = server.ring_receiver().read_item().unwrap();
+        }
+        assert_eq!(server.recv().unwrap().map(|m| m.len()), Some(8192));
+
+        client.ring_sender().set_polling(false);
+        let _ = signalled(client.ring_sender().space_signal());
+        let _partial = fill(&mut client);
+        assert!(server.ring_receiver().read_item().unwrap().is_none());
+        assert!(
+            signalled(client.ring_sender().space_signal()),
+            "a writer that stopped polling is signalled again"
+        );
     }
 
     #[test]

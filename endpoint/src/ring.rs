@@ -10,10 +10,13 @@ use crate::frame::{Budget, ByteSource, Decoder, FrameError, Item, Received, Writ
 use crate::sys;
 use crate::Error;
 use shmem_ipc::sharedring::{Receiver, Sender};
+use shmlink_interfaces::RING_HEADER;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Why a ring can no longer be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +80,74 @@ impl ByteSource for SharedBytes {
     }
 }
 
+/// The polling words in a ring's header (see DATA-PLANE.md, "Polling
+/// words"): at [`READER_POLLING`] the ring's reader says that it is busy-polling
+/// for data, at [`WRITER_POLLING`] the writer that it is busy-polling for room.
+/// The other side may then skip the eventfd write it would otherwise make,
+/// which in spin mode is most of the cost of handing a message over.
+///
+/// The peer can set or clear either word at any time. Its own word only
+/// decides whether we skip a signal *to the peer* (a wrong value only
+/// starves the peer itself), and ours is only read by the peer, which could
+/// as well never signal: neither gives it anything it did not have.
+#[derive(Default)]
+struct Header {
+    /// Address of the ring's mapping, learnt from the first pointer
+    /// shmem-ipc hands us; 0 until then, and the words count as clear.
+    base: usize,
+}
+
+/// Header offset of the word the ring's reader sets while it busy-polls for data.
+pub const READER_POLLING: usize = 8;
+/// Header offset of the word the ring's writer sets while it busy-polls for room.
+pub const WRITER_POLLING: usize = 12;
+
+impl Header {
+    /// Learns the mapping's address from the first data pointer shmem-ipc
+    /// passes (its ring index is 0 then, so the pointer is the start of the
+    /// data, [`RING_HEADER`] bytes into the mapping).
+    fn learn(&mut self, first: *const u8) {
+        if self.base == 0 {
+            self.base = (first as usize).wrapping_sub(RING_HEADER as usize);
+        }
+    }
+
+    fn word(&self, offset: usize) -> Option<&AtomicU32> {
+        if self.base == 0 {
+            return None;
+        }
+        // SAFETY: `base` is the start of this ring's mapping, which lives as
+        // long as the ring that owns this header; `offset` + 4 is within its
+        // 64-byte header, which shmem-ipc leaves unused past the count (bytes
+        // 8..64), 4-byte aligned (the mapping is page-aligned). The peer writes
+        // these bytes concurrently, which atomic accesses allow; every value
+        // is a valid u32.
+        Some(unsafe { AtomicU32::from_ptr((self.base + offset) as *mut u32) })
+    }
+
+    /// Sets or clears our polling word at `offset`. Clearing is followed by
+    /// a full fence: the ring check the caller makes next, before it blocks,
+    /// is ordered after the clear, so a peer that still saw the word set has
+    /// written before that check.
+    fn set(&self, offset: usize, on: bool) {
+        if let Some(w) = self.word(offset) {
+            w.store(u32::from(on), Ordering::Relaxed);
+            if !on {
+                fence(Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Whether the peer's polling word at `offset` is set, read after a full
+    /// fence that orders it after our update of the ring's count.
+    fn peer_polling(&self, offset: usize) -> bool {
+        self.word(offset).is_some_and(|w| {
+            fence(Ordering::SeqCst);
+            w.load(Ordering::Relaxed) != 0
+        })
+    }
+}
+
 /// How far one bounded write got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteProgress {
@@ -103,11 +174,16 @@ pub enum ReadProgress {
 pub struct RingSender {
     ring: Sender<u8>,
     broken: Option<Broken>,
+    header: Header,
 }
 
 impl RingSender {
     pub(crate) fn new(ring: Sender<u8>) -> Self {
-        RingSender { ring, broken: None }
+        RingSender {
+            ring,
+            broken: None,
+            header: Header::default(),
+        }
     }
 
     /// Marks the stream as stopped mid-message (a send gave up or its fill
@@ -152,10 +228,12 @@ impl RingSender {
                 return Ok(WriteProgress::Bounded);
             }
             let ring = &mut self.ring;
+            let header = &mut self.header;
             let mut copied = 0;
             let mut panicked = None;
             let status = guarded(&mut self.broken, || {
                 ring.sender_mut().send(|ptr, room| {
+                    header.learn(ptr);
                     let write = AssertUnwindSafe(|| {
                         // SAFETY: shmem-ipc passes a pointer writable for `room` bytes
                         // of our mapping, no reference into them exists, and we pass
@@ -177,7 +255,7 @@ impl RingSender {
             }
             let status = status?;
             left -= copied;
-            if status.signal {
+            if status.signal && !self.header.peer_polling(READER_POLLING) {
                 sys::eventfd_signal(self.ring.empty_signal().as_fd()).map_err(Error::signal)?;
             }
             if status.remaining == 0 || copied == 0 {
@@ -197,6 +275,13 @@ impl RingSender {
         guarded(&mut self.broken, || ring.sender_mut().write_count()).map(|n| n > 0)
     }
 
+    /// Says to the reader that we busy-poll for room (`true`), so it need
+    /// not signal it, or that we stopped (`false`; re-check the ring before
+    /// blocking). A no-op until the first write has shown us the header.
+    pub fn set_polling(&mut self, on: bool) {
+        self.header.set(WRITER_POLLING, on);
+    }
+
     /// The eventfd the reader writes when the ring stops being full.
     pub fn space_signal(&self) -> BorrowedFd<'_> {
         self.ring.full_signal().as_fd()
@@ -213,6 +298,7 @@ pub struct RingReceiver {
     ring: Receiver<u8>,
     decoder: Decoder,
     broken: Option<Broken>,
+    header: Header,
 }
 
 impl RingReceiver {
@@ -221,6 +307,7 @@ impl RingReceiver {
             ring,
             decoder: Decoder::new(max_message),
             broken: None,
+            header: Header::default(),
         }
     }
 
@@ -270,8 +357,10 @@ impl RingReceiver {
             let mut consumed = 0;
             let decoder = &mut self.decoder;
             let ring = &mut self.ring;
+            let header = &mut self.header;
             let status = guarded(&mut self.broken, || {
                 ring.receiver_mut().recv(|ptr, len| {
+                    header.learn(ptr);
                     let src = SharedBytes {
                         ptr,
                         len: len.min(left),
@@ -297,7 +386,7 @@ impl RingReceiver {
                 }
                 None => {}
             }
-            if status.signal {
+            if status.signal && !self.header.peer_polling(WRITER_POLLING) {
                 sys::eventfd_signal(self.ring.full_signal().as_fd()).map_err(Error::signal)?;
             }
             left -= consumed;
@@ -336,8 +425,62 @@ impl RingReceiver {
         self.decoder.ended()
     }
 
+    /// Says to the writer that we busy-poll for data (`true`), so it need
+    /// not signal us, or that we stopped (`false`; re-check the ring before
+    /// blocking). A no-op until the first read has shown us the header.
+    pub fn set_polling(&mut self, on: bool) {
+        self.header.set(READER_POLLING, on);
+    }
+
     /// The eventfd the writer writes when the ring stops being empty.
     pub fn data_signal(&self) -> BorrowedFd<'_> {
         self.ring.empty_signal().as_fd()
     }
+}
+
+/// A ring half a side can wait on: for room (a [`RingSender`]) or for data
+/// (a [`RingReceiver`]).
+pub trait Waitable {
+    /// Whether the ring can make progress now.
+    fn ready(&mut self) -> Result<bool, Error>;
+    /// The eventfd the peer writes when it made progress for us.
+    fn signal(&self) -> BorrowedFd<'_>;
+    /// Sets or clears our polling word (see [`Header`]).
+    fn set_polling(&mut self, on: bool);
+}
+
+impl Waitable for RingSender {
+    fn ready(&mut self) -> Result<bool, Error> {
+        self.has_room()
+    }
+    fn signal(&self) -> BorrowedFd<'_> {
+        self.space_signal()
+    }
+    fn set_polling(&mut self, on: bool) {
+        RingSender::set_polling(self, on)
+    }
+}
+
+impl Waitable for RingReceiver {
+    fn ready(&mut self) -> Result<bool, Error> {
+        self.has_data()
+    }
+    fn signal(&self) -> BorrowedFd<'_> {
+        self.data_signal()
+    }
+    fn set_polling(&mut self, on: bool) {
+        RingReceiver::set_polling(self, on)
+    }
+}
+
+/// Busy-polls `ring` until it can make progress or `budget` has passed;
+/// returns whether it can. Our polling word is set meanwhile, so the peer
+/// need not signal, and cleared before this returns: the caller re-checks the
+/// ring before it blocks (as it must anyway). An error reading the ring
+/// counts as progress: the caller's next operation on the ring reports it.
+pub fn spin_until_ready(ring: &mut (impl Waitable + ?Sized), budget: Duration) -> bool {
+    ring.set_polling(true);
+    let ready = sys::spin_until(budget, || ring.ready().unwrap_or(true));
+    ring.set_polling(false);
+    ready
 }

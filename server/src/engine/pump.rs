@@ -17,7 +17,7 @@
 
 use crate::service::{Memory, Message, Outbox, Outgoing, ServiceError, SessionHandler};
 use shmlink_endpoint::frame::{OutFrame, Received};
-use shmlink_endpoint::{sys, Endpoint, ReadProgress, Wakeup, WriteProgress};
+use shmlink_endpoint::{spin_until_ready, sys, Endpoint, ReadProgress, Wakeup, WriteProgress};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -378,12 +378,15 @@ fn service_error(what: &str, e: ServiceError) -> String {
     }
 }
 
-/// Spin mode: busy-polls the ring for up to `budget`; true if it became ready.
+/// Spin mode: busy-polls the ring for up to `budget` (see
+/// [`spin_until_ready`]: the pump's next look at the ring, which it always
+/// makes before the worker waits for the fds, sees what a client that
+/// skipped its signal wrote); true if it became ready.
 fn spin_for(ep: &mut Endpoint, budget: Duration, blocked: Blocked) -> bool {
-    sys::spin_until(budget, || match blocked {
-        Blocked::Room => ep.ring_sender().has_room().unwrap_or(true),
-        Blocked::Data => ep.ring_receiver().has_data().unwrap_or(true),
-    })
+    match blocked {
+        Blocked::Room => spin_until_ready(ep.ring_sender(), budget),
+        Blocked::Data => spin_until_ready(ep.ring_receiver(), budget),
+    }
 }
 
 #[cfg(test)]
