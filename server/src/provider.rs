@@ -332,16 +332,12 @@ impl Core {
         let id = self.books.reserve(&caller, &service, cost)?.id;
         endpoint.set_budget(budget);
         let traffic = Arc::new(Traffic::default());
-        if let Err(e) = self
-            .engine
-            .add_linked(id, endpoint, handler, traffic, Some(link))
-        {
+        if let Err(e) = self.engine.add_linked(id, endpoint, handler, traffic, link) {
             self.books.release(id);
             return Err(BrokerError::Internal(format!(
                 "could not start serving the session: {e}"
             )));
         }
-        self.engine.wake_added();
         log::info!(
             "session {} accepted: service {service}, client {} (uid {}, pid {}), capacity {cap_in}/{cap_out}",
             crate::logcap::cut(&session, crate::logcap::LOGGED_STRING),

@@ -3,7 +3,7 @@
 //! [`Sessions::open`]: parse the ring options → the service's `open` (its
 //! options and handler) → [`Broker::reserve`] (limits, id, charges) →
 //! [`ServerRings`] (the rings, usually made ahead while the D-Bus thread
-//! was idle) → [`Engine::add`] (a worker serves it). Any failure after the
+//! was idle) → [`Engine::add_held`] (a worker serves it). Any failure after the
 //! reservation releases it, so a refused call leaves no trace.
 //!
 //! [`Sessions::end_session`] is the only way a session ends, whatever the
@@ -375,7 +375,7 @@ impl Sessions {
         endpoint.set_budget(budget);
         let state = handler.state_view();
         let traffic = Arc::new(Traffic::default());
-        if let Err(e) = self.engine.add(id, endpoint, handler, traffic.clone()) {
+        if let Err(e) = self.engine.add_held(id, endpoint, handler, traffic.clone()) {
             let e = BrokerError::Internal(format!("could not start serving the session: {e}"));
             return Err(release_on_err(&mut self.broker, e));
         }
@@ -395,10 +395,10 @@ impl Sessions {
     }
 
     /// What follows the reply to the calls that opened sessions: their
-    /// workers are woken (see [`Engine::wake_added`]) and the opens logged.
+    /// workers are woken (see [`Engine::add_held`]) and the opens logged.
     /// Neither is needed for the reply, so the client does not wait for them.
     pub fn after_reply(&mut self) {
-        self.engine.wake_added();
+        self.engine.wake_held();
         for (id, capacity) in self.opened.drain(..) {
             if let Some(r) = self.broker.reservation(id) {
                 log::info!(

@@ -95,8 +95,9 @@ pub(crate) struct Engine {
     /// Which worker serves each session, and the session's counters.
     placement: HashMap<u64, (usize, Arc<Traffic>)>,
     next: usize,
-    /// Mailboxes given sessions since the last [`Engine::wake_added`].
-    unwoken: Vec<usize>,
+    /// Mailboxes given sessions by [`Engine::add_held`] since the last
+    /// [`Engine::wake_held`].
+    held: Vec<usize>,
     stop: Arc<AtomicBool>,
     ended: mpsc::Receiver<Ended>,
     notify: Arc<OwnedFd>,
@@ -113,7 +114,7 @@ impl Engine {
             threads: Vec::new(),
             placement: HashMap::new(),
             next: 0,
-            unwoken: Vec::new(),
+            held: Vec::new(),
             stop,
             ended,
             notify,
@@ -170,31 +171,63 @@ impl Engine {
         self.ended.try_iter().collect()
     }
 
-    /// Starts serving session `id`: watches its fds on the next worker in
-    /// turn, hands it the handler (attached to a waker) and runs it once,
-    /// once [`Engine::wake_added`] has woken that worker.
-    pub fn add(
+    /// Starts serving session `id`, which a provider serves: watches its
+    /// fds and `link` on the next worker in turn, hands it the handler
+    /// (attached to a waker) and wakes that worker, which runs it once. The
+    /// worker ends the session when the broker closes the other end of
+    /// `link`; ending the session (however it ends) drops `link`, which the
+    /// broker sees.
+    pub fn add_linked(
+        &mut self,
+        id: u64,
+        endpoint: Endpoint,
+        handler: Box<dyn SessionHandler>,
+        traffic: Arc<Traffic>,
+        link: OwnedFd,
+    ) -> std::io::Result<()> {
+        let index = self.place(id, endpoint, handler, traffic, Some(link))?;
+        self.mailboxes[index].wake();
+        Ok(())
+    }
+
+    /// Starts serving session `id` like [`Engine::add_linked`] (without a
+    /// link), but the worker is woken only by the next [`Engine::wake_held`]. The D-Bus side uses it to send the
+    /// `OpenSession` reply first: waking a worker costs the D-Bus thread a
+    /// system call and, when the worker is woken on the same CPU, its time
+    /// slice, and the client waits for neither.
+    pub fn add_held(
         &mut self,
         id: u64,
         endpoint: Endpoint,
         handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
     ) -> std::io::Result<()> {
-        self.add_linked(id, endpoint, handler, traffic, None)
+        let index = self.place(id, endpoint, handler, traffic, None)?;
+        if !self.held.contains(&index) {
+            self.held.push(index);
+        }
+        Ok(())
     }
 
-    /// [`Engine::add`] for a session a provider serves: its worker also
-    /// watches `link` and ends the session when the broker closes the other
-    /// end; ending the session (however it ends) drops `link`, which the
-    /// broker sees.
-    pub fn add_linked(
+    /// Wakes the workers given sessions by [`Engine::add_held`] since the
+    /// last call, so that they start serving them.
+    pub fn wake_held(&mut self) {
+        for index in self.held.drain(..) {
+            self.mailboxes[index].wake();
+        }
+    }
+
+    /// Queues session `id` (with a first run: sessions like `source` have
+    /// work before the client sends anything) on the next worker in turn,
+    /// without waking it; returns that worker's index.
+    fn place(
         &mut self,
         id: u64,
         endpoint: Endpoint,
         mut handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
         link: Option<OwnedFd>,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<usize> {
         let index = self.next % self.mailboxes.len();
         let mailbox = &self.mailboxes[index];
         let weak = Arc::downgrade(mailbox);
@@ -224,23 +257,8 @@ impl Engine {
         }
         self.next += 1;
         self.placement.insert(id, (index, traffic));
-        // Added with a first run: sessions like `source` have work before the client sends anything.
         mailbox.queue(Command::Add(id, pump));
-        if !self.unwoken.contains(&index) {
-            self.unwoken.push(index);
-        }
-        Ok(())
-    }
-
-    /// Wakes the workers given sessions by [`Engine::add`] since the last
-    /// call, so that they start serving them. Kept apart from `add` so the
-    /// D-Bus side can send the `OpenSession` reply first: waking a worker
-    /// costs the D-Bus thread a system call and, when the worker is woken
-    /// on the same CPU, its time slice, and the client waits for neither.
-    pub fn wake_added(&mut self) {
-        for index in self.unwoken.drain(..) {
-            self.mailboxes[index].wake();
-        }
+        Ok(index)
     }
 
     /// Stops serving session `id`; its worker drops the rings and hang-up
@@ -428,9 +446,9 @@ mod tests {
             let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
             let handler = Echo.open(&caller(), &options(&[])).expect("open");
             engine
-                .add(id, server, handler, Arc::default())
+                .add_held(id, server, handler, Arc::default())
                 .expect("add");
-            engine.wake_added();
+            engine.wake_held();
             let mut client = Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client");
             client.set_timeout(Some(Duration::from_secs(10)));
             clients.push(client);
@@ -471,9 +489,8 @@ mod tests {
             let handler = Echo.open(&caller(), &options(&[])).expect("open");
             let (broker_end, link) = sys::socketpair().expect("link");
             engine
-                .add_linked(id, server, handler, Arc::default(), Some(link))
+                .add_linked(id, server, handler, Arc::default(), link)
                 .expect("add");
-            engine.wake_added();
             clients.push(Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client"));
             links.push(broker_end);
         }
