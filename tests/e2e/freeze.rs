@@ -9,7 +9,7 @@
 
 use shmlink_tests::attacks::{measure_honest, HonestTimes};
 use shmlink_tests::hostile::{hostile_binary, Honest};
-use shmlink_tests::{wait_until, Harness, DEADLINE};
+use shmlink_tests::{fd_count, wait_until, Harness, DEADLINE};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -153,6 +153,57 @@ fn trickled_frames_freeze_nothing_in_park_mode() {
 #[test]
 fn trickled_frames_freeze_nothing_in_spin_mode() {
     trickle_attack("spin");
+}
+
+#[test]
+fn opens_of_changing_capacity_freeze_nothing_and_leave_nothing_behind() {
+    // The daemon makes the next session's rings ahead, of the capacity the
+    // last open asked for; an attacker alternating capacities makes it drop
+    // that set each time and make rings twice per open.
+    let mut h = Harness::start();
+    let pid = h.daemon_pid();
+    let client = h.client();
+    client
+        .session("echo")
+        .capacity(4096)
+        .open()
+        .expect("a first session")
+        .close()
+        .expect("close it");
+    let fds_before = fd_count(pid);
+    let honest_stream = Honest::start(h.bus());
+    let churn = Attacker::start(&h, &["churn", "echo", "4096", &(16u64 << 20).to_string()]);
+    let times = measure_honest(&client, 100, 20).expect("honest client under attack");
+    assert!(
+        honest_stream.progresses(20, DEADLINE),
+        "the honest stream stalled"
+    );
+    let last = churn.stop();
+    honest_stream.finish();
+    let done: Vec<u64> = last
+        .strip_prefix("DONE ")
+        .map(|r| r.split(' ').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    assert_eq!(done.len(), 2, "attacker ended with {last:?}");
+    println!(
+        "changing capacities: {} opens and closes, {} refused",
+        done[0], done[1]
+    );
+    assert!(done[0] >= 20, "the attack hardly ran ({} opens)", done[0]);
+    assert_eq!(done[1], 0, "opens of an allowed capacity were refused");
+    assert_fast("changing capacities", &times, WORST_OPEN);
+    // Every session closed: what the daemon holds is what it held before,
+    // one set of rings made ahead included.
+    assert!(
+        wait_until(DEADLINE, || h.session_count() == 0),
+        "sessions left open"
+    );
+    assert!(
+        wait_until(DEADLINE, || fd_count(pid) <= fds_before + 4),
+        "daemon fds {} after the attack (before: {fds_before})",
+        fd_count(pid)
+    );
+    assert_stops_quickly(&mut h, "changing capacities");
 }
 
 #[test]

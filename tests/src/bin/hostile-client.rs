@@ -20,6 +20,10 @@
 //!                                         each on a new connection;
 //!                                         print "READY error-name" after the first, "DONE n µs"
 //!                                         (calls made, slowest call) at stdin EOF
+//! hostile-client ADDR churn SERVICE CAP1 CAP2
+//!                                         open and close sessions in a loop, the capacity
+//!                                         alternating between CAP1 and CAP2; print "READY"
+//!                                         after the first, "DONE opened refused" at stdin EOF
 //! hostile-client ADDR refuse N            N pipelined OpenSession calls of an unknown service;
 //!                                         print "DONE refused"
 //! hostile-client ADDR memory ATTACK MODE N SIZE  run a memory attack (see `memory_attacks`),
@@ -245,6 +249,38 @@ fn main() {
                 n += 1;
             }
             println!("DONE {n} {}", slowest.as_micros());
+        }
+        "churn" => {
+            let caps: [u64; 2] = [
+                arg(3).parse().unwrap_or(4096),
+                arg(4).parse().unwrap_or(1 << 20),
+            ];
+            let done = stdin_closed();
+            let (mut n_opened, mut n_refused) = (0u64, 0u64);
+            while !done.load(Ordering::SeqCst) {
+                let options = hostile::capacity_option(caps[(n_opened + n_refused) as usize % 2]);
+                match hostile::open_session_raw(&conn, arg(2), options) {
+                    Ok(reply) => {
+                        let reply: shmlink_interfaces::OpenSessionReply = reply.into();
+                        // Closed while its fds are held: dropping them
+                        // first would end the session (a hang-up) before Close.
+                        let closed: Result<(), dbus::Error> = conn
+                            .with_proxy(BUS_NAME, &reply.session, hostile::CALL_TIMEOUT)
+                            .method_call(SESSION_INTERFACE, member::CLOSE, ());
+                        drop(reply);
+                        if let Err(e) = closed {
+                            refused(&e);
+                        }
+                        n_opened += 1;
+                    }
+                    Err(_) => n_refused += 1,
+                }
+                if n_opened + n_refused == 1 {
+                    let _ = writeln!(out, "READY");
+                    let _ = out.flush();
+                }
+            }
+            println!("DONE {n_opened} {n_refused}");
         }
         "refuse" => {
             let n: usize = arg(2).parse().unwrap_or(1000);
