@@ -4,7 +4,6 @@ use crate::frame::{FillFrame, Item, OutFrame, Piece, Received, WriteFrame};
 use crate::ring::{spin_until_ready, RingReceiver, RingSender, Waitable};
 use crate::sys::{self, FdKind, HangupState};
 use crate::Error;
-use rustix::event::{eventfd, EventfdFlags};
 use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
 use rustix::io::Errno;
 use rustix::net::{sockopt, AddressFamily, SocketType};
@@ -727,13 +726,7 @@ impl ServerRings {
         let cap =
             usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
         let [rx_mem, tx_mem] = [ring_memfd(capacity)?, ring_memfd(capacity)?];
-        // Non-blocking eventfds: we never block on them, and a peer that stops
-        // reading them cannot stall our writes.
-        let signal = || -> Result<File, Error> {
-            let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
-                .map_err(std::io::Error::from)?;
-            Ok(File::from(fd))
-        };
+        let signal = || -> Result<File, Error> { Ok(File::from(sys::new_eventfd()?)) };
         let rx = Receiver::<u8>::open(cap, rx_mem, signal()?, signal()?).map_err(setup)?;
         let tx = Sender::<u8>::open(cap, tx_mem, signal()?, signal()?).map_err(setup)?;
         let (hangup, theirs) = sys::socketpair()?;
@@ -799,9 +792,7 @@ impl ServerRings {
 pub fn create_unmapped(capacity: u64) -> Result<ProvidedFds, Error> {
     let capacity = rounded_capacity(capacity);
     usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
-    let signal = || -> Result<OwnedFd, Error> {
-        Ok(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).map_err(io::Error::from)?)
-    };
+    let signal = || -> Result<OwnedFd, Error> { Ok(sys::new_eventfd()?) };
     let ring = || -> Result<(RingFds, RingFds), Error> {
         let memfd = OwnedFd::from(ring_memfd(capacity)?);
         let (empty_signal, full_signal) = (signal()?, signal()?);
@@ -1360,7 +1351,7 @@ mod tests {
         let capacity = rounded_capacity(capacity);
         let ring = || {
             let memfd = OwnedFd::from(ring_memfd(capacity).unwrap());
-            let ev = || eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+            let ev = || sys::new_eventfd().unwrap();
             RingFds {
                 capacity,
                 memfd,
@@ -1442,7 +1433,7 @@ mod tests {
         );
         // An eventfd where the link should be.
         let (fds, _client, _broker, _) = provided_fds(4096);
-        let ev = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+        let ev = sys::new_eventfd().unwrap();
         let err = open(fds, ev.as_fd());
         assert!(
             matches!(err, Error::BadFd(ref m) if m.starts_with("link fd is not a socket")),

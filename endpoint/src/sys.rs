@@ -58,6 +58,16 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::R
         .collect())
 }
 
+/// A new eventfd at zero, close-on-exec and non-blocking: its owner never
+/// blocks on it, and a peer that shares it and stops reading it cannot stall
+/// the owner's writes.
+pub fn new_eventfd() -> io::Result<OwnedFd> {
+    Ok(rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )?)
+}
+
 /// Resets an eventfd's counter without blocking and without touching the
 /// O_NONBLOCK flag that the peer shares (`preadv2` with `RWF_NOWAIT`).
 ///

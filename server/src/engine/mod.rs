@@ -22,7 +22,6 @@ use pump::{Pump, Slice, Step, FIRED_DATA, FIRED_HANGUP, FIRED_LINK, FIRED_ROOM};
 use crate::lock;
 use crate::service::{SessionHandler, SessionWaker};
 use rustix::event::epoll::{self, EventData, EventFlags};
-use rustix::event::{eventfd, EventfdFlags};
 use shmlink_endpoint::{sys, Endpoint};
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -84,10 +83,6 @@ impl Mailbox {
     }
 }
 
-fn new_eventfd() -> std::io::Result<OwnedFd> {
-    Ok(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?)
-}
-
 /// The pool of workers, driven from the D-Bus thread.
 pub(crate) struct Engine {
     mailboxes: Vec<Arc<Mailbox>>,
@@ -106,7 +101,7 @@ pub(crate) struct Engine {
 impl Engine {
     /// Starts `workers` threads (at least one).
     pub fn start(workers: usize) -> std::io::Result<Engine> {
-        let notify = Arc::new(new_eventfd()?);
+        let notify = Arc::new(sys::new_eventfd()?);
         let stop = Arc::new(AtomicBool::new(false));
         let (ended_tx, ended) = mpsc::channel();
         let mut engine = Engine {
@@ -121,7 +116,7 @@ impl Engine {
         };
         for i in 0..workers.max(1) {
             let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
-            let wake = new_eventfd()?;
+            let wake = sys::new_eventfd()?;
             epoll::add(
                 &epoll,
                 &wake,
