@@ -875,6 +875,52 @@ mod tests {
     }
 
     #[test]
+    fn a_spin_that_keeps_its_word_spares_the_next_signal_until_cleared() {
+        let (mut server, mut client) = pair(4096);
+        client.send(b"one").unwrap();
+        assert!(signalled(server.ring_receiver().data_signal()));
+        assert_eq!(server.recv().unwrap().as_deref(), Some(&b"one"[..]));
+
+        client.send(b"two").unwrap();
+        let _ = signalled(server.ring_receiver().data_signal());
+        assert!(crate::spin_keeping_word(
+            server.ring_receiver(),
+            Duration::from_secs(5)
+        ));
+        assert_eq!(server.recv().unwrap().as_deref(), Some(&b"two"[..]));
+        client.send(b"three").unwrap();
+        assert!(
+            !signalled(server.ring_receiver().data_signal()),
+            "the word stays set after a spin that found data"
+        );
+        assert_eq!(server.recv().unwrap().as_deref(), Some(&b"three"[..]));
+
+        assert!(!crate::spin_keeping_word(
+            server.ring_receiver(),
+            Duration::from_millis(1)
+        ));
+        client.send(b"four").unwrap();
+        assert!(
+            signalled(server.ring_receiver().data_signal()),
+            "a spin that ran out of budget cleared the word"
+        );
+        assert_eq!(server.recv().unwrap().as_deref(), Some(&b"four"[..]));
+
+        client.send(b"five").unwrap();
+        let _ = signalled(server.ring_receiver().data_signal());
+        assert!(spin_until_ready(
+            server.ring_receiver(),
+            Duration::from_secs(5)
+        ));
+        assert_eq!(server.recv().unwrap().as_deref(), Some(&b"five"[..]));
+        client.send(b"six").unwrap();
+        assert!(
+            signalled(server.ring_receiver().data_signal()),
+            "spin_until_ready clears the word whatever it found"
+        );
+    }
+
+    #[test]
     fn a_reader_skips_the_room_signal_only_while_the_writer_polls() {
         let (mut server, mut client) = pair(4096);
         let fill = |client: &mut Endpoint| {

@@ -21,7 +21,10 @@ pub use endpoint::{
     ProvidedFds, ServerRings, Wakeup,
 };
 pub use frame::{Budget, FillFrame, FrameError, Item, OutFrame, Piece, Received, WriteFrame};
-pub use ring::{spin_until_ready, ReadProgress, RingReceiver, RingSender, Waitable, WriteProgress};
+pub use ring::{
+    spin_keeping_word, spin_until_ready, ReadProgress, RingReceiver, RingSender, Waitable,
+    WriteProgress,
+};
 pub use shmlink_interfaces::{PeerFds, RingFds};
 
 /// Everything that can go wrong on the data plane.

@@ -479,8 +479,26 @@ impl Waitable for RingReceiver {
 /// ring before it blocks (as it must anyway). An error reading the ring
 /// counts as progress: the caller's next operation on the ring reports it.
 pub fn spin_until_ready(ring: &mut (impl Waitable + ?Sized), budget: Duration) -> bool {
+    let ready = spin_keeping_word(ring, budget);
+    if ready {
+        ring.set_polling(false);
+    }
+    ready
+}
+
+/// [`spin_until_ready`], but when the ring becomes ready our polling word
+/// stays set, so the peer need not signal while we use what we found and
+/// come back for more. For a side that always looks at the ring again
+/// before it blocks (a server's pump), never for a caller that may hand the
+/// ring's eventfd to someone else's poll loop: it must clear the word
+/// ([`Waitable::set_polling`]) and re-check the ring before anyone waits on
+/// that eventfd. Cleared, as by [`spin_until_ready`], when the budget runs
+/// out.
+pub fn spin_keeping_word(ring: &mut (impl Waitable + ?Sized), budget: Duration) -> bool {
     ring.set_polling(true);
     let ready = sys::spin_until(budget, || ring.ready().unwrap_or(true));
-    ring.set_polling(false);
+    if !ready {
+        ring.set_polling(false);
+    }
     ready
 }

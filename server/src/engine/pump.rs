@@ -17,7 +17,7 @@
 
 use crate::service::{Memory, Message, Outbox, Outgoing, ServiceError, SessionHandler};
 use shmlink_endpoint::frame::{OutFrame, Received};
-use shmlink_endpoint::{spin_until_ready, sys, Endpoint, ReadProgress, Wakeup, WriteProgress};
+use shmlink_endpoint::{spin_keeping_word, sys, Endpoint, ReadProgress, Wakeup, WriteProgress};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -134,6 +134,11 @@ pub(crate) struct Pump {
     /// Spin mode: since when the session has waited without moving a whole
     /// frame (its spin budget runs from there).
     waiting_since: Option<Instant>,
+    /// Spin mode: a successful spin left our polling word on a ring set (see
+    /// [`spin_keeping_word`]), so the client skips its signals while we serve
+    /// what it sent; cleared, with the rings looked at again, before the
+    /// worker waits for the session's fds.
+    polling: bool,
 }
 
 /// Why a run stopped moving data.
@@ -166,6 +171,7 @@ impl Pump {
             end_frame: None,
             end_sent: false,
             waiting_since: None,
+            polling: false,
         }
     }
 
@@ -194,6 +200,7 @@ impl Pump {
     pub fn run(&mut self, fired: u8, slice: Slice) -> Step {
         let start = Instant::now();
         let step = match self.run_inner(fired, slice) {
+            Ok(Step::Idle) if self.polling => self.stop_polling(),
             Ok(step) => step,
             Err(reason) => Step::End(reason),
         };
@@ -334,6 +341,25 @@ impl Pump {
         }
     }
 
+    /// Clears the polling words a successful spin left set, then looks at
+    /// the rings again: a client that saw a word still set did not signal,
+    /// so what it wrote meanwhile must be found now, not by the worker's
+    /// wait for the fds.
+    fn stop_polling(&mut self) -> Step {
+        self.polling = false;
+        self.endpoint.ring_receiver().set_polling(false);
+        self.endpoint.ring_sender().set_polling(false);
+        // An error reading a ring counts as work: the next run reports it.
+        let data = self.endpoint.ring_receiver().has_data().unwrap_or(true);
+        let room = self.endpoint.ring_sender().has_room().unwrap_or(true);
+        let blocked_on_room = self.pending.is_some() || (self.outbox.finished() && !self.end_sent);
+        if data || (room && blocked_on_room) {
+            Step::More
+        } else {
+            Step::Idle
+        }
+    }
+
     /// The rings are blocked: in park mode, or with the spin budget spent,
     /// wait for an fd ([`Step::Idle`]); in spin mode, yield if other
     /// sessions wait ([`Step::More`]), else busy-poll for what is left of
@@ -353,6 +379,7 @@ impl Pump {
         }
         let limit = budget.min(slice.deadline.saturating_duration_since(now));
         let ready = spin_for(&mut self.endpoint, limit, blocked);
+        self.polling |= ready;
         self.traffic
             .spin_ns
             .fetch_add(nanos(now.elapsed()), Relaxed);
@@ -378,14 +405,13 @@ fn service_error(what: &str, e: ServiceError) -> String {
     }
 }
 
-/// Spin mode: busy-polls the ring for up to `budget` (see
-/// [`spin_until_ready`]: the pump's next look at the ring, which it always
-/// makes before the worker waits for the fds, sees what a client that
-/// skipped its signal wrote); true if it became ready.
+/// Spin mode: busy-polls the ring for up to `budget`; true if it became
+/// ready, and then our polling word stays set (see [`spin_keeping_word`]
+/// and [`Pump::stop_polling`]).
 fn spin_for(ep: &mut Endpoint, budget: Duration, blocked: Blocked) -> bool {
     match blocked {
-        Blocked::Room => spin_until_ready(ep.ring_sender(), budget),
-        Blocked::Data => spin_until_ready(ep.ring_receiver(), budget),
+        Blocked::Room => spin_keeping_word(ep.ring_sender(), budget),
+        Blocked::Data => spin_keeping_word(ep.ring_receiver(), budget),
     }
 }
 
@@ -486,6 +512,54 @@ mod tests {
             }
         }
         assert_eq!(traffic.messages_to_server.load(Relaxed), 10);
+    }
+
+    /// Whether `fd` (an eventfd) was written since it was last drained; drains it.
+    fn signalled(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+        let now = sys::poll_readable(&[fd], Some(Instant::now())).expect("poll")[0].readable;
+        sys::eventfd_drain(fd).expect("drain");
+        now
+    }
+
+    #[test]
+    fn a_polling_word_left_set_is_cleared_before_the_worker_waits() {
+        let (mut pump, mut client, _) = pair(&Echo, 4096, &[]);
+        client.send(b"one").expect("send");
+        assert_eq!(pump.run(FIRED_DATA, roomy()), Step::Idle);
+        assert_eq!(try_recv(&mut client), Some(Item::Message(b"one".to_vec())));
+        // As a spin that found data leaves it: the word set, the pump told.
+        pump.endpoint.ring_receiver().set_polling(true);
+        pump.polling = true;
+        client.send(b"two").expect("send");
+        assert!(
+            !signalled(pump.endpoint.readable_fd()),
+            "the client skips its signal while the word is set"
+        );
+        assert_eq!(pump.run(0, roomy()), Step::Idle);
+        assert_eq!(try_recv(&mut client), Some(Item::Message(b"two".to_vec())));
+        client.send(b"three").expect("send");
+        assert!(
+            signalled(pump.endpoint.readable_fd()),
+            "a pump that goes idle clears its word first"
+        );
+        assert_eq!(pump.run(FIRED_DATA, roomy()), Step::Idle);
+        assert_eq!(
+            try_recv(&mut client),
+            Some(Item::Message(b"three".to_vec()))
+        );
+        // What arrives unsignalled while the word is still set is found by
+        // the look at the ring that follows the clearing.
+        pump.endpoint.ring_receiver().set_polling(true);
+        pump.polling = true;
+        client.send(b"four").expect("send");
+        assert!(!signalled(pump.endpoint.readable_fd()));
+        assert_eq!(
+            pump.stop_polling(),
+            Step::More,
+            "the unsignalled message is seen"
+        );
+        assert_eq!(pump.run(0, roomy()), Step::Idle);
+        assert_eq!(try_recv(&mut client), Some(Item::Message(b"four".to_vec())));
     }
 
     #[test]
