@@ -68,6 +68,17 @@ impl Attacker {
         let _ = self.child.wait();
         last.trim().to_owned()
     }
+
+    /// Stops it and returns the two numbers of its last line, `DONE a b`.
+    fn stop_done(self) -> [u64; 2] {
+        let last = self.stop();
+        let done: Vec<u64> = last
+            .strip_prefix("DONE ")
+            .map(|r| r.split(' ').filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default();
+        done.try_into()
+            .unwrap_or_else(|_| panic!("attacker ended with {last:?}"))
+    }
 }
 
 impl Drop for Attacker {
@@ -178,13 +189,8 @@ fn opens_of_changing_capacity_freeze_nothing_and_leave_nothing_behind() {
         honest_stream.progresses(20, DEADLINE),
         "the honest stream stalled"
     );
-    let last = churn.stop();
+    let done = churn.stop_done();
     honest_stream.finish();
-    let done: Vec<u64> = last
-        .strip_prefix("DONE ")
-        .map(|r| r.split(' ').filter_map(|n| n.parse().ok()).collect())
-        .unwrap_or_default();
-    assert_eq!(done.len(), 2, "attacker ended with {last:?}");
     println!(
         "changing capacities: {} opens and closes, {} refused",
         done[0], done[1]
@@ -224,12 +230,7 @@ fn huge_calls_get_their_error_without_stalling_other_callers() {
     assert_stops_quickly(&mut h, "huge calls");
     let mut calls = 0;
     for (what, a) in [("name", name), ("options", options)] {
-        let last = a.stop();
-        let done: Vec<u64> = last
-            .strip_prefix("DONE ")
-            .map(|r| r.split(' ').filter_map(|n| n.parse().ok()).collect())
-            .unwrap_or_default();
-        assert_eq!(done.len(), 2, "attacker ended with {last:?}");
+        let done = a.stop_done();
         println!(
             "huge calls: {} calls with a 16 MiB {what}, slowest {:.1} ms",
             done[0],
