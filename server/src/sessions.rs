@@ -656,8 +656,8 @@ mod tests {
     }
 
     /// The inode of a session's client-to-server memfd: which ring it is.
-    fn ring_inode(opened: &Opened) -> u64 {
-        rustix::fs::fstat(&opened.fds.to_server.memfd)
+    fn ring_inode(fds: &PeerFds) -> u64 {
+        rustix::fs::fstat(&fds.to_server.memfd)
             .expect("fstat")
             .st_ino
     }
@@ -671,15 +671,13 @@ mod tests {
         s.make_rings_ahead();
         let ahead = s.rings_ahead.as_ref().expect("made ahead");
         assert_eq!(ahead.capacity(), first.fds.to_server.capacity);
-        let ahead_ino = rustix::fs::fstat(&ahead.client_fds().to_server.memfd)
-            .expect("fstat")
-            .st_ino;
+        let ahead_ino = ring_inode(ahead.client_fds());
 
         // The next open of that capacity takes them, and they are new rings.
         let second = s.open(&caller(), "echo", cap(4096)).expect("open");
         assert!(s.rings_ahead.is_none(), "taken by the open");
-        assert_eq!(ring_inode(&second), ahead_ino);
-        assert_ne!(ring_inode(&second), ring_inode(&first));
+        assert_eq!(ring_inode(&second.fds), ahead_ino);
+        assert_ne!(ring_inode(&second.fds), ring_inode(&first.fds));
 
         // Made again, but of another capacity than the next open asks for:
         // dropped, and that open gets rings of its own capacity.
