@@ -351,9 +351,8 @@ impl Pump {
         self.endpoint.ring_sender().set_polling(false);
         // An error reading a ring counts as work: the next run reports it.
         let data = self.endpoint.ring_receiver().has_data().unwrap_or(true);
-        let room = self.endpoint.ring_sender().has_room().unwrap_or(true);
         let blocked_on_room = self.pending.is_some() || (self.outbox.finished() && !self.end_sent);
-        if data || (room && blocked_on_room) {
+        if data || (blocked_on_room && self.endpoint.ring_sender().has_room().unwrap_or(true)) {
             Step::More
         } else {
             Step::Idle
