@@ -1,20 +1,20 @@
-//! The daemon: connects to the bus, takes the well-known name, and runs the
-//! main loop that ties bus traffic, the engine's notifications, the
-//! provider links, the providers' answer deadlines and the stop signal together. The interfaces themselves live in [`crate::dbus`], the
-//! session lifecycle in [`crate::sessions`].
+//! The daemon: connects to the bus, takes the well-known name, and runs
+//! the [main loop](crate::main_loop) over the D-Bus adapter ([`crate::dbus`]),
+//! which ties bus traffic, the engine's notifications, the provider links,
+//! the providers' answer deadlines and the stop signal together. The
+//! sessions live in [`crate::sessions`].
 
 use crate::config::Config;
 use crate::dbus::{name_owner_changed, Adapter};
+use crate::main_loop;
 use crate::names::Names;
 use crate::service::Service;
 use crate::sessions::Sessions;
 use dbus::blocking::stdintf::org_freedesktop_dbus::RequestNameReply;
 use dbus::blocking::Connection;
-use shmlink_endpoint::sys;
 pub use shmlink_interfaces::Bus;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +79,7 @@ impl Daemon {
         })?;
         channel.set_watch_enabled(true);
         let conn = Connection::from(channel);
-        let adapter = Adapter::new(Sessions::start(config, services)?.with_names(names));
+        let mut adapter = Adapter::new(Sessions::start(config, services)?, names);
 
         // Learn when clients leave the bus.
         conn.add_match_no_cb(&name_owner_changed().match_str())
@@ -122,45 +122,15 @@ impl Daemon {
     }
 
     fn serve(&mut self, stop: Option<BorrowedFd<'_>>) -> Result<(), DaemonError> {
-        let watch = self.conn.channel().watch();
-        // SAFETY: the watch fd belongs to `self.conn`'s channel, which
-        // outlives this borrow (it lives until `self` is dropped).
-        let bus_fd = unsafe { BorrowedFd::borrow_raw(watch.fd) };
-        let notify = self.adapter.notify_fd();
-        let links = self.adapter.links_fd();
-        loop {
-            let channel = self.conn.channel();
-            if channel.read_write(Some(Duration::ZERO)).is_err() {
-                return Err(DaemonError::Disconnected);
-            }
-            while let Some(msg) = channel.pop_message() {
-                self.adapter.handle(&self.conn, msg);
-            }
-            self.adapter.expire(&self.conn, Instant::now());
-            self.conn.channel().flush();
-            self.adapter.idle();
-            let mut fds = vec![bus_fd, notify.as_fd(), links.as_fd()];
-            if let Some(s) = stop {
-                fds.push(s);
-            }
-            // Wake up for the first provider whose time to answer runs out.
-            let ready = sys::poll_readable(&fds, self.adapter.next_deadline())?;
-            if ready.get(3).is_some_and(|r| r.readable) {
+        match main_loop::run(&self.conn, stop, &mut self.adapter)? {
+            main_loop::Ended::Stopped => {
                 log::info!(
                     "stop requested; closing {} session(s)",
                     self.adapter.session_count()
                 );
-                return Ok(());
+                Ok(())
             }
-            if ready[1].readable {
-                self.adapter.reap(&self.conn);
-            }
-            if ready[2].readable {
-                self.adapter.reap_links(&self.conn);
-            }
-            if ready[0].hangup && !ready[0].readable {
-                return Err(DaemonError::Disconnected);
-            }
+            main_loop::Ended::Disconnected => Err(DaemonError::Disconnected),
         }
     }
 

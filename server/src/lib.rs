@@ -15,14 +15,16 @@
 //! ```
 #![deny(missing_docs)]
 
-mod broker;
+mod accounting;
+mod admission;
 pub mod builtin;
 pub mod config;
 mod daemon;
 mod dbus;
 mod engine;
 mod links;
-mod logcap;
+mod log_bounds;
+mod main_loop;
 mod names;
 mod provider;
 mod service;

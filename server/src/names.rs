@@ -73,13 +73,22 @@ impl Names {
 
     /// The parent of the session objects, with a trailing `/`.
     pub fn session_prefix(&self) -> String {
-        format!("{}/session/", self.path)
+        format!("{}{SESSIONS_NODE}/", self.path)
     }
 
     /// The object path of session `id`.
     pub fn session_path(&self, id: u64) -> String {
-        format!("{}/session/{id}", self.path)
+        format!("{}{SESSIONS_NODE}/{id}", self.path)
     }
+}
+
+/// The node below a broker object that holds its sessions.
+const SESSIONS_NODE: &str = "/session";
+
+/// The path of the broker object a session object at `session` belongs to.
+pub(crate) fn broker_path_of(session: &str) -> &str {
+    let parent = session.rsplit_once('/').map_or("", |(p, _)| p);
+    parent.strip_suffix(SESSIONS_NODE).unwrap_or(parent)
 }
 
 #[cfg(test)]
@@ -95,6 +104,7 @@ mod tests {
         let n = Names::new("org.example.my-app.Frames1").unwrap();
         assert_eq!(n.path(), "/org/example/my_app/Frames1");
         assert_eq!(n.session_path(7), "/org/example/my_app/Frames1/session/7");
+        assert_eq!(broker_path_of(&n.session_path(7)), n.path());
         let n = n.with_path("/x").unwrap();
         assert_eq!(
             (n.bus_name(), n.path()),

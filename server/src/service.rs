@@ -212,17 +212,7 @@ impl Options {
 }
 
 /// Who opened a session, as the bus reported it.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    /// Unique bus name of the connection.
-    pub bus_name: String,
-    /// Unix user id.
-    pub uid: u32,
-    /// Process id (0 when the bus did not say).
-    pub pid: u32,
-    /// Unix group ids (primary and supplementary) when the bus reported them.
-    pub gids: Vec<u32>,
-}
+pub use shmlink_interfaces::Caller;
 
 /// A fill queued by [`Outbox::send_with`], run when the message's turn comes.
 type BoxedFill = Box<dyn FnMut(Piece<'_>) + Send>;
@@ -623,10 +613,10 @@ mod tests {
     }
 
     /// Books whose uid 1 may hold `limit` bytes, and that uid's memory.
-    fn limited(limit: u64) -> (crate::broker::Broker, Memory) {
+    fn limited(limit: u64) -> (crate::accounting::Accounting, Memory) {
         let mut config = crate::config::Config::default();
         config.limits.memory_per_user = limit;
-        let mut books = crate::broker::Broker::new(config);
+        let mut books = crate::accounting::Accounting::new(config);
         let memory = Memory::new(books.budget_of(1));
         (books, memory)
     }

@@ -1,60 +1,43 @@
-//! The session lifecycle, in one place and one direction.
+//! The session table: every session of this process is one [`Session`] in
+//! one map, from the moment it is admitted until it ends.
 //!
-//! [`Sessions::open`]: parse the ring options → the service's `open` (its
-//! options and handler) → [`Broker::reserve`] (limits, id, charges) →
-//! [`ServerRings`] (the rings, usually made ahead while the D-Bus thread
-//! was idle) → [`Engine::add_held`] (a worker serves it). Any failure after the
-//! reservation releases it, so a refused call leaves no trace.
+//! A session is admitted once, whatever kind of open it is
+//! ([`Sessions::open`] for a hosted service, [`Sessions::ask_provider`] for
+//! a service a provider process registered, [`Sessions::adopt`] in a
+//! provider process for a session a broker hands over), through the same
+//! steps: the service, its access rule, the ring options, the service's
+//! own options, then the charge ([`Accounting::reserve`]). The charge is
+//! the entry's [`Reservation`], which refunds itself when the entry is
+//! dropped.
 //!
-//! [`Sessions::end_session`] is the only way a session ends, whatever the
-//! cause (`Close`, the owner leaving the bus, the engine reporting a dead or
-//! misbehaving peer, shutdown): it releases the reservation, tells the engine
-//! to drop the session, logs, and returns what the D-Bus side needs to
-//! remove the object and announce the end. It is idempotent: a second call
-//! for the same id returns `None`, so an end is announced once.
-//!
-//! A service a provider process registered opens in two steps:
-//! [`Sessions::open_provided`] (access, ring options, reservation, the fds
-//! made by [`shmlink_endpoint::create_unmapped`], nothing mapped) leaves the
-//! session pending while the provider is asked; then
-//! [`Sessions::accept_provided`] opens it (its link watched by [`Links`]) or
-//! [`Sessions::abandon_provided`] releases everything. An open provided
-//! session ends through `end_session` like any other, which closes the
-//! broker's end of its link.
+//! Ending a session is removing its entry ([`Sessions::end`]), whatever
+//! the cause (`Close`, the owner leaving the bus, the engine reporting a
+//! dead or misbehaving peer, the provider closing its link, shutdown). An
+//! open that fails half-way, a provider's refusal and a client leaving while
+//! its provider is asked are the same: the entry (or the half-made one) is
+//! dropped. A second end of the same id finds nothing, so an end is
+//! announced once.
 
-use crate::broker::{session_cost, Broker, BrokerError, Registration};
+use crate::accounting::{session_cost, Accounting, Refusal, Registration, Reservation};
+use crate::admission::ring_options;
 use crate::config::Config;
 use crate::engine::{Engine, Traffic};
 use crate::links::Links;
-use crate::logcap::{cut, LOGGED_STRING};
-use crate::names::Names;
-use crate::service::{prop, Caller, Memory, Options, Service, StateView};
+use crate::log_bounds::{cut, LOGGED_ERROR, LOGGED_STRING};
+use crate::service::{Caller, Memory, Options, Service, SessionHandler, StateView};
 use dbus::arg::PropMap;
-use shmlink_endpoint::{PeerFds, ServerRings, Wakeup};
-use shmlink_interfaces::{limits, option, param, wakeup};
-use std::collections::{BTreeMap, HashMap};
-use std::os::fd::OwnedFd;
+use shmlink_endpoint::{ClientLimits, Endpoint, PeerFds, ServerRings};
+use shmlink_interfaces::{option, ParametersError, SessionParameters};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Duration;
 
-/// A session just opened: what its D-Bus object carries and what the
-/// `OpenSession` reply returns.
-pub(crate) struct Opened {
-    /// The session's record.
-    pub record: SessionRecord,
-    /// The fds to hand to the client.
-    pub fds: PeerFds,
-    /// The `parameters` dictionary of the reply.
-    pub params: PropMap,
-}
-
-/// What a session's D-Bus object knows about it, readable without waiting
-/// for the worker that serves it.
-pub(crate) struct SessionRecord {
-    /// Session id.
+/// What is known of a session for its whole life and readable without
+/// waiting for the worker that serves it: the D-Bus side shares it as the
+/// session object's data.
+pub(crate) struct SessionInfo {
+    /// Session id (at a broker, the last component of its object path).
     pub id: u64,
-    /// Its object path.
-    pub path: dbus::Path<'static>,
     /// The service.
     pub service: String,
     /// Who opened it.
@@ -65,57 +48,111 @@ pub(crate) struct SessionRecord {
     pub state: Option<Arc<dyn StateView>>,
 }
 
-/// A provided session just reserved, waiting for its provider: what to
-/// hand the provider, and what to hand the client once it accepts.
-pub(crate) struct ProvidedOpen {
-    /// The session's record (its object is created when the provider accepts).
-    pub record: SessionRecord,
-    /// The fds for the client.
-    pub client: PeerFds,
-    /// The fds for the provider.
-    pub provider: PeerFds,
-    /// The provider's end of the link.
-    pub provider_link: OwnedFd,
-    /// The `parameters` dictionary, for the provider and the client.
-    pub params: PropMap,
-    /// The client's options without the ring options, for the provider.
-    pub options: PropMap,
-    /// Who provides the service.
+/// One session: what is known of it, where it is in its life, and its charge.
+struct Session {
+    info: Arc<SessionInfo>,
+    stage: Stage,
+    /// Refunded when the session is dropped.
+    reservation: Reservation,
+}
+
+/// Where a session is in its life.
+enum Stage {
+    /// Served by a worker of this process.
+    Served,
+    /// Handed to its provider, which has not answered yet: the broker's end
+    /// of the link, and what the client gets if the provider accepts.
+    Asking {
+        link: OwnedFd,
+        client: PeerFds,
+        parameters: SessionParameters,
+    },
+    /// Served by its provider; the broker's end of the link is watched by
+    /// [`Links`], which closes it when the session is dropped.
+    Provided,
+}
+
+impl Session {
+    fn is_open(&self) -> bool {
+        !matches!(self.stage, Stage::Asking { .. })
+    }
+}
+
+/// A hosted session just opened: its info, the fds for the client and the
+/// reply's parameters.
+pub(crate) struct Opened {
+    /// The session.
+    pub info: Arc<SessionInfo>,
+    /// The fds to hand to the client.
+    pub fds: PeerFds,
+    /// The `parameters` of the reply.
+    pub parameters: SessionParameters,
+}
+
+/// A session of a provided service, admitted and waiting for its provider:
+/// what to hand the provider.
+pub(crate) struct Handover {
+    /// The session.
+    pub info: Arc<SessionInfo>,
+    /// Who provides the service, and where.
     pub registration: Registration,
+    /// The provider's half of the rings and the hang-up socket.
+    pub fds: PeerFds,
+    /// The provider's end of the link.
+    pub link: OwnedFd,
+    /// The client's options without the ring options: the provider's to judge.
+    pub options: PropMap,
+    /// The session's parameters.
+    pub parameters: SessionParameters,
 }
 
-/// A provided session at the broker: the broker's end of its link while
-/// the provider is asked, then nothing (the link is in [`Links`]).
-enum Provided {
-    Pending(OwnedFd),
-    Open,
+/// A session a broker hands to this provider process (`AcceptSession`).
+pub(crate) struct Adoption {
+    /// How the broker names the session, for the log.
+    pub label: String,
+    /// The service asked for.
+    pub service: String,
+    /// Who opened it.
+    pub caller: Caller,
+    /// The client's options, without the ring options.
+    pub options: PropMap,
+    /// The rings and the hang-up socket.
+    pub fds: PeerFds,
+    /// This process's end of the link to the broker.
+    pub link: OwnedFd,
+    /// The parameters the broker negotiated.
+    pub parameters: PropMap,
 }
 
-/// A session that just ended, for the D-Bus side to remove and announce.
-pub(crate) struct EndedSession {
-    /// Its object path.
-    pub path: dbus::Path<'static>,
-    /// The broker object's path, which announces the end.
-    pub broker_path: dbus::Path<'static>,
+/// A session that ended: its info, and whether it had opened (only those
+/// are announced; one that ended while its provider was asked never was).
+pub(crate) struct Ended {
+    /// The session.
+    pub info: Arc<SessionInfo>,
+    /// Why it ended.
+    pub reason: String,
+    /// Whether it had opened.
+    pub was_open: bool,
 }
 
-/// The hosted services, the books and the engine.
+/// Every session of this process, the hosted services, the accounting and
+/// the engine that serves the hosted sessions.
 pub(crate) struct Sessions {
     services: BTreeMap<String, Arc<dyn Service>>,
-    broker: Broker,
+    accounting: Accounting,
     engine: Engine,
-    /// Provided sessions by id, pending or open.
-    provided: HashMap<u64, Provided>,
-    /// The links of the open provided sessions.
+    table: BTreeMap<u64, Session>,
+    next_id: u64,
+    /// The broker's ends of the provided sessions' links.
     links: Links,
     /// The next session's rings, made ahead while the D-Bus thread was idle
     /// (see [`Sessions::make_rings_ahead`]).
     rings_ahead: Option<ServerRings>,
     /// The capacity the last session asked for: the rings to make ahead.
     capacity_ahead: Option<u64>,
-    /// Sessions opened (id, capacity) whose workers are not woken and whose
-    /// opening is not logged yet (see [`Sessions::after_reply`]).
-    opened: Vec<(u64, u64)>,
+    /// Sessions opened whose workers are not woken and whose opening is
+    /// not logged yet (see [`Sessions::after_reply`]).
+    opened: Vec<u64>,
 }
 
 impl Sessions {
@@ -128,9 +165,10 @@ impl Sessions {
             .collect();
         Ok(Sessions {
             services,
-            broker: Broker::new(config),
+            accounting: Accounting::new(config),
             engine,
-            provided: HashMap::new(),
+            table: BTreeMap::new(),
+            next_id: 1,
             links: Links::new()?,
             rings_ahead: None,
             capacity_ahead: None,
@@ -138,186 +176,49 @@ impl Sessions {
         })
     }
 
-    /// The same sessions under the broker names `names`.
-    pub fn with_names(mut self, names: Names) -> Self {
-        self.broker.set_names(names);
-        self
+    /// The accounting (limits, rules, registrations), to read.
+    pub fn accounting(&self) -> &Accounting {
+        &self.accounting
     }
 
-    /// The books, for registrations.
-    pub fn broker_mut(&mut self) -> &mut Broker {
-        &mut self.broker
-    }
-
-    /// Whether `service` is built in.
-    pub fn is_builtin(&self, service: &str) -> bool {
+    /// Whether `service` is hosted here.
+    pub fn is_hosted(&self, service: &str) -> bool {
         self.services.contains_key(service)
     }
 
-    /// Whether session `id` is open (reserved and, if provided, accepted).
-    pub fn is_open(&self, id: u64) -> bool {
-        self.broker.contains(id) && !matches!(self.provided.get(&id), Some(Provided::Pending(_)))
+    /// Names of the hosted services.
+    pub fn hosted_names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
     }
 
-    /// Number of open sessions (pending provided ones excluded).
-    pub fn open_count(&self) -> usize {
-        let pending = self
-            .provided
-            .values()
-            .filter(|p| matches!(p, Provided::Pending(_)))
-            .count();
-        self.broker.count() - pending
-    }
-
-    /// The epoll fd of the provider links: readable when
-    /// [`Sessions::reap_links`] has work.
-    pub fn links_fd(&self) -> Arc<OwnedFd> {
-        self.links.fd()
-    }
-
-    /// Reserves a session of the provided `service` for `caller` and makes
-    /// its fds; it stays pending until [`Sessions::accept_provided`] or
-    /// [`Sessions::abandon_provided`]. Errors keep the built-in precedence
-    /// (unknown service, access, ring options, limits); the provider judges
-    /// its own options.
-    pub fn open_provided(
-        &mut self,
-        caller: &Caller,
-        service: &str,
-        options: PropMap,
-    ) -> Result<ProvidedOpen, BrokerError> {
-        let registration = self
-            .broker
-            .registration(service)
-            .cloned()
-            .ok_or_else(|| BrokerError::UnknownService(service.into()))?;
-        self.broker.check_access(caller, service)?;
-        let max_message = self.broker.limits().max_message;
-        let mut options = options;
-        let ring: PropMap = [option::CAPACITY, option::WAKEUP, option::SPIN_US]
-            .into_iter()
-            .filter_map(|k| options.remove_entry(k))
-            .collect();
-        let (capacity, wake) = ring_options(
-            &Options::new(ring, max_message),
-            self.broker.limits().max_capacity,
-        )?;
-        let cost = session_cost(shmlink_endpoint::rounded_capacity(capacity));
-        let id = self.broker.reserve(caller, service, cost)?.id;
-        let fds = match shmlink_endpoint::create_unmapped(capacity) {
-            Ok(fds) => fds,
-            Err(e) => {
-                self.broker.release(id);
-                return Err(BrokerError::Internal(format!(
-                    "could not create the rings: {e}"
-                )));
-            }
-        };
-        self.provided.insert(id, Provided::Pending(fds.broker_link));
-        log::debug!(
-            "session {id} of provided service {service} for {} (uid {}): asking {}",
-            caller.bus_name,
-            caller.uid,
-            registration.provider.bus_name
-        );
-        Ok(ProvidedOpen {
-            record: SessionRecord {
-                id,
-                path: self.broker.session_path(id).into(),
-                service: service.to_owned(),
-                owner: caller.clone(),
-                traffic: Arc::new(Traffic::default()),
-                state: None,
-            },
-            client: fds.client,
-            provider: fds.provider,
-            provider_link: fds.provider_link,
-            params: reply_parameters(max_message, wake),
-            options,
-            registration,
-        })
-    }
-
-    /// The provider accepted pending session `id`: it is open from now on,
-    /// its link watched. Fails if it is not pending any more (it was
-    /// abandoned, or its client left meanwhile).
-    pub fn accept_provided(&mut self, id: u64) -> Result<(), BrokerError> {
-        let gone = || BrokerError::UnknownSession(self.broker.session_path(id));
-        let Some(Provided::Pending(_)) = self.provided.get(&id) else {
-            return Err(gone());
-        };
-        let Some(Provided::Pending(link)) = self.provided.insert(id, Provided::Open) else {
-            return Err(gone());
-        };
-        if let Err(e) = self.links.watch(id, link) {
-            self.provided.remove(&id);
-            self.broker.release(id);
-            return Err(BrokerError::Internal(format!(
-                "could not watch the provider's link: {e}"
-            )));
-        }
-        if let Some(r) = self.broker.reservations().find(|r| r.id == id) {
-            log::info!(
-                "session {id} opened: provided service {}, owner {} (uid {}, pid {}), cost {}",
-                r.service,
-                r.owner.bus_name,
-                r.owner.uid,
-                r.owner.pid,
-                r.cost
-            );
-        }
-        Ok(())
-    }
-
-    /// Pending session `id` will not open (`reason`): releases its
-    /// reservation and drops the broker's end of its link, which a provider
-    /// that accepted late sees. Does nothing for a session not pending.
-    pub fn abandon_provided(&mut self, id: u64, reason: &str) {
-        if !matches!(self.provided.get(&id), Some(Provided::Pending(_))) {
-            return;
-        }
-        self.provided.remove(&id);
-        if let Some(r) = self.broker.release(id) {
-            log::info!(
-                "session {id} of provided service {} for {} (uid {}) not opened: {}",
-                r.service,
-                r.owner.bus_name,
-                r.owner.uid,
-                cut(reason, crate::logcap::LOGGED_ERROR)
-            );
-        }
-    }
-
-    /// Ends the provided sessions whose provider closed its link; returns
-    /// them with their reasons.
-    pub fn reap_links(&mut self) -> Vec<(EndedSession, String)> {
-        self.links
-            .take_ended()
-            .into_iter()
-            .filter_map(|(id, reason)| Some((self.end_session(id, reason)?, reason.to_owned())))
-            .collect()
-    }
-
-    /// The books (limits, owners, counts).
-    pub fn broker(&self) -> &Broker {
-        &self.broker
-    }
-
-    /// Names of the services OpenSession accepts: built in and registered, sorted.
+    /// Names of the services `OpenSession` accepts: hosted and registered, sorted.
     pub fn service_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .services
             .keys()
             .cloned()
-            .chain(self.broker.registrations().map(|r| r.service.clone()))
+            .chain(self.accounting.registrations().map(|r| r.service.clone()))
             .collect();
         names.sort();
         names
     }
 
-    /// Names of the built-in services.
-    pub fn builtin_names(&self) -> impl Iterator<Item = &str> {
-        self.services.keys().map(String::as_str)
+    /// Makes `provider` the provider of `service`, taking sessions at `object`.
+    pub fn register(
+        &mut self,
+        provider: &Caller,
+        service: &str,
+        object: &str,
+    ) -> Result<(), Refusal> {
+        let hosted = self.is_hosted(service);
+        self.accounting
+            .register(provider, service, object, hosted)
+            .map(|_| ())
+    }
+
+    /// Withdraws `service`, registered by the connection `bus_name`.
+    pub fn unregister(&mut self, bus_name: &str, service: &str) -> Result<(), Refusal> {
+        self.accounting.unregister(bus_name, service)
     }
 
     /// Number of engine worker threads.
@@ -330,68 +231,320 @@ impl Sessions {
         self.engine.notify_fd()
     }
 
-    /// Opens a session of `service` for `caller`. Errors keep the contract's
-    /// precedence: unknown service, access, ring options, the service's own
-    /// options, unknown keys, then limits.
+    /// The epoll fd of the provider links: readable when
+    /// [`Sessions::reap_links`] has work.
+    pub fn links_fd(&self) -> Arc<OwnedFd> {
+        self.links.fd()
+    }
+
+    /// Whether session `id` is open (admitted and, if provided, accepted).
+    pub fn is_open(&self, id: u64) -> bool {
+        self.table.get(&id).is_some_and(Session::is_open)
+    }
+
+    /// Number of open sessions.
+    pub fn open_count(&self) -> usize {
+        self.table.values().filter(|s| s.is_open()).count()
+    }
+
+    /// Number of sessions in the table, open or asking their provider.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// The open sessions, by id.
+    pub fn open_sessions(&self) -> impl Iterator<Item = &SessionInfo> {
+        self.table
+            .values()
+            .filter(|s| s.is_open())
+            .map(|s| &*s.info)
+    }
+
+    /// Checks that the connection `sender` (with credentials `caller`, if
+    /// known) may act on open session `id`: its owner, or root.
+    pub fn authorize(
+        &self,
+        id: u64,
+        caller: Option<&Caller>,
+        sender: &str,
+    ) -> Result<&SessionInfo, Refusal> {
+        let s = self
+            .table
+            .get(&id)
+            .filter(|s| s.is_open())
+            .ok_or(Refusal::UnknownSession(id))?;
+        let root = caller.is_some_and(|c| c.uid == 0);
+        if s.info.owner.bus_name != sender && !root {
+            return Err(Refusal::NotOwner {
+                id,
+                owner: s.info.owner.bus_name.clone(),
+                caller: sender.to_owned(),
+            });
+        }
+        Ok(&s.info)
+    }
+
+    /// Opens a session of the hosted `service` for `caller`. Errors keep the
+    /// contract's precedence: unknown service, access, ring options, the
+    /// service's own options, unknown keys, then limits.
     pub fn open(
         &mut self,
         caller: &Caller,
         service: &str,
         options: PropMap,
-    ) -> Result<Opened, BrokerError> {
-        let svc = self
-            .services
-            .get(service)
-            .cloned()
-            .ok_or_else(|| BrokerError::UnknownService(service.into()))?;
-        self.broker.check_access(caller, service)?;
-        let max_message = self.broker.limits().max_message;
+    ) -> Result<Opened, Refusal> {
+        let svc = self.hosted(service)?;
+        self.accounting.check_access(caller, service)?;
+        let max_message = self.accounting.limits().max_message;
         // Everything the session holds is charged to its owner's budget.
-        let budget = self.broker.budget_of(caller.uid);
-        let opts = Options::new(options, max_message).with_memory(Memory::new(budget.clone()));
-        let (capacity, wake) = ring_options(&opts, self.broker.limits().max_capacity)?;
-        let handler = svc.open(caller, &opts)?;
-        let unused = opts.unused();
-        if !unused.is_empty() {
-            return Err(BrokerError::InvalidOption(format!(
-                "unknown option(s) for service {service:?}: {}",
-                unused.join(", ")
+        let budget = self.accounting.budget_of(caller.uid);
+        let opts = Options::new(options, max_message).with_memory(Memory::new(budget));
+        let ring = ring_options(&opts, self.accounting.limits().max_capacity)?;
+        let handler = open_handler(&*svc, caller, &opts)?;
+        let reservation = self
+            .accounting
+            .reserve(caller, session_cost(ring.capacity, ring.capacity))?;
+        let parameters = SessionParameters {
+            max_message,
+            wakeup: ring.wakeup,
+        };
+        let rings = self
+            .rings(ring.capacity)
+            .map_err(|e| Refusal::Internal(format!("could not create the rings: {e}")))?;
+        let (endpoint, fds) = rings.into_endpoint(max_message_u32(max_message), ring.wakeup);
+        let id = self.serve(caller, service, reservation, endpoint, handler, None)?;
+        self.opened.push(id);
+        Ok(Opened {
+            info: self.table[&id].info.clone(),
+            fds,
+            parameters,
+        })
+    }
+
+    /// Admits a session of the provided `service` for `caller` and makes its
+    /// fds; it waits for its provider until [`Sessions::accept_handed`] or
+    /// [`Sessions::end`]. Errors keep the hosted precedence (unknown
+    /// service, access, ring options, limits); the provider judges its own
+    /// options.
+    pub fn ask_provider(
+        &mut self,
+        caller: &Caller,
+        service: &str,
+        mut options: PropMap,
+    ) -> Result<Handover, Refusal> {
+        let registration = self
+            .accounting
+            .registration(service)
+            .cloned()
+            .ok_or_else(|| Refusal::UnknownService(service.into()))?;
+        self.accounting.check_access(caller, service)?;
+        let max_message = self.accounting.limits().max_message;
+        let ring: PropMap = [option::CAPACITY, option::WAKEUP, option::SPIN_US]
+            .into_iter()
+            .filter_map(|k| options.remove_entry(k))
+            .collect();
+        let ring = ring_options(
+            &Options::new(ring, max_message),
+            self.accounting.limits().max_capacity,
+        )?;
+        let reservation = self
+            .accounting
+            .reserve(caller, session_cost(ring.capacity, ring.capacity))?;
+        let fds = shmlink_endpoint::create_unmapped(ring.capacity)
+            .map_err(|e| Refusal::Internal(format!("could not create the rings: {e}")))?;
+        let parameters = SessionParameters {
+            max_message,
+            wakeup: ring.wakeup,
+        };
+        let id = self.next_id();
+        let info = Arc::new(SessionInfo {
+            id,
+            service: service.to_owned(),
+            owner: caller.clone(),
+            traffic: Arc::new(Traffic::default()),
+            state: None,
+        });
+        log::debug!(
+            "session {id} of provided service {service} for {} (uid {}): asking {}",
+            caller.bus_name,
+            caller.uid,
+            registration.provider.bus_name
+        );
+        self.table.insert(
+            id,
+            Session {
+                info: info.clone(),
+                stage: Stage::Asking {
+                    link: fds.broker_link,
+                    client: fds.client,
+                    parameters,
+                },
+                reservation,
+            },
+        );
+        Ok(Handover {
+            info,
+            registration,
+            fds: fds.provider,
+            link: fds.provider_link,
+            options,
+            parameters,
+        })
+    }
+
+    /// The provider accepted session `id`: it is open from now on, its link
+    /// watched; returns the client's fds and the reply's parameters. Fails
+    /// (and ends the session) if it is not waiting for its provider any
+    /// more, or its link cannot be watched.
+    pub fn accept_handed(
+        &mut self,
+        id: u64,
+    ) -> Result<(Arc<SessionInfo>, PeerFds, SessionParameters), Refusal> {
+        let Some(session) = self.table.get_mut(&id) else {
+            return Err(Refusal::UnknownSession(id));
+        };
+        if session.is_open() {
+            return Err(Refusal::UnknownSession(id));
+        }
+        let Stage::Asking {
+            link,
+            client,
+            parameters,
+        } = std::mem::replace(&mut session.stage, Stage::Provided)
+        else {
+            unreachable!("checked above");
+        };
+        if let Err(e) = self.links.watch(id, link) {
+            self.table.remove(&id);
+            return Err(Refusal::Internal(format!(
+                "could not watch the provider's link: {e}"
             )));
         }
-        let cost = session_cost(shmlink_endpoint::rounded_capacity(capacity));
-        let id = self.broker.reserve(caller, service, cost)?.id;
-        let release_on_err = |broker: &mut Broker, e: BrokerError| {
-            broker.release(id);
-            e
+        let session = &self.table[&id];
+        let info = &session.info;
+        log::info!(
+            "session {id} opened: provided service {}, owner {} (uid {}, pid {}), cost {}",
+            info.service,
+            info.owner.bus_name,
+            info.owner.uid,
+            info.owner.pid,
+            session.reservation.cost()
+        );
+        Ok((info.clone(), client, parameters))
+    }
+
+    /// Takes over the server's side of a session a broker hands to this
+    /// provider process: the broker's checks made again (service, access,
+    /// parameters, options, the fds against this process's limits), then
+    /// its engine serves it. Nothing stays behind on a refusal.
+    pub fn adopt(&mut self, a: Adoption) -> Result<u64, Refusal> {
+        let svc = self.hosted(&a.service)?;
+        self.accounting.check_access(&a.caller, &a.service)?;
+        let own_max = self.accounting.limits().max_message;
+        let parameters =
+            SessionParameters::from_dict(&a.parameters, own_max).map_err(|e| match e {
+                ParametersError::MaxMessageAbove { max, limit } => Refusal::LimitExceeded(format!(
+                    "max-message {max} is above this provider's limit of {limit}"
+                )),
+                e => Refusal::InvalidOption(format!("AcceptSession parameters: {e}")),
+            })?;
+        let max_message = max_message_u32(parameters.max_message);
+        let budget = self.accounting.budget_of(a.caller.uid);
+        let opts = Options::new(a.options, parameters.max_message).with_memory(Memory::new(budget));
+        let handler = open_handler(&*svc, &a.caller, &opts)?;
+        let (to_server, to_client) = (a.fds.to_server.capacity, a.fds.to_client.capacity);
+        let limits = ClientLimits {
+            max_capacity: self.accounting.limits().max_capacity,
+            max_message,
         };
-        let max_message32 = u32::try_from(max_message).unwrap_or(u32::MAX);
-        let (mut endpoint, fds) = match self.rings(capacity) {
-            Ok(rings) => rings.into_endpoint(max_message32, wake),
-            Err(e) => {
-                let e = BrokerError::Internal(format!("could not create the rings: {e}"));
-                return Err(release_on_err(&mut self.broker, e));
+        // Checked before anything is charged or mapped: a capacity beyond
+        // the limit is refused here, whatever the memfd holds.
+        let endpoint = Endpoint::open_server(
+            a.fds,
+            a.link.as_fd(),
+            max_message,
+            parameters.wakeup,
+            limits,
+        )
+        .map_err(|e| match e {
+            shmlink_endpoint::Error::OverLimit { .. } => {
+                Refusal::LimitExceeded(format!("this provider's limit: {e}"))
             }
+            e => Refusal::Internal(format!("the session's fds are unusable: {e}")),
+        })?;
+        let reservation = self
+            .accounting
+            .reserve(&a.caller, session_cost(to_server, to_client))?;
+        let id = self.serve(
+            &a.caller,
+            &a.service,
+            reservation,
+            endpoint,
+            handler,
+            Some(a.link),
+        )?;
+        log::info!(
+            "session {} accepted: service {}, client {} (uid {}, pid {}), capacity {to_server}/{to_client}",
+            cut(&a.label, LOGGED_STRING),
+            a.service,
+            a.caller.bus_name,
+            a.caller.uid,
+            a.caller.pid
+        );
+        Ok(id)
+    }
+
+    /// The hosted service `service`.
+    fn hosted(&self, service: &str) -> Result<Arc<dyn Service>, Refusal> {
+        self.services
+            .get(service)
+            .cloned()
+            .ok_or_else(|| Refusal::UnknownService(service.into()))
+    }
+
+    fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Enters a session served by this process's engine; with a `link`, its
+    /// worker is woken at once, else at [`Sessions::after_reply`].
+    fn serve(
+        &mut self,
+        caller: &Caller,
+        service: &str,
+        reservation: Reservation,
+        mut endpoint: Endpoint,
+        handler: Box<dyn SessionHandler>,
+        link: Option<OwnedFd>,
+    ) -> Result<u64, Refusal> {
+        endpoint.set_budget(reservation.budget().clone());
+        let id = self.next_id();
+        let info = Arc::new(SessionInfo {
+            id,
+            service: service.to_owned(),
+            owner: caller.clone(),
+            traffic: Arc::new(Traffic::default()),
+            state: handler.state_view(),
+        });
+        let traffic = info.traffic.clone();
+        let added = match link {
+            Some(link) => self.engine.add_linked(id, endpoint, handler, traffic, link),
+            None => self.engine.add_held(id, endpoint, handler, traffic),
         };
-        endpoint.set_budget(budget);
-        let state = handler.state_view();
-        let traffic = Arc::new(Traffic::default());
-        if let Err(e) = self.engine.add_held(id, endpoint, handler, traffic.clone()) {
-            let e = BrokerError::Internal(format!("could not start serving the session: {e}"));
-            return Err(release_on_err(&mut self.broker, e));
-        }
-        self.opened.push((id, fds.to_server.capacity));
-        Ok(Opened {
-            record: SessionRecord {
-                id,
-                path: self.broker.session_path(id).into(),
-                service: service.to_owned(),
-                owner: caller.clone(),
-                traffic,
-                state,
+        added
+            .map_err(|e| Refusal::Internal(format!("could not start serving the session: {e}")))?;
+        self.table.insert(
+            id,
+            Session {
+                info,
+                stage: Stage::Served,
+                reservation,
             },
-            fds,
-            params: reply_parameters(max_message, wake),
-        })
+        );
+        Ok(id)
     }
 
     /// What follows the reply to the calls that opened sessions: their
@@ -399,14 +552,16 @@ impl Sessions {
     /// Neither is needed for the reply, so the client does not wait for them.
     pub fn after_reply(&mut self) {
         self.engine.wake_held();
-        for (id, capacity) in self.opened.drain(..) {
-            if let Some(r) = self.broker.reservation(id) {
+        for id in self.opened.drain(..) {
+            if let Some(s) = self.table.get(&id) {
+                let o = &s.info.owner;
                 log::info!(
-                    "session {id} opened: service {}, owner {} (uid {}, pid {}), capacity {capacity}",
-                    r.service,
-                    r.owner.bus_name,
-                    r.owner.uid,
-                    r.owner.pid,
+                    "session {id} opened: service {}, owner {} (uid {}, pid {}), cost {}",
+                    s.info.service,
+                    o.bus_name,
+                    o.uid,
+                    o.pid,
+                    s.reservation.cost()
                 );
             }
         }
@@ -416,7 +571,6 @@ impl Sessions {
     /// that capacity, else new ones. Either way, rings of that capacity are
     /// the next to be made ahead.
     fn rings(&mut self, capacity: u64) -> Result<ServerRings, shmlink_endpoint::Error> {
-        let capacity = shmlink_endpoint::rounded_capacity(capacity);
         self.capacity_ahead = Some(capacity);
         match self.rings_ahead.take() {
             Some(rings) if rings.capacity() == capacity => Ok(rings),
@@ -448,125 +602,119 @@ impl Sessions {
         }
     }
 
-    /// Ends session `id` for `reason` (see the module docs); `None` if it
+    /// Ends session `id` for `reason`: removes its entry, which refunds its
+    /// charge and closes what it holds (the engine drops its pump, the
+    /// broker's end of a link closes, which its provider sees). `None` if it
     /// had already ended.
-    pub fn end_session(&mut self, id: u64, reason: &str) -> Option<EndedSession> {
-        if matches!(self.provided.get(&id), Some(Provided::Pending(_))) {
-            // Never opened, so never announced: abandoned instead.
-            self.abandon_provided(id, reason);
-            return None;
+    pub fn end(&mut self, id: u64, reason: &str) -> Option<Ended> {
+        let session = self.table.remove(&id)?;
+        let info = session.info.clone();
+        let was_open = session.is_open();
+        match session.stage {
+            Stage::Served => {
+                self.engine.remove(id);
+            }
+            Stage::Provided => {
+                self.links.remove(id);
+            }
+            Stage::Asking { .. } => {}
         }
-        let traffic = self.engine.remove(id);
-        if self.provided.remove(&id).is_some() {
-            self.links.remove(id);
+        let o = &info.owner;
+        if was_open {
+            log::info!(
+                "session {id} ({}, owner {} uid {}) ended: {reason}; {}",
+                info.service,
+                o.bus_name,
+                o.uid,
+                info.traffic.summary()
+            );
+        } else {
+            log::info!(
+                "session {id} of provided service {} for {} (uid {}) not opened: {}",
+                info.service,
+                o.bus_name,
+                o.uid,
+                cut(reason, LOGGED_ERROR)
+            );
         }
-        let reservation = self.broker.release(id)?;
-        log::info!(
-            "session {id} ({}, owner {} uid {}) ended: {reason}; {}",
-            reservation.service,
-            reservation.owner.bus_name,
-            reservation.owner.uid,
-            traffic.map(|t| t.summary()).unwrap_or_default()
-        );
-        Some(EndedSession {
-            path: self.broker.session_path(id).into(),
-            broker_path: self.broker.names().path().to_owned().into(),
+        drop(session.reservation);
+        self.accounting.forget_unused();
+        Some(Ended {
+            info,
+            reason: reason.to_owned(),
+            was_open,
         })
     }
 
-    /// Ends the sessions the engine ended by itself; returns them with their reasons.
-    pub fn reap(&mut self) -> Vec<(EndedSession, String)> {
+    /// Ends the sessions the engine ended by itself.
+    pub fn reap(&mut self) -> Vec<Ended> {
         self.engine
             .take_ended()
             .into_iter()
-            .filter_map(|e| Some((self.end_session(e.id, &e.reason)?, e.reason)))
+            .filter_map(|e| self.end(e.id, &e.reason))
             .collect()
     }
 
-    /// Ends every session `bus_name` owns (its connection left the bus).
-    pub fn end_sessions_of(&mut self, bus_name: &str, reason: &str) -> Vec<EndedSession> {
-        self.broker
-            .sessions_of(bus_name)
+    /// Ends the provided sessions whose provider closed its link.
+    pub fn reap_links(&mut self) -> Vec<Ended> {
+        self.links
+            .take_ended()
             .into_iter()
-            .filter_map(|id| self.end_session(id, reason))
+            .filter_map(|(id, reason)| self.end(id, reason))
             .collect()
+    }
+
+    /// The connection `bus_name` left the bus: its registrations end
+    /// (their names are returned) and so does every session it owns.
+    pub fn connection_left(&mut self, bus_name: &str, reason: &str) -> (Vec<Ended>, Vec<String>) {
+        let withdrawn = self.accounting.unregister_all(bus_name);
+        let owned: Vec<u64> = self
+            .table
+            .values()
+            .filter(|s| s.info.owner.bus_name == bus_name)
+            .map(|s| s.info.id)
+            .collect();
+        let ended = owned
+            .into_iter()
+            .filter_map(|id| self.end(id, reason))
+            .collect();
+        (ended, withdrawn)
     }
 
     /// Ends every session, then stops the engine's workers.
-    pub fn shutdown(&mut self, reason: &str) -> Vec<EndedSession> {
-        let ids: Vec<u64> = self.broker.reservations().map(|r| r.id).collect();
+    pub fn shutdown(&mut self, reason: &str) -> Vec<Ended> {
+        let ids: Vec<u64> = self.table.keys().copied().collect();
         let ended = ids
             .into_iter()
-            .filter_map(|id| self.end_session(id, reason))
+            .filter_map(|id| self.end(id, reason))
             .collect();
         self.engine.shutdown();
         ended
     }
 }
 
-/// The ring options every service shares: capacity and wake-up mode.
-fn ring_options(opts: &Options, max_capacity: u64) -> Result<(u64, Wakeup), BrokerError> {
-    let capacity = opts
-        .u64(option::CAPACITY)?
-        // A client that does not ask gets the default, or the maximum if that is lower.
-        .unwrap_or(limits::DEFAULT_CAPACITY.min(max_capacity));
-    if !(limits::MIN_CAPACITY..=max_capacity).contains(&capacity) {
-        return Err(BrokerError::InvalidCapacity(format!(
-            "capacity {capacity} is outside {}..={} bytes",
-            limits::MIN_CAPACITY,
-            max_capacity
+/// The hosted service's handler for a session with `opts`; keys the
+/// service did not read are refused.
+fn open_handler(
+    svc: &dyn Service,
+    caller: &Caller,
+    opts: &Options,
+) -> Result<Box<dyn SessionHandler>, Refusal> {
+    let handler = svc.open(caller, opts)?;
+    let unused = opts.unused();
+    if !unused.is_empty() {
+        return Err(Refusal::InvalidOption(format!(
+            "unknown option(s) for service {:?}: {}",
+            svc.name(),
+            unused.join(", ")
         )));
     }
-    Ok((capacity, parse_wakeup(opts)?))
+    Ok(handler)
 }
 
-fn parse_wakeup(opts: &Options) -> Result<Wakeup, BrokerError> {
-    let mode = opts.string(option::WAKEUP)?;
-    let spin_us = opts.u64(option::SPIN_US)?;
-    match mode.as_deref() {
-        None | Some(wakeup::PARK) => {
-            if spin_us.is_some() {
-                return Err(BrokerError::InvalidOption(format!(
-                    "option {:?} needs {:?} = {:?}",
-                    option::SPIN_US,
-                    option::WAKEUP,
-                    wakeup::SPIN
-                )));
-            }
-            Ok(Wakeup::Park)
-        }
-        Some(wakeup::SPIN) => {
-            let us = spin_us.unwrap_or(u64::from(limits::DEFAULT_SPIN_US));
-            if us > u64::from(limits::MAX_SPIN_US) {
-                return Err(BrokerError::InvalidOption(format!(
-                    "option {:?} is {us}, above the maximum of {}",
-                    option::SPIN_US,
-                    limits::MAX_SPIN_US
-                )));
-            }
-            Ok(Wakeup::Spin(Duration::from_micros(us)))
-        }
-        Some(other) => Err(BrokerError::InvalidOption(format!(
-            "option {:?} must be {:?} or {:?}, not {:?}",
-            option::WAKEUP,
-            wakeup::PARK,
-            wakeup::SPIN,
-            cut(other, LOGGED_STRING)
-        ))),
-    }
-}
-
-/// The `parameters` of an `OpenSession` reply.
-fn reply_parameters(max_message: u64, wake: Wakeup) -> PropMap {
-    let mut params = PropMap::new();
-    params.insert(param::MAX_MESSAGE.into(), prop(max_message));
-    let (mode, us) = match wake {
-        Wakeup::Park => (wakeup::PARK, 0u32),
-        Wakeup::Spin(d) => (wakeup::SPIN, d.as_micros() as u32),
-    };
-    params.insert(param::WAKEUP.into(), prop(mode.to_owned()));
-    params.insert(param::SPIN_US.into(), prop(us));
-    params
+/// The largest message as the rings' framing counts it.
+fn max_message_u32(max_message: u64) -> u32 {
+    u32::try_from(max_message).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -575,6 +723,8 @@ mod tests {
     use crate::builtin;
     use crate::builtin::tests::caller;
     use dbus::arg::{RefArg, Variant};
+    use shmlink_endpoint::sys::{self, HangupState};
+    use std::time::{Duration, Instant};
 
     fn sessions(f: impl FnOnce(&mut Config)) -> Sessions {
         let mut config = Config::default();
@@ -627,32 +777,79 @@ mod tests {
             e.starts_with("LimitExceeded") && e.contains("memory_total"),
             "{e}"
         );
-        assert_eq!(s.broker().count(), 0);
+        assert_eq!(s.len(), 0);
+        assert_eq!(s.accounting.memory_total(), 0);
     }
 
     #[test]
-    fn open_then_end_once() {
+    fn open_then_end_once_and_the_entry_refunds_its_charge() {
         let mut s = sessions(|_| {});
         let o = opts(vec![
             ("capacity", Box::new(4096u64)),
             ("wakeup", Box::new("spin".to_owned())),
         ]);
         let opened = s.open(&caller(), "echo", o).expect("open");
-        let id = opened.record.id;
-        assert_eq!(&*opened.record.path, s.broker().session_path(id));
+        let id = opened.info.id;
+        assert!(matches!(
+            opened.parameters.wakeup,
+            shmlink_interfaces::Wakeup::Spin(_)
+        ));
+        assert!(s.is_open(id) && s.open_count() == 1);
         assert_eq!(
-            opened
-                .params
-                .get(param::WAKEUP)
-                .and_then(|v| v.0.as_str().map(str::to_owned)),
-            Some("spin".to_owned())
+            s.accounting.memory_of(caller().uid),
+            {
+                let rounded = shmlink_endpoint::rounded_capacity(4096);
+                session_cost(rounded, rounded)
+            },
+            "charged the rounded rings and the overhead"
         );
-        assert_eq!(s.broker().sessions_of(":1.7"), vec![id]);
-        let ended = s.end_session(id, "test").expect("was open");
-        assert_eq!(ended.path, opened.record.path);
-        assert!(s.end_session(id, "again").is_none(), "an end happens once");
-        assert_eq!(s.broker().count(), 0);
+        let ended = s.end(id, "test").expect("was open");
+        assert!(ended.was_open);
+        assert_eq!(ended.info.id, id);
+        assert!(s.end(id, "again").is_none(), "an end happens once");
+        assert_eq!(s.len(), 0);
+        assert_eq!(s.accounting.memory_total(), 0, "refunded by the drop");
         assert!(s.shutdown("bye").is_empty());
+    }
+
+    #[test]
+    fn only_the_owner_or_root_may_act_on_a_session() {
+        let mut s = sessions(|_| {});
+        let owner = caller();
+        let id = s
+            .open(&owner, "echo", PropMap::new())
+            .expect("open")
+            .info
+            .id;
+        assert_eq!(
+            s.authorize(id, Some(&owner), &owner.bus_name)
+                .expect("owner")
+                .id,
+            id
+        );
+        let root = Caller {
+            bus_name: ":1.9".into(),
+            uid: 0,
+            pid: 1,
+            gids: vec![],
+        };
+        s.authorize(id, Some(&root), ":1.9").expect("root");
+        let other = Caller {
+            bus_name: ":1.2".into(),
+            ..owner.clone()
+        };
+        assert!(matches!(
+            s.authorize(id, Some(&other), ":1.2"),
+            Err(Refusal::NotOwner { owner, .. }) if owner == caller().bus_name
+        ));
+        assert!(matches!(
+            s.authorize(id, None, ":1.3"),
+            Err(Refusal::NotOwner { .. })
+        ));
+        assert!(matches!(
+            s.authorize(id + 1, Some(&owner), &owner.bus_name),
+            Err(Refusal::UnknownSession(_))
+        ));
     }
 
     /// The inode of a session's client-to-server memfd: which ring it is.
@@ -685,8 +882,25 @@ mod tests {
         let third = s.open(&caller(), "echo", cap(16384)).expect("open");
         assert_ne!(third.fds.to_server.capacity, second.fds.to_server.capacity);
         assert!(s.rings_ahead.is_none());
-        for id in [first.record.id, second.record.id, third.record.id] {
-            s.end_session(id, "test").expect("was open");
+        for id in [first.info.id, second.info.id, third.info.id] {
+            s.end(id, "test").expect("was open");
+        }
+    }
+
+    /// Polls `fd` until `take` returns something, or 10 s pass.
+    fn wait_for(
+        s: &mut Sessions,
+        fd: fn(&Sessions) -> Arc<OwnedFd>,
+        take: fn(&mut Sessions) -> Vec<Ended>,
+    ) -> Vec<Ended> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ended = take(s);
+            if !ended.is_empty() || Instant::now() > deadline {
+                return ended;
+            }
+            let fd = fd(s);
+            let _ = sys::poll_readable(&[fd.as_fd()], Some(deadline));
         }
     }
 
@@ -696,21 +910,12 @@ mod tests {
         let opened = s.open(&caller(), "echo", PropMap::new()).expect("open");
         s.after_reply();
         drop(opened.fds);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let ended = loop {
-            let ended = s.reap();
-            if !ended.is_empty() || std::time::Instant::now() > deadline {
-                break ended;
-            }
-            let notify = s.notify_fd();
-            let _ = shmlink_endpoint::sys::poll_readable(
-                &[std::os::fd::AsFd::as_fd(&*notify)],
-                Some(deadline),
-            );
-        };
+        let ended = wait_for(&mut s, Sessions::notify_fd, Sessions::reap);
         assert_eq!(ended.len(), 1);
-        assert_eq!(ended[0].1, "client hung up");
-        assert_eq!(s.broker().count(), 0);
+        assert_eq!(ended[0].reason, "client hung up");
+        assert!(ended[0].was_open);
+        assert_eq!(s.len(), 0);
+        assert_eq!(s.accounting.memory_total(), 0);
     }
 
     fn provided(s: &mut Sessions) {
@@ -720,28 +925,11 @@ mod tests {
             pid: 1,
             gids: vec![],
         };
-        s.broker_mut()
-            .register(&provider, "remote", "/p".into(), false)
-            .expect("register");
-    }
-
-    fn wait_for_links(s: &mut Sessions) -> Vec<(EndedSession, String)> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let ended = s.reap_links();
-            if !ended.is_empty() || std::time::Instant::now() > deadline {
-                return ended;
-            }
-            let fd = s.links_fd();
-            let _ = shmlink_endpoint::sys::poll_readable(
-                &[std::os::fd::AsFd::as_fd(&*fd)],
-                Some(deadline),
-            );
-        }
+        s.register(&provider, "remote", "/p").expect("register");
     }
 
     #[test]
-    fn a_provided_session_is_pending_until_accepted_and_abandoning_releases_it() {
+    fn a_provided_session_waits_for_its_provider_and_ending_it_refunds_it() {
         let mut s = sessions(|_| {});
         provided(&mut s);
         assert_eq!(
@@ -752,89 +940,91 @@ mod tests {
             ("capacity", Box::new(4096u64)),
             ("flavour", Box::new("mild".to_owned())),
         ]);
-        let open = s.open_provided(&caller(), "remote", o).expect("open");
-        let id = open.record.id;
+        let h = s.ask_provider(&caller(), "remote", o).expect("open");
+        let id = h.info.id;
         assert_eq!(
-            open.options.keys().collect::<Vec<_>>(),
+            h.options.keys().collect::<Vec<_>>(),
             ["flavour"],
             "the ring options stay with the broker"
         );
-        assert_eq!(open.registration.provider.bus_name, ":1.99");
+        assert_eq!(h.registration.provider.bus_name, ":1.99");
+        assert_eq!(h.registration.object, "/p");
+        assert!(!s.is_open(id) && s.open_count() == 0, "waiting");
+        assert!(s.accounting.memory_total() > 0, "charged while waiting");
+        let link = h.link;
+        let ended = s.end(id, "refused").expect("was waiting");
+        assert!(!ended.was_open, "never announced");
+        assert_eq!(s.len(), 0);
+        assert_eq!(s.accounting.memory_total(), 0);
         assert_eq!(
-            open.client.to_server.capacity,
-            open.provider.to_server.capacity
-        );
-        assert!(!s.is_open(id) && s.open_count() == 0, "pending");
-        assert!(s.broker().memory_total() > 0, "charged while pending");
-        let link = open.provider_link;
-        s.abandon_provided(id, "refused");
-        assert_eq!(s.broker().count(), 0);
-        assert_eq!(s.broker().memory_total(), 0);
-        assert_eq!(
-            shmlink_endpoint::sys::hangup_state(std::os::fd::AsFd::as_fd(&link)).expect("state"),
-            shmlink_endpoint::sys::HangupState::Closed,
+            sys::hangup_state(link.as_fd()).expect("state"),
+            HangupState::Closed,
             "the provider sees the link close"
         );
         assert!(
-            s.accept_provided(id).is_err(),
-            "an abandoned session cannot be accepted late"
+            s.accept_handed(id).is_err(),
+            "an ended session cannot be accepted late"
         );
         // Refusals before the reservation charge nothing.
         let e = s
-            .open_provided(
+            .ask_provider(
                 &caller(),
                 "remote",
                 opts(vec![("capacity", Box::new(1u64))]),
             )
             .err()
             .expect("refused");
-        assert!(matches!(e, BrokerError::InvalidCapacity(_)), "{e:?}");
+        assert!(matches!(e, Refusal::InvalidCapacity(_)), "{e:?}");
         assert!(matches!(
-            s.open_provided(&caller(), "nope", PropMap::new()).err(),
-            Some(BrokerError::UnknownService(_))
+            s.ask_provider(&caller(), "nope", PropMap::new()).err(),
+            Some(Refusal::UnknownService(_))
         ));
-        assert_eq!(s.broker().count(), 0);
+        assert_eq!(s.len(), 0);
     }
 
     #[test]
     fn an_accepted_session_ends_when_the_provider_closes_its_link_and_once() {
         let mut s = sessions(|_| {});
         provided(&mut s);
-        let open = s
-            .open_provided(&caller(), "remote", PropMap::new())
+        let h = s
+            .ask_provider(&caller(), "remote", PropMap::new())
             .expect("open");
-        let id = open.record.id;
-        s.accept_provided(id).expect("accept");
+        let id = h.info.id;
+        let (info, client, _) = s.accept_handed(id).expect("accept");
+        assert_eq!(info.id, id);
+        assert_eq!(client.to_server.capacity, h.fds.to_server.capacity);
         assert!(s.is_open(id) && s.open_count() == 1);
-        assert!(s.accept_provided(id).is_err(), "accepted once");
-        drop(open.provider_link);
-        let ended = wait_for_links(&mut s);
+        assert!(s.accept_handed(id).is_err(), "accepted once");
+        drop(h.link);
+        let ended = wait_for(&mut s, Sessions::links_fd, Sessions::reap_links);
         assert_eq!(ended.len(), 1);
-        assert_eq!(ended[0].1, "provider closed the session");
-        assert_eq!(ended[0].0.path, open.record.path);
-        assert!(s.end_session(id, "again").is_none());
-        assert_eq!(s.broker().memory_total(), 0);
+        assert_eq!(ended[0].reason, "provider closed the session");
+        assert_eq!(ended[0].info.id, id);
+        assert!(s.end(id, "again").is_none());
+        assert_eq!(s.accounting.memory_total(), 0);
 
         // Ended at the broker: the provider's link end sees it.
-        let open = s
-            .open_provided(&caller(), "remote", PropMap::new())
+        let h = s
+            .ask_provider(&caller(), "remote", PropMap::new())
             .expect("open");
-        s.accept_provided(open.record.id).expect("accept");
-        assert!(s
-            .end_session(open.record.id, "closed by its owner")
-            .is_some());
+        s.accept_handed(h.info.id).expect("accept");
+        assert!(s.end(h.info.id, "closed by its owner").is_some());
         assert_eq!(
-            shmlink_endpoint::sys::hangup_state(std::os::fd::AsFd::as_fd(&open.provider_link))
-                .expect("state"),
-            shmlink_endpoint::sys::HangupState::Closed
+            sys::hangup_state(h.link.as_fd()).expect("state"),
+            HangupState::Closed
         );
         assert!(s.reap_links().is_empty());
-        // A pending session ended by its owner leaving is abandoned, never announced.
-        let open = s
-            .open_provided(&caller(), "remote", PropMap::new())
+        // A waiting session whose owner leaves ends unannounced; so do the
+        // registrations of a provider that leaves.
+        let h = s
+            .ask_provider(&caller(), "remote", PropMap::new())
             .expect("open");
-        assert!(s.end_sessions_of(":1.7", "owner left the bus").is_empty());
-        assert!(!s.broker().contains(open.record.id));
-        assert_eq!(s.broker().memory_total(), 0);
+        let (ended, withdrawn) = s.connection_left(&caller().bus_name, "owner left the bus");
+        assert!(ended.iter().all(|e| !e.was_open) && ended.len() == 1);
+        assert!(withdrawn.is_empty());
+        assert!(!s.is_open(h.info.id) && s.len() == 0);
+        assert_eq!(s.accounting.memory_total(), 0);
+        let (_, withdrawn) = s.connection_left(":1.99", "provider left the bus");
+        assert_eq!(withdrawn, ["remote"]);
     }
 }

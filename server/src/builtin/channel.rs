@@ -305,9 +305,9 @@ mod tests {
     fn inboxes_share_one_buffer_charged_to_each_member_that_holds_it() {
         let mut config = crate::config::Config::default();
         config.limits.memory_per_user = 250;
-        let mut books = crate::broker::Broker::new(config);
+        let mut books = crate::accounting::Accounting::new(config);
         let ch = Channel::default();
-        let join_as = |uid: u32, books: &mut crate::broker::Broker| {
+        let join_as = |uid: u32, books: &mut crate::accounting::Accounting| {
             let opts = options(&[(option::CHANNEL, prop("room".to_owned()))])
                 .with_memory(Memory::new(books.budget_of(uid)));
             ch.open(&caller(), &opts).expect("join")

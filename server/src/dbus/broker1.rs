@@ -1,25 +1,31 @@
-//! `org.shmlink.Broker1` at `/org/shmlink/Broker1`: open and list sessions,
+//! `org.shmlink.Broker1` on the broker object: open and list sessions,
 //! register and list services, the broker's limits, and the
-//! `SessionClosed` signal. (`OpenSession` of a registered service is
-//! answered later, when its provider does: see [`super::provided`].)
+//! `SessionClosed` signal. Its data is the [`Control`]. (`OpenSession` of a
+//! registered service is answered later, when its provider does: see
+//! [`super::handover`].)
 
-use super::{method_err, Shared};
-use crate::broker::BrokerError;
-use crate::lock;
-use crate::logcap::{cut, LOGGED_ERROR, LOGGED_STRING};
-use crate::sessions::SessionRecord;
+use super::{sender_of, Control};
+use crate::accounting::Refusal;
+use crate::log_bounds::{cut, LOGGED_STRING};
+use crate::sessions::SessionInfo;
 use dbus::arg::PropMap;
 use dbus::Path;
 use dbus_crossroads::{Context, Crossroads, IfaceToken, MethodErr};
 use shmlink_interfaces::{member, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE};
+use std::sync::Arc;
+
+/// The broker object's data, which crossroads keeps at the path of the
+/// object a method was called on.
+fn control<'a>(cr: &'a mut Crossroads, ctx: &Context) -> Result<&'a mut Control, MethodErr> {
+    cr.data_mut::<Control>(ctx.path())
+        .ok_or_else(|| MethodErr::no_path(ctx.path()))
+}
 
 pub(super) fn register(
     cr: &mut Crossroads,
-    shared: Shared,
-    session_token: IfaceToken<SessionRecord>,
-) -> IfaceToken<()> {
+    session_token: IfaceToken<Arc<SessionInfo>>,
+) -> IfaceToken<Control> {
     cr.register(BROKER_INTERFACE, move |b| {
-        let sh = shared.clone();
         b.method_with_cr(
             member::OPEN_SESSION,
             ("service", "options"),
@@ -40,92 +46,73 @@ pub(super) fn register(
                   cr: &mut Crossroads,
                   (service, options): (String, PropMap)|
                   -> Result<OpenSessionArgs, MethodErr> {
-                let mut c = lock(&sh);
-                let caller = c.peers.caller_of(ctx.message())?;
+                let c = control(cr, ctx)?;
+                let caller = c.caller_of(ctx.message())?;
                 let opened = match c.sessions.open(&caller, &service, options) {
                     Ok(opened) => opened,
                     Err(e) => {
-                        c.log_refusal(caller.uid, || {
-                            format!(
-                                "OpenSession({:?}) from {} (uid {}) refused: {}",
-                                cut(&service, LOGGED_STRING),
-                                caller.bus_name,
-                                caller.uid,
-                                cut(&e.to_string(), LOGGED_ERROR)
-                            )
-                        });
-                        return Err(method_err(&e));
+                        let uid = Some(caller.uid);
+                        c.refused(member::OPEN_SESSION, &service, &caller.bus_name, uid, &e);
+                        return Err(c.method_err(&e));
                     }
                 };
-                drop(c);
-                let path = opened.record.path.clone();
-                cr.insert(path.clone(), &[session_token], opened.record);
+                let path: Path<'static> = c.names.session_path(opened.info.id).into();
+                cr.insert(path.clone(), &[session_token], opened.info);
                 Ok(OpenSessionReply {
                     session: path,
                     fds: opened.fds,
-                    parameters: opened.params,
+                    parameters: opened.parameters.to_dict(),
                 }
                 .into())
             },
         );
-        let sh = shared.clone();
         b.method(
             member::LIST_SESSIONS,
             (),
             ("sessions",),
-            move |_ctx, _: &mut (), ()| {
-                let c = lock(&sh);
+            |_ctx, c: &mut Control, ()| {
                 let list: Vec<(Path<'static>, String, String, u32, u32)> = c
                     .sessions
-                    .broker()
-                    .reservations()
-                    .filter(|r| c.sessions.is_open(r.id))
-                    .map(|r| {
+                    .open_sessions()
+                    .map(|s| {
                         (
-                            c.sessions.broker().session_path(r.id).into(),
-                            r.service.clone(),
-                            r.owner.bus_name.clone(),
-                            r.owner.uid,
-                            r.owner.pid,
+                            c.names.session_path(s.id).into(),
+                            s.service.clone(),
+                            s.owner.bus_name.clone(),
+                            s.owner.uid,
+                            s.owner.pid,
                         )
                     })
                     .collect();
                 Ok((list,))
             },
         );
-        let sh = shared.clone();
         b.method(
             member::REGISTER_SERVICE,
             ("service", "object", "options"),
             (),
-            move |ctx, _: &mut (), (service, object, options): (String, Path<'static>, PropMap)| {
-                let mut c = lock(&sh);
-                let caller = c.peers.caller_of(ctx.message())?;
+            |ctx, c: &mut Control, (service, object, options): (String, Path<'static>, PropMap)| {
+                let caller = c.caller_of(ctx.message())?;
                 let result = if options.is_empty() {
-                    let builtin = c.sessions.is_builtin(&service);
-                    c.sessions
-                        .broker_mut()
-                        .register(&caller, &service, object.clone(), builtin)
-                        .map(|_| ())
+                    c.sessions.register(&caller, &service, &object)
                 } else {
                     let mut keys: Vec<&str> = options.keys().map(String::as_str).collect();
                     keys.sort_unstable();
-                    Err(BrokerError::InvalidOption(format!(
+                    Err(Refusal::InvalidOption(format!(
                         "unknown registration option(s): {}",
                         cut(&keys.join(", "), LOGGED_STRING)
                     )))
                 };
                 if let Err(e) = result {
-                    c.log_refusal(caller.uid, || {
-                        format!(
-                            "RegisterService({:?}) from {} (uid {}) refused: {}",
-                            cut(&service, LOGGED_STRING),
-                            caller.bus_name,
-                            caller.uid,
-                            cut(&e.to_string(), LOGGED_ERROR)
-                        )
-                    });
-                    return Err(method_err(&e));
+                    let uid = Some(caller.uid);
+                    c.refused(
+                        member::REGISTER_SERVICE,
+                        &service,
+                        &caller.bus_name,
+                        uid,
+                        &e,
+                    );
+                    return Err(c.method_err(&e));
                 }
                 log::info!(
                     "service {service} registered by {} (uid {}, pid {}) at {object}",
@@ -137,46 +124,34 @@ pub(super) fn register(
                 Ok(())
             },
         );
-        let sh = shared.clone();
         b.method(
             member::UNREGISTER_SERVICE,
             ("service",),
             (),
-            move |ctx, _: &mut (), (service,): (String,)| {
-                let mut c = lock(&sh);
-                let sender = ctx
-                    .message()
-                    .sender()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                if let Err(e) = c.sessions.broker_mut().unregister(&sender, &service) {
-                    let uid = c.peers.get(&sender).map_or(u32::MAX, |p| p.uid);
-                    c.log_refusal(uid, || {
-                        format!(
-                            "UnregisterService from {sender} (uid {uid}) refused: {}",
-                            cut(&e.to_string(), LOGGED_ERROR)
-                        )
-                    });
-                    return Err(method_err(&e));
+            |ctx, c: &mut Control, (service,): (String,)| {
+                let sender = sender_of(ctx.message());
+                if let Err(e) = c.sessions.unregister(&sender, &service) {
+                    let uid = c.uid_of(&sender);
+                    c.refused(member::UNREGISTER_SERVICE, &service, &sender, uid, &e);
+                    return Err(c.method_err(&e));
                 }
                 log::info!("service {service} withdrawn by {sender}");
                 ctx.push_msg(c.services_changed());
                 Ok(())
             },
         );
-        let sh = shared.clone();
         b.method(
             member::LIST_SERVICES,
             (),
             ("services",),
-            move |_ctx, _: &mut (), ()| {
-                let c = lock(&sh);
-                let own = c.sessions.broker().own_uid();
+            |_ctx, c: &mut Control, ()| {
+                let accounting = c.sessions.accounting();
+                let own = accounting.own_uid();
                 let mut list: Vec<(String, String, u32)> = c
                     .sessions
-                    .builtin_names()
+                    .hosted_names()
                     .map(|n| (n.to_owned(), String::new(), own))
-                    .chain(c.sessions.broker().registrations().map(|r| {
+                    .chain(accounting.registrations().map(|r| {
                         (
                             r.service.clone(),
                             r.provider.bus_name.clone(),
@@ -191,22 +166,18 @@ pub(super) fn register(
         b.signal::<(Path<'static>, String), _>(member::SESSION_CLOSED, ("session", "reason"));
         b.property(member::VERSION)
             .emits_changed_const()
-            .get(|_, _: &mut ()| Ok(env!("CARGO_PKG_VERSION").to_owned()));
-        let sh = shared.clone();
+            .get(|_, _: &mut Control| Ok(env!("CARGO_PKG_VERSION").to_owned()));
         b.property(member::SERVICES)
             .emits_changed_true()
-            .get(move |_, _: &mut ()| Ok(lock(&sh).sessions.service_names()));
-        let sh = shared.clone();
+            .get(|_, c: &mut Control| Ok(c.sessions.service_names()));
         b.property(member::SESSION_COUNT)
             .emits_changed_false()
-            .get(move |_, _: &mut ()| Ok(lock(&sh).sessions.open_count() as u32));
-        let sh = shared.clone();
+            .get(|_, c: &mut Control| Ok(c.sessions.open_count() as u32));
         b.property(member::MAX_CAPACITY)
             .emits_changed_const()
-            .get(move |_, _: &mut ()| Ok(lock(&sh).sessions.broker().limits().max_capacity));
-        let sh = shared.clone();
+            .get(|_, c: &mut Control| Ok(c.sessions.accounting().limits().max_capacity));
         b.property(member::MAX_MESSAGE_SIZE)
             .emits_changed_const()
-            .get(move |_, _: &mut ()| Ok(lock(&sh).sessions.broker().limits().max_message));
+            .get(|_, c: &mut Control| Ok(c.sessions.accounting().limits().max_message));
     })
 }

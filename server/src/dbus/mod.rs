@@ -1,12 +1,13 @@
-//! The D-Bus adapter: the `org.shmlink.Broker1` and `org.shmlink.Session1`
-//! interfaces ([`broker1`], [`session1`]), the callers' credentials
-//! ([`peers`]), the sessions of provided services ([`provided`]: the
-//! `AcceptSession` calls and the opens waiting for them), and the glue that
-//! routes incoming messages to them.
+//! The D-Bus adapter: it translates between the bus and the session table
+//! and holds only D-Bus things — the objects (a session's id ↔ its path),
+//! the callers' credentials ([`callers`]), the calls waiting for a provider
+//! ([`handover`]), and publishing and retiring session objects.
 //!
-//! Everything here runs on the D-Bus thread. The crossroads callbacks share
-//! one [`Control`] (the session lifecycle and the credentials cache); no
-//! worker ever takes its lock.
+//! Everything here runs on the D-Bus thread. The broker object's data is
+//! the [`Control`] (the session table, the callers, the refusal log's rate
+//! limit); the `org.shmlink.Broker1` methods ([`broker1`]) receive it from
+//! crossroads, and the session objects ([`session1`]) carry their
+//! [`SessionInfo`].
 //!
 //! Try it against a running daemon:
 //! ```text
@@ -15,18 +16,20 @@
 //! ```
 
 mod broker1;
-mod peers;
-mod provided;
-pub(crate) mod provider1;
+mod callers;
+mod handover;
 mod session1;
 
-pub(crate) use peers::name_owner_changed;
+pub(crate) use callers::{connection_left, name_owner_changed};
 
-use crate::broker::BrokerError;
+use crate::accounting::Refusal;
 use crate::lock;
-use crate::logcap::{cut, Refusals, LOGGED_ERROR, LOGGED_STRING};
-use crate::service::prop;
-use crate::sessions::{EndedSession, SessionRecord, Sessions};
+use crate::log_bounds::{cut, Refusals, LOGGED_ERROR, LOGGED_STRING};
+use crate::main_loop::Served;
+use crate::names::Names;
+use crate::service::{prop, Caller};
+use crate::sessions::{Ended, SessionInfo, Sessions};
+use callers::Callers;
 use dbus::arg::PropMap;
 use dbus::blocking::stdintf::org_freedesktop_dbus::PropertiesPropertiesChanged;
 use dbus::blocking::Connection;
@@ -34,8 +37,7 @@ use dbus::channel::Sender;
 use dbus::message::{MessageType, SignalArgs};
 use dbus::Message;
 use dbus_crossroads::{Crossroads, IfaceToken, MethodErr};
-use peers::Peers;
-use provided::{Pending, Verdict};
+use handover::{Pending, Verdict};
 use shmlink_interfaces::{
     error, limits, member, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
 };
@@ -44,73 +46,110 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// What the crossroads callbacks share.
+/// The broker object's data: what every call needs.
 pub(crate) struct Control {
     sessions: Sessions,
-    peers: Peers,
+    /// Shared with the session objects' property getters, which crossroads
+    /// gives only their own object's data.
+    callers: Arc<Mutex<Callers>>,
     refusals: Refusals,
+    names: Names,
 }
 
 impl Control {
-    /// Logs a refused call of `uid` (as a warning), within the per-uid rate
-    /// limit; `line` is only formatted when it is written.
-    fn log_refusal(&mut self, uid: u32, line: impl FnOnce() -> String) {
+    /// Logs `call` of `who` (a connection, with its uid if known) refused
+    /// for `e`, as a warning within the per-uid rate limit; `subject` (what
+    /// the call named, e.g. a service) is cut to size.
+    fn refused(
+        &mut self,
+        call: &str,
+        subject: &str,
+        who: &str,
+        uid: Option<u32>,
+        e: &dyn std::fmt::Display,
+    ) {
+        let uid = uid.unwrap_or(u32::MAX);
         if self.refusals.admit(uid, Instant::now()) {
-            log::warn!("{}", line());
+            log::warn!(
+                "{call}({:?}) from {who} (uid {uid}) refused: {}",
+                cut(subject, LOGGED_STRING),
+                cut(&e.to_string(), LOGGED_ERROR)
+            );
         }
+    }
+
+    /// The uid of the connection `sender`, if known.
+    fn uid_of(&self, sender: &str) -> Option<u32> {
+        lock(&self.callers).get(sender).map(|c| c.uid)
+    }
+
+    /// The credentials of the caller of `msg`.
+    fn caller_of(&self, msg: &Message) -> Result<Caller, MethodErr> {
+        lock(&self.callers).caller_of(msg)
+    }
+
+    /// The D-Bus error for `e`, sessions named by their paths.
+    fn method_err(&self, e: &Refusal) -> MethodErr {
+        method_err(e, &self.names)
     }
 
     /// The `PropertiesChanged` signal announcing the current `Services`.
     fn services_changed(&self) -> Message {
-        services_changed(
-            self.sessions.broker().names().path(),
-            self.sessions.service_names(),
-        )
+        let mut changed = PropMap::new();
+        changed.insert(member::SERVICES.into(), prop(self.sessions.service_names()));
+        PropertiesPropertiesChanged {
+            interface_name: BROKER_INTERFACE.into(),
+            changed_properties: changed,
+            invalidated_properties: Vec::new(),
+        }
+        .to_emit_message(&self.names.path().to_owned().into())
     }
 }
 
-type Shared = Arc<Mutex<Control>>;
+/// The unique name of the sender of `msg` ("" if it has none).
+fn sender_of(msg: &Message) -> String {
+    msg.sender().map(|s| s.to_string()).unwrap_or_default()
+}
 
-/// The D-Bus error for a refusal.
-fn method_err(e: &BrokerError) -> MethodErr {
-    let name = match e {
-        BrokerError::UnknownService(_) => error::UNKNOWN_SERVICE,
-        BrokerError::InvalidOption(_) => error::INVALID_OPTION,
-        BrokerError::InvalidCapacity(_) => error::INVALID_CAPACITY,
-        BrokerError::LimitExceeded(_) => error::LIMIT_EXCEEDED,
-        BrokerError::AccessDenied(_) => error::ACCESS_DENIED,
-        BrokerError::UnknownSession(_) => error::UNKNOWN_SESSION,
-        BrokerError::NameTaken(_) => error::NAME_TAKEN,
-        BrokerError::Internal(_) => error::INTERNAL,
+/// The D-Bus error for a refusal; sessions named by their paths under `names`.
+fn method_err(e: &Refusal, names: &Names) -> MethodErr {
+    let text = match e {
+        Refusal::UnknownSession(id) => format!("no session {}", names.session_path(*id)),
+        Refusal::NotOwner { id, owner, caller } => {
+            not_owner(&names.session_path(*id), owner, caller)
+        }
+        _ => return refusal_error(e),
     };
+    MethodErr::from((error_name(e), cut(&text, LOGGED_ERROR).into_owned()))
+}
+
+/// The D-Bus error for a refusal, as its text says it.
+pub(crate) fn refusal_error(e: &Refusal) -> MethodErr {
     // The text may quote what the caller sent (a service name, an option);
     // the caller gets the cut version too, so a huge call costs no huge reply.
-    MethodErr::from((name, cut(&e.to_string(), LOGGED_ERROR).into_owned()))
+    MethodErr::from((
+        error_name(e),
+        cut(&e.to_string(), LOGGED_ERROR).into_owned(),
+    ))
 }
 
-/// Removes an ended session's object and returns its `SessionClosed` signal.
-/// Every end goes through here once (see [`Sessions::end_session`]).
-fn retire(cr: &mut Crossroads, ended: &EndedSession, reason: &str) -> Message {
-    cr.remove::<SessionRecord>(&ended.path);
-    Message::signal(
-        &ended.broker_path,
-        &BROKER_INTERFACE.into(),
-        &member::SESSION_CLOSED.into(),
-    )
-    .append2(ended.path.clone(), reason)
-}
-
-/// `PropertiesChanged` for the `Services` property of the broker object at
-/// `path`, now `names`.
-fn services_changed(path: &str, names: Vec<String>) -> Message {
-    let mut changed = PropMap::new();
-    changed.insert(member::SERVICES.into(), prop(names));
-    PropertiesPropertiesChanged {
-        interface_name: BROKER_INTERFACE.into(),
-        changed_properties: changed,
-        invalidated_properties: Vec::new(),
+/// The contract's error name for a refusal.
+fn error_name(e: &Refusal) -> &'static str {
+    match e {
+        Refusal::UnknownService(_) => error::UNKNOWN_SERVICE,
+        Refusal::InvalidOption(_) => error::INVALID_OPTION,
+        Refusal::InvalidCapacity(_) => error::INVALID_CAPACITY,
+        Refusal::LimitExceeded(_) => error::LIMIT_EXCEEDED,
+        Refusal::AccessDenied(_) | Refusal::NotOwner { .. } => error::ACCESS_DENIED,
+        Refusal::UnknownSession(_) => error::UNKNOWN_SESSION,
+        Refusal::NameTaken(_) => error::NAME_TAKEN,
+        Refusal::Internal(_) => error::INTERNAL,
     }
-    .to_emit_message(&path.to_owned().into())
+}
+
+/// Why `caller` may not act on the session at `path`.
+fn not_owner(path: &str, owner: &str, caller: &str) -> String {
+    format!("session {path} belongs to {owner}, not to {caller}")
 }
 
 /// The error reply to `call` for `err`.
@@ -130,57 +169,65 @@ fn is_broker_call(msg: &Message, path: &str, name: &str) -> bool {
 /// The registered interfaces and the state behind them.
 pub(crate) struct Adapter {
     cr: Crossroads,
-    shared: Shared,
+    /// The broker object's path, where crossroads keeps the [`Control`].
+    path: dbus::Path<'static>,
+    callers: Arc<Mutex<Callers>>,
     notify: Arc<OwnedFd>,
     links: Arc<OwnedFd>,
-    session_token: IfaceToken<SessionRecord>,
+    session_token: IfaceToken<Arc<SessionInfo>>,
     /// Credentials asked of the bus: the serial of our call, and whose.
     lookups: HashMap<u32, String>,
     /// Calls waiting for their sender's credentials, in arrival order.
     waiting: HashMap<String, Vec<Message>>,
     /// `OpenSession` calls of provided services, by the serial of the
     /// `AcceptSession` call made for each. Bounded by the session limits:
-    /// each holds a reservation.
+    /// each has an entry in the table, which holds a reservation.
     pending: HashMap<u32, Pending>,
     /// How long a provider has to answer.
     accept_timeout: Duration,
     /// Longest service name an `OpenSession` may name: the longest
-    /// built-in one or the longest a provider may register.
+    /// hosted one or the longest a provider may register.
     longest_service: usize,
-    /// The broker object's path.
-    path: String,
     /// The session objects' common prefix.
     session_prefix: String,
 }
 
 impl Adapter {
-    /// Registers the interfaces over `sessions` and publishes the broker object.
-    pub fn new(sessions: Sessions) -> Self {
+    /// Registers the interfaces over `sessions` and publishes the broker
+    /// object at `names.path()`.
+    pub fn new(sessions: Sessions, names: Names) -> Self {
         let notify = sessions.notify_fd();
-        let names = sessions.broker().names().clone();
         let links = sessions.links_fd();
-        let accept_timeout = Duration::from_millis(sessions.broker().providers().accept_timeout_ms);
+        let accept_timeout =
+            Duration::from_millis(sessions.accounting().providers().accept_timeout_ms);
         let longest_service = sessions
-            .builtin_names()
+            .hosted_names()
             .map(str::len)
             .max()
             .unwrap_or(0)
             .max(limits::MAX_SERVICE_NAME);
-        let shared: Shared = Arc::new(Mutex::new(Control {
-            sessions,
-            peers: Peers::default(),
-            refusals: Refusals::default(),
-        }));
+        let callers = Arc::new(Mutex::new(Callers::default()));
         let mut cr = Crossroads::new();
-        let session_token = session1::register(&mut cr, shared.clone());
-        let broker_token = broker1::register(&mut cr, shared.clone(), session_token);
-        cr.insert(names.path().to_owned(), &[broker_token], ());
+        let session_token = session1::register(&mut cr, callers.clone());
+        let broker_token = broker1::register(&mut cr, session_token);
+        let path: dbus::Path<'static> = names.path().to_owned().into();
         // An empty parent node, so `busctl tree` and introspection list the sessions.
         let session_prefix = names.session_prefix();
         cr.insert(session_prefix.trim_end_matches('/').to_owned(), &[], ());
+        cr.insert(
+            path.clone(),
+            &[broker_token],
+            Control {
+                sessions,
+                callers: callers.clone(),
+                refusals: Refusals::default(),
+                names,
+            },
+        );
         Adapter {
             cr,
-            shared,
+            path,
+            callers,
             notify,
             links,
             session_token,
@@ -189,24 +236,47 @@ impl Adapter {
             pending: HashMap::new(),
             accept_timeout,
             longest_service,
-            path: names.path().to_owned(),
             session_prefix,
         }
     }
 
-    /// The epoll fd of the provider links: readable when
-    /// [`Adapter::reap_links`] has work.
-    pub fn links_fd(&self) -> Arc<OwnedFd> {
-        self.links.clone()
+    /// The broker object's data.
+    fn control(&mut self) -> &mut Control {
+        self.cr
+            .data_mut::<Control>(&self.path)
+            .expect("the broker object is never removed")
     }
 
-    /// When the first provider's time to answer is up, if any is asked.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.values().map(|p| p.deadline).min()
+    /// Number of engine worker threads.
+    pub fn worker_count(&mut self) -> usize {
+        self.control().sessions.worker_count()
+    }
+
+    /// Number of open sessions.
+    pub fn session_count(&mut self) -> usize {
+        self.control().sessions.open_count()
+    }
+
+    /// Publishes the object of a session that just opened.
+    fn publish(&mut self, info: Arc<SessionInfo>) -> dbus::Path<'static> {
+        let path: dbus::Path<'static> = self.control().names.session_path(info.id).into();
+        self.cr.insert(path.clone(), &[self.session_token], info);
+        path
+    }
+
+    /// Removes the objects of sessions that ended and announces each end.
+    fn retire(&mut self, conn: &impl Sender, ended: Vec<Ended>) {
+        for e in ended.into_iter().filter(|e| e.was_open) {
+            let names = &self.control().names;
+            let path: dbus::Path<'static> = names.session_path(e.info.id).into();
+            let signal = session_closed(&self.path, path.clone(), &e.reason);
+            self.cr.remove::<Arc<SessionInfo>>(&path);
+            let _ = conn.send(signal);
+        }
     }
 
     /// Fails the opens whose provider did not answer by `now`.
-    pub fn expire(&mut self, conn: &Connection, now: Instant) {
+    pub fn expire(&mut self, conn: &impl Sender, now: Instant) {
         let overdue: Vec<u32> = self
             .pending
             .iter()
@@ -225,78 +295,71 @@ impl Adapter {
         }
     }
 
-    /// An `OpenSession` of a registered service: reserves the session,
-    /// asks its provider, and leaves the call pending. Gives the message back
-    /// if it is not one.
-    fn open_provided(&mut self, conn: &Connection, msg: Message) -> Option<Message> {
+    /// An `OpenSession` of a registered service: admits the session, asks
+    /// its provider, and leaves the call pending. Gives the message back if
+    /// it is not one.
+    fn ask_provider(&mut self, conn: &impl Sender, msg: Message) -> Option<Message> {
         if !is_broker_call(&msg, &self.path, member::OPEN_SESSION) {
             return Some(msg);
         }
         let Ok((service, options)) = msg.read2::<&str, PropMap>() else {
             return Some(msg);
         };
-        let mut c = lock(&self.shared);
-        if c.sessions.broker().registration(service).is_none() {
-            drop(c);
+        let c = self.control();
+        if c.sessions.accounting().registration(service).is_none() {
             return Some(msg);
         }
-        let caller = match c.peers.caller_of(&msg) {
+        let reply = |e: MethodErr| {
+            if let Some(reply) = error_reply(&msg, &e) {
+                let _ = conn.send(reply);
+            }
+        };
+        let caller = match c.caller_of(&msg) {
             Ok(caller) => caller,
             Err(e) => {
-                drop(c);
-                if let Some(reply) = error_reply(&msg, &e) {
-                    let _ = conn.send(reply);
-                }
+                reply(e);
                 return None;
             }
         };
-        let mut open = match c.sessions.open_provided(&caller, service, options) {
-            Ok(open) => open,
+        let handover = match c.sessions.ask_provider(&caller, service, options) {
+            Ok(h) => h,
             Err(e) => {
-                c.log_refusal(caller.uid, || {
-                    format!(
-                        "OpenSession({service:?}) from {} (uid {}) refused: {}",
-                        caller.bus_name,
-                        caller.uid,
-                        cut(&e.to_string(), LOGGED_ERROR)
-                    )
-                });
-                drop(c);
-                if let Some(reply) = error_reply(&msg, &method_err(&e)) {
-                    let _ = conn.send(reply);
-                }
+                c.refused(
+                    member::OPEN_SESSION,
+                    service,
+                    &caller.bus_name,
+                    Some(caller.uid),
+                    &e,
+                );
+                let e = c.method_err(&e);
+                reply(e);
                 return None;
             }
         };
-        let id = open.record.id;
-        let sent = provided::accept_call(&mut open).and_then(|call| {
-            conn.channel()
-                .send(call)
+        let id = handover.info.id;
+        let provider = handover.registration.provider.bus_name.clone();
+        let sent = handover::accept_call(handover, &c.names).and_then(|call| {
+            conn.send(call)
                 .map_err(|()| "cannot queue the AcceptSession call".to_owned())
         });
         let serial = match sent {
             Ok(serial) => serial,
             Err(why) => {
-                c.sessions.abandon_provided(id, &why);
-                drop(c);
-                let e = BrokerError::Internal(format!("could not ask the provider: {why}"));
-                if let Some(reply) = error_reply(&msg, &method_err(&e)) {
-                    let _ = conn.send(reply);
-                }
+                c.sessions.end(id, &why);
+                let e = c.method_err(&Refusal::Internal(format!(
+                    "could not ask the provider: {why}"
+                )));
+                reply(e);
                 return None;
             }
         };
-        drop(c);
-        // What the provider got is in the message now; the broker keeps its
-        // end of the link (in the books) and the client's fds.
         self.pending.insert(
             serial,
             Pending {
                 call: msg,
-                record: open.record,
-                client: open.client,
-                params: open.params,
-                provider: open.registration.provider.bus_name,
+                id,
+                provider,
+                owner: caller.bus_name,
                 deadline: Instant::now() + self.accept_timeout,
             },
         );
@@ -305,11 +368,11 @@ impl Adapter {
 
     /// An answer to one of our `AcceptSession` calls (or a stray message
     /// claiming to be one, which is dropped).
-    fn answer_arrived(&mut self, conn: &Connection, serial: u32, msg: &mut Message) {
+    fn answer_arrived(&mut self, conn: &impl Sender, serial: u32, msg: &mut Message) {
         let Some(p) = self.pending.get(&serial) else {
             return;
         };
-        if !provided::counts(msg, &p.provider) {
+        if !handover::counts(msg, &p.provider) {
             log::debug!(
                 "dropped an answer to AcceptSession from {:?}, not from provider {}",
                 msg.sender().as_deref().unwrap_or(""),
@@ -318,53 +381,48 @@ impl Adapter {
             return;
         }
         if let Some(p) = self.pending.remove(&serial) {
-            let verdict = provided::judge(msg, &p.provider);
+            let verdict = handover::judge(msg, &p.provider);
             self.conclude(conn, p, verdict);
         }
     }
 
     /// Answers a pending `OpenSession` as the provider decided: opens the
-    /// session (its object, the reply with the client's fds), or releases
-    /// everything and relays the refusal.
-    fn conclude(&mut self, conn: &Connection, p: Pending, verdict: Verdict) {
-        let id = p.record.id;
+    /// session (its object, the reply with the client's fds), or ends it
+    /// and relays the refusal.
+    fn conclude(&mut self, conn: &impl Sender, p: Pending, verdict: Verdict) {
         let (name, text) = match verdict {
-            Verdict::Accepted => {
-                let accepted = lock(&self.shared).sessions.accept_provided(id);
-                match accepted {
-                    Ok(()) => {
-                        let path = p.record.path.clone();
-                        self.cr
-                            .insert(path.clone(), &[self.session_token], p.record);
-                        let reply = OpenSessionReply {
-                            session: path,
-                            fds: p.client,
-                            parameters: p.params,
-                        };
-                        let mut answer = p.call.method_return();
-                        answer.append_all(OpenSessionArgs::from(reply));
-                        let _ = conn.send(answer);
-                        return;
-                    }
-                    Err(e) => {
-                        let e = method_err(&e);
-                        (e.errorname().to_string(), e.description().to_owned())
-                    }
+            Verdict::Accepted => match self.control().sessions.accept_handed(p.id) {
+                Ok((info, fds, parameters)) => {
+                    let session = self.publish(info);
+                    let reply = OpenSessionReply {
+                        session,
+                        fds,
+                        parameters: parameters.to_dict(),
+                    };
+                    let mut answer = p.call.method_return();
+                    answer.append_all(OpenSessionArgs::from(reply));
+                    let _ = conn.send(answer);
+                    return;
                 }
-            }
+                Err(e) => {
+                    let e = self.control().method_err(&e);
+                    (e.errorname().to_string(), e.description().to_owned())
+                }
+            },
             Verdict::Refused(name, text) => (name.to_owned(), text),
             Verdict::Unavailable(text) => (error::PROVIDER_UNAVAILABLE.to_owned(), text),
         };
-        {
-            let mut c = lock(&self.shared);
-            c.sessions.abandon_provided(id, &format!("{name}: {text}"));
-            let owner = &p.record.owner;
-            c.log_refusal(owner.uid, || {
-                format!(
-                    "OpenSession({:?}) from {} (uid {}) refused: {name}: {text}",
-                    p.record.service, owner.bus_name, owner.uid
-                )
-            });
+        let c = self.control();
+        let refusal = format!("{name}: {text}");
+        if let Some(ended) = c.sessions.end(p.id, &refusal) {
+            let owner = &ended.info.owner;
+            c.refused(
+                member::OPEN_SESSION,
+                &ended.info.service,
+                &owner.bus_name,
+                Some(owner.uid),
+                &refusal,
+            );
         }
         let text = std::ffi::CString::new(text.replace('\0', " ")).unwrap_or_default();
         if let Ok(name) = dbus::strings::ErrorName::new(name) {
@@ -372,38 +430,17 @@ impl Adapter {
         }
     }
 
-    /// The eventfd that becomes readable when [`Adapter::reap`] has work.
-    pub fn notify_fd(&self) -> Arc<OwnedFd> {
-        self.notify.clone()
-    }
-
-    /// Number of engine worker threads.
-    pub fn worker_count(&self) -> usize {
-        lock(&self.shared).sessions.worker_count()
-    }
-
-    /// Number of open sessions.
-    pub fn session_count(&self) -> usize {
-        lock(&self.shared).sessions.open_count()
-    }
-
-    /// Work for when no message is waiting: the next session's rings are
-    /// made ahead (see [`Sessions::make_rings_ahead`](crate::sessions::Sessions::make_rings_ahead)).
-    pub fn idle(&mut self) {
-        lock(&self.shared).sessions.make_rings_ahead();
-    }
-
     /// Handles one incoming message: method calls (once the caller's
     /// credentials are known), the bus's answers to our credential
     /// lookups, and connections leaving the bus. Never waits for the bus or
     /// a worker. What is left of opening sessions once the replies are out
     /// (waking their workers, logging) comes last.
-    pub fn handle(&mut self, conn: &Connection, msg: Message) {
+    pub fn handle(&mut self, conn: &impl Sender, msg: Message) {
         self.handle_message(conn, msg);
-        lock(&self.shared).sessions.after_reply();
+        self.control().sessions.after_reply();
     }
 
-    fn handle_message(&mut self, conn: &Connection, mut msg: Message) {
+    fn handle_message(&mut self, conn: &impl Sender, mut msg: Message) {
         match msg.msg_type() {
             MessageType::MethodCall => self.method_call(conn, msg),
             MessageType::MethodReturn | MessageType::Error => {
@@ -417,21 +454,21 @@ impl Adapter {
                 }
             }
             MessageType::Signal => {
-                if let Some(name) = peers::connection_left(&msg) {
+                if let Some(name) = connection_left(&msg) {
                     self.connection_left(conn, &name);
                 }
             }
         }
     }
 
-    /// A connection left the bus: the opens it waited for are dropped, the
-    /// opens waiting for it as a provider fail at once, its registrations
-    /// end and the sessions it owns end.
-    fn connection_left(&mut self, conn: &Connection, name: &str) {
+    /// A connection left the bus: the opens waiting for it as a provider
+    /// fail at once, its registrations end, and the sessions it owns end
+    /// (opens it was waiting for among them, never announced).
+    fn connection_left(&mut self, conn: &impl Sender, name: &str) {
         let involved: Vec<u32> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.provider == name || p.record.owner.bus_name == name)
+            .filter(|(_, p)| p.provider == name || p.owner == name)
             .map(|(serial, _)| *serial)
             .collect();
         for serial in involved {
@@ -442,37 +479,30 @@ impl Adapter {
                 let why = format!("provider {name} left the bus");
                 self.conclude(conn, p, Verdict::Unavailable(why));
             } else {
-                lock(&self.shared)
-                    .sessions
-                    .abandon_provided(p.record.id, "the client left the bus");
+                self.control().sessions.end(p.id, "the client left the bus");
             }
         }
-        let (ended, withdrawn, names) = {
-            let mut c = lock(&self.shared);
-            c.peers.forget(name);
-            let withdrawn = c.sessions.broker_mut().unregister_all(name);
-            let ended = c.sessions.end_sessions_of(name, "owner left the bus");
-            (ended, withdrawn, c.sessions.service_names())
-        };
-        for e in ended {
-            let _ = conn.send(retire(&mut self.cr, &e, "owner left the bus"));
-        }
-        if !withdrawn.is_empty() {
+        lock(&self.callers).forget(name);
+        let c = self.control();
+        let (ended, withdrawn) = c.sessions.connection_left(name, "owner left the bus");
+        let changed = (!withdrawn.is_empty()).then(|| c.services_changed());
+        self.retire(conn, ended);
+        if let Some(signal) = changed {
             log::info!(
                 "provider {name} left the bus; services withdrawn: {}",
                 withdrawn.join(", ")
             );
-            let _ = conn.send(services_changed(&self.path, names));
+            let _ = conn.send(signal);
         }
     }
 
     /// A method call: dispatched now if its sender's credentials are known,
     /// else queued behind a lookup (one per sender in flight).
-    fn method_call(&mut self, conn: &Connection, msg: Message) {
+    fn method_call(&mut self, conn: &impl Sender, msg: Message) {
         let Some(sender) = msg.sender().map(|s| s.to_string()) else {
             return self.dispatch(conn, msg);
         };
-        if lock(&self.shared).peers.knows(&sender) {
+        if lock(&self.callers).knows(&sender) {
             return self.dispatch(conn, msg);
         }
         if let Some(queue) = self.waiting.get_mut(&sender) {
@@ -481,7 +511,7 @@ impl Adapter {
             queue.push(msg);
             return;
         }
-        match peers::ask(conn, &sender) {
+        match callers::ask(conn, &sender) {
             Ok(serial) => {
                 self.lookups.insert(serial, sender.clone());
                 self.waiting.insert(sender, vec![msg]);
@@ -495,14 +525,15 @@ impl Adapter {
 
     /// The bus answered a lookup: record the credentials and dispatch the
     /// calls that waited for them (without credentials, they are refused).
-    fn credentials_arrived(&mut self, conn: &Connection, sender: &str, reply: &Message) {
-        match peers::parse(sender, reply) {
-            Ok(caller) => lock(&self.shared).peers.insert(caller),
+    fn credentials_arrived(&mut self, conn: &impl Sender, sender: &str, reply: &Message) {
+        match callers::parse(sender, reply) {
+            Ok(caller) => lock(&self.callers).insert(caller),
             Err(e) => {
                 // The connection may have left already; rate-limited like a refusal.
-                lock(&self.shared).log_refusal(u32::MAX, || {
-                    format!("cannot learn the credentials of {sender}: {e}")
-                })
+                let c = self.control();
+                if c.refusals.admit(u32::MAX, Instant::now()) {
+                    log::warn!("cannot learn the credentials of {sender}: {e}");
+                }
             }
         }
         for msg in self.waiting.remove(sender).unwrap_or_default() {
@@ -511,9 +542,9 @@ impl Adapter {
     }
 
     /// Hands a method call whose sender is known (or unknowable) to crossroads.
-    fn dispatch(&mut self, conn: &Connection, msg: Message) {
+    fn dispatch(&mut self, conn: &impl Sender, msg: Message) {
         if let Some(sender) = msg.sender() {
-            lock(&self.shared).peers.set_current(&sender);
+            lock(&self.callers).set_current(&sender);
         }
         if let Some(reply) = self
             .unknown_session_reply(&msg)
@@ -522,7 +553,7 @@ impl Adapter {
             let _ = conn.send(reply);
             return;
         }
-        let Some(msg) = self.open_provided(conn, msg) else {
+        let Some(msg) = self.ask_provider(conn, msg) else {
             return;
         };
         if self.cr.handle_message(msg, conn).is_err() {
@@ -535,7 +566,7 @@ impl Adapter {
     /// `RegisterService` gets `InvalidOption`, read in place: neither the
     /// name nor the options are copied or formatted in full (a name may be
     /// megabytes).
-    fn oversized_name_reply(&self, msg: &Message) -> Option<Message> {
+    fn oversized_name_reply(&mut self, msg: &Message) -> Option<Message> {
         let (call, longest) = [
             (member::OPEN_SESSION, self.longest_service),
             (member::REGISTER_SERVICE, limits::MAX_SERVICE_NAME),
@@ -549,34 +580,27 @@ impl Adapter {
         }
         let shown = cut(service, LOGGED_STRING).into_owned();
         let e = if call == member::REGISTER_SERVICE {
-            BrokerError::InvalidOption(format!(
+            Refusal::InvalidOption(format!(
                 "service name {shown:?} is longer than {} bytes",
                 limits::MAX_SERVICE_NAME
             ))
         } else {
-            BrokerError::UnknownService(shown)
+            Refusal::UnknownService(shown)
         };
-        let mut c = lock(&self.shared);
-        let sender = msg.sender().map(|s| s.to_string()).unwrap_or_default();
-        let uid = c.peers.get(&sender).map_or(u32::MAX, |p| p.uid);
-        c.log_refusal(uid, || {
-            format!(
-                "{call}({:?}) from {sender} (uid {uid}) refused: {e}",
-                cut(service, LOGGED_STRING)
-            )
-        });
-        error_reply(msg, &method_err(&e))
+        let sender = sender_of(msg);
+        let c = self.control();
+        let uid = c.uid_of(&sender);
+        c.refused(call, service, &sender, uid, &e);
+        error_reply(msg, &c.method_err(&e))
     }
 
     /// Calls to a session path that has no session get `UnknownSession`
     /// rather than the generic `UnknownObject`.
-    fn unknown_session_reply(&self, msg: &Message) -> Option<Message> {
+    fn unknown_session_reply(&mut self, msg: &Message) -> Option<Message> {
         let path = msg.path()?;
         let id = path.strip_prefix(self.session_prefix.as_str())?;
-        let exists = id
-            .parse::<u64>()
-            .ok()
-            .is_some_and(|id| lock(&self.shared).sessions.is_open(id));
+        let id = id.parse::<u64>().ok();
+        let exists = id.is_some_and(|id| self.control().sessions.is_open(id));
         if exists
             || msg
                 .interface()
@@ -592,23 +616,19 @@ impl Adapter {
     }
 
     /// Ends the sessions the engine ended by itself.
-    pub fn reap(&mut self, conn: &Connection) {
-        let ended = lock(&self.shared).sessions.reap();
-        for (e, reason) in ended {
-            let _ = conn.send(retire(&mut self.cr, &e, &reason));
-        }
+    pub fn reap(&mut self, conn: &impl Sender) {
+        let ended = self.control().sessions.reap();
+        self.retire(conn, ended);
     }
 
     /// Ends the provided sessions whose provider closed its link.
-    pub fn reap_links(&mut self, conn: &Connection) {
-        let ended = lock(&self.shared).sessions.reap_links();
-        for (e, reason) in ended {
-            let _ = conn.send(retire(&mut self.cr, &e, &reason));
-        }
+    pub fn reap_links(&mut self, conn: &impl Sender) {
+        let ended = self.control().sessions.reap_links();
+        self.retire(conn, ended);
     }
 
     /// Fails the pending opens, ends every session and stops the engine.
-    pub fn shutdown(&mut self, conn: &Connection) {
+    pub fn shutdown(&mut self, conn: &impl Sender) {
         const REASON: &str = "the daemon is shutting down";
         let pending: Vec<u32> = self.pending.keys().copied().collect();
         for serial in pending {
@@ -616,13 +636,341 @@ impl Adapter {
                 self.conclude(conn, p, Verdict::Unavailable(REASON.into()));
             }
         }
-        let ended = {
-            let mut c = lock(&self.shared);
-            c.refusals.flush();
-            c.sessions.shutdown(REASON)
-        };
-        for e in ended {
-            let _ = conn.send(retire(&mut self.cr, &e, REASON));
+        let c = self.control();
+        c.refusals.flush();
+        let ended = c.sessions.shutdown(REASON);
+        self.retire(conn, ended);
+    }
+}
+
+impl Served for Adapter {
+    fn handle(&mut self, conn: &Connection, msg: Message) {
+        Adapter::handle(self, conn, msg);
+    }
+
+    fn watched(&mut self) -> Vec<Arc<OwnedFd>> {
+        vec![self.notify.clone(), self.links.clone()]
+    }
+
+    fn ready(&mut self, conn: &Connection, index: usize) {
+        match index {
+            0 => self.reap(conn),
+            _ => self.reap_links(conn),
         }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.deadline).min()
+    }
+
+    fn turn_done(&mut self, conn: &Connection) {
+        self.expire(conn, Instant::now());
+    }
+
+    fn idle(&mut self) {
+        self.control().sessions.make_rings_ahead();
+    }
+}
+
+/// The `SessionClosed(session, reason)` signal of the broker object at `broker`.
+fn session_closed(
+    broker: &dbus::Path<'static>,
+    session: dbus::Path<'static>,
+    reason: &str,
+) -> Message {
+    Message::signal(
+        broker,
+        &BROKER_INTERFACE.into(),
+        &member::SESSION_CLOSED.into(),
+    )
+    .append2(session, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The adapter handling messages in process, as the bus would deliver
+    //! them; what it sends is recorded instead of sent.
+
+    use super::*;
+    use crate::builtin;
+    use crate::config::Config;
+    use dbus::arg::{RefArg, Variant};
+    use shmlink_interfaces::{option, BROKER_PATH, DBUS_NAME, SESSION_INTERFACE};
+    use std::cell::RefCell;
+
+    /// A [`Sender`] that keeps what it is given, with serials as a
+    /// connection would give them.
+    #[derive(Default)]
+    struct Recorder {
+        sent: RefCell<Vec<Message>>,
+        serial: std::cell::Cell<u32>,
+    }
+
+    impl Sender for Recorder {
+        fn send(&self, mut msg: Message) -> Result<u32, ()> {
+            let serial = self.serial.get() + 1;
+            self.serial.set(serial);
+            msg.set_serial(serial);
+            self.sent.borrow_mut().push(msg);
+            Ok(serial)
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<Message> {
+            std::mem::take(&mut self.sent.borrow_mut())
+        }
+    }
+
+    /// The adapter over the built-in services, and its recorder.
+    fn adapter(f: impl FnOnce(&mut Config)) -> (Adapter, Recorder) {
+        let mut config = Config::default();
+        config.engine.workers = 1;
+        f(&mut config);
+        let sessions = Sessions::start(config, builtin::all()).expect("start");
+        (
+            Adapter::new(sessions, Names::default()),
+            Recorder::default(),
+        )
+    }
+
+    /// A method call from `sender` with serial `serial`.
+    fn call(sender: &str, serial: u32, path: &str, iface: &str, member: &str) -> Message {
+        let mut m =
+            Message::new_method_call(BUS_NAME_FOR_TESTS, path, iface, member).expect("call");
+        m.set_sender(Some(sender.into()));
+        m.set_serial(serial);
+        m
+    }
+
+    const BUS_NAME_FOR_TESTS: &str = "org.shmlink.Broker1";
+
+    fn open_session(sender: &str, serial: u32, service: &str, options: PropMap) -> Message {
+        call(
+            sender,
+            serial,
+            BROKER_PATH,
+            BROKER_INTERFACE,
+            member::OPEN_SESSION,
+        )
+        .append2(service, options)
+    }
+
+    /// Hands `msg` to the adapter and answers the credential lookups it
+    /// makes (`uid` for every sender); returns everything else it sent.
+    fn handle(a: &mut Adapter, r: &Recorder, msg: Message, uid: u32) -> Vec<Message> {
+        a.handle(r, msg);
+        let mut out = Vec::new();
+        for sent in r.take() {
+            if sent.member().as_deref() == Some("GetConnectionCredentials") {
+                let mut creds = PropMap::new();
+                creds.insert(
+                    "UnixUserID".into(),
+                    Variant(Box::new(uid) as Box<dyn RefArg>),
+                );
+                creds.insert(
+                    "ProcessID".into(),
+                    Variant(Box::new(77u32) as Box<dyn RefArg>),
+                );
+                let mut reply = sent.method_return().append1(creds);
+                reply.set_sender(Some(DBUS_NAME.into()));
+                reply.set_serial(1000 + sent.get_serial().unwrap_or(0));
+                out.extend(handle(a, r, reply, uid));
+            } else {
+                out.push(sent);
+            }
+        }
+        out
+    }
+
+    fn error_name(m: &Message) -> Option<String> {
+        let mut m = m.duplicate().ok()?;
+        let e = m.as_result().err()?;
+        e.name().map(str::to_owned)
+    }
+
+    #[test]
+    fn open_list_and_close_reply_as_the_contract_says() {
+        let (mut a, r) = adapter(|_| {});
+        let out = handle(
+            &mut a,
+            &r,
+            open_session(":1.5", 1, "echo", PropMap::new()),
+            1000,
+        );
+        assert_eq!(out.len(), 1, "one reply: {out:?}");
+        let reply = &out[0];
+        assert_eq!(reply.msg_type(), MessageType::MethodReturn);
+        assert_eq!(reply.get_reply_serial(), Some(1));
+        let (path, capacity): (dbus::Path, u64) = reply.read2().expect("path, capacity");
+        assert_eq!(&*path, format!("{}/session/1", BROKER_PATH));
+        assert_eq!(
+            capacity,
+            shmlink_endpoint::rounded_capacity(limits::DEFAULT_CAPACITY)
+        );
+        assert_eq!(a.session_count(), 1);
+
+        // Another connection of the same uid may not close it; its owner may.
+        let close =
+            |sender: &str, serial| call(sender, serial, &path, SESSION_INTERFACE, member::CLOSE);
+        let out = handle(&mut a, &r, close(":1.6", 2), 1000);
+        assert_eq!(error_name(&out[0]).as_deref(), Some(error::ACCESS_DENIED));
+        assert_eq!(a.session_count(), 1);
+        let out = handle(&mut a, &r, close(":1.5", 3), 1000);
+        let kinds: Vec<_> = out
+            .iter()
+            .map(|m| (m.msg_type(), m.member().map(|m| m.to_string())))
+            .collect();
+        assert!(
+            kinds.contains(&(MessageType::Signal, Some(member::SESSION_CLOSED.to_owned()))),
+            "{kinds:?}"
+        );
+        assert!(out
+            .iter()
+            .any(|m| m.msg_type() == MessageType::MethodReturn));
+        let (closed, reason): (dbus::Path, String) = out
+            .iter()
+            .find(|m| m.msg_type() == MessageType::Signal)
+            .expect("signal")
+            .read2()
+            .expect("args");
+        assert_eq!(
+            (closed, reason.as_str()),
+            (path.clone(), "closed by its owner")
+        );
+        assert_eq!(a.session_count(), 0);
+        let out = handle(&mut a, &r, close(":1.5", 4), 1000);
+        assert_eq!(error_name(&out[0]).as_deref(), Some(error::UNKNOWN_SESSION));
+        a.shutdown(&r);
+    }
+
+    #[test]
+    fn refusals_carry_the_contracts_error_names() {
+        let (mut a, r) = adapter(|c| c.limits.sessions_per_connection = 1);
+        let mut capacity = PropMap::new();
+        capacity.insert(
+            option::CAPACITY.into(),
+            Variant(Box::new(1u64) as Box<dyn RefArg>),
+        );
+        let cases = [
+            ("nope", PropMap::new(), error::UNKNOWN_SERVICE),
+            ("echo", capacity, error::INVALID_CAPACITY),
+        ];
+        for (serial, (service, options, name)) in cases.into_iter().enumerate() {
+            let out = handle(
+                &mut a,
+                &r,
+                open_session(":1.5", serial as u32 + 1, service, options),
+                1000,
+            );
+            assert_eq!(error_name(&out[0]).as_deref(), Some(name), "{service}");
+        }
+        handle(
+            &mut a,
+            &r,
+            open_session(":1.5", 10, "echo", PropMap::new()),
+            1000,
+        );
+        let out = handle(
+            &mut a,
+            &r,
+            open_session(":1.5", 11, "echo", PropMap::new()),
+            1000,
+        );
+        assert_eq!(error_name(&out[0]).as_deref(), Some(error::LIMIT_EXCEEDED));
+        // A service name longer than any can be is refused without a lookup of it.
+        let long = "x".repeat(limits::MAX_SERVICE_NAME + 1);
+        let out = handle(
+            &mut a,
+            &r,
+            open_session(":1.5", 12, &long, PropMap::new()),
+            1000,
+        );
+        assert_eq!(error_name(&out[0]).as_deref(), Some(error::UNKNOWN_SERVICE));
+        a.shutdown(&r);
+    }
+
+    #[test]
+    fn an_owner_leaving_the_bus_ends_its_sessions_with_a_signal() {
+        let (mut a, r) = adapter(|_| {});
+        handle(
+            &mut a,
+            &r,
+            open_session(":1.5", 1, "echo", PropMap::new()),
+            1000,
+        );
+        handle(
+            &mut a,
+            &r,
+            open_session(":1.6", 1, "echo", PropMap::new()),
+            1000,
+        );
+        assert_eq!(a.session_count(), 2);
+        let mut left = Message::signal(
+            &"/org/freedesktop/DBus".into(),
+            &DBUS_NAME.into(),
+            &"NameOwnerChanged".into(),
+        )
+        .append3(":1.5", ":1.5", "");
+        left.set_sender(Some(DBUS_NAME.into()));
+        let out = handle(&mut a, &r, left, 1000);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let (_, reason): (dbus::Path, String) = out[0].read2().expect("SessionClosed");
+        assert_eq!(reason, "owner left the bus");
+        assert_eq!(a.session_count(), 1, "the other connection's session stays");
+        a.shutdown(&r);
+    }
+
+    #[test]
+    fn a_provided_open_waits_for_the_provider_and_only_its_answer_counts() {
+        let (mut a, r) = adapter(|_| {});
+        let register = call(
+            ":1.9",
+            1,
+            BROKER_PATH,
+            BROKER_INTERFACE,
+            member::REGISTER_SERVICE,
+        )
+        .append3("remote", dbus::Path::from("/p"), PropMap::new());
+        let out = handle(&mut a, &r, register, 0);
+        assert!(
+            out.iter()
+                .any(|m| m.msg_type() == MessageType::MethodReturn),
+            "{out:?}"
+        );
+        assert!(out
+            .iter()
+            .any(|m| m.member().as_deref() == Some("PropertiesChanged")));
+
+        let out = handle(
+            &mut a,
+            &r,
+            open_session(":1.5", 2, "remote", PropMap::new()),
+            1000,
+        );
+        assert_eq!(out.len(), 1, "only the AcceptSession call: {out:?}");
+        let accept = &out[0];
+        assert_eq!(accept.destination().as_deref(), Some(":1.9"));
+        assert_eq!(accept.member().as_deref(), Some(member::ACCEPT_SESSION));
+        assert_eq!(a.session_count(), 0, "not open until the provider accepts");
+
+        // Someone else's answer is dropped; the provider's opens the session.
+        let mut forged = accept.method_return();
+        forged.set_sender(Some(":1.5".into()));
+        forged.set_serial(50);
+        assert!(handle(&mut a, &r, forged, 1000).is_empty());
+        let mut answer = accept.method_return();
+        answer.set_sender(Some(":1.9".into()));
+        answer.set_serial(51);
+        let out = handle(&mut a, &r, answer, 0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].get_reply_serial(),
+            Some(2),
+            "the client's call is answered"
+        );
+        assert_eq!(out[0].msg_type(), MessageType::MethodReturn);
+        assert_eq!(a.session_count(), 1);
+        a.shutdown(&r);
     }
 }

@@ -1,67 +1,67 @@
 //! `org.shmlink.Session1` on each session object: its owner, its traffic,
-//! its service's state, and `Close`. Each object carries its own
-//! [`SessionRecord`], so reading a property never waits for the worker that
+//! its service's state, and `Close`. Each object carries its session's
+//! [`SessionInfo`], so reading a property never waits for the worker that
 //! serves the session.
 
-use super::{method_err, retire, Shared};
-use crate::broker::BrokerError;
+use super::callers::Callers;
+use super::{sender_of, Control};
 use crate::lock;
-use crate::sessions::SessionRecord;
+use crate::names::broker_path_of;
+use crate::sessions::SessionInfo;
 use dbus::arg::PropMap;
 use dbus_crossroads::{Context, Crossroads, IfaceToken, MethodErr, PropContext};
-use shmlink_interfaces::{member, SESSION_INTERFACE};
+use shmlink_interfaces::{error, member, SESSION_INTERFACE};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
-/// Checks that the reader of a property of `record` is its owner or root.
-fn authorize(shared: &Shared, ctx: &PropContext, record: &SessionRecord) -> Result<(), MethodErr> {
-    let c = lock(shared);
+/// Checks that the reader of a property of `info` is its owner or root.
+fn authorize(
+    callers: &Mutex<Callers>,
+    ctx: &PropContext,
+    info: &SessionInfo,
+) -> Result<(), MethodErr> {
+    let callers = lock(callers);
     let sender = match ctx.message() {
-        Some(msg) => msg.sender().map(|s| s.to_string()).unwrap_or_default(),
-        None => c.peers.current().to_owned(),
+        Some(msg) => sender_of(msg),
+        None => callers.current().to_owned(),
     };
-    c.sessions
-        .broker()
-        .authorize(record.id, c.peers.get(&sender), &sender)
-        .map(|_| ())
-        .map_err(|e| method_err(&e))
+    let root = callers.get(&sender).is_some_and(|c| c.uid == 0);
+    if info.owner.bus_name == sender || root {
+        return Ok(());
+    }
+    let text = super::not_owner(ctx.path(), &info.owner.bus_name, &sender);
+    Err(MethodErr::from((error::ACCESS_DENIED, text)))
 }
 
 /// Picks one of a session's traffic counters.
-type Counter = fn(&SessionRecord) -> &AtomicU64;
+type Counter = fn(&SessionInfo) -> &AtomicU64;
 
-pub(super) fn register(cr: &mut Crossroads, shared: Shared) -> IfaceToken<SessionRecord> {
+pub(super) fn register(
+    cr: &mut Crossroads,
+    callers: Arc<Mutex<Callers>>,
+) -> IfaceToken<Arc<SessionInfo>> {
     cr.register(SESSION_INTERFACE, move |b| {
-        let sh = shared.clone();
         b.method_with_cr(
             member::CLOSE,
             (),
             (),
             move |ctx: &mut Context, cr: &mut Crossroads, ()| {
                 let id = cr
-                    .data_mut::<SessionRecord>(ctx.path())
-                    .map(|r| r.id)
-                    .ok_or_else(|| {
-                        method_err(&BrokerError::UnknownSession(ctx.path().to_string()))
-                    })?;
-                let sender = ctx
-                    .message()
-                    .sender()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default();
-                let mut c = lock(&sh);
-                let owner = c
-                    .sessions
-                    .broker()
-                    .authorize(id, c.peers.get(&sender), &sender)
-                    .map(|r| r.owner.bus_name.clone());
-                let owner = match owner {
-                    Ok(owner) => owner,
+                    .data_mut::<Arc<SessionInfo>>(ctx.path())
+                    .map(|s| s.id)
+                    .ok_or_else(|| MethodErr::no_path(ctx.path()))?;
+                let sender = sender_of(ctx.message());
+                let broker: dbus::Path<'static> = broker_path_of(ctx.path()).to_owned().into();
+                let c = cr
+                    .data_mut::<Control>(&broker)
+                    .ok_or_else(|| MethodErr::no_path(&broker))?;
+                let caller = lock(&c.callers).get(&sender).cloned();
+                let owner = match c.sessions.authorize(id, caller.as_ref(), &sender) {
+                    Ok(info) => info.owner.bus_name.clone(),
                     Err(e) => {
-                        let uid = c.peers.get(&sender).map_or(u32::MAX, |p| p.uid);
-                        c.log_refusal(uid, || {
-                            format!("Close of session {id} by {sender} (uid {uid}) refused: {e}")
-                        });
-                        return Err(method_err(&e));
+                        let uid = caller.map(|c| c.uid);
+                        c.refused(member::CLOSE, ctx.path(), &sender, uid, &e);
+                        return Err(c.method_err(&e));
                     }
                 };
                 // `authorize` let through the owner or root; say which.
@@ -70,51 +70,51 @@ pub(super) fn register(cr: &mut Crossroads, shared: Shared) -> IfaceToken<Sessio
                 } else {
                     format!("closed by root ({sender})")
                 };
-                let ended = c.sessions.end_session(id, &reason);
-                drop(c);
-                if let Some(ended) = ended {
-                    ctx.push_msg(retire(cr, &ended, &reason));
+                if let Some(ended) = c.sessions.end(id, &reason) {
+                    let signal = super::session_closed(&broker, ctx.path().clone(), &ended.reason);
+                    cr.remove::<Arc<SessionInfo>>(ctx.path());
+                    ctx.push_msg(signal);
                 }
                 Ok(())
             },
         );
         b.property::<String, _>(member::SERVICE)
             .emits_changed_const()
-            .get(|_, r: &mut SessionRecord| Ok(r.service.clone()));
+            .get(|_, s: &mut Arc<SessionInfo>| Ok(s.service.clone()));
         b.property::<String, _>(member::OWNER)
             .emits_changed_const()
-            .get(|_, r: &mut SessionRecord| Ok(r.owner.bus_name.clone()));
+            .get(|_, s: &mut Arc<SessionInfo>| Ok(s.owner.bus_name.clone()));
         b.property::<u32, _>(member::OWNER_UID)
             .emits_changed_const()
-            .get(|_, r: &mut SessionRecord| Ok(r.owner.uid));
+            .get(|_, s: &mut Arc<SessionInfo>| Ok(s.owner.uid));
         b.property::<u32, _>(member::OWNER_PID)
             .emits_changed_const()
-            .get(|_, r: &mut SessionRecord| Ok(r.owner.pid));
+            .get(|_, s: &mut Arc<SessionInfo>| Ok(s.owner.pid));
         let counters: [(&str, Counter); 4] = [
-            (member::BYTES_TO_SERVER, |r| &r.traffic.bytes_to_server),
-            (member::MESSAGES_TO_SERVER, |r| {
-                &r.traffic.messages_to_server
+            (member::BYTES_TO_SERVER, |s| &s.traffic.bytes_to_server),
+            (member::MESSAGES_TO_SERVER, |s| {
+                &s.traffic.messages_to_server
             }),
-            (member::BYTES_TO_CLIENT, |r| &r.traffic.bytes_to_client),
-            (member::MESSAGES_TO_CLIENT, |r| {
-                &r.traffic.messages_to_client
+            (member::BYTES_TO_CLIENT, |s| &s.traffic.bytes_to_client),
+            (member::MESSAGES_TO_CLIENT, |s| {
+                &s.traffic.messages_to_client
             }),
         ];
         for (name, counter) in counters {
-            let sh = shared.clone();
+            let callers = callers.clone();
             b.property::<u64, _>(name).emits_changed_false().get(
-                move |ctx, r: &mut SessionRecord| {
-                    authorize(&sh, ctx, r)?;
-                    Ok(counter(r).load(Relaxed))
+                move |ctx, s: &mut Arc<SessionInfo>| {
+                    authorize(&callers, ctx, s)?;
+                    Ok(counter(s).load(Relaxed))
                 },
             );
         }
-        let sh = shared.clone();
+        let callers = callers.clone();
         b.property::<PropMap, _>(member::SERVICE_STATE)
             .emits_changed_false()
-            .get(move |ctx, r: &mut SessionRecord| {
-                authorize(&sh, ctx, r)?;
-                Ok(r.state.as_ref().map(|s| s.state()).unwrap_or_default())
+            .get(move |ctx, s: &mut Arc<SessionInfo>| {
+                authorize(&callers, ctx, s)?;
+                Ok(s.state.as_ref().map(|s| s.state()).unwrap_or_default())
             });
     })
 }

@@ -773,7 +773,7 @@ mod tests {
     fn between_messages_only_the_charged_kept_buffer_remains() {
         let mut config = crate::config::Config::default();
         config.limits.memory_per_user = 64 << 20;
-        let mut books = crate::broker::Broker::new(config);
+        let mut books = crate::accounting::Accounting::new(config);
         let (mut server, fds) = Endpoint::create_server(1 << 20, 8 << 20, Wakeup::Park).unwrap();
         server.set_budget(books.budget_of(1));
         let client = Endpoint::open_client(fds, 8 << 20, Wakeup::Park).expect("client");

@@ -1,37 +1,31 @@
-//! Sessions of services that provider processes registered: the
-//! `AcceptSession` call the broker makes for each `OpenSession`, the table
-//! of calls waiting for their provider's answer, and how an answer (or its
+//! The broker's side of handing a session to a provider: the
+//! `AcceptSession` call made for each `OpenSession` of a provided service,
+//! the calls waiting for their provider's answer, and how an answer (or its
 //! absence) becomes the client's reply.
 //!
 //! Nothing here waits: the call is queued on the bus, the answer arrives as
 //! any other message, and the main loop expires what is overdue.
 
-use crate::logcap::{cut, LOGGED_ERROR, LOGGED_STRING};
-use crate::service::{prop, Caller};
-use crate::sessions::{ProvidedOpen, SessionRecord};
-use dbus::arg::PropMap;
+use crate::log_bounds::{cut, LOGGED_ERROR, LOGGED_STRING};
+use crate::names::Names;
+use crate::sessions::Handover;
 use dbus::message::MessageType;
 use dbus::Message;
-use shmlink_endpoint::PeerFds;
-use shmlink_interfaces::{caller, error, member, PROVIDER_INTERFACE};
+use shmlink_interfaces::{
+    error, member, AcceptSession, AcceptSessionArgs, DBUS_NAME, PROVIDER_INTERFACE,
+};
 use std::time::Instant;
-
-/// The bus daemon's own name: the sender of the errors it makes up (the
-/// provider left, its queue is full, ...).
-const DBUS_NAME: &str = "org.freedesktop.DBus";
 
 /// An `OpenSession` waiting for its provider's `AcceptSession` answer.
 pub(super) struct Pending {
     /// The client's call, to answer.
     pub call: Message,
-    /// The session's record, for its object.
-    pub record: SessionRecord,
-    /// The fds for the client.
-    pub client: PeerFds,
-    /// The reply's `parameters`.
-    pub params: PropMap,
+    /// The session (its entry in the table holds the rest).
+    pub id: u64,
     /// The provider's unique name: the only sender whose answer counts.
     pub provider: String,
+    /// The client's unique name.
+    pub owner: String,
     /// When the provider's time is up.
     pub deadline: Instant,
 }
@@ -47,46 +41,30 @@ pub(super) enum Verdict {
     Unavailable(String),
 }
 
-/// The `AcceptSession` call for `open`, addressed to its provider; takes
-/// its options. The fds are duplicated into the message: dropping `open`
-/// afterwards leaves the broker holding only its end of the link and the
-/// client's fds.
-pub(super) fn accept_call(open: &mut ProvidedOpen) -> Result<Message, String> {
-    let reg = &open.registration;
-    let c: &Caller = &open.record.owner;
-    let mut who = PropMap::new();
-    who.insert(caller::UID.into(), prop(c.uid));
-    who.insert(caller::PID.into(), prop(c.pid));
-    who.insert(caller::GIDS.into(), prop(c.gids.clone()));
-    who.insert(caller::BUS_NAME.into(), prop(c.bus_name.clone()));
-    let ring = |r: &shmlink_endpoint::RingFds| -> Result<_, String> {
-        let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(|e| e.to_string());
-        Ok((
-            r.capacity,
-            dup(&r.memfd)?,
-            dup(&r.empty_signal)?,
-            dup(&r.full_signal)?,
-        ))
-    };
-    // The provider is the only one who reads the options from now on.
-    let options = std::mem::take(&mut open.options);
-    let p = &open.provider;
+/// The `AcceptSession` call handing `h` to its provider, the session
+/// named after `names`. The provider's fds move into the message: the
+/// broker keeps only its end of the link and the client's half (in the
+/// session's entry).
+pub(super) fn accept_call(h: Handover, names: &Names) -> Result<Message, String> {
+    let reg = &h.registration;
     let msg = Message::new_method_call(
         reg.provider.bus_name.as_str(),
-        reg.object.clone(),
+        reg.object.as_str(),
         PROVIDER_INTERFACE,
         member::ACCEPT_SESSION,
-    )?
-    .append3(open.record.path.clone(), reg.service.as_str(), who)
-    .append3(options, ring(&p.to_server)?, ring(&p.to_client)?)
-    .append3(
-        p.hangup.try_clone().map_err(|e| e.to_string())?,
-        open.provider_link.try_clone().map_err(|e| e.to_string())?,
-        open.params
-            .iter()
-            .map(|(k, v)| (k.clone(), dbus::arg::Variant(v.0.box_clone())))
-            .collect::<PropMap>(),
-    );
+    )?;
+    let args: AcceptSessionArgs = AcceptSession {
+        session: names.session_path(h.info.id).into(),
+        service: h.info.service.clone(),
+        caller: h.info.owner.clone(),
+        options: h.options,
+        fds: h.fds,
+        link: h.link,
+        parameters: h.parameters.to_dict(),
+    }
+    .into();
+    let mut msg = msg;
+    msg.append_all(args);
     Ok(msg)
 }
 

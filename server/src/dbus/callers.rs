@@ -3,7 +3,7 @@
 
 use crate::service::Caller;
 use dbus::arg::PropMap;
-use dbus::blocking::Connection;
+use dbus::channel::Sender;
 use dbus::message::MatchRule;
 use dbus::Message;
 use dbus_crossroads::MethodErr;
@@ -29,14 +29,14 @@ pub(crate) fn connection_left(msg: &Message) -> Option<String> {
 
 /// Credentials of the connections that called us, by unique name.
 #[derive(Default)]
-pub(crate) struct Peers {
+pub(crate) struct Callers {
     callers: HashMap<String, Caller>,
     /// Sender of the method call being dispatched (crossroads does not pass
     /// the message to property getters called from `GetAll`).
     current: String,
 }
 
-impl Peers {
+impl Callers {
     /// Whether the credentials of `sender` are known.
     pub fn knows(&self, sender: &str) -> bool {
         self.callers.contains_key(sender)
@@ -87,13 +87,12 @@ impl Peers {
 /// Never a blocking call: the bus may have megabytes of other callers'
 /// messages queued for us ahead of the reply, and the D-Bus thread must go
 /// on serving them meanwhile.
-pub(crate) fn ask(conn: &Connection, sender: &str) -> Result<u32, dbus::Error> {
+pub(crate) fn ask(conn: &impl Sender, sender: &str) -> Result<u32, dbus::Error> {
     let call =
         Message::new_method_call(DBUS_NAME, DBUS_PATH, DBUS_NAME, "GetConnectionCredentials")
             .map_err(|e| dbus::Error::new_failed(&e))?
             .append1(sender);
-    conn.channel()
-        .send(call)
+    conn.send(call)
         .map_err(|()| dbus::Error::new_failed("cannot queue GetConnectionCredentials"))
 }
 

@@ -1,36 +1,43 @@
-//! The broker's accounting: who owns which session, what it costs, and the
-//! limits and access rules that bound both. It knows nothing of rings,
-//! threads or the bus; [`Sessions`](crate::sessions::Sessions) asks it before
-//! creating anything and tells it when a session ends.
+//! The accounting: what each uid's sessions cost, the limits and access
+//! rules that bound them, and who provides which service. It knows nothing
+//! of rings, threads or the bus: no bus names beyond the connection a
+//! caller is known by, no object paths. [`Sessions`](crate::sessions::Sessions)
+//! asks it before creating anything.
 //!
-//! Memory is kept in [`Account`]s: one per uid and one for the whole daemon,
-//! with atomic try-charge and release, so the books (a session's rings and
-//! fixed overhead, charged at [`Broker::reserve`]) and the workers (message
-//! buffers, charged before they are allocated, through a [`UserBudget`])
-//! draw on the same limits without waiting for each other.
+//! Memory is kept in [`Account`]s: one per uid and one for the whole process,
+//! with atomic try-charge and release, so a session's fixed cost (its rings
+//! and overhead, charged by [`Accounting::reserve`]) and the workers' message
+//! buffers (charged before they are allocated, through a [`UserBudget`]) draw
+//! on the same limits without waiting for each other.
 //!
-//! The books also hold the services provider processes registered: who
-//! provides which name, who may register at all, and how many names a uid holds.
+//! A [`Reservation`] is a session's charge: its bytes and its place in the
+//! session counts (per connection and per uid). It refunds all of it when it
+//! is dropped, so a session that ends, or fails half-way through opening,
+//! gives everything back by being dropped.
 
-use crate::config::{valid_service_name, Config, Limits};
-use crate::names::Names;
+use crate::config::{valid_service_name, Config, Limits, Providers};
+use crate::log_bounds::{cut, LOGGED_STRING};
 use crate::service::{Caller, ServiceError};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// What a session costs the daemon besides its rings and message buffers:
-/// its pump, handler, service state, D-Bus object, epoll entries and fds.
-/// Measured at 4 to 5 KiB per idle session (rings excluded); charged with a margin.
+/// What a session costs besides its rings and message buffers: its pump,
+/// handler, service state, D-Bus object, epoll entries and fds. Measured at
+/// 4 to 5 KiB per idle session (rings excluded); charged with a margin.
 pub(crate) const SESSION_OVERHEAD: u64 = 16 << 10;
 
 /// The bytes one session is charged when it opens: both rings' memfds (the
-/// usable bytes plus shmem-ipc's 64-byte header each) and its fixed overhead.
-pub(crate) fn session_cost(rounded_capacity: u64) -> u64 {
-    2 * (rounded_capacity + shmlink_interfaces::RING_HEADER) + SESSION_OVERHEAD
+/// usable bytes of each plus shmem-ipc's header) and its fixed overhead.
+pub(crate) fn session_cost(to_server: u64, to_client: u64) -> u64 {
+    to_server
+        .saturating_add(to_client)
+        .saturating_add(2 * shmlink_interfaces::RING_HEADER)
+        .saturating_add(SESSION_OVERHEAD)
 }
 
-/// A memory account with a limit: one uid's, or the daemon's total.
+/// A memory account with a limit: one uid's, or the process's total. The
+/// uid's also counts its sessions.
 #[derive(Debug)]
 pub(crate) struct Account {
     /// The limit's configuration name, e.g. `memory_per_user`.
@@ -39,6 +46,8 @@ pub(crate) struct Account {
     holder: String,
     limit: u64,
     used: AtomicU64,
+    /// Sessions reserved on this account (a uid's; unused for the total).
+    sessions: AtomicU32,
 }
 
 impl Account {
@@ -48,6 +57,7 @@ impl Account {
             holder,
             limit,
             used: AtomicU64::new(0),
+            sessions: AtomicU32::new(0),
         }
     }
 
@@ -85,7 +95,7 @@ impl Account {
     }
 }
 
-/// One uid's memory: its own account and the daemon's total, charged
+/// One uid's memory: its own account and the process's total, charged
 /// together. Workers charge message buffers through it (it is the
 /// endpoint's [`Budget`](shmlink_endpoint::Budget) and backs the services'
 /// [`Memory`](crate::Memory)).
@@ -122,10 +132,9 @@ impl shmlink_endpoint::Budget for UserBudget {
     }
 }
 
-/// Why `OpenSession`, `Close` or a property read was refused; each maps to
-/// one error name of the contract.
+/// Why a call was refused; each maps to one error name of the contract.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum BrokerError {
+pub(crate) enum Refusal {
     /// No such service.
     #[error("no service named {0:?}; see the Services property")]
     UnknownService(String),
@@ -141,9 +150,19 @@ pub(crate) enum BrokerError {
     /// Not allowed.
     #[error("{0}")]
     AccessDenied(String),
-    /// No such session.
+    /// No such session (by id; the D-Bus side names its path).
     #[error("no session {0}")]
-    UnknownSession(String),
+    UnknownSession(u64),
+    /// The caller is neither the session's owner nor root.
+    #[error("session {id} belongs to {owner}, not to {caller}")]
+    NotOwner {
+        /// The session.
+        id: u64,
+        /// Its owner's connection.
+        owner: String,
+        /// The connection that asked.
+        caller: String,
+    },
     /// A built-in service or another registration has the name.
     #[error("{0}")]
     NameTaken(String),
@@ -152,28 +171,47 @@ pub(crate) enum BrokerError {
     Internal(String),
 }
 
-impl From<ServiceError> for BrokerError {
+impl From<ServiceError> for Refusal {
     fn from(e: ServiceError) -> Self {
         match e {
-            ServiceError::InvalidOption(m) => BrokerError::InvalidOption(m),
-            other => BrokerError::Internal(other.to_string()),
+            ServiceError::InvalidOption(m) => Refusal::InvalidOption(m),
+            other => Refusal::Internal(other.to_string()),
         }
     }
 }
 
-/// One session's entry in the books: its owner and what it is charged.
-#[derive(Clone, Debug)]
+/// A session's charge: its cost on its owner's budget and its place in
+/// the session counts of its owner's connection and uid. Dropping it
+/// refunds all three.
+#[derive(Debug)]
 pub(crate) struct Reservation {
-    /// Session id (the last component of its object path).
-    pub id: u64,
-    /// The service it was opened with.
-    pub service: String,
-    /// Who opened it.
-    pub owner: Caller,
-    /// Bytes charged when it opened (both rings and the fixed overhead).
-    pub cost: u64,
-    /// The owner's budget the cost was charged to.
+    /// Bytes charged (both rings and the fixed overhead).
+    cost: u64,
+    /// The owner's budget the cost was charged to (its uid's account
+    /// counts the session).
     budget: Arc<UserBudget>,
+    /// The owner connection's session count.
+    connection: Arc<AtomicU32>,
+}
+
+impl Reservation {
+    /// Bytes charged.
+    pub fn cost(&self) -> u64 {
+        self.cost
+    }
+
+    /// The owner's budget, for the buffers its session's worker holds.
+    pub fn budget(&self) -> &Arc<UserBudget> {
+        &self.budget
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.release(self.cost);
+        self.budget.user.sessions.fetch_sub(1, Ordering::Relaxed);
+        self.connection.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A service a provider process registered.
@@ -183,43 +221,33 @@ pub(crate) struct Registration {
     pub service: String,
     /// The provider's connection and credentials.
     pub provider: Caller,
-    /// Where the provider exports `org.shmlink.Provider1`.
-    pub object: dbus::Path<'static>,
+    /// Where the provider takes its sessions (an object path on the bus;
+    /// opaque here).
+    pub object: String,
 }
 
-#[derive(Default)]
-struct Usage {
-    sessions: u32,
-}
-
-/// The books of open sessions, per connection, per user and in total.
-pub(crate) struct Broker {
+/// The limits, the charges per connection, per uid and in total, the access
+/// rules and the registrations.
+pub(crate) struct Accounting {
     config: Config,
-    reservations: BTreeMap<u64, Reservation>,
-    next_id: u64,
-    per_connection: HashMap<String, u32>,
-    per_user: HashMap<u32, Usage>,
-    /// Memory accounts by uid; kept while a session or a buffer uses one.
+    /// Session counts by connection; kept while a reservation refers to one.
+    per_connection: HashMap<String, Arc<AtomicU32>>,
+    /// Memory accounts by uid; kept while a reservation or a buffer uses one.
     accounts: HashMap<u32, Arc<Account>>,
     total: Arc<Account>,
-    /// The broker's names, for its sessions' object paths.
-    names: Names,
     /// Registered services by name.
     registrations: BTreeMap<String, Registration>,
     /// Registrations per uid.
     registered_by: HashMap<u32, u32>,
-    /// The daemon's own uid, which may always register.
+    /// The process's own uid, which may always register.
     own_uid: u32,
 }
 
-impl Broker {
+impl Accounting {
     /// Empty books enforcing `config`'s limits and access rules.
     pub fn new(config: Config) -> Self {
-        Broker {
-            reservations: BTreeMap::new(),
-            next_id: 1,
+        Accounting {
             per_connection: HashMap::new(),
-            per_user: HashMap::new(),
             accounts: HashMap::new(),
             total: Arc::new(Account::new(
                 "memory_total",
@@ -230,68 +258,52 @@ impl Broker {
             registered_by: HashMap::new(),
             own_uid: rustix::process::geteuid().as_raw(),
             config,
-            names: Names::default(),
         }
     }
 
-    /// Names the sessions' objects after `names` (default: `shmlinkd`'s).
-    pub fn set_names(&mut self, names: Names) {
-        self.names = names;
-    }
-
-    /// The broker's names.
-    pub fn names(&self) -> &Names {
-        &self.names
-    }
-
-    /// The object path of session `id`.
-    pub fn session_path(&self, id: u64) -> String {
-        self.names.session_path(id)
-    }
-
-    /// Makes `provider` the provider of `service` at `object`. Refused (in
-    /// this order) if the name is malformed, the caller may not register it
-    /// (root and the daemon's own uid always may; others as
-    /// `[providers.allow]` says), the name is built in (`builtin`) or
-    /// registered already, or the caller's uid holds
+    /// Makes `provider` the provider of `service`, taking sessions at
+    /// `object`. Refused (in this order) if the name is malformed, the caller
+    /// may not register it (root and the process's own uid always may;
+    /// others as `[providers.allow]` says), the name is built in
+    /// (`builtin`) or registered already, or the caller's uid holds
     /// `registrations_per_user` names.
     pub fn register(
         &mut self,
         provider: &Caller,
         service: &str,
-        object: dbus::Path<'static>,
+        object: &str,
         builtin: bool,
-    ) -> Result<&Registration, BrokerError> {
+    ) -> Result<&Registration, Refusal> {
         if !valid_service_name(service) {
-            return Err(BrokerError::InvalidOption(format!(
+            return Err(Refusal::InvalidOption(format!(
                 "service name {:?} is not 1 to {} ASCII letters, digits, '.', '-' or '_'",
-                crate::logcap::cut(service, crate::logcap::LOGGED_STRING),
+                cut(service, LOGGED_STRING),
                 shmlink_interfaces::limits::MAX_SERVICE_NAME
             )));
         }
         let p = &self.config.providers;
         let privileged = provider.uid == 0 || provider.uid == self.own_uid;
         if !privileged && !p.may_register(provider.uid, &provider.gids, service) {
-            return Err(BrokerError::AccessDenied(format!(
+            return Err(Refusal::AccessDenied(format!(
                 "uid {} may not register service {service:?} (see [providers.allow] in the \
                  daemon's configuration)",
                 provider.uid
             )));
         }
         if builtin {
-            return Err(BrokerError::NameTaken(format!(
+            return Err(Refusal::NameTaken(format!(
                 "{service:?} is a service built into the broker"
             )));
         }
         if let Some(r) = self.registrations.get(service) {
-            return Err(BrokerError::NameTaken(format!(
+            return Err(Refusal::NameTaken(format!(
                 "{service:?} is registered by {}",
                 r.provider.bus_name
             )));
         }
         let held = self.registered_by.get(&provider.uid).copied().unwrap_or(0);
         if held >= p.registrations_per_user {
-            return Err(BrokerError::LimitExceeded(format!(
+            return Err(Refusal::LimitExceeded(format!(
                 "registrations_per_user: uid {} already provides {held} services (limit {})",
                 provider.uid, p.registrations_per_user
             )));
@@ -303,20 +315,20 @@ impl Broker {
             .or_insert(Registration {
                 service: service.to_owned(),
                 provider: provider.clone(),
-                object,
+                object: object.to_owned(),
             }))
     }
 
     /// Ends the registration of `service` by the connection `bus_name`.
-    pub fn unregister(&mut self, bus_name: &str, service: &str) -> Result<(), BrokerError> {
+    pub fn unregister(&mut self, bus_name: &str, service: &str) -> Result<(), Refusal> {
         match self.registrations.get(service) {
             Some(r) if r.provider.bus_name == bus_name => {
                 self.drop_registration(service);
                 Ok(())
             }
-            _ => Err(BrokerError::UnknownService(format!(
+            _ => Err(Refusal::UnknownService(format!(
                 "{} (not registered by {bus_name})",
-                crate::logcap::cut(service, crate::logcap::LOGGED_STRING)
+                cut(service, LOGGED_STRING)
             ))),
         }
     }
@@ -358,7 +370,7 @@ impl Broker {
         self.registrations.values()
     }
 
-    /// The daemon's own uid.
+    /// The process's own uid.
     pub fn own_uid(&self) -> u32 {
         self.own_uid
     }
@@ -393,7 +405,7 @@ impl Broker {
     }
 
     /// The provider settings in force.
-    pub fn providers(&self) -> &crate::config::Providers {
+    pub fn providers(&self) -> &Providers {
         &self.config.providers
     }
 
@@ -403,10 +415,10 @@ impl Broker {
     }
 
     /// Checks the configured access rule of `service` for `caller`.
-    pub fn check_access(&self, caller: &Caller, service: &str) -> Result<(), BrokerError> {
+    pub fn check_access(&self, caller: &Caller, service: &str) -> Result<(), Refusal> {
         match self.config.services.get(service) {
             Some(access) if !access.allows(caller.uid, &caller.gids) => {
-                Err(BrokerError::AccessDenied(format!(
+                Err(Refusal::AccessDenied(format!(
                     "uid {} may not use service {service:?} (see the daemon's configuration)",
                     caller.uid
                 )))
@@ -415,137 +427,48 @@ impl Broker {
         }
     }
 
-    /// Charges a new session of `service` costing `cost` ring bytes to
-    /// `caller` and allocates its id, or says which limit it would pass.
-    /// Nothing is charged when it fails.
-    pub fn reserve(
-        &mut self,
-        caller: &Caller,
-        service: &str,
-        cost: u64,
-    ) -> Result<&Reservation, BrokerError> {
-        self.check_limits(caller)?;
-        let budget = self.budget_of(caller.uid);
-        if let Err(e) = budget.try_charge(cost) {
-            drop(budget);
-            self.prune_accounts();
-            return Err(BrokerError::LimitExceeded(e));
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        *self
+    /// Charges a new session costing `cost` bytes to `caller`, or says which
+    /// limit it would pass; nothing is charged then. The charge is refunded
+    /// when the returned reservation is dropped.
+    pub fn reserve(&mut self, caller: &Caller, cost: u64) -> Result<Reservation, Refusal> {
+        self.forget_unused();
+        let l = &self.config.limits;
+        let connection = self
             .per_connection
             .entry(caller.bus_name.clone())
-            .or_default() += 1;
-        self.per_user.entry(caller.uid).or_default().sessions += 1;
-        Ok(self.reservations.entry(id).or_insert(Reservation {
-            id,
-            service: service.to_owned(),
-            owner: caller.clone(),
-            cost,
-            budget,
-        }))
-    }
-
-    /// Forgets the accounts of uids nothing refers to any more.
-    fn prune_accounts(&mut self) {
-        self.accounts.retain(|_, a| Arc::strong_count(a) > 1);
-    }
-
-    fn check_limits(&self, caller: &Caller) -> Result<(), BrokerError> {
-        let l = &self.config.limits;
-        let conn = self
-            .per_connection
-            .get(&caller.bus_name)
-            .copied()
-            .unwrap_or(0);
+            .or_default()
+            .clone();
+        let conn = connection.load(Ordering::Relaxed);
         if conn >= l.sessions_per_connection {
-            return Err(BrokerError::LimitExceeded(format!(
+            return Err(Refusal::LimitExceeded(format!(
                 "sessions_per_connection: this connection already has {conn} sessions (limit {})",
                 l.sessions_per_connection
             )));
         }
-        let sessions = self.per_user.get(&caller.uid).map_or(0, |u| u.sessions);
-        if sessions >= l.sessions_per_user {
-            return Err(BrokerError::LimitExceeded(format!(
-                "sessions_per_user: uid {} already has {sessions} sessions (limit {})",
-                caller.uid, l.sessions_per_user
+        let limit = l.sessions_per_user;
+        let budget = self.budget_of(caller.uid);
+        let sessions = budget.user.sessions.load(Ordering::Relaxed);
+        if sessions >= limit {
+            return Err(Refusal::LimitExceeded(format!(
+                "sessions_per_user: uid {} already has {sessions} sessions (limit {limit})",
+                caller.uid
             )));
         }
-        Ok(())
+        budget.try_charge(cost).map_err(Refusal::LimitExceeded)?;
+        budget.user.sessions.fetch_add(1, Ordering::Relaxed);
+        connection.fetch_add(1, Ordering::Relaxed);
+        Ok(Reservation {
+            cost,
+            budget,
+            connection,
+        })
     }
 
-    /// Takes session `id` off the books and refunds its charges; `None` if
-    /// it was not (or no longer) there.
-    pub fn release(&mut self, id: u64) -> Option<Reservation> {
-        let r = self.reservations.remove(&id)?;
-        if let Some(n) = self.per_connection.get_mut(&r.owner.bus_name) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_connection.remove(&r.owner.bus_name);
-            }
-        }
-        if let Some(u) = self.per_user.get_mut(&r.owner.uid) {
-            u.sessions -= 1;
-            if u.sessions == 0 {
-                self.per_user.remove(&r.owner.uid);
-            }
-        }
-        r.budget.release(r.cost);
-        self.prune_accounts();
-        Some(r)
-    }
-
-    /// Checks that the connection `sender` (with credentials `caller`, if
-    /// known) may act on session `id`: its owner, or root.
-    pub fn authorize(
-        &self,
-        id: u64,
-        caller: Option<&Caller>,
-        sender: &str,
-    ) -> Result<&Reservation, BrokerError> {
-        let r = self
-            .reservations
-            .get(&id)
-            .ok_or_else(|| BrokerError::UnknownSession(self.session_path(id)))?;
-        let root = caller.is_some_and(|c| c.uid == 0);
-        if r.owner.bus_name != sender && !root {
-            return Err(BrokerError::AccessDenied(format!(
-                "session {} belongs to {}, not to {sender}",
-                self.session_path(id),
-                r.owner.bus_name
-            )));
-        }
-        Ok(r)
-    }
-
-    /// Whether session `id` is on the books.
-    pub fn contains(&self, id: u64) -> bool {
-        self.reservations.contains_key(&id)
-    }
-
-    /// The reservation of session `id`, if it holds one.
-    pub fn reservation(&self, id: u64) -> Option<&Reservation> {
-        self.reservations.get(&id)
-    }
-
-    /// Every open session, by id.
-    pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
-        self.reservations.values()
-    }
-
-    /// Number of open sessions.
-    pub fn count(&self) -> usize {
-        self.reservations.len()
-    }
-
-    /// Ids of the sessions a bus connection owns.
-    pub fn sessions_of(&self, bus_name: &str) -> Vec<u64> {
-        self.reservations
-            .values()
-            .filter(|r| r.owner.bus_name == bus_name)
-            .map(|r| r.id)
-            .collect()
+    /// Forgets the accounts and connection counts nothing refers to any
+    /// more (their reservations and buffers were all dropped).
+    pub fn forget_unused(&mut self) {
+        self.accounts.retain(|_, a| Arc::strong_count(a) > 1);
+        self.per_connection.retain(|_, c| Arc::strong_count(c) > 1);
     }
 }
 
@@ -563,72 +486,71 @@ mod tests {
         }
     }
 
-    fn broker(f: impl FnOnce(&mut Limits)) -> Broker {
+    fn broker(f: impl FnOnce(&mut Limits)) -> Accounting {
         let mut config = Config::default();
         f(&mut config.limits);
-        Broker::new(config)
+        Accounting::new(config)
     }
 
-    fn limit_name(e: BrokerError) -> String {
+    fn limit_name(e: Refusal) -> String {
         match e {
-            BrokerError::LimitExceeded(m) => m.split(':').next().unwrap_or_default().to_owned(),
+            Refusal::LimitExceeded(m) => m.split(':').next().unwrap_or_default().to_owned(),
             other => panic!("expected a limit, got {other:?}"),
         }
     }
 
     #[test]
-    fn ids_are_fresh_and_charges_add_up() {
+    fn charges_add_up_and_dropping_a_reservation_refunds_it() {
         let mut b = broker(|_| {});
         let a = caller(":1.1", 1000);
-        let first = b.reserve(&a, "echo", 100).expect("reserve").id;
-        let second = b.reserve(&a, "sink", 50).expect("reserve").id;
-        assert_ne!(first, second);
-        assert_eq!(b.count(), 2);
+        let first = b.reserve(&a, 100).expect("reserve");
+        let second = b.reserve(&a, 50).expect("reserve");
         assert_eq!(b.memory_total(), 150);
         assert_eq!(b.memory_of(1000), 150);
-        assert_eq!(b.sessions_of(":1.1"), vec![first, second]);
-        assert!(b.sessions_of(":1.2").is_empty());
-        let r = b.release(first).expect("was reserved");
-        assert_eq!((r.service.as_str(), r.cost), ("echo", 100));
-        assert!(b.release(first).is_none(), "release is idempotent");
-        assert!(!b.contains(first) && b.contains(second));
-        b.release(second).expect("was reserved");
+        assert_eq!(first.cost(), 100);
+        drop(first);
+        assert_eq!(b.memory_total(), 50);
+        drop(second);
         assert_eq!(b.memory_total(), 0);
-        assert!(b.per_user.is_empty() && b.per_connection.is_empty());
-        let third = b.reserve(&a, "echo", 1).expect("reserve").id;
-        assert!(third > second, "ids are never reused");
+        b.forget_unused();
+        assert!(b.accounts.is_empty() && b.per_connection.is_empty());
     }
 
     #[test]
     fn sessions_per_connection() {
         let mut b = broker(|l| l.sessions_per_connection = 2);
+        let mut held = Vec::new();
         let a = caller(":1.1", 1000);
-        let id = b.reserve(&a, "echo", 1).expect("1").id;
-        b.reserve(&a, "echo", 1).expect("2");
+        let id = b.reserve(&a, 1).expect("1");
+        held.push(b.reserve(&a, 1).expect("2"));
         assert_eq!(
-            limit_name(b.reserve(&a, "echo", 1).unwrap_err()),
+            limit_name(b.reserve(&a, 1).unwrap_err()),
             "sessions_per_connection"
         );
-        b.reserve(&caller(":1.2", 1000), "echo", 1)
-            .expect("another connection of the same user");
-        b.release(id);
-        b.reserve(&a, "echo", 1).expect("release made room");
+        held.push(
+            b.reserve(&caller(":1.2", 1000), 1)
+                .expect("another connection of the same user"),
+        );
+        drop(id);
+        held.push(b.reserve(&a, 1).expect("release made room"));
     }
 
     #[test]
     fn sessions_per_user() {
         let mut b = broker(|l| l.sessions_per_user = 2);
-        let id = b.reserve(&caller(":1.1", 1000), "echo", 1).expect("1").id;
-        b.reserve(&caller(":1.2", 1000), "echo", 1).expect("2");
+        let mut held = Vec::new();
+        let id = b.reserve(&caller(":1.1", 1000), 1).expect("1");
+        held.push(b.reserve(&caller(":1.2", 1000), 1).expect("2"));
         assert_eq!(
-            limit_name(b.reserve(&caller(":1.3", 1000), "echo", 1).unwrap_err()),
+            limit_name(b.reserve(&caller(":1.3", 1000), 1).unwrap_err()),
             "sessions_per_user"
         );
-        b.reserve(&caller(":1.3", 1001), "echo", 1)
-            .expect("another user");
-        b.release(id);
-        b.reserve(&caller(":1.3", 1000), "echo", 1)
-            .expect("release made room");
+        held.push(b.reserve(&caller(":1.3", 1001), 1).expect("another user"));
+        drop(id);
+        held.push(
+            b.reserve(&caller(":1.3", 1000), 1)
+                .expect("release made room"),
+        );
     }
 
     #[test]
@@ -637,32 +559,40 @@ mod tests {
             l.memory_per_user = 100;
             l.memory_total = 150;
         });
-        let id = b.reserve(&caller(":1.1", 1000), "echo", 60).expect("60").id;
+        let mut held = Vec::new();
+        let id = b.reserve(&caller(":1.1", 1000), 60).expect("60");
         assert_eq!(
-            limit_name(b.reserve(&caller(":1.1", 1000), "echo", 41).unwrap_err()),
+            limit_name(b.reserve(&caller(":1.1", 1000), 41).unwrap_err()),
             "memory_per_user"
         );
-        b.reserve(&caller(":1.1", 1000), "echo", 40)
-            .expect("exactly the limit");
+        held.push(
+            b.reserve(&caller(":1.1", 1000), 40)
+                .expect("exactly the limit"),
+        );
         assert_eq!(
-            limit_name(b.reserve(&caller(":1.2", 1001), "echo", 51).unwrap_err()),
+            limit_name(b.reserve(&caller(":1.2", 1001), 51).unwrap_err()),
             "memory_total"
         );
-        b.reserve(&caller(":1.2", 1001), "echo", 50)
-            .expect("exactly the total");
-        b.release(id);
-        b.reserve(&caller(":1.2", 1001), "echo", 50)
-            .expect("release refunded the total");
+        held.push(
+            b.reserve(&caller(":1.2", 1001), 50)
+                .expect("exactly the total"),
+        );
+        drop(id);
+        held.push(
+            b.reserve(&caller(":1.2", 1001), 50)
+                .expect("release refunded the total"),
+        );
         assert_eq!(b.memory_total(), 140);
     }
 
     #[test]
     fn a_refused_reservation_charges_nothing() {
         let mut b = broker(|l| l.memory_total = 10);
+        let mut held = Vec::new();
         let a = caller(":1.1", 1000);
-        b.reserve(&a, "echo", 11).unwrap_err();
-        assert_eq!(b.count(), 0);
-        assert!(b.per_user.is_empty() && b.per_connection.is_empty());
+        held.push(b.reserve(&a, 11).unwrap_err());
+        b.forget_unused();
+        assert!(b.accounts.is_empty() && b.per_connection.is_empty());
         assert_eq!(b.memory_total(), 0);
     }
 
@@ -710,11 +640,11 @@ mod tests {
         budget.try_charge(70).expect("a buffer");
         assert_eq!((b.memory_of(1000), b.memory_total()), (70, 70));
         assert_eq!(
-            limit_name(b.reserve(&a, "echo", 31).unwrap_err()),
+            limit_name(b.reserve(&a, 31).unwrap_err()),
             "memory_per_user",
             "the buffer counts against a new session"
         );
-        let id = b.reserve(&a, "echo", 30).expect("what is left").id;
+        let id = b.reserve(&a, 30).expect("what is left");
         // Another uid is bounded by the total, which the first uid's buffers use.
         let other = b.budget_of(1001);
         let e = other.try_charge(51).unwrap_err();
@@ -729,7 +659,7 @@ mod tests {
         );
         other.try_charge(50).expect("exactly the total");
         other.release(50);
-        b.release(id);
+        drop(id);
         assert_eq!(b.memory_of(1000), 70, "the buffer is still held");
         budget.release(70);
         assert_eq!((b.memory_of(1000), b.memory_total()), (0, 0));
@@ -740,17 +670,16 @@ mod tests {
         let mut b = broker(|_| {});
         let a = caller(":1.1", 1000);
         let held = b.budget_of(1000);
-        let id = b.reserve(&a, "echo", 10).expect("reserve").id;
-        b.release(id);
+        let id = b.reserve(&a, 10).expect("reserve");
+        drop(id);
         assert!(
             b.accounts.contains_key(&1000),
             "a worker still holds the budget"
         );
         drop(held);
         b.budget_of(1001);
-        b.reserve(&caller(":1.2", 1002), "echo", 1)
-            .expect("reserve");
-        assert!(b.release(2).is_some());
+        drop(b.reserve(&caller(":1.2", 1002), 1).expect("reserve"));
+        b.forget_unused();
         assert!(!b.accounts.contains_key(&1000) && !b.accounts.contains_key(&1001));
     }
 
@@ -764,7 +693,7 @@ mod tests {
                 allow_groups: vec![50],
             },
         );
-        let b = Broker::new(config);
+        let b = Accounting::new(config);
         b.check_access(&caller(":1.1", 1000), "sink")
             .expect("listed user");
         b.check_access(&caller(":1.1", 0), "sink")
@@ -774,51 +703,27 @@ mod tests {
         b.check_access(&grouped, "sink").expect("listed group");
         let err = b.check_access(&caller(":1.1", 2000), "sink").unwrap_err();
         assert!(
-            matches!(&err, BrokerError::AccessDenied(m) if m.contains("may not use service \"sink\"")),
+            matches!(&err, Refusal::AccessDenied(m) if m.contains("may not use service \"sink\"")),
             "{err:?}"
         );
         b.check_access(&caller(":1.1", 2000), "echo")
             .expect("a service without rules is open to all");
     }
 
-    #[test]
-    fn authorize_owner_root_and_others() {
-        let mut b = broker(|_| {});
-        let owner = caller(":1.1", 1000);
-        let id = b.reserve(&owner, "echo", 1).expect("reserve").id;
-        assert_eq!(b.authorize(id, Some(&owner), ":1.1").expect("owner").id, id);
-        b.authorize(id, Some(&caller(":1.9", 0)), ":1.9")
-            .expect("root");
-        let other = caller(":1.2", 1000);
-        let err = b.authorize(id, Some(&other), ":1.2").unwrap_err();
-        assert!(
-            matches!(&err, BrokerError::AccessDenied(m) if m.contains("belongs to :1.1")),
-            "{err:?}"
-        );
-        assert!(matches!(
-            b.authorize(id, None, ":1.3"),
-            Err(BrokerError::AccessDenied(_))
-        ));
-        assert!(matches!(
-            b.authorize(id + 1, Some(&owner), ":1.1"),
-            Err(BrokerError::UnknownSession(_))
-        ));
-    }
-
-    fn registering(f: impl FnOnce(&mut crate::config::Providers)) -> Broker {
+    fn registering(f: impl FnOnce(&mut crate::config::Providers)) -> Accounting {
         let mut config = Config::default();
         f(&mut config.providers);
-        let mut b = Broker::new(config);
+        let mut b = Accounting::new(config);
         // Tests run as any uid; pretend the daemon's is one no caller has.
         b.own_uid = 4242;
         b
     }
 
-    fn path(p: &str) -> dbus::Path<'static> {
-        dbus::Path::new(p.to_owned()).expect("path")
+    fn path(p: &str) -> &str {
+        p
     }
 
-    fn kind(e: BrokerError) -> String {
+    fn kind(e: Refusal) -> String {
         format!("{e:?}")
             .split('(')
             .next()
@@ -841,7 +746,7 @@ mod tests {
             .register(&caller(":1.1", 1001), "sensor.a", path("/p"), false)
             .unwrap_err();
         assert!(
-            matches!(&e, BrokerError::AccessDenied(m) if m.contains("may not register service \"sensor.a\"")),
+            matches!(&e, Refusal::AccessDenied(m) if m.contains("may not register service \"sensor.a\"")),
             "{e:?}"
         );
         let e = b
@@ -857,7 +762,10 @@ mod tests {
         let names: Vec<&str> = b.registrations().map(|r| r.service.as_str()).collect();
         assert_eq!(names, ["anything", "mine", "sensor.a"]);
         let r = b.registration("sensor.a").expect("registered");
-        assert_eq!((r.provider.bus_name.as_str(), &*r.object), (":1.1", "/p"));
+        assert_eq!(
+            (r.provider.bus_name.as_str(), r.object.as_str()),
+            (":1.1", "/p")
+        );
     }
 
     #[test]
@@ -870,14 +778,14 @@ mod tests {
         }
         let e = b.register(&root, "echo", path("/p"), true).unwrap_err();
         assert!(
-            matches!(&e, BrokerError::NameTaken(m) if m.contains("built into the broker")),
+            matches!(&e, Refusal::NameTaken(m) if m.contains("built into the broker")),
             "{e:?}"
         );
         b.register(&root, "svc", path("/p"), false).expect("free");
         for who in [&root, &caller(":1.2", 0)] {
             let e = b.register(who, "svc", path("/q"), false).unwrap_err();
             assert!(
-                matches!(&e, BrokerError::NameTaken(m) if m.contains("registered by :1.1")),
+                matches!(&e, Refusal::NameTaken(m) if m.contains("registered by :1.1")),
                 "the same connection twice, or another: {e:?}"
             );
         }
@@ -896,7 +804,7 @@ mod tests {
             .expect("2, another connection of the same uid");
         let e = b.register(&a, "s3", path("/p"), false).unwrap_err();
         assert!(
-            matches!(&e, BrokerError::LimitExceeded(m) if m.starts_with("registrations_per_user: uid 0 already provides 2")),
+            matches!(&e, Refusal::LimitExceeded(m) if m.starts_with("registrations_per_user: uid 0 already provides 2")),
             "{e:?}"
         );
         assert_eq!(

@@ -1,0 +1,423 @@
+//! A provider: a process that serves [`Service`]s through a running broker.
+//!
+//! A desktop service that wants to stream to clients in shared memory
+//! without living inside `shmlinkd` registers its services with the broker
+//! (`Broker1.RegisterService`) and exports `org.shmlink.Provider1`. When a
+//! client opens one of them, the broker checks access and limits, creates
+//! the rings and hands the server's side to the provider
+//! (`Provider1.AcceptSession`); from then on the provider and the client
+//! share the rings directly, served by the same engine (worker threads,
+//! time slices, per-uid memory accounting) as the broker's own services.
+//!
+//! ```no_run
+//! use shmlink_server::{builtin, Bus, Provider};
+//! let provider = Provider::builder(&Bus::Session)
+//!     .service(std::sync::Arc::new(builtin::Sink))
+//!     .register()?;
+//! provider.run(None)?;
+//! # Ok::<(), shmlink_server::ProviderError>(())
+//! ```
+//!
+//! What a provider sees:
+//! - `AcceptSession` is accepted only from the connection that owned the
+//!   broker's name when the provider registered (or re-registered); any
+//!   other caller gets `AccessDenied`. Every fd is checked as a client checks
+//!   it ([`Endpoint::open_server`]), unknown option keys are refused, and
+//!   the provider's own limits (`[limits]` of its [`Config`]) and access
+//!   rules (`[services.NAME]`) apply on top of the broker's.
+//! - A session ends when the client hangs up, the broker closes the link
+//!   (`Close`, the client leaving the bus, the broker stopping), the client
+//!   misbehaves or the service fails; the provider then drops the rings, the
+//!   hang-up socket and the link, which both the client and the broker see.
+//! - When the broker leaves the bus, every session ends through its link;
+//!   when a broker owns the name again, the provider registers its services
+//!   with it anew. A registration the new broker refuses is logged and not
+//!   retried until the next restart.
+
+mod accept;
+
+use crate::config::Config;
+use crate::main_loop::{self, Served};
+use crate::service::Service;
+use crate::sessions::Sessions;
+use dbus::arg::PropMap;
+use dbus::blocking::Connection;
+use dbus::channel::Sender;
+use dbus::message::{MatchRule, MessageType};
+use dbus::Message;
+use dbus_crossroads::Crossroads;
+use shmlink_interfaces::{
+    member, Bus, BROKER_INTERFACE, BROKER_PATH, BUS_NAME, DBUS_NAME, DBUS_PATH,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where a provider exports `org.shmlink.Provider1` unless told otherwise.
+pub use shmlink_interfaces::PROVIDER_PATH as DEFAULT_OBJECT_PATH;
+
+/// How long [`ProviderBuilder::register`] waits for each answer of the broker.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a provider could not start, or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// Connecting to the bus, or a call to the bus itself, failed.
+    #[error("cannot talk to the bus ({bus}): {source}")]
+    Bus {
+        /// The bus.
+        bus: String,
+        /// libdbus's error.
+        source: dbus::Error,
+    },
+    /// No broker owns the name the provider was told to register with.
+    #[error("no broker owns {0} on the bus")]
+    NoBroker(String),
+    /// The broker refused a registration.
+    #[error("the broker refused to register {service:?}: {name}: {message}")]
+    Refused {
+        /// The service.
+        service: String,
+        /// The D-Bus error name, e.g. `org.shmlink.Error.NameTaken`.
+        name: String,
+        /// The broker's reason.
+        message: String,
+    },
+    /// Two services of this provider have the same name, or it has none.
+    #[error("{0}")]
+    Services(String),
+    /// Setting up the engine failed.
+    #[error("cannot start the event loop: {0}")]
+    Engine(#[from] std::io::Error),
+    /// The bus connection dropped.
+    #[error("lost the bus connection")]
+    Disconnected,
+}
+
+/// Sets up a [`Provider`]: its services, the broker to register with, where
+/// to export `org.shmlink.Provider1`, its own limits.
+pub struct ProviderBuilder {
+    bus: Bus,
+    services: Vec<Arc<dyn Service>>,
+    broker_name: String,
+    broker_path: String,
+    object_path: String,
+    config: Config,
+}
+
+impl ProviderBuilder {
+    /// Adds a service; its [`Service::name`] is the name registered with the broker.
+    pub fn service(mut self, service: Arc<dyn Service>) -> Self {
+        self.services.push(service);
+        self
+    }
+
+    /// Registers with the broker answering to `names` (by default
+    /// `shmlinkd`'s: `org.shmlink.Broker1` at `/org/shmlink/Broker1`).
+    pub fn broker(mut self, names: &crate::Names) -> Self {
+        self.broker_name = names.bus_name().to_owned();
+        self.broker_path = names.path().to_owned();
+        self
+    }
+
+    /// Exports `org.shmlink.Provider1` at `path` (default [`DEFAULT_OBJECT_PATH`]).
+    pub fn object_path(mut self, path: &str) -> Self {
+        self.object_path = path.to_owned();
+        self
+    }
+
+    /// The provider's own limits, worker count and access rules: what its
+    /// sessions may make this process hold, per client uid and in total,
+    /// and the largest ring and message it accepts from the broker.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Connects, starts the engine, exports the interface and registers
+    /// every service with the broker; fails if the broker refuses one.
+    /// Serve with [`Provider::run`].
+    pub fn register(self) -> Result<Provider, ProviderError> {
+        let bus_err = |source| ProviderError::Bus {
+            bus: self.bus.to_string(),
+            source,
+        };
+        let mut services = BTreeSet::new();
+        for s in &self.services {
+            if !services.insert(s.name().to_owned()) {
+                return Err(ProviderError::Services(format!(
+                    "two services are named {:?}",
+                    s.name()
+                )));
+            }
+        }
+        if services.is_empty() {
+            return Err(ProviderError::Services("a provider needs a service".into()));
+        }
+        dbus::Path::new(self.object_path.clone())
+            .map_err(|e| ProviderError::Services(format!("bad object path: {e}")))?;
+        let mut channel = self.bus.connect().map_err(bus_err)?;
+        channel.set_watch_enabled(true);
+        let conn = Connection::from(channel);
+        let sessions = Sessions::start(self.config, self.services)?;
+        // Learn when the broker leaves the bus or comes back.
+        let rule = MatchRule::new_signal(DBUS_NAME, "NameOwnerChanged")
+            .with_sender(DBUS_NAME)
+            .with_path(DBUS_PATH);
+        let rule = format!("{},arg0='{}'", rule.match_str(), self.broker_name);
+        conn.add_match_no_cb(&rule).map_err(bus_err)?;
+        let owner = name_owner(&conn, &self.broker_name)
+            .or_else(|| {
+                // Not running yet: D-Bus activation may start it.
+                start_service(&conn, &self.broker_name);
+                name_owner(&conn, &self.broker_name)
+            })
+            .ok_or_else(|| ProviderError::NoBroker(self.broker_name.clone()))?;
+        let path: dbus::Path<'static> = self.object_path.clone().into();
+        let cr = accept::crossroads(
+            path.clone(),
+            Host {
+                sessions,
+                broker_owner: Some(owner.clone()),
+            },
+        );
+        let mut provider = Provider {
+            conn,
+            face: Face {
+                cr,
+                path,
+                broker_name: self.broker_name,
+                broker_path: self.broker_path,
+                object_path: self.object_path,
+                pending: HashMap::new(),
+            },
+        };
+        for name in provider.face.service_names() {
+            let call = provider.face.register_call(&name);
+            match provider
+                .conn
+                .channel()
+                .send_with_reply_and_block(call, CALL_TIMEOUT)
+            {
+                Ok(_) => log::info!(
+                    "registered {name:?} with {} ({owner})",
+                    provider.face.broker_name
+                ),
+                Err(e) => {
+                    return Err(ProviderError::Refused {
+                        service: name,
+                        name: e.name().unwrap_or("?").to_owned(),
+                        message: e.message().unwrap_or("").to_owned(),
+                    })
+                }
+            }
+        }
+        Ok(provider)
+    }
+}
+
+/// The unique name owning `name` now, if any.
+fn name_owner(conn: &Connection, name: &str) -> Option<String> {
+    let proxy = conn.with_proxy(DBUS_NAME, DBUS_PATH, CALL_TIMEOUT);
+    let (owner,): (String,) = proxy.method_call(DBUS_NAME, "GetNameOwner", (name,)).ok()?;
+    Some(owner)
+}
+
+/// Asks the bus to activate `name` (and waits for it to start, within
+/// [`CALL_TIMEOUT`]); a bus without an activation file for it says no.
+fn start_service(conn: &Connection, name: &str) {
+    let proxy = conn.with_proxy(DBUS_NAME, DBUS_PATH, CALL_TIMEOUT);
+    let started: Result<(u32,), _> =
+        proxy.method_call(DBUS_NAME, "StartServiceByName", (name, 0u32));
+    if let Err(e) = started {
+        log::debug!("cannot activate {name}: {e}");
+    }
+}
+
+/// The provider object's data: the provider's session table (its
+/// services, its own limits and accounting, its engine) and the broker it
+/// registered with.
+pub(crate) struct Host {
+    sessions: Sessions,
+    /// The unique name of the broker the services are registered with.
+    broker_owner: Option<String>,
+}
+
+impl Host {
+    /// Whether `sender` is the broker the services are registered with.
+    fn is_broker(&self, sender: Option<&str>) -> bool {
+        sender.is_some() && self.broker_owner.as_deref() == sender
+    }
+}
+
+/// A provider registered with a broker. Serve with [`Provider::run`].
+pub struct Provider {
+    conn: Connection,
+    face: Face,
+}
+
+/// A provider's D-Bus face: `org.shmlink.Provider1` (whose object data is
+/// the [`Host`]) and its registrations with the broker.
+struct Face {
+    cr: Crossroads,
+    /// Where `org.shmlink.Provider1` is exported; crossroads keeps the
+    /// [`Host`] there.
+    path: dbus::Path<'static>,
+    broker_name: String,
+    broker_path: String,
+    object_path: String,
+    /// `RegisterService` calls sent from the main loop, by serial: the service.
+    pending: HashMap<u32, String>,
+}
+
+impl Provider {
+    /// Starts setting up a provider on `bus`.
+    pub fn builder(bus: &Bus) -> ProviderBuilder {
+        ProviderBuilder {
+            bus: bus.clone(),
+            services: Vec::new(),
+            broker_name: BUS_NAME.to_owned(),
+            broker_path: BROKER_PATH.to_owned(),
+            object_path: DEFAULT_OBJECT_PATH.to_owned(),
+            config: Config::default(),
+        }
+    }
+
+    /// This provider's unique name on the bus.
+    pub fn unique_name(&self) -> String {
+        self.conn
+            .channel()
+            .unique_name()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Number of sessions this provider serves now.
+    pub fn session_count(&mut self) -> usize {
+        self.face.host().sessions.open_count()
+    }
+
+    /// Serves until `stop` becomes readable (e.g. a signalfd from
+    /// [`crate::signals::termination_fd`]) or the bus connection drops;
+    /// withdraws the services and ends every session before returning.
+    pub fn run(mut self, stop: Option<BorrowedFd<'_>>) -> Result<(), ProviderError> {
+        let result = match main_loop::run(&self.conn, stop, &mut self.face) {
+            Ok(main_loop::Ended::Stopped) => {
+                log::info!("stop requested; ending {} session(s)", self.session_count());
+                Ok(())
+            }
+            Ok(main_loop::Ended::Disconnected) => Err(ProviderError::Disconnected),
+            Err(e) => Err(e.into()),
+        };
+        for name in self.face.service_names() {
+            let call = Message::method_call(
+                &self.face.broker_name.as_str().into(),
+                &self.face.broker_path.as_str().into(),
+                &BROKER_INTERFACE.into(),
+                &member::UNREGISTER_SERVICE.into(),
+            )
+            .append1(name);
+            let _ = self.conn.send(call);
+        }
+        self.face
+            .host()
+            .sessions
+            .shutdown("the provider is stopping");
+        self.conn.channel().flush();
+        result
+    }
+}
+
+impl Face {
+    fn host(&mut self) -> &mut Host {
+        self.cr
+            .data_mut::<Host>(&self.path)
+            .expect("the provider object is never removed")
+    }
+
+    fn service_names(&mut self) -> Vec<String> {
+        self.host().sessions.service_names()
+    }
+
+    fn register_call(&self, service: &str) -> Message {
+        Message::method_call(
+            &self.broker_name.as_str().into(),
+            &self.broker_path.as_str().into(),
+            &BROKER_INTERFACE.into(),
+            &member::REGISTER_SERVICE.into(),
+        )
+        .append3(
+            service,
+            dbus::Path::from(self.object_path.clone()),
+            PropMap::new(),
+        )
+    }
+
+    /// The broker left the bus, or a broker took its name.
+    fn name_owner_changed(&mut self, conn: &Connection, msg: &Message) {
+        if msg.member().as_deref() != Some("NameOwnerChanged") {
+            return;
+        }
+        let Ok((name, _old, new)) = msg.read3::<&str, &str, &str>() else {
+            return;
+        };
+        if name != self.broker_name {
+            return;
+        }
+        let host = self.host();
+        if new.is_empty() {
+            host.broker_owner = None;
+            log::warn!(
+                "{name} left the bus; its {} session(s) end through their links",
+                host.sessions.open_count()
+            );
+            return;
+        }
+        host.broker_owner = Some(new.to_owned());
+        log::info!("{name} is back as {new}; registering again");
+        for service in self.service_names() {
+            let call = self.register_call(&service);
+            if let Ok(serial) = conn.send(call) {
+                self.pending.insert(serial, service);
+            }
+        }
+    }
+}
+
+impl Served for Face {
+    fn handle(&mut self, conn: &Connection, mut msg: Message) {
+        match msg.msg_type() {
+            MessageType::MethodCall => {
+                if self.cr.handle_message(msg, conn).is_err() {
+                    log::warn!("crossroads could not handle a method call");
+                }
+            }
+            MessageType::MethodReturn | MessageType::Error => {
+                let Some(service) = msg.get_reply_serial().and_then(|s| self.pending.remove(&s))
+                else {
+                    return;
+                };
+                if let Err(e) = msg.as_result() {
+                    log::warn!(
+                        "the broker refused to register {service:?} again: {}: {}",
+                        e.name().unwrap_or("?"),
+                        e.message().unwrap_or("")
+                    );
+                } else {
+                    log::info!("registered {service:?} again with {}", self.broker_name);
+                }
+            }
+            MessageType::Signal => self.name_owner_changed(conn, &msg),
+        }
+    }
+
+    fn watched(&mut self) -> Vec<Arc<OwnedFd>> {
+        vec![self.host().sessions.notify_fd()]
+    }
+
+    fn ready(&mut self, _conn: &Connection, _index: usize) {
+        // The sessions' pumps ended themselves; nothing to announce.
+        self.host().sessions.reap();
+    }
+}
