@@ -8,21 +8,12 @@ use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags
 use rustix::io::Errno;
 use rustix::net::{sockopt, AddressFamily, SocketType};
 use shmem_ipc::sharedring::{Receiver, Sender};
-use shmlink_interfaces::{limits, PeerFds, RingFds, RING_HEADER};
+use shmlink_interfaces::{limits, PeerFds, RingFds, Wakeup, RING_HEADER};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// How a blocked side waits for the other.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wakeup {
-    /// Sleep on the eventfd right away (lowest CPU use).
-    Park,
-    /// Busy-poll the ring for up to this long before sleeping (lowest latency).
-    Spin(Duration),
-}
 
 /// Usable ring bytes shmem-ipc will provide for a requested capacity: the
 /// memfd is rounded up to whole pages, all of it usable after the header.

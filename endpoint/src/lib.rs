@@ -18,13 +18,14 @@ pub mod sys;
 
 pub use endpoint::{
     create_unmapped, rounded_capacity, ClientLimits, Endpoint, EndpointReceiver, EndpointSender,
-    ProvidedFds, ServerRings, Wakeup,
+    ProvidedFds, ServerRings,
 };
 pub use frame::{Budget, FillFrame, FrameError, Item, OutFrame, Piece, Received, WriteFrame};
 pub use ring::{
     spin_keeping_word, spin_until_ready, ReadProgress, RingReceiver, RingSender, Waitable,
     WriteProgress,
 };
+pub use shmlink_interfaces::Wakeup;
 pub use shmlink_interfaces::{PeerFds, RingFds};
 
 /// Everything that can go wrong on the data plane.

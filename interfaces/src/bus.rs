@@ -1,5 +1,5 @@
-//! The contract's D-Bus side: which bus to use, and the `OpenSession` reply
-//! as a named struct.
+//! The contract's D-Bus side: which bus to use, a ring as it travels, and
+//! the `OpenSession` reply as a named struct.
 
 use crate::{PeerFds, RingFds};
 use dbus::arg::{OwnedFd, PropMap};
@@ -65,6 +65,28 @@ impl std::fmt::Display for Bus {
     }
 }
 
+/// A ring as it travels (`(thhh)` in `AcceptSession`, four consecutive
+/// arguments in the `OpenSession` reply): capacity, memfd, empty and full
+/// eventfds.
+pub type RingArg = (u64, OwnedFd, OwnedFd, OwnedFd);
+
+impl From<RingArg> for RingFds {
+    fn from((capacity, memfd, empty_signal, full_signal): RingArg) -> Self {
+        RingFds {
+            capacity,
+            memfd,
+            empty_signal,
+            full_signal,
+        }
+    }
+}
+
+impl From<RingFds> for RingArg {
+    fn from(r: RingFds) -> Self {
+        (r.capacity, r.memfd, r.empty_signal, r.full_signal)
+    }
+}
+
 /// The reply of `OpenSession` as it travels, in wire order: session path;
 /// client→server ring capacity, memfd, empty and full eventfds; the same
 /// four for the server→client ring; the hang-up socket; the parameters.
@@ -83,7 +105,8 @@ pub type OpenSessionArgs = (
 );
 
 /// The reply of `OpenSession`: the session's object path, the fds in their
-/// roles, and the `parameters` dictionary.
+/// roles, and the `parameters` dictionary (decoded with
+/// [`SessionParameters::from_dict`](crate::SessionParameters::from_dict)).
 #[derive(Debug)]
 pub struct OpenSessionReply {
     /// The session object's path.
@@ -109,17 +132,11 @@ impl From<OpenSessionArgs> for OpenSessionReply {
             hangup,
             parameters,
         ) = a;
-        let ring = |capacity, memfd, empty_signal, full_signal| RingFds {
-            capacity,
-            memfd,
-            empty_signal,
-            full_signal,
-        };
         OpenSessionReply {
             session,
             fds: PeerFds {
-                to_server: ring(ts_cap, ts_mem, ts_empty, ts_full),
-                to_client: ring(tc_cap, tc_mem, tc_empty, tc_full),
+                to_server: (ts_cap, ts_mem, ts_empty, ts_full).into(),
+                to_client: (tc_cap, tc_mem, tc_empty, tc_full).into(),
                 hangup,
             },
             parameters,
@@ -130,22 +147,106 @@ impl From<OpenSessionArgs> for OpenSessionReply {
 impl From<OpenSessionReply> for OpenSessionArgs {
     fn from(r: OpenSessionReply) -> Self {
         let PeerFds {
-            to_server: s,
-            to_client: c,
+            to_server,
+            to_client,
             hangup,
         } = r.fds;
+        let (ts_cap, ts_mem, ts_empty, ts_full) = RingArg::from(to_server);
+        let (tc_cap, tc_mem, tc_empty, tc_full) = RingArg::from(to_client);
         (
             r.session,
-            s.capacity,
-            s.memfd,
-            s.empty_signal,
-            s.full_signal,
-            c.capacity,
-            c.memfd,
-            c.empty_signal,
-            c.full_signal,
+            ts_cap,
+            ts_mem,
+            ts_empty,
+            ts_full,
+            tc_cap,
+            tc_mem,
+            tc_empty,
+            tc_full,
             hangup,
             r.parameters,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn fd() -> OwnedFd {
+        std::fs::File::open("/dev/null").expect("open").into()
+    }
+
+    fn raw(r: &RingFds) -> [i32; 3] {
+        [
+            r.memfd.as_raw_fd(),
+            r.empty_signal.as_raw_fd(),
+            r.full_signal.as_raw_fd(),
+        ]
+    }
+
+    #[test]
+    fn a_ring_arg_keeps_its_fds_in_their_roles() {
+        let arg: RingArg = (4096, fd(), fd(), fd());
+        let order = [arg.1.as_raw_fd(), arg.2.as_raw_fd(), arg.3.as_raw_fd()];
+        let ring = RingFds::from(arg);
+        assert_eq!((ring.capacity, raw(&ring)), (4096, order));
+        let (cap, memfd, empty, full) = RingArg::from(ring);
+        assert_eq!(
+            (
+                cap,
+                [memfd.as_raw_fd(), empty.as_raw_fd(), full.as_raw_fd()]
+            ),
+            (4096, order)
+        );
+    }
+
+    #[test]
+    fn the_open_session_reply_round_trips_in_wire_order() {
+        let args: OpenSessionArgs = (
+            dbus::Path::from("/org/shmlink/Broker1/session/1"),
+            100,
+            fd(),
+            fd(),
+            fd(),
+            200,
+            fd(),
+            fd(),
+            fd(),
+            fd(),
+            PropMap::new(),
+        );
+        let wire = [
+            args.2.as_raw_fd(),
+            args.3.as_raw_fd(),
+            args.4.as_raw_fd(),
+            args.6.as_raw_fd(),
+            args.7.as_raw_fd(),
+            args.8.as_raw_fd(),
+            args.9.as_raw_fd(),
+        ];
+        let reply = OpenSessionReply::from(args);
+        assert_eq!(
+            (reply.fds.to_server.capacity, reply.fds.to_client.capacity),
+            (100, 200)
+        );
+        assert_eq!(raw(&reply.fds.to_server), wire[0..3]);
+        assert_eq!(raw(&reply.fds.to_client), wire[3..6]);
+        assert_eq!(reply.fds.hangup.as_raw_fd(), wire[6]);
+        let back = OpenSessionArgs::from(reply);
+        assert_eq!((back.1, back.5), (100, 200));
+        assert_eq!(
+            [
+                back.2.as_raw_fd(),
+                back.3.as_raw_fd(),
+                back.4.as_raw_fd(),
+                back.6.as_raw_fd(),
+                back.7.as_raw_fd(),
+                back.8.as_raw_fd(),
+                back.9.as_raw_fd(),
+            ],
+            wire
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! The shmlink D-Bus contract, as Rust constants.
+//! The shmlink D-Bus contract, as Rust constants and the encodings of its arguments.
 //!
 //! This crate is the single source of truth for every name that crosses the
 //! bus: the well-known name, object paths, interface and member names, option
@@ -10,7 +10,10 @@
 #![deny(missing_docs)]
 //!
 //! Without the default `dbus` feature the crate holds only plain data (names,
-//! limits, the fd roles), so the data plane can use it without linking libdbus.
+//! limits, the fd roles, [`Wakeup`], [`SessionParameters`], [`Caller`]), so the
+//! data plane can use it without linking libdbus. With it, the same types
+//! get their D-Bus encodings: `OpenSessionReply`, `AcceptSession`, the
+//! dictionaries (`dict`).
 
 /// Well-known bus name the broker owns.
 pub const BUS_NAME: &str = "org.shmlink.Broker1";
@@ -24,6 +27,15 @@ pub const PROVIDER_INTERFACE: &str = "org.shmlink.Provider1";
 pub const SESSION_INTERFACE: &str = "org.shmlink.Session1";
 /// Session objects live at this prefix followed by a decimal number.
 pub const SESSION_PATH_PREFIX: &str = "/org/shmlink/Broker1/session/";
+/// Where a provider exports `org.shmlink.Provider1` unless told otherwise
+/// (it tells the broker the path it chose in `RegisterService`).
+pub const PROVIDER_PATH: &str = "/org/shmlink/Provider1";
+
+/// The bus daemon's own name, which is also the name of its interface: the
+/// sender of `NameOwnerChanged` and of the errors the bus makes up.
+pub const DBUS_NAME: &str = "org.freedesktop.DBus";
+/// Object path of the bus daemon.
+pub const DBUS_PATH: &str = "/org/freedesktop/DBus";
 
 /// Introspection XML of `org.shmlink.Broker1`, with documentation.
 pub const BROKER_XML: &str = include_str!("../org.shmlink.Broker1.xml");
@@ -49,6 +61,18 @@ pub struct RingFds {
     pub full_signal: std::os::fd::OwnedFd,
 }
 
+impl RingFds {
+    /// The same ring with each fd duplicated (`F_DUPFD_CLOEXEC`).
+    pub fn try_clone(&self) -> std::io::Result<RingFds> {
+        Ok(RingFds {
+            capacity: self.capacity,
+            memfd: self.memfd.try_clone()?,
+            empty_signal: self.empty_signal.try_clone()?,
+            full_signal: self.full_signal.try_clone()?,
+        })
+    }
+}
+
 /// Everything the server hands a client for one session.
 #[derive(Debug)]
 pub struct PeerFds {
@@ -60,10 +84,32 @@ pub struct PeerFds {
     pub hangup: std::os::fd::OwnedFd,
 }
 
+impl PeerFds {
+    /// The same rings and hang-up socket with each fd duplicated (`F_DUPFD_CLOEXEC`).
+    pub fn try_clone(&self) -> std::io::Result<PeerFds> {
+        Ok(PeerFds {
+            to_server: self.to_server.try_clone()?,
+            to_client: self.to_client.try_clone()?,
+            hangup: self.hangup.try_clone()?,
+        })
+    }
+}
+
+mod session;
+pub use session::{Caller, SessionParameters, Wakeup, WakeupError};
+
+#[cfg(feature = "dbus")]
+mod accept;
 #[cfg(feature = "dbus")]
 mod bus;
 #[cfg(feature = "dbus")]
-pub use bus::{Bus, OpenSessionArgs, OpenSessionReply};
+pub mod dict;
+#[cfg(feature = "dbus")]
+pub use accept::{AcceptSession, AcceptSessionArgs};
+#[cfg(feature = "dbus")]
+pub use bus::{Bus, OpenSessionArgs, OpenSessionReply, RingArg};
+#[cfg(feature = "dbus")]
+pub use dict::{CallerError, ParametersError, ValueError};
 
 /// Members of `org.shmlink.Broker1` and `org.shmlink.Session1`.
 pub mod member {
@@ -129,7 +175,8 @@ pub mod option {
     pub const CHANNEL: &str = "channel";
 }
 
-/// Keys of the `parameters` dictionary `OpenSession` returns.
+/// Keys of the `parameters` dictionary `OpenSession` returns and `AcceptSession` carries
+/// ([`SessionParameters`]).
 pub mod param {
     /// Largest message either side may send (`t`).
     pub const MAX_MESSAGE: &str = "max-message";
@@ -139,7 +186,7 @@ pub mod param {
     pub const SPIN_US: &str = "spin-us";
 }
 
-/// Keys of the `caller` dictionary of `Provider1.AcceptSession`.
+/// Keys of the `caller` dictionary of `Provider1.AcceptSession` ([`Caller`]).
 pub mod caller {
     /// The client's uid (`u`).
     pub const UID: &str = "uid";
@@ -292,6 +339,57 @@ mod tests {
             );
         }
         assert!(SESSION_XML.contains(error::UNKNOWN_SESSION));
+    }
+
+    #[test]
+    fn cloned_fds_are_new_fds_of_the_same_files() {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        let file = |name: &str| -> OwnedFd {
+            let path = std::env::temp_dir()
+                .join(format!("shmlink-interfaces-{}-{name}", std::process::id()));
+            let f = std::fs::File::create(&path).expect("create");
+            std::fs::remove_file(&path).expect("remove");
+            f.into()
+        };
+        let ring = |n: &str| RingFds {
+            capacity: 64,
+            memfd: file(&format!("{n}-memfd")),
+            empty_signal: file(&format!("{n}-empty")),
+            full_signal: file(&format!("{n}-full")),
+        };
+        let fds = PeerFds {
+            to_server: ring("s"),
+            to_client: ring("c"),
+            hangup: file("hangup"),
+        };
+        let copy = fds.try_clone().expect("dup");
+        let all = |f: &PeerFds| -> Vec<(i32, u64)> {
+            use std::os::unix::fs::MetadataExt;
+            [
+                &f.to_server.memfd,
+                &f.to_server.empty_signal,
+                &f.to_server.full_signal,
+                &f.to_client.memfd,
+                &f.to_client.empty_signal,
+                &f.to_client.full_signal,
+                &f.hangup,
+            ]
+            .map(|fd| {
+                let meta = std::fs::File::from(fd.try_clone().expect("dup"))
+                    .metadata()
+                    .expect("fstat");
+                (fd.as_raw_fd(), meta.ino())
+            })
+            .to_vec()
+        };
+        let (a, b) = (all(&fds), all(&copy));
+        assert_eq!(copy.to_server.capacity, 64);
+        for ((fd_a, ino_a), (fd_b, ino_b)) in a.iter().zip(&b) {
+            assert_ne!(fd_a, fd_b, "a new fd");
+            assert_eq!(ino_a, ino_b, "of the same file, in the same role");
+        }
+        let distinct: std::collections::HashSet<u64> = a.iter().map(|(_, ino)| *ino).collect();
+        assert_eq!(distinct.len(), 7);
     }
 
     #[test]
