@@ -1,4 +1,4 @@
-//! The shmlink D-Bus contract, as Rust constants.
+//! The shmlink D-Bus contract, as Rust constants and the encodings of its arguments.
 //!
 //! This crate is the single source of truth for every name that crosses the
 //! bus: the well-known name, object paths, interface and member names, option
@@ -175,7 +175,8 @@ pub mod option {
     pub const CHANNEL: &str = "channel";
 }
 
-/// Keys of the `parameters` dictionary `OpenSession` returns.
+/// Keys of the `parameters` dictionary `OpenSession` returns and `AcceptSession` carries
+/// ([`SessionParameters`]).
 pub mod param {
     /// Largest message either side may send (`t`).
     pub const MAX_MESSAGE: &str = "max-message";
@@ -185,7 +186,7 @@ pub mod param {
     pub const SPIN_US: &str = "spin-us";
 }
 
-/// Keys of the `caller` dictionary of `Provider1.AcceptSession`.
+/// Keys of the `caller` dictionary of `Provider1.AcceptSession` ([`Caller`]).
 pub mod caller {
     /// The client's uid (`u`).
     pub const UID: &str = "uid";
