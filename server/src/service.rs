@@ -15,6 +15,7 @@
 //! which ends the session with the limit's name as the reason.
 
 use dbus::arg::{PropMap, RefArg, Variant};
+use shmlink_interfaces::dict;
 use shmlink_endpoint::frame::{FillFrame, OutFrame, Piece, WriteFrame};
 use shmlink_endpoint::Budget;
 use std::collections::VecDeque;
@@ -163,38 +164,13 @@ impl Options {
     /// An unsigned integer option (`t`, `u`, `q` or `y`; non-negative `x`, `i` accepted too).
     pub fn u64(&self, key: &str) -> Result<Option<u64>, ServiceError> {
         self.mark(key);
-        let Some(v) = self.map.get(key) else {
-            return Ok(None);
-        };
-        let inner = &v.0;
-        let sig = inner.signature();
-        match &*sig {
-            "t" | "u" | "q" | "y" => Ok(inner.as_u64()),
-            "x" | "i" | "n" => match inner.as_i64() {
-                Some(n) if n >= 0 => Ok(Some(n as u64)),
-                _ => Err(ServiceError::InvalidOption(format!(
-                    "option {key:?} must not be negative"
-                ))),
-            },
-            other => Err(ServiceError::InvalidOption(format!(
-                "option {key:?} must be an unsigned integer (t or u), got type {other:?}"
-            ))),
-        }
+        dict::get_u64(&self.map, key).map_err(|e| ServiceError::InvalidOption(e.to_string()))
     }
 
     /// A string option (`s`).
     pub fn string(&self, key: &str) -> Result<Option<String>, ServiceError> {
         self.mark(key);
-        let Some(v) = self.map.get(key) else {
-            return Ok(None);
-        };
-        match v.0.as_str() {
-            Some(s) if &*v.0.signature() == "s" => Ok(Some(s.to_owned())),
-            _ => Err(ServiceError::InvalidOption(format!(
-                "option {key:?} must be a string (s), got type {:?}",
-                &*v.0.signature()
-            ))),
-        }
+        dict::get_string(&self.map, key).map_err(|e| ServiceError::InvalidOption(e.to_string()))
     }
 
     /// Keys present in the call that nobody read.

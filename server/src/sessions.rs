@@ -27,7 +27,7 @@ use crate::log_bounds::{cut, LOGGED_ERROR, LOGGED_STRING};
 use crate::service::{Caller, Memory, Options, Service, SessionHandler, StateView};
 use dbus::arg::PropMap;
 use shmlink_endpoint::{ClientLimits, Endpoint, PeerFds, ServerRings};
-use shmlink_interfaces::{option, ParametersError, SessionParameters};
+use shmlink_interfaces::{option, AcceptSession, ParametersError, SessionParameters};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -104,24 +104,6 @@ pub(crate) struct Handover {
     pub options: PropMap,
     /// The session's parameters.
     pub parameters: SessionParameters,
-}
-
-/// A session a broker hands to this provider process (`AcceptSession`).
-pub(crate) struct Adoption {
-    /// How the broker names the session, for the log.
-    pub label: String,
-    /// The service asked for.
-    pub service: String,
-    /// Who opened it.
-    pub caller: Caller,
-    /// The client's options, without the ring options.
-    pub options: PropMap,
-    /// The rings and the hang-up socket.
-    pub fds: PeerFds,
-    /// This process's end of the link to the broker.
-    pub link: OwnedFd,
-    /// The parameters the broker negotiated.
-    pub parameters: PropMap,
 }
 
 /// A session that ended: its info, and whether it had opened (only those
@@ -357,14 +339,8 @@ impl Sessions {
             max_message,
             wakeup: ring.wakeup,
         };
-        let id = self.next_id();
-        let info = Arc::new(SessionInfo {
-            id,
-            service: service.to_owned(),
-            owner: caller.clone(),
-            traffic: Arc::new(Traffic::default()),
-            state: None,
-        });
+        let info = self.new_info(caller, service, None);
+        let id = info.id;
         log::debug!(
             "session {id} of provided service {service} for {} (uid {}): asking {}",
             caller.bus_name,
@@ -438,7 +414,7 @@ impl Sessions {
     /// provider process: the broker's checks made again (service, access,
     /// parameters, options, the fds against this process's limits), then
     /// its engine serves it. Nothing stays behind on a refusal.
-    pub fn adopt(&mut self, a: Adoption) -> Result<u64, Refusal> {
+    pub fn adopt(&mut self, a: AcceptSession) -> Result<u64, Refusal> {
         let svc = self.hosted(&a.service)?;
         self.accounting.check_access(&a.caller, &a.service)?;
         let own_max = self.accounting.limits().max_message;
@@ -486,7 +462,7 @@ impl Sessions {
         )?;
         log::info!(
             "session {} accepted: service {}, client {} (uid {}, pid {}), capacity {to_server}/{to_client}",
-            cut(&a.label, LOGGED_STRING),
+            cut(&a.session, LOGGED_STRING),
             a.service,
             a.caller.bus_name,
             a.caller.uid,
@@ -503,10 +479,23 @@ impl Sessions {
             .ok_or_else(|| Refusal::UnknownService(service.into()))
     }
 
-    fn next_id(&mut self) -> u64 {
+    /// What is known of a new session of `service` for `caller`, with a
+    /// fresh id (ids are never reused).
+    fn new_info(
+        &mut self,
+        caller: &Caller,
+        service: &str,
+        state: Option<Arc<dyn StateView>>,
+    ) -> Arc<SessionInfo> {
         let id = self.next_id;
         self.next_id += 1;
-        id
+        Arc::new(SessionInfo {
+            id,
+            service: service.to_owned(),
+            owner: caller.clone(),
+            traffic: Arc::new(Traffic::default()),
+            state,
+        })
     }
 
     /// Enters a session served by this process's engine; with a `link`, its
@@ -521,14 +510,8 @@ impl Sessions {
         link: Option<OwnedFd>,
     ) -> Result<u64, Refusal> {
         endpoint.set_budget(reservation.budget().clone());
-        let id = self.next_id();
-        let info = Arc::new(SessionInfo {
-            id,
-            service: service.to_owned(),
-            owner: caller.clone(),
-            traffic: Arc::new(Traffic::default()),
-            state: handler.state_view(),
-        });
+        let info = self.new_info(caller, service, handler.state_view());
+        let id = info.id;
         let traffic = info.traffic.clone();
         let added = match link {
             Some(link) => self.engine.add_linked(id, endpoint, handler, traffic, link),

@@ -5,7 +5,6 @@
 use super::Host;
 use crate::accounting::Refusal;
 use crate::log_bounds::{cut, LOGGED_ERROR, LOGGED_STRING};
-use crate::sessions::Adoption;
 use dbus_crossroads::{Context, Crossroads, MethodErr};
 use shmlink_interfaces::{error, member, AcceptSession, AcceptSessionArgs, PROVIDER_INTERFACE};
 
@@ -46,15 +45,7 @@ pub(super) fn crossroads(path: dbus::Path<'static>, host: Host) -> Crossroads {
                 let label = cut(&call.session, LOGGED_STRING).into_owned();
                 let service = call.service.clone();
                 host.sessions
-                    .adopt(Adoption {
-                        label: label.clone(),
-                        service: call.service,
-                        caller: call.caller,
-                        options: call.options,
-                        fds: call.fds,
-                        link: call.link,
-                        parameters: call.parameters,
-                    })
+                    .adopt(call)
                     .map(|_| ())
                     .map_err(|e| {
                         log::warn!(
