@@ -6,8 +6,8 @@ use shmlink_endpoint::{
     ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Item, Piece, Received, Wakeup,
 };
 use shmlink_interfaces::{
-    member, option, param, wakeup, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
-    SESSION_INTERFACE,
+    member, option, OpenSessionArgs, OpenSessionReply, ParametersError, SessionParameters,
+    BROKER_INTERFACE, SESSION_INTERFACE,
 };
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -65,12 +65,11 @@ impl SessionBuilder {
 
     /// How both sides wait for each other.
     pub fn wakeup(self, w: Wakeup) -> Self {
+        let b = self.option(option::WAKEUP, w.mode().to_owned());
         match w {
-            Wakeup::Park => self.option(option::WAKEUP, wakeup::PARK.to_owned()),
-            Wakeup::Spin(d) => self.option(option::WAKEUP, wakeup::SPIN.to_owned()).option(
-                option::SPIN_US,
-                u32::try_from(d.as_micros()).unwrap_or(u32::MAX),
-            ),
+            // `spin-us` goes only with spin mode: the broker refuses it beside park.
+            Wakeup::Park => b,
+            Wakeup::Spin(_) => b.option(option::SPIN_US, w.spin_us()),
         }
     }
 
@@ -118,39 +117,26 @@ impl SessionBuilder {
             parameters: params,
         } = reply.into();
         let (ts_cap, tc_cap) = (fds.to_server.capacity, fds.to_client.capacity);
-        let max_message = params
-            .get(param::MAX_MESSAGE)
-            .and_then(|v| v.0.as_u64())
-            .ok_or_else(|| Error::BadReply("parameters lack max-message".into()))?;
-        // Checked here in full width: a value above 4 GiB must not be cut
-        // down to one that happens to fit.
-        let max_message = match u32::try_from(max_message) {
-            Ok(m) if m <= limits.max_message => m,
-            _ => {
-                return Err(shmlink_endpoint::Error::OverLimit {
-                    what: "max-message",
-                    offered: max_message,
-                    limit: limits.max_message.into(),
+        // `max-message` is checked in full width before anything else: a
+        // value above 4 GiB must not be cut down to one that happens to fit.
+        let over = |offered| shmlink_endpoint::Error::OverLimit {
+            what: "max-message",
+            offered,
+            limit: limits.max_message.into(),
+        };
+        let SessionParameters {
+            max_message,
+            wakeup: wake,
+        } = SessionParameters::from_dict(&params, limits.max_message.into()).map_err(
+            |e| match e {
+                ParametersError::Missing(_) => {
+                    Error::BadReply("parameters lack max-message".into())
                 }
-                .into())
-            }
-        };
-        let wake = match params
-            .get(param::WAKEUP)
-            .and_then(|v| v.0.as_str().map(str::to_owned))
-            .as_deref()
-        {
-            Some(wakeup::SPIN) => {
-                let us = params
-                    .get(param::SPIN_US)
-                    .and_then(|v| v.0.as_u64())
-                    .unwrap_or(0);
-                Wakeup::Spin(Duration::from_micros(
-                    us.min(u64::from(shmlink_interfaces::limits::MAX_SPIN_US)),
-                ))
-            }
-            _ => Wakeup::Park,
-        };
+                ParametersError::MaxMessageAbove { max, .. } => over(max).into(),
+                e => Error::BadReply(format!("parameters: {e}")),
+            },
+        )?;
+        let max_message = u32::try_from(max_message).map_err(|_| over(max_message))?;
         // The caller reports the error; a log line here would say it twice.
         let mut endpoint = Endpoint::open_client_within(fds, max_message, wake, limits)
             .inspect_err(|e| {
@@ -220,18 +206,9 @@ pub(crate) enum Dir {
     Recv,
 }
 
-/// Counters the broker keeps for a session.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    /// Payload bytes the service received.
-    pub bytes_to_server: u64,
-    /// Messages the service received.
-    pub messages_to_server: u64,
-    /// Payload bytes the service queued for us.
-    pub bytes_to_client: u64,
-    /// Messages the service queued for us.
-    pub messages_to_client: u64,
-}
+/// Counters the broker keeps for a session: the contract's
+/// [`Traffic`](shmlink_interfaces::Traffic).
+pub type Counters = shmlink_interfaces::Traffic;
 
 /// An open session. Dropping it closes the hang-up socket, which ends the
 /// session on the broker's side too; [`Session::close`] does so explicitly.

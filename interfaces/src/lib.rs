@@ -10,7 +10,8 @@
 #![deny(missing_docs)]
 //!
 //! Without the default `dbus` feature the crate holds only plain data (names,
-//! limits, the fd roles, [`Wakeup`], [`SessionParameters`], [`Caller`]), so the
+//! limits, the fd roles, [`Wakeup`], [`SessionParameters`], [`Caller`],
+//! [`Traffic`]), so the
 //! data plane can use it without linking libdbus. With it, the same types
 //! get their D-Bus encodings: `OpenSessionReply`, `AcceptSession`, the
 //! dictionaries (`dict`).
@@ -96,7 +97,7 @@ impl PeerFds {
 }
 
 mod session;
-pub use session::{Caller, SessionParameters, Wakeup, WakeupError};
+pub use session::{Caller, SessionParameters, Traffic, Wakeup, WakeupError};
 
 #[cfg(feature = "dbus")]
 mod accept;

@@ -1,5 +1,5 @@
 //! What a session is opened with, as plain data: the wake-up mode, the
-//! negotiated parameters and who opened it. Their D-Bus encodings live in
+//! negotiated parameters and who opened it; and what it carried. Their D-Bus encodings live in
 //! the `dbus` feature (module `dict`).
 
 use crate::{limits, option, wakeup};
@@ -140,6 +140,21 @@ pub struct Caller {
     pub pid: u32,
     /// Unix group ids (primary and supplementary) when the bus reported them.
     pub gids: Vec<u32>,
+}
+
+/// What a session carried, as the broker counts it: the `BytesToServer`,
+/// `MessagesToServer`, `BytesToClient` and `MessagesToClient` properties of
+/// `org.shmlink.Session1`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Payload bytes the service received.
+    pub bytes_to_server: u64,
+    /// Messages the service received.
+    pub messages_to_server: u64,
+    /// Payload bytes the service queued for the client.
+    pub bytes_to_client: u64,
+    /// Messages the service queued for the client.
+    pub messages_to_client: u64,
 }
 
 #[cfg(test)]

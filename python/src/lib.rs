@@ -16,6 +16,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyInt, PyMemoryView, PyString, PyType};
 use shmlink::{Bus, Received, SessionBuilder, SessionReceiver, SessionSender, Wakeup};
 use shmlink_endpoint::sys::{self, HangupState};
+use shmlink_interfaces::wakeup::{PARK, SPIN};
 use shmlink_interfaces::{error as dbus_error, option};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -223,17 +224,22 @@ impl Client {
             b = b.capacity(c);
         }
         b = match (wakeup, spin_us) {
-            (None | Some("park"), None) => b,
-            (Some("park"), Some(_)) => {
-                return Err(PyValueError::new_err("spin_us needs wakeup=\"spin\""))
+            (None | Some(PARK), None) => b,
+            (Some(PARK), Some(_)) => {
+                return Err(PyValueError::new_err(format!(
+                    "spin_us needs wakeup={:?}",
+                    SPIN
+                )))
             }
-            (None | Some("spin"), Some(us)) => {
+            (None | Some(SPIN), Some(us)) => {
                 b.wakeup(Wakeup::Spin(Duration::from_micros(us.into())))
             }
-            (Some("spin"), None) => b.option(option::WAKEUP, "spin".to_owned()),
+            // The broker applies its default budget.
+            (Some(SPIN), None) => b.option(option::WAKEUP, SPIN.to_owned()),
             (Some(other), _) => {
                 return Err(PyValueError::new_err(format!(
-                    "wakeup must be \"park\" or \"spin\", not {other:?}"
+                    "wakeup must be {:?} or {:?}, not {other:?}",
+                    PARK, SPIN
                 )))
             }
         };

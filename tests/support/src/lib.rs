@@ -7,7 +7,7 @@
 
 use dbus::blocking::Connection;
 use rustix::process::{Pid, Signal};
-use shmlink_interfaces::Bus;
+use shmlink_interfaces::{Bus, DBUS_NAME, DBUS_PATH};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -288,19 +288,11 @@ impl DaemonProcess {
             .connect()
             .map_err(|e| fail(format!("cannot connect to {address}: {e}")))?;
         let conn = Connection::from(channel);
-        let proxy = conn.with_proxy(
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            CALL_TIMEOUT,
-        );
+        let proxy = conn.with_proxy(DBUS_NAME, DBUS_PATH, CALL_TIMEOUT);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let (owned,): (bool,) = proxy
-                .method_call(
-                    "org.freedesktop.DBus",
-                    "NameHasOwner",
-                    (shmlink_interfaces::BUS_NAME,),
-                )
+                .method_call(DBUS_NAME, "NameHasOwner", (shmlink_interfaces::BUS_NAME,))
                 .map_err(|e| fail(format!("NameHasOwner failed: {e}")))?;
             if owned {
                 return Ok(());
@@ -402,14 +394,8 @@ mod tests {
         let dir = bus._dir.path().to_owned();
         assert!(dir.join("bus.conf").is_file());
         let conn = Connection::from(bus.bus().connect().expect("connect to the private bus"));
-        let proxy = conn.with_proxy(
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            CALL_TIMEOUT,
-        );
-        let (id,): (String,) = proxy
-            .method_call("org.freedesktop.DBus", "GetId", ())
-            .expect("GetId");
+        let proxy = conn.with_proxy(DBUS_NAME, DBUS_PATH, CALL_TIMEOUT);
+        let (id,): (String,) = proxy.method_call(DBUS_NAME, "GetId", ()).expect("GetId");
         assert!(!id.is_empty());
         drop(conn);
         bus.stop().expect("stop the bus");
