@@ -97,7 +97,7 @@ impl PeerFds {
 }
 
 mod session;
-pub use session::{Caller, SessionParameters, Traffic, Wakeup, WakeupError};
+pub use session::{cut, Caller, SessionParameters, Traffic, Wakeup, WakeupError};
 
 #[cfg(feature = "dbus")]
 mod accept;

@@ -11,8 +11,9 @@ use std::time::Duration;
 const QUOTED: usize = 200;
 
 /// `s` if it is at most `max` bytes, else its first `max` bytes (at a
-/// character boundary) followed by a marker that says how long it was.
-pub(crate) fn cut(s: &str, max: usize) -> Cow<'_, str> {
+/// character boundary) followed by a marker that says how long it was: how
+/// a string a peer sent is quoted in an error or a log line.
+pub fn cut(s: &str, max: usize) -> Cow<'_, str> {
     if s.len() <= max {
         return Cow::Borrowed(s);
     }

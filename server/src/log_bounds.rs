@@ -3,7 +3,6 @@
 //! ([`Refusals`]): a few lines per second, then one line saying how many
 //! were suppressed.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -17,18 +16,7 @@ const LINES_PER_WINDOW: u32 = 5;
 /// The rate limit's window.
 const WINDOW: Duration = Duration::from_secs(1);
 
-/// `s` if it is at most `max` bytes, else its first `max` bytes (at a
-/// character boundary) followed by a marker that says how long it was.
-pub(crate) fn cut(s: &str, max: usize) -> Cow<'_, str> {
-    if s.len() <= max {
-        return Cow::Borrowed(s);
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    Cow::Owned(format!("{}…[cut: {} bytes in all]", &s[..end], s.len()))
-}
+pub(crate) use shmlink_interfaces::cut;
 
 /// One uid's current window.
 struct Window {

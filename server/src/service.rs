@@ -15,9 +15,9 @@
 //! which ends the session with the limit's name as the reason.
 
 use dbus::arg::{PropMap, RefArg, Variant};
-use shmlink_interfaces::dict;
 use shmlink_endpoint::frame::{FillFrame, OutFrame, Piece, WriteFrame};
 use shmlink_endpoint::Budget;
+use shmlink_interfaces::dict;
 use std::collections::VecDeque;
 use std::sync::Arc;
 

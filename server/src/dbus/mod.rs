@@ -297,18 +297,12 @@ impl Adapter {
 
     /// An `OpenSession` of a registered service: admits the session, asks
     /// its provider, and leaves the call pending. Gives the message back if
-    /// it is not one.
+    /// its arguments do not decode (crossroads answers it then).
     fn ask_provider(&mut self, conn: &impl Sender, msg: Message) -> Option<Message> {
-        if !is_broker_call(&msg, &self.path, member::OPEN_SESSION) {
-            return Some(msg);
-        }
         let Ok((service, options)) = msg.read2::<&str, PropMap>() else {
             return Some(msg);
         };
         let c = self.control();
-        if c.sessions.accounting().registration(service).is_none() {
-            return Some(msg);
-        }
         let reply = |e: MethodErr| {
             if let Some(reply) = error_reply(&msg, &e) {
                 let _ = conn.send(reply);
@@ -546,16 +540,43 @@ impl Adapter {
         if let Some(sender) = msg.sender() {
             lock(&self.callers).set_current(&sender);
         }
-        if let Some(reply) = self
-            .unknown_session_reply(&msg)
-            .or_else(|| self.oversized_name_reply(&msg))
-        {
+        if let Some(reply) = self.unknown_session_reply(&msg) {
             let _ = conn.send(reply);
             return;
         }
-        let Some(msg) = self.ask_provider(conn, msg) else {
-            return;
-        };
+        // The service a broker call names, read once and in place.
+        let named = [
+            member::OPEN_SESSION,
+            member::REGISTER_SERVICE,
+            member::UNREGISTER_SERVICE,
+        ]
+        .into_iter()
+        .find(|name| is_broker_call(&msg, &self.path, name))
+        .and_then(|call| Some((call, msg.iter_init().get::<&str>()?)));
+        if let Some((call, service)) = named {
+            if let Some(reply) = self.oversized_name_reply(&msg, call, service) {
+                let _ = conn.send(reply);
+                return;
+            }
+            let registered = call == member::OPEN_SESSION
+                && self
+                    .control()
+                    .sessions
+                    .accounting()
+                    .registration(service)
+                    .is_some();
+            if registered {
+                let Some(msg) = self.ask_provider(conn, msg) else {
+                    return;
+                };
+                return self.crossroads(conn, msg);
+            }
+        }
+        self.crossroads(conn, msg);
+    }
+
+    /// Hands a method call to crossroads.
+    fn crossroads(&mut self, conn: &impl Sender, msg: Message) {
         if self.cr.handle_message(msg, conn).is_err() {
             log::warn!("crossroads could not handle a method call");
         }
@@ -566,15 +587,17 @@ impl Adapter {
     /// `RegisterService` gets `InvalidOption`, read in place: neither the
     /// name nor the options are copied or formatted in full (a name may be
     /// megabytes).
-    fn oversized_name_reply(&mut self, msg: &Message) -> Option<Message> {
-        let (call, longest) = [
-            (member::OPEN_SESSION, self.longest_service),
-            (member::REGISTER_SERVICE, limits::MAX_SERVICE_NAME),
-            (member::UNREGISTER_SERVICE, limits::MAX_SERVICE_NAME),
-        ]
-        .into_iter()
-        .find(|(name, _)| is_broker_call(msg, &self.path, name))?;
-        let service: &str = msg.iter_init().get()?;
+    fn oversized_name_reply(
+        &mut self,
+        msg: &Message,
+        call: &str,
+        service: &str,
+    ) -> Option<Message> {
+        let longest = if call == member::OPEN_SESSION {
+            self.longest_service
+        } else {
+            limits::MAX_SERVICE_NAME
+        };
         if service.len() <= longest {
             return None;
         }

@@ -44,17 +44,14 @@ pub(super) fn crossroads(path: dbus::Path<'static>, host: Host) -> Crossroads {
                     .map_err(|e| method_err(&Refusal::InvalidOption(e.to_string())))?;
                 let label = cut(&call.session, LOGGED_STRING).into_owned();
                 let service = call.service.clone();
-                host.sessions
-                    .adopt(call)
-                    .map(|_| ())
-                    .map_err(|e| {
-                        log::warn!(
-                            "session {label} of {:?} refused: {}",
-                            cut(&service, LOGGED_STRING),
-                            cut(&e.to_string(), LOGGED_ERROR)
-                        );
-                        method_err(&e)
-                    })
+                host.sessions.adopt(call).map(|_| ()).map_err(|e| {
+                    log::warn!(
+                        "session {label} of {:?} refused: {}",
+                        cut(&service, LOGGED_STRING),
+                        cut(&e.to_string(), LOGGED_ERROR)
+                    );
+                    method_err(&e)
+                })
             },
         );
     });
