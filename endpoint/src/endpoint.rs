@@ -2,15 +2,11 @@
 
 use crate::frame::{FillFrame, Item, OutFrame, Piece, Received, WriteFrame};
 use crate::ring::{spin_until_ready, RingReceiver, RingSender, Waitable};
-use crate::sys::{self, FdKind, HangupState};
+use crate::sys::{self, FdKind, HangupState, StreamSocket};
 use crate::Error;
-use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
-use rustix::io::Errno;
-use rustix::net::{sockopt, AddressFamily, SocketType};
 use shmem_ipc::sharedring::{Receiver, Sender};
 use shmlink_interfaces::{limits, PeerFds, RingFds, RING_HEADER};
 use std::fs::File;
-use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,17 +74,10 @@ impl Default for ClientLimits {
 /// A fresh memfd reads as zeros, so the ring's count starts at 0 exactly
 /// as shmem-ipc's own constructor would leave it.
 fn ring_memfd(capacity: u64) -> Result<File, Error> {
-    let name = "shmlink-ring";
-    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
-    let fd = match memfd_create(name, flags | MemfdFlags::NOEXEC_SEAL) {
-        Err(rustix::io::Errno::INVAL) => memfd_create(name, flags),
-        other => other,
-    }
-    .map_err(std::io::Error::from)?;
-    ftruncate(&fd, capacity + RING_HEADER).map_err(std::io::Error::from)?;
-    fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
-        .map_err(std::io::Error::from)?;
-    Ok(File::from(fd))
+    Ok(File::from(sys::sealed_memfd(
+        "shmlink-ring",
+        capacity + RING_HEADER,
+    )?))
 }
 
 fn clone_fd(f: &File) -> Result<OwnedFd, Error> {
@@ -156,17 +145,6 @@ fn validate_ring(name: &'static str, fds: &RingFds, max_capacity: u64) -> Result
     Ok(())
 }
 
-/// The name of a socket type, for error messages.
-fn socket_type_name(t: SocketType) -> String {
-    match t {
-        SocketType::STREAM => "SOCK_STREAM".into(),
-        SocketType::DGRAM => "SOCK_DGRAM".into(),
-        SocketType::SEQPACKET => "SOCK_SEQPACKET".into(),
-        SocketType::RAW => "SOCK_RAW".into(),
-        other => format!("socket type {}", other.as_raw()),
-    }
-}
-
 /// Checks that the hang-up fd is what liveness needs: a connected `AF_UNIX`
 /// `SOCK_STREAM` socket. A datagram socket never reports its peer's close
 /// and a listening one never reports any: a blocked call would wait for a
@@ -187,30 +165,18 @@ fn validate_stream_socket(name: &str, fd: BorrowedFd<'_>) -> Result<(), Error> {
             )))
         }
     }
-    let family = sockopt::socket_domain(fd).map_err(io::Error::from)?;
-    if family != AddressFamily::UNIX {
-        return Err(Error::BadFd(format!(
-            "{name} socket is not an AF_UNIX socket (address family {})",
-            family.as_raw()
-        )));
-    }
-    let kind = sockopt::socket_type(fd).map_err(io::Error::from)?;
-    if kind != SocketType::STREAM {
-        return Err(Error::BadFd(format!(
-            "{name} socket is {}, not SOCK_STREAM",
-            socket_type_name(kind)
-        )));
-    }
-    match rustix::net::getpeername(fd) {
-        Ok(_) => Ok(()),
-        Err(Errno::NOTCONN) => {
-            let listening = sockopt::socket_acceptconn(fd).unwrap_or(false);
-            Err(Error::BadFd(format!(
-                "{name} socket is not connected{}",
-                if listening { " (it is listening)" } else { "" }
-            )))
-        }
-        Err(e) => Err(io::Error::from(e).into()),
+    match sys::stream_socket(fd)? {
+        StreamSocket::Connected => Ok(()),
+        StreamSocket::NotUnix { family } => Err(Error::BadFd(format!(
+            "{name} socket is not an AF_UNIX socket (address family {family})"
+        ))),
+        StreamSocket::NotStream { kind } => Err(Error::BadFd(format!(
+            "{name} socket is {kind}, not SOCK_STREAM"
+        ))),
+        StreamSocket::NotConnected { listening } => Err(Error::BadFd(format!(
+            "{name} socket is not connected{}",
+            if listening { " (it is listening)" } else { "" }
+        ))),
     }
 }
 
@@ -482,17 +448,21 @@ impl Endpoint {
         Ok(ServerRings::create(capacity)?.into_endpoint(max_message, wakeup))
     }
 
-    /// Charges the memory this side takes for incoming message bodies to
-    /// `budget` (see [`Budget`](crate::Budget)); without one it is bounded by
-    /// the maximum message size only.
-    pub fn set_budget(&mut self, budget: Arc<dyn crate::Budget>) {
-        self.receiver.rx.set_budget(budget);
+    server_pub! {
+        /// Charges the memory this side takes for incoming message bodies to
+        /// `budget` (see [`Budget`](crate::Budget)); without one it is bounded by
+        /// the maximum message size only.
+        pub fn set_budget(&mut self, budget: Arc<dyn crate::Budget>) {
+            self.receiver.rx.set_budget(budget);
+        }
     }
 
-    /// The budget set by [`Endpoint::set_budget`], if any, for whoever holds
-    /// memory on this session's behalf (the server's outgoing messages).
-    pub fn budget(&self) -> Option<Arc<dyn crate::Budget>> {
-        self.receiver.rx.budget()
+    server_pub! {
+        /// The budget set by [`Endpoint::set_budget`], if any, for whoever holds
+        /// memory on this session's behalf (the server's outgoing messages).
+        pub fn budget(&self) -> Option<Arc<dyn crate::Budget>> {
+            self.receiver.rx.budget()
+        }
     }
 
     /// Opens the client's side from the fds the server handed over, after
@@ -543,48 +513,50 @@ impl Endpoint {
         ))
     }
 
-    /// Opens the server's side of a session whose fds another process (the
-    /// broker) created, as a provider does: the same checks as
-    /// [`Endpoint::open_client_within`] (rings within `limits`, sealed
-    /// memfds large enough, four eventfds, a connected `AF_UNIX` stream
-    /// hang-up socket, `max_message` within `limits.max_message`), plus the
-    /// same socket checks for `link`, with the roles swapped: this side reads
-    /// the client-to-server ring and writes the server-to-client one. Nothing
-    /// is mapped unless all of it holds. `link` is only checked here; the
-    /// caller keeps and watches it.
-    pub fn open_server(
-        fds: PeerFds,
-        link: BorrowedFd<'_>,
-        max_message: u32,
-        wakeup: Wakeup,
-        limits: ClientLimits,
-    ) -> Result<Endpoint, Error> {
-        validate_peer_fds(&fds, max_message, &limits)?;
-        validate_stream_socket("link", link)?;
-        let caps = (fds.to_client.capacity, fds.to_server.capacity);
-        let (tx, rx) = (fds.to_client, fds.to_server);
-        let tx = Sender::<u8>::open(
-            tx.capacity as usize,
-            tx.memfd.into(),
-            tx.empty_signal.into(),
-            tx.full_signal.into(),
-        )
-        .map_err(setup)?;
-        let rx = Receiver::<u8>::open(
-            rx.capacity as usize,
-            rx.memfd.into(),
-            rx.empty_signal.into(),
-            rx.full_signal.into(),
-        )
-        .map_err(setup)?;
-        Ok(Endpoint::assemble(
-            RingSender::new(tx),
-            RingReceiver::new(rx, max_message),
-            fds.hangup,
-            wakeup,
-            max_message,
-            caps,
-        ))
+    server_pub! {
+        /// Opens the server's side of a session whose fds another process (the
+        /// broker) created, as a provider does: the same checks as
+        /// [`Endpoint::open_client_within`] (rings within `limits`, sealed
+        /// memfds large enough, four eventfds, a connected `AF_UNIX` stream
+        /// hang-up socket, `max_message` within `limits.max_message`), plus the
+        /// same socket checks for `link`, with the roles swapped: this side reads
+        /// the client-to-server ring and writes the server-to-client one. Nothing
+        /// is mapped unless all of it holds. `link` is only checked here; the
+        /// caller keeps and watches it.
+        pub fn open_server(
+            fds: PeerFds,
+            link: BorrowedFd<'_>,
+            max_message: u32,
+            wakeup: Wakeup,
+            limits: ClientLimits,
+        ) -> Result<Endpoint, Error> {
+            validate_peer_fds(&fds, max_message, &limits)?;
+            validate_stream_socket("link", link)?;
+            let caps = (fds.to_client.capacity, fds.to_server.capacity);
+            let (tx, rx) = (fds.to_client, fds.to_server);
+            let tx = Sender::<u8>::open(
+                tx.capacity as usize,
+                tx.memfd.into(),
+                tx.empty_signal.into(),
+                tx.full_signal.into(),
+            )
+            .map_err(setup)?;
+            let rx = Receiver::<u8>::open(
+                rx.capacity as usize,
+                rx.memfd.into(),
+                rx.empty_signal.into(),
+                rx.full_signal.into(),
+            )
+            .map_err(setup)?;
+            Ok(Endpoint::assemble(
+                RingSender::new(tx),
+                RingReceiver::new(rx, max_message),
+                fds.hangup,
+                wakeup,
+                max_message,
+                caps,
+            ))
+        }
     }
 
     /// Splits into halves that can be used from two threads at once.
@@ -684,6 +656,7 @@ impl Endpoint {
     }
 }
 
+#[cfg(any(test, feature = "server"))]
 /// The fds of a session whose server is another process (a provider): one
 /// set for the client, one for the provider, and the link pair between the
 /// provider and the broker. See [`create_unmapped`].
@@ -758,6 +731,7 @@ impl ServerRings {
         self.peer.to_server.capacity
     }
 
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     /// The fds the client will be handed.
     pub fn client_fds(&self) -> &PeerFds {
         &self.peer
@@ -779,6 +753,7 @@ impl ServerRings {
     }
 }
 
+#[cfg(any(test, feature = "server"))]
 /// Creates a session's fds without mapping anything: two sealed ring memfds
 /// of `capacity` (rounded as [`rounded_capacity`] does; the result is in the
 /// fds) with their four non-blocking eventfds, the hang-up socket pair (one
@@ -833,6 +808,8 @@ pub fn create_unmapped(capacity: u64) -> Result<ProvidedFds, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::{fcntl_add_seals, ftruncate, SealFlags};
+    use rustix::net::{AddressFamily, SocketType};
 
     fn pair(capacity: u64) -> (Endpoint, Endpoint) {
         let (server, fds) = Endpoint::create_server(capacity, 1 << 20, Wakeup::Park).unwrap();
@@ -883,7 +860,7 @@ mod tests {
 
         client.send(b"two").unwrap();
         let _ = signalled(server.ring_receiver().data_signal());
-        assert!(crate::spin_keeping_word(
+        assert!(crate::ring::spin_keeping_word(
             server.ring_receiver(),
             Duration::from_secs(5)
         ));
@@ -895,7 +872,7 @@ mod tests {
         );
         assert_eq!(server.recv().unwrap().as_deref(), Some(&b"three"[..]));
 
-        assert!(!crate::spin_keeping_word(
+        assert!(!crate::ring::spin_keeping_word(
             server.ring_receiver(),
             Duration::from_millis(1)
         ));

@@ -30,6 +30,7 @@ use crate::logcap::{cut, LOGGED_STRING};
 use crate::names::Names;
 use crate::service::{prop, Caller, Memory, Options, Service, StateView};
 use dbus::arg::PropMap;
+use shmlink_endpoint::sys::Selector;
 use shmlink_endpoint::{PeerFds, ServerRings, Wakeup};
 use shmlink_interfaces::{limits, option, param, wakeup};
 use std::collections::{BTreeMap, HashMap};
@@ -171,7 +172,7 @@ impl Sessions {
 
     /// The epoll fd of the provider links: readable when
     /// [`Sessions::reap_links`] has work.
-    pub fn links_fd(&self) -> Arc<OwnedFd> {
+    pub fn links_fd(&self) -> Arc<Selector> {
         self.links.fd()
     }
 

@@ -36,6 +36,7 @@ use dbus::Message;
 use dbus_crossroads::{Crossroads, IfaceToken, MethodErr};
 use peers::Peers;
 use provided::{Pending, Verdict};
+use shmlink_endpoint::sys::Selector;
 use shmlink_interfaces::{
     error, limits, member, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
 };
@@ -132,7 +133,7 @@ pub(crate) struct Adapter {
     cr: Crossroads,
     shared: Shared,
     notify: Arc<OwnedFd>,
-    links: Arc<OwnedFd>,
+    links: Arc<Selector>,
     session_token: IfaceToken<SessionRecord>,
     /// Credentials asked of the bus: the serial of our call, and whose.
     lookups: HashMap<u32, String>,
@@ -196,7 +197,7 @@ impl Adapter {
 
     /// The epoll fd of the provider links: readable when
     /// [`Adapter::reap_links`] has work.
-    pub fn links_fd(&self) -> Arc<OwnedFd> {
+    pub fn links_fd(&self) -> Arc<Selector> {
         self.links.clone()
     }
 

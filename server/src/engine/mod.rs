@@ -21,24 +21,25 @@ use pump::{Pump, Slice, Step, FIRED_DATA, FIRED_HANGUP, FIRED_LINK, FIRED_ROOM};
 
 use crate::lock;
 use crate::service::{SessionHandler, SessionWaker};
-use rustix::event::epoll::{self, EventData, EventFlags};
-use shmlink_endpoint::{sys, Endpoint};
+use shmlink_endpoint::sys::{self, Events, Interest, Selector, Token};
+use shmlink_endpoint::Endpoint;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-/// epoll token of a worker's own wake-up eventfd.
-const WAKE_TOKEN: u64 = u64::MAX;
+/// Token of a worker's own wake-up eventfd.
+const WAKE_TOKEN: Token = Token(u64::MAX);
 /// Events fetched per `epoll_wait`.
 const EVENT_BATCH: usize = 256;
 
-/// A session's epoll token is `id << 2 | which fd` (the index in
+/// A session's token is `id << 2 | which fd` (the index in
 /// [`Pump::fds`]), so that a wake-up touches only the fd that fired.
-fn token(id: u64, fd_index: usize) -> u64 {
-    (id << 2) | fd_index as u64
+fn token(id: u64, fd_index: usize) -> Token {
+    Token((id << 2) | fd_index as u64)
 }
 
 /// A session the engine ended by itself, for the main loop to finish off.
@@ -62,7 +63,7 @@ enum Command {
 
 /// A worker's inbox: its command queue and the eventfd that wakes it.
 struct Mailbox {
-    epoll: OwnedFd,
+    selector: Selector,
     wake: OwnedFd,
     commands: Mutex<Vec<Command>>,
 }
@@ -115,16 +116,11 @@ impl Engine {
             notify,
         };
         for i in 0..workers.max(1) {
-            let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+            let selector = Selector::new()?;
             let wake = sys::new_eventfd()?;
-            epoll::add(
-                &epoll,
-                &wake,
-                EventData::new_u64(WAKE_TOKEN),
-                EventFlags::IN,
-            )?;
+            selector.add(&wake, WAKE_TOKEN, Interest::READABLE)?;
             let mailbox = Arc::new(Mailbox {
-                epoll,
+                selector,
                 wake,
                 commands: Mutex::new(Vec::new()),
             });
@@ -240,14 +236,9 @@ impl Engine {
         // by fd and file, and the worker removes them by the same fds.
         let fds = pump.fds();
         for (n, fd) in fds.iter().enumerate() {
-            if let Err(e) = epoll::add(
-                &mailbox.epoll,
-                fd,
-                EventData::new_u64(token(id, n)),
-                EventFlags::IN,
-            ) {
-                unwatch(&mailbox.epoll, &fds[..n]);
-                return Err(e.into());
+            if let Err(e) = mailbox.selector.add(fd, token(id, n), Interest::READABLE) {
+                unwatch(&mailbox.selector, &fds[..n]);
+                return Err(e);
             }
         }
         self.next += 1;
@@ -287,9 +278,9 @@ impl Drop for Engine {
     }
 }
 
-fn unwatch(epoll: &OwnedFd, fds: &[BorrowedFd<'_>]) {
+fn unwatch(selector: &Selector, fds: &[BorrowedFd<'_>]) {
     for fd in fds {
-        if let Err(e) = epoll::delete(epoll, fd) {
+        if let Err(e) = selector.delete(fd) {
             log::warn!("epoll_ctl(DEL) failed: {e}");
         }
     }
@@ -315,34 +306,26 @@ impl Worker {
         if let Err(e) = sys::write_guard::protect_this_thread() {
             log::warn!("cannot guard worker against blocking eventfd writes: {e}");
         }
-        let mut events: Vec<epoll::Event> = Vec::with_capacity(EVENT_BATCH);
-        let zero = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut events = Events::with_capacity(EVENT_BATCH);
         loop {
-            let timeout = if self.runq.is_empty() {
+            // Sessions queued: only look, do not wait.
+            let deadline = if self.runq.is_empty() {
                 None
             } else {
-                Some(&zero)
+                Some(Instant::now())
             };
-            events.clear();
-            if let Err(e) = epoll::wait(
-                &self.mailbox.epoll,
-                rustix::buffer::spare_capacity(&mut events),
-                timeout,
-            ) {
-                if e != rustix::io::Errno::INTR {
+            if let Err(e) = self.mailbox.selector.wait(&mut events, deadline) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
                     log::error!("epoll_wait failed: {e}");
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
                 continue;
             }
-            for ev in &events {
-                let token = ev.data.u64();
-                if token == WAKE_TOKEN {
+            for ev in events.iter() {
+                if ev.token == WAKE_TOKEN {
                     let _ = sys::eventfd_drain(self.mailbox.wake.as_fd());
                 } else {
+                    let Token(token) = ev.token;
                     let fired =
                         [FIRED_DATA, FIRED_ROOM, FIRED_HANGUP, FIRED_LINK][(token & 3) as usize];
                     self.enqueue(token >> 2, fired);
@@ -418,7 +401,7 @@ impl Worker {
     /// hang-up socket, which the client sees).
     fn drop_session(&mut self, id: u64) {
         if let Some(pump) = self.sessions.remove(&id) {
-            unwatch(&self.mailbox.epoll, &pump.fds());
+            unwatch(&self.mailbox.selector, &pump.fds());
         }
     }
 }
