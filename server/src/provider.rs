@@ -354,7 +354,8 @@ impl Core {
 
     /// Ends session `id` (the engine ended it, or the provider stops).
     fn end_session(&mut self, id: u64, reason: &str) {
-        let traffic = self.engine.remove(id);
+        let traffic = self.engine.traffic(id);
+        self.engine.remove(id);
         let path = self.paths.remove(&id).unwrap_or_default();
         if let Some(r) = self.books.release(id) {
             log::info!(

@@ -457,7 +457,8 @@ impl Sessions {
             self.abandon_provided(id, reason);
             return None;
         }
-        let traffic = self.engine.remove(id);
+        let traffic = self.engine.traffic(id);
+        self.engine.remove(id);
         if self.provided.remove(&id).is_some() {
             self.links.remove(id);
         }

@@ -66,10 +66,17 @@ struct Mailbox {
     selector: Selector,
     wake: OwnedFd,
     commands: Mutex<Vec<Command>>,
+    /// `Remove` commands posted, for the tests.
+    #[cfg(test)]
+    removes_posted: std::sync::atomic::AtomicUsize,
 }
 
 impl Mailbox {
     fn post(&self, c: Command) {
+        #[cfg(test)]
+        if matches!(c, Command::Remove(_)) {
+            self.removes_posted.fetch_add(1, Ordering::SeqCst);
+        }
         self.queue(c);
         self.wake();
     }
@@ -88,8 +95,10 @@ impl Mailbox {
 pub(crate) struct Engine {
     mailboxes: Vec<Arc<Mailbox>>,
     threads: Vec<JoinHandle<()>>,
-    /// Which worker serves each session, and the session's counters.
-    placement: HashMap<u64, (usize, Arc<Traffic>)>,
+    /// Each session until its [`Engine::remove`]: the worker serving it
+    /// (`None` once that worker ended it and [`Engine::take_ended`] handed
+    /// its [`Ended`] out), and its counters.
+    placement: HashMap<u64, (Option<usize>, Arc<Traffic>)>,
     next: usize,
     /// Mailboxes given sessions by [`Engine::add_held`] since the last
     /// [`Engine::wake_held`].
@@ -123,6 +132,8 @@ impl Engine {
                 selector,
                 wake,
                 commands: Mutex::new(Vec::new()),
+                #[cfg(test)]
+                removes_posted: Default::default(),
             });
             let worker = Worker {
                 mailbox: mailbox.clone(),
@@ -155,11 +166,19 @@ impl Engine {
     }
 
     /// The sessions workers ended since the last call; resets the notify fd.
+    ///
+    /// The engine forgets each one's placement as it hands it out: its
+    /// worker dropped it already, so a later [`Engine::remove`] of it posts
+    /// nothing.
     pub fn take_ended(&mut self) -> Vec<Ended> {
         let _ = sys::eventfd_drain(self.notify.as_fd());
-        // The placement stays until [`Engine::remove`]: the caller ends
-        // each session through it and reads its counters there.
-        self.ended.try_iter().collect()
+        let ended: Vec<Ended> = self.ended.try_iter().collect();
+        for e in &ended {
+            if let Some((worker, _)) = self.placement.get_mut(&e.id) {
+                *worker = None;
+            }
+        }
+        ended
     }
 
     /// Starts serving session `id`, which a provider serves: watches its
@@ -242,21 +261,25 @@ impl Engine {
             }
         }
         self.next += 1;
-        self.placement.insert(id, (index, traffic));
+        self.placement.insert(id, (Some(index), traffic));
         mailbox.queue(Command::Add(id, pump));
         Ok(index)
     }
 
-    /// Stops serving session `id`; its worker drops the rings and hang-up
-    /// socket at its next wake-up, which this triggers. Returns the
-    /// session's counters; does nothing (and returns `None`) if the session
-    /// is not served any more.
-    pub fn remove(&mut self, id: u64) -> Option<Arc<Traffic>> {
-        let (index, traffic) = self.placement.remove(&id)?;
-        // A session the worker ended by itself is gone there already; the
-        // command then finds nothing to drop.
-        self.mailboxes[index].post(Command::Remove(id));
-        Some(traffic)
+    /// Session `id`'s counters, until its [`Engine::remove`].
+    pub fn traffic(&self, id: u64) -> Option<Arc<Traffic>> {
+        self.placement.get(&id).map(|(_, traffic)| traffic.clone())
+    }
+
+    /// Stops serving session `id` and forgets it; its worker drops the rings
+    /// and hang-up socket at its next wake-up, which this triggers. Posts
+    /// nothing for a session its worker ended by itself (handed out by
+    /// [`Engine::take_ended`]: the worker dropped it already) or one
+    /// removed already.
+    pub fn remove(&mut self, id: u64) {
+        if let Some((Some(index), _)) = self.placement.remove(&id) {
+            self.mailboxes[index].post(Command::Remove(id));
+        }
     }
 
     /// Stops the workers; each drops every session it still serves.
@@ -453,6 +476,52 @@ mod tests {
         assert!(
             ready[0].hangup || ready[0].readable,
             "shutdown drops every session"
+        );
+    }
+
+    #[test]
+    fn a_session_its_worker_ended_gets_no_remove_command() {
+        let mut engine = Engine::start(1).expect("start");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut clients = Vec::new();
+        let traffic: Arc<Traffic> = Arc::default();
+        for id in 1..=2 {
+            let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
+            let handler = Echo.open(&caller(), &options(&[])).expect("open");
+            engine
+                .add_held(id, server, handler, traffic.clone())
+                .expect("add");
+            clients.push(Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client"));
+        }
+        engine.wake_held();
+        // The client of session 1 hangs up: its worker ends it by itself.
+        drop(clients.remove(0));
+        let ended = loop {
+            let ended = engine.take_ended();
+            if !ended.is_empty() || Instant::now() > deadline {
+                break ended;
+            }
+            let notify = engine.notify_fd();
+            let _ = sys::poll_readable(&[notify.as_fd()], Some(deadline));
+        };
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].id, 1);
+        assert!(
+            engine.traffic(1).is_some_and(|t| Arc::ptr_eq(&t, &traffic)),
+            "the counters stay until the session is removed"
+        );
+        let removes = |engine: &Engine| engine.mailboxes[0].removes_posted.load(Ordering::SeqCst);
+        engine.remove(1);
+        assert_eq!(removes(&engine), 0, "the worker dropped session 1 already");
+        assert!(engine.traffic(1).is_none(), "removed");
+        // A session the worker still serves gets its `Remove`, once.
+        engine.remove(2);
+        engine.remove(2);
+        assert_eq!(removes(&engine), 1);
+        let ready = sys::poll_readable(&[clients[0].hangup_fd()], Some(deadline)).expect("poll");
+        assert!(
+            ready[0].hangup || ready[0].readable,
+            "the removed session's socket closed"
         );
     }
 
