@@ -33,12 +33,14 @@ pub fn rounded_capacity(capacity: u64) -> u64 {
         - RING_HEADER
 }
 
-/// What a client accepts from a server, whatever the server offers: the
-/// server picks each ring's size and the session's largest message, and a
-/// hostile one could otherwise make the client map a terabyte of ring or
-/// grow a message buffer to 4 GiB.
+/// What one side accepts from the fds its peer hands it, whatever the peer
+/// offers: a client opening the fds a server made, or a provider opening the
+/// fds the broker made (`Endpoint::open_server`, feature `server`). The peer
+/// picks each ring's size and the session's largest message, and a hostile
+/// one could otherwise make this side map a terabyte of ring or grow a
+/// message buffer to 4 GiB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClientLimits {
+pub struct PeerLimits {
     /// Largest ring accepted, as a requested capacity: a ring is accepted
     /// if its usable bytes are at most [`rounded_capacity`] of this (the
     /// documented rounding a broker applies to a request).
@@ -47,10 +49,10 @@ pub struct ClientLimits {
     pub max_message: u32,
 }
 
-impl Default for ClientLimits {
+impl Default for PeerLimits {
     /// The contract's defaults: `DEFAULT_MAX_CAPACITY` and `DEFAULT_MAX_MESSAGE`.
     fn default() -> Self {
-        ClientLimits {
+        PeerLimits {
             max_capacity: limits::DEFAULT_MAX_CAPACITY,
             max_message: u32::try_from(limits::DEFAULT_MAX_MESSAGE).unwrap_or(u32::MAX),
         }
@@ -183,7 +185,7 @@ fn validate_stream_socket(name: &str, fd: BorrowedFd<'_>) -> Result<(), Error> {
 /// The checks both sides make on fds the other side (or the broker)
 /// created, before anything is mapped: `max_message` within the limit, both
 /// rings (see [`validate_ring`]) and the hang-up socket.
-fn validate_peer_fds(fds: &PeerFds, max_message: u32, limits: &ClientLimits) -> Result<(), Error> {
+fn validate_peer_fds(fds: &PeerFds, max_message: u32, limits: &PeerLimits) -> Result<(), Error> {
     if max_message > limits.max_message {
         return Err(Error::OverLimit {
             what: "max-message",
@@ -466,9 +468,9 @@ impl Endpoint {
     }
 
     /// Opens the client's side from the fds the server handed over, after
-    /// checking every one of them, within the default [`ClientLimits`].
+    /// checking every one of them, within the default [`PeerLimits`].
     pub fn open_client(fds: PeerFds, max_message: u32, wakeup: Wakeup) -> Result<Endpoint, Error> {
-        Self::open_client_within(fds, max_message, wakeup, ClientLimits::default())
+        Self::open_client_within(fds, max_message, wakeup, PeerLimits::default())
     }
 
     /// Opens the client's side from the fds the server handed over, after
@@ -481,7 +483,7 @@ impl Endpoint {
         fds: PeerFds,
         max_message: u32,
         wakeup: Wakeup,
-        limits: ClientLimits,
+        limits: PeerLimits,
     ) -> Result<Endpoint, Error> {
         validate_peer_fds(&fds, max_message, &limits)?;
         let open_tx = |r: RingFds| {
@@ -528,7 +530,7 @@ impl Endpoint {
             link: BorrowedFd<'_>,
             max_message: u32,
             wakeup: Wakeup,
-            limits: ClientLimits,
+            limits: PeerLimits,
         ) -> Result<Endpoint, Error> {
             validate_peer_fds(&fds, max_message, &limits)?;
             validate_stream_socket("link", link)?;
@@ -1136,7 +1138,7 @@ mod tests {
         Endpoint::create_server(capacity, 1 << 20, Wakeup::Park).unwrap()
     }
 
-    fn refusal(fds: PeerFds, limits: ClientLimits) -> Error {
+    fn refusal(fds: PeerFds, limits: PeerLimits) -> Error {
         Endpoint::open_client_within(fds, 1 << 20, Wakeup::Park, limits)
             .err()
             .expect("the offer must be refused")
@@ -1173,7 +1175,7 @@ mod tests {
     fn a_ring_above_the_limit_is_refused_before_its_memfd_is_looked_at() {
         let (_server, mut fds) = offer(4096);
         fds.to_client.capacity = (1 << 40) - RING_HEADER;
-        let limits = ClientLimits::default();
+        let limits = PeerLimits::default();
         let err = refusal(fds, limits);
         let limit = rounded_capacity(limits.max_capacity);
         assert!(
@@ -1194,15 +1196,15 @@ mod tests {
         // needs, yet the client agreed to 64 MiB at most.
         let big = 128 << 20;
         let (_server, fds) = offer(big);
-        let err = refusal(fds, ClientLimits::default());
+        let err = refusal(fds, PeerLimits::default());
         assert!(
             matches!(err, Error::OverLimit { what: "client-to-server ring", offered, .. } if offered == rounded_capacity(big)),
             "{err}"
         );
         // Raising the limit accepts the same offer.
-        let limits = ClientLimits {
+        let limits = PeerLimits {
             max_capacity: big,
-            ..ClientLimits::default()
+            ..PeerLimits::default()
         };
         let (_server, fds) = offer(big);
         let client = Endpoint::open_client_within(fds, 1 << 20, Wakeup::Park, limits)
@@ -1214,9 +1216,9 @@ mod tests {
     fn the_limit_is_compared_after_rounding() {
         // Asking for 5000 bytes gets a whole page pair: that is not "larger
         // than asked for", one byte more is.
-        let limits = ClientLimits {
+        let limits = PeerLimits {
             max_capacity: 5000,
-            ..ClientLimits::default()
+            ..PeerLimits::default()
         };
         let rounded = rounded_capacity(5000);
         assert!(rounded > 5000);
@@ -1235,7 +1237,7 @@ mod tests {
     fn a_capacity_the_memfd_cannot_hold_is_refused_before_mapping() {
         let (_server, mut fds) = offer(4096);
         fds.to_client.capacity = rounded_capacity(1 << 20);
-        let err = refusal(fds, ClientLimits::default());
+        let err = refusal(fds, PeerLimits::default());
         assert!(
             matches!(err, Error::BadFd(ref m) if m.contains("needs")),
             "{err}"
@@ -1246,7 +1248,7 @@ mod tests {
     fn a_capacity_that_is_not_whole_pages_is_refused() {
         let (_server, mut fds) = offer(4096);
         fds.to_server.capacity = 100;
-        let err = refusal(fds, ClientLimits::default());
+        let err = refusal(fds, PeerLimits::default());
         assert!(
             matches!(err, Error::BadFd(ref m) if m.contains("whole number of pages")),
             "{err}"
@@ -1267,9 +1269,9 @@ mod tests {
             ),
             "{err}"
         );
-        let limits = ClientLimits {
+        let limits = PeerLimits {
             max_message: u32::MAX,
-            ..ClientLimits::default()
+            ..PeerLimits::default()
         };
         let (_server, fds) = offer(4096);
         Endpoint::open_client_within(fds, u32::MAX, Wakeup::Park, limits)
@@ -1279,7 +1281,7 @@ mod tests {
     fn with_hangup(hangup: OwnedFd) -> Error {
         let (_server, mut fds) = offer(4096);
         fds.hangup = hangup;
-        refusal(fds, ClientLimits::default())
+        refusal(fds, PeerLimits::default())
     }
 
     #[test]
@@ -1412,7 +1414,7 @@ mod tests {
             link.as_fd(),
             1 << 20,
             Wakeup::Park,
-            ClientLimits::default(),
+            PeerLimits::default(),
         )
         .expect("honest fds");
         let mut client = Endpoint::open_client(client_fds, 1 << 20, Wakeup::Park).unwrap();
@@ -1436,7 +1438,7 @@ mod tests {
     #[test]
     fn a_provider_refuses_a_hostile_link_or_ring() {
         let open = |fds: PeerFds, link: BorrowedFd<'_>| {
-            Endpoint::open_server(fds, link, 1 << 20, Wakeup::Park, ClientLimits::default())
+            Endpoint::open_server(fds, link, 1 << 20, Wakeup::Park, PeerLimits::default())
                 .err()
                 .expect("refused")
         };
@@ -1472,9 +1474,9 @@ mod tests {
         );
         // A ring beyond the provider's own limit.
         let (fds, _client, _broker, link) = provided_fds(1 << 20);
-        let small = ClientLimits {
+        let small = PeerLimits {
             max_capacity: 4096,
-            ..ClientLimits::default()
+            ..PeerLimits::default()
         };
         let err = Endpoint::open_server(fds, link.as_fd(), 1 << 20, Wakeup::Park, small)
             .err()

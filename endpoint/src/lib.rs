@@ -35,7 +35,7 @@ pub mod sys;
 #[cfg(feature = "server")]
 pub use endpoint::{create_unmapped, ProvidedFds, ServerRings};
 pub use endpoint::{
-    rounded_capacity, ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Wakeup,
+    rounded_capacity, Endpoint, EndpointReceiver, EndpointSender, PeerLimits, Wakeup,
 };
 pub use frame::{Budget, FillFrame, FrameError, Item, OutFrame, Piece, Received, WriteFrame};
 #[cfg(feature = "server")]

@@ -198,7 +198,7 @@ impl RingSender {
     /// Writes as much of `frame` as fits now; returns true once all of it is in the ring.
     ///
     /// Keeps copying while the reader keeps making room; a caller that must
-    /// not be held for long uses [`RingSender::write_frame_bounded`].
+    /// not be held for long uses `write_frame_bounded` (feature `server`).
     pub fn write_frame(&mut self, frame: &mut (impl WriteFrame + ?Sized)) -> Result<bool, Error> {
         loop {
             match self.write_frame_bounded(frame, usize::MAX)? {

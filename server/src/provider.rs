@@ -44,7 +44,7 @@ use dbus::blocking::Connection;
 use dbus::channel::Sender;
 use dbus::message::{MatchRule, MessageType};
 use dbus::Message;
-use shmlink_endpoint::{sys, ClientLimits, Endpoint, PeerFds, Wakeup};
+use shmlink_endpoint::{sys, Endpoint, PeerFds, PeerLimits, Wakeup};
 use shmlink_interfaces::{limits, member, param, wakeup, Bus, BROKER_INTERFACE, BROKER_PATH};
 use shmlink_interfaces::{BUS_NAME, RING_HEADER};
 use std::collections::{BTreeMap, HashMap};
@@ -313,21 +313,19 @@ impl Core {
         }
         let max_capacity = self.books.limits().max_capacity;
         let (cap_in, cap_out) = (fds.to_server.capacity, fds.to_client.capacity);
-        let client_limits = ClientLimits {
+        let peer_limits = PeerLimits {
             max_capacity,
             max_message,
         };
         // Checked before anything is charged or mapped: a capacity beyond
         // the limit is refused here, whatever the memfd holds.
-        let mut endpoint =
-            Endpoint::open_server(fds, link.as_fd(), max_message, wake, client_limits).map_err(
-                |e| match e {
-                    shmlink_endpoint::Error::OverLimit { .. } => {
-                        BrokerError::LimitExceeded(format!("this provider's limit: {e}"))
-                    }
-                    e => BrokerError::Internal(format!("the session's fds are unusable: {e}")),
-                },
-            )?;
+        let mut endpoint = Endpoint::open_server(fds, link.as_fd(), max_message, wake, peer_limits)
+            .map_err(|e| match e {
+                shmlink_endpoint::Error::OverLimit { .. } => {
+                    BrokerError::LimitExceeded(format!("this provider's limit: {e}"))
+                }
+                e => BrokerError::Internal(format!("the session's fds are unusable: {e}")),
+            })?;
         let cost = cap_in + cap_out + 2 * RING_HEADER + SESSION_OVERHEAD;
         let id = self.books.reserve(&caller, &service, cost)?.id;
         endpoint.set_budget(budget);
