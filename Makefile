@@ -72,7 +72,7 @@ endef
 all: build
 
 build:
-	$(CARGO) build --release --locked -p shmlink-server -p shmlink-cli -p shmlink-capi
+	$(CARGO) build --release --locked -p shmlinkd -p shmlink-cli -p shmlink-capi
 
 install: install-bin install-data install-lib-if-built
 

@@ -3,7 +3,7 @@ Rust client, against one private shmlinkd, in the same run.
 
 Build both in release mode first (the numbers of a debug build mean little):
 
-    cargo build --release -p shmlink-server -p shmlink-cli
+    cargo build --release -p shmlinkd -p shmlink-cli
     (cd python && VIRTUAL_ENV=... maturin develop --release)
     python python/bench.py [--rounds 5] [--seconds 2]
 

@@ -29,7 +29,7 @@ pub use error::shmlink_error;
 
 use error::Failure;
 use shmlink::Received;
-use shmlink_endpoint::sys::{self, HangupState};
+use shmlink_endpoint::sys::{self, HangupState, Interest, Selector, Token};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr;
@@ -209,22 +209,16 @@ impl shmlink_session {
 /// Builds the pollable fd: an epoll set over the readable eventfd and the
 /// hang-up socket, level-triggered, so it is readable while either is.
 fn session_poll_fd(session: &shmlink::Session) -> Result<OwnedFd, Failure> {
-    use rustix::event::epoll;
-    let io = |e: rustix::io::Errno| Failure::from(shmlink_endpoint::Error::Io(e.into()));
-    let set = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(io)?;
+    let io = |e: std::io::Error| Failure::from(shmlink_endpoint::Error::Io(e));
+    let set = Selector::new().map_err(io)?;
     for (i, fd) in [session.readable_fd(), session.hangup_fd()]
         .into_iter()
         .enumerate()
     {
-        epoll::add(
-            &set,
-            fd,
-            epoll::EventData::new_u64(i as u64),
-            epoll::EventFlags::IN,
-        )
-        .map_err(io)?;
+        set.add(fd, Token(i as u64), Interest::READABLE)
+            .map_err(io)?;
     }
-    Ok(set)
+    Ok(set.into())
 }
 
 /// Milliseconds to a timeout; negative means none.

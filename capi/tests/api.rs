@@ -27,7 +27,7 @@ impl World {
     fn start() -> World {
         let bus = PrivateBus::start().expect("dbus-daemon");
         let daemon = DaemonProcess::start(
-            &locate_daemon().expect("shmlinkd (cargo build -p shmlink-server)"),
+            &locate_daemon().expect("shmlinkd (cargo build -p shmlinkd)"),
             bus.address(),
             &[],
         )

@@ -98,7 +98,7 @@ fn example_builds_against_the_installed_library_and_echoes() {
     );
 
     let bus = PrivateBus::start().expect("dbus-daemon");
-    let daemon = locate_daemon().expect("shmlinkd (cargo build -p shmlink-server)");
+    let daemon = locate_daemon().expect("shmlinkd (cargo build -p shmlinkd)");
     let _shmlinkd = DaemonProcess::start(&daemon, bus.address(), &[]).expect("shmlinkd");
     let out = run(Command::new(&exe)
         .args([bus.address(), "200"])

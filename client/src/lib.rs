@@ -26,7 +26,7 @@ mod session;
 #[cfg(feature = "tokio")]
 pub use async_session::AsyncSession;
 pub use session::{Counters, Session, SessionBuilder, SessionReceiver, SessionSender};
-pub use shmlink_endpoint::{ClientLimits, Item, Piece, Received, Wakeup};
+pub use shmlink_endpoint::{Item, PeerLimits, Piece, Received, Wakeup};
 pub use shmlink_interfaces::Bus;
 
 use dbus::arg::PropMap;

@@ -3,7 +3,7 @@
 use crate::{Client, Error};
 use dbus::arg::{PropMap, RefArg, Variant};
 use shmlink_endpoint::{
-    ClientLimits, Endpoint, EndpointReceiver, EndpointSender, Item, Piece, Received, Wakeup,
+    Endpoint, EndpointReceiver, EndpointSender, Item, PeerLimits, Piece, Received, Wakeup,
 };
 use shmlink_interfaces::{
     member, option, OpenSessionArgs, OpenSessionReply, ParametersError, SessionParameters,
@@ -23,7 +23,7 @@ pub struct SessionBuilder {
     service: String,
     options: PropMap,
     timeout: Option<Duration>,
-    limits: ClientLimits,
+    limits: PeerLimits,
 }
 
 impl SessionBuilder {
@@ -33,7 +33,7 @@ impl SessionBuilder {
             service: service.to_owned(),
             options: PropMap::new(),
             timeout: None,
-            limits: ClientLimits::default(),
+            limits: PeerLimits::default(),
         }
     }
 
@@ -101,7 +101,7 @@ impl SessionBuilder {
     /// returned against what was asked for and the client's limits, and maps
     /// the rings.
     pub fn open(self) -> Result<Session, Error> {
-        let limits = ClientLimits {
+        let limits = PeerLimits {
             max_capacity: self.capacity_bound(),
             ..self.limits
         };

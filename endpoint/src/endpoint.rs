@@ -2,15 +2,11 @@
 
 use crate::frame::{FillFrame, Item, OutFrame, Piece, Received, WriteFrame};
 use crate::ring::{spin_until_ready, RingReceiver, RingSender, Waitable};
-use crate::sys::{self, FdKind, HangupState};
+use crate::sys::{self, FdKind, HangupState, StreamSocket};
 use crate::Error;
-use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
-use rustix::io::Errno;
-use rustix::net::{sockopt, AddressFamily, SocketType};
 use shmem_ipc::sharedring::{Receiver, Sender};
 use shmlink_interfaces::{limits, PeerFds, RingFds, Wakeup, RING_HEADER};
 use std::fs::File;
-use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,12 +24,14 @@ pub fn rounded_capacity(capacity: u64) -> u64 {
         - RING_HEADER
 }
 
-/// What a client accepts from a server, whatever the server offers: the
-/// server picks each ring's size and the session's largest message, and a
-/// hostile one could otherwise make the client map a terabyte of ring or
-/// grow a message buffer to 4 GiB.
+/// What one side accepts from the fds its peer hands it, whatever the peer
+/// offers: a client opening the fds a server made, or a provider opening the
+/// fds the broker made (`Endpoint::open_server`, feature `server`). The peer
+/// picks each ring's size and the session's largest message, and a hostile
+/// one could otherwise make this side map a terabyte of ring or grow a
+/// message buffer to 4 GiB.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClientLimits {
+pub struct PeerLimits {
     /// Largest ring accepted, as a requested capacity: a ring is accepted
     /// if its usable bytes are at most [`rounded_capacity`] of this (the
     /// documented rounding a broker applies to a request).
@@ -42,10 +40,10 @@ pub struct ClientLimits {
     pub max_message: u32,
 }
 
-impl Default for ClientLimits {
+impl Default for PeerLimits {
     /// The contract's defaults: `DEFAULT_MAX_CAPACITY` and `DEFAULT_MAX_MESSAGE`.
     fn default() -> Self {
-        ClientLimits {
+        PeerLimits {
             max_capacity: limits::DEFAULT_MAX_CAPACITY,
             max_message: u32::try_from(limits::DEFAULT_MAX_MESSAGE).unwrap_or(u32::MAX),
         }
@@ -69,17 +67,10 @@ impl Default for ClientLimits {
 /// A fresh memfd reads as zeros, so the ring's count starts at 0 exactly
 /// as shmem-ipc's own constructor would leave it.
 fn ring_memfd(capacity: u64) -> Result<File, Error> {
-    let name = "shmlink-ring";
-    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
-    let fd = match memfd_create(name, flags | MemfdFlags::NOEXEC_SEAL) {
-        Err(rustix::io::Errno::INVAL) => memfd_create(name, flags),
-        other => other,
-    }
-    .map_err(std::io::Error::from)?;
-    ftruncate(&fd, capacity + RING_HEADER).map_err(std::io::Error::from)?;
-    fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
-        .map_err(std::io::Error::from)?;
-    Ok(File::from(fd))
+    Ok(File::from(sys::sealed_memfd(
+        "shmlink-ring",
+        capacity + RING_HEADER,
+    )?))
 }
 
 fn clone_fd(f: &File) -> Result<OwnedFd, Error> {
@@ -147,17 +138,6 @@ fn validate_ring(name: &'static str, fds: &RingFds, max_capacity: u64) -> Result
     Ok(())
 }
 
-/// The name of a socket type, for error messages.
-fn socket_type_name(t: SocketType) -> String {
-    match t {
-        SocketType::STREAM => "SOCK_STREAM".into(),
-        SocketType::DGRAM => "SOCK_DGRAM".into(),
-        SocketType::SEQPACKET => "SOCK_SEQPACKET".into(),
-        SocketType::RAW => "SOCK_RAW".into(),
-        other => format!("socket type {}", other.as_raw()),
-    }
-}
-
 /// Checks that the hang-up fd is what liveness needs: a connected `AF_UNIX`
 /// `SOCK_STREAM` socket. A datagram socket never reports its peer's close
 /// and a listening one never reports any: a blocked call would wait for a
@@ -178,37 +158,25 @@ fn validate_stream_socket(name: &str, fd: BorrowedFd<'_>) -> Result<(), Error> {
             )))
         }
     }
-    let family = sockopt::socket_domain(fd).map_err(io::Error::from)?;
-    if family != AddressFamily::UNIX {
-        return Err(Error::BadFd(format!(
-            "{name} socket is not an AF_UNIX socket (address family {})",
-            family.as_raw()
-        )));
-    }
-    let kind = sockopt::socket_type(fd).map_err(io::Error::from)?;
-    if kind != SocketType::STREAM {
-        return Err(Error::BadFd(format!(
-            "{name} socket is {}, not SOCK_STREAM",
-            socket_type_name(kind)
-        )));
-    }
-    match rustix::net::getpeername(fd) {
-        Ok(_) => Ok(()),
-        Err(Errno::NOTCONN) => {
-            let listening = sockopt::socket_acceptconn(fd).unwrap_or(false);
-            Err(Error::BadFd(format!(
-                "{name} socket is not connected{}",
-                if listening { " (it is listening)" } else { "" }
-            )))
-        }
-        Err(e) => Err(io::Error::from(e).into()),
+    match sys::stream_socket(fd)? {
+        StreamSocket::Connected => Ok(()),
+        StreamSocket::NotUnix { family } => Err(Error::BadFd(format!(
+            "{name} socket is not an AF_UNIX socket (address family {family})"
+        ))),
+        StreamSocket::NotStream { kind } => Err(Error::BadFd(format!(
+            "{name} socket is {kind}, not SOCK_STREAM"
+        ))),
+        StreamSocket::NotConnected { listening } => Err(Error::BadFd(format!(
+            "{name} socket is not connected{}",
+            if listening { " (it is listening)" } else { "" }
+        ))),
     }
 }
 
 /// The checks both sides make on fds the other side (or the broker)
 /// created, before anything is mapped: `max_message` within the limit, both
 /// rings (see [`validate_ring`]) and the hang-up socket.
-fn validate_peer_fds(fds: &PeerFds, max_message: u32, limits: &ClientLimits) -> Result<(), Error> {
+fn validate_peer_fds(fds: &PeerFds, max_message: u32, limits: &PeerLimits) -> Result<(), Error> {
     if max_message > limits.max_message {
         return Err(Error::OverLimit {
             what: "max-message",
@@ -473,23 +441,27 @@ impl Endpoint {
         Ok(ServerRings::create(capacity)?.into_endpoint(max_message, wakeup))
     }
 
-    /// Charges the memory this side takes for incoming message bodies to
-    /// `budget` (see [`Budget`](crate::Budget)); without one it is bounded by
-    /// the maximum message size only.
-    pub fn set_budget(&mut self, budget: Arc<dyn crate::Budget>) {
-        self.receiver.rx.set_budget(budget);
+    server_pub! {
+        /// Charges the memory this side takes for incoming message bodies to
+        /// `budget` (see [`Budget`](crate::Budget)); without one it is bounded by
+        /// the maximum message size only.
+        pub fn set_budget(&mut self, budget: Arc<dyn crate::Budget>) {
+            self.receiver.rx.set_budget(budget);
+        }
     }
 
-    /// The budget set by [`Endpoint::set_budget`], if any, for whoever holds
-    /// memory on this session's behalf (the server's outgoing messages).
-    pub fn budget(&self) -> Option<Arc<dyn crate::Budget>> {
-        self.receiver.rx.budget()
+    server_pub! {
+        /// The budget set by [`Endpoint::set_budget`], if any, for whoever holds
+        /// memory on this session's behalf (the server's outgoing messages).
+        pub fn budget(&self) -> Option<Arc<dyn crate::Budget>> {
+            self.receiver.rx.budget()
+        }
     }
 
     /// Opens the client's side from the fds the server handed over, after
-    /// checking every one of them, within the default [`ClientLimits`].
+    /// checking every one of them, within the default [`PeerLimits`].
     pub fn open_client(fds: PeerFds, max_message: u32, wakeup: Wakeup) -> Result<Endpoint, Error> {
-        Self::open_client_within(fds, max_message, wakeup, ClientLimits::default())
+        Self::open_client_within(fds, max_message, wakeup, PeerLimits::default())
     }
 
     /// Opens the client's side from the fds the server handed over, after
@@ -502,7 +474,7 @@ impl Endpoint {
         fds: PeerFds,
         max_message: u32,
         wakeup: Wakeup,
-        limits: ClientLimits,
+        limits: PeerLimits,
     ) -> Result<Endpoint, Error> {
         validate_peer_fds(&fds, max_message, &limits)?;
         let open_tx = |r: RingFds| {
@@ -534,48 +506,50 @@ impl Endpoint {
         ))
     }
 
-    /// Opens the server's side of a session whose fds another process (the
-    /// broker) created, as a provider does: the same checks as
-    /// [`Endpoint::open_client_within`] (rings within `limits`, sealed
-    /// memfds large enough, four eventfds, a connected `AF_UNIX` stream
-    /// hang-up socket, `max_message` within `limits.max_message`), plus the
-    /// same socket checks for `link`, with the roles swapped: this side reads
-    /// the client-to-server ring and writes the server-to-client one. Nothing
-    /// is mapped unless all of it holds. `link` is only checked here; the
-    /// caller keeps and watches it.
-    pub fn open_server(
-        fds: PeerFds,
-        link: BorrowedFd<'_>,
-        max_message: u32,
-        wakeup: Wakeup,
-        limits: ClientLimits,
-    ) -> Result<Endpoint, Error> {
-        validate_peer_fds(&fds, max_message, &limits)?;
-        validate_stream_socket("link", link)?;
-        let caps = (fds.to_client.capacity, fds.to_server.capacity);
-        let (tx, rx) = (fds.to_client, fds.to_server);
-        let tx = Sender::<u8>::open(
-            tx.capacity as usize,
-            tx.memfd.into(),
-            tx.empty_signal.into(),
-            tx.full_signal.into(),
-        )
-        .map_err(setup)?;
-        let rx = Receiver::<u8>::open(
-            rx.capacity as usize,
-            rx.memfd.into(),
-            rx.empty_signal.into(),
-            rx.full_signal.into(),
-        )
-        .map_err(setup)?;
-        Ok(Endpoint::assemble(
-            RingSender::new(tx),
-            RingReceiver::new(rx, max_message),
-            fds.hangup,
-            wakeup,
-            max_message,
-            caps,
-        ))
+    server_pub! {
+        /// Opens the server's side of a session whose fds another process (the
+        /// broker) created, as a provider does: the same checks as
+        /// [`Endpoint::open_client_within`] (rings within `limits`, sealed
+        /// memfds large enough, four eventfds, a connected `AF_UNIX` stream
+        /// hang-up socket, `max_message` within `limits.max_message`), plus the
+        /// same socket checks for `link`, with the roles swapped: this side reads
+        /// the client-to-server ring and writes the server-to-client one. Nothing
+        /// is mapped unless all of it holds. `link` is only checked here; the
+        /// caller keeps and watches it.
+        pub fn open_server(
+            fds: PeerFds,
+            link: BorrowedFd<'_>,
+            max_message: u32,
+            wakeup: Wakeup,
+            limits: PeerLimits,
+        ) -> Result<Endpoint, Error> {
+            validate_peer_fds(&fds, max_message, &limits)?;
+            validate_stream_socket("link", link)?;
+            let caps = (fds.to_client.capacity, fds.to_server.capacity);
+            let (tx, rx) = (fds.to_client, fds.to_server);
+            let tx = Sender::<u8>::open(
+                tx.capacity as usize,
+                tx.memfd.into(),
+                tx.empty_signal.into(),
+                tx.full_signal.into(),
+            )
+            .map_err(setup)?;
+            let rx = Receiver::<u8>::open(
+                rx.capacity as usize,
+                rx.memfd.into(),
+                rx.empty_signal.into(),
+                rx.full_signal.into(),
+            )
+            .map_err(setup)?;
+            Ok(Endpoint::assemble(
+                RingSender::new(tx),
+                RingReceiver::new(rx, max_message),
+                fds.hangup,
+                wakeup,
+                max_message,
+                caps,
+            ))
+        }
     }
 
     /// Splits into halves that can be used from two threads at once.
@@ -675,6 +649,7 @@ impl Endpoint {
     }
 }
 
+#[cfg(any(test, feature = "server"))]
 /// The fds of a session whose server is another process (a provider): one
 /// set for the client, one for the provider, and the link pair between the
 /// provider and the broker. See [`create_unmapped`].
@@ -749,6 +724,7 @@ impl ServerRings {
         self.peer.to_server.capacity
     }
 
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     /// The fds the client will be handed.
     pub fn client_fds(&self) -> &PeerFds {
         &self.peer
@@ -770,6 +746,7 @@ impl ServerRings {
     }
 }
 
+#[cfg(any(test, feature = "server"))]
 /// Creates a session's fds without mapping anything: two sealed ring memfds
 /// of `capacity` (rounded as [`rounded_capacity`] does; the result is in the
 /// fds) with their four non-blocking eventfds, the hang-up socket pair (one
@@ -824,6 +801,8 @@ pub fn create_unmapped(capacity: u64) -> Result<ProvidedFds, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::fs::{fcntl_add_seals, ftruncate, SealFlags};
+    use rustix::net::{AddressFamily, SocketType};
 
     fn pair(capacity: u64) -> (Endpoint, Endpoint) {
         let (server, fds) = Endpoint::create_server(capacity, 1 << 20, Wakeup::Park).unwrap();
@@ -874,7 +853,7 @@ mod tests {
 
         client.send(b"two").unwrap();
         let _ = signalled(server.ring_receiver().data_signal());
-        assert!(crate::spin_keeping_word(
+        assert!(crate::ring::spin_keeping_word(
             server.ring_receiver(),
             Duration::from_secs(5)
         ));
@@ -886,7 +865,7 @@ mod tests {
         );
         assert_eq!(server.recv().unwrap().as_deref(), Some(&b"three"[..]));
 
-        assert!(!crate::spin_keeping_word(
+        assert!(!crate::ring::spin_keeping_word(
             server.ring_receiver(),
             Duration::from_millis(1)
         ));
@@ -1150,7 +1129,7 @@ mod tests {
         Endpoint::create_server(capacity, 1 << 20, Wakeup::Park).unwrap()
     }
 
-    fn refusal(fds: PeerFds, limits: ClientLimits) -> Error {
+    fn refusal(fds: PeerFds, limits: PeerLimits) -> Error {
         Endpoint::open_client_within(fds, 1 << 20, Wakeup::Park, limits)
             .err()
             .expect("the offer must be refused")
@@ -1187,7 +1166,7 @@ mod tests {
     fn a_ring_above_the_limit_is_refused_before_its_memfd_is_looked_at() {
         let (_server, mut fds) = offer(4096);
         fds.to_client.capacity = (1 << 40) - RING_HEADER;
-        let limits = ClientLimits::default();
+        let limits = PeerLimits::default();
         let err = refusal(fds, limits);
         let limit = rounded_capacity(limits.max_capacity);
         assert!(
@@ -1208,15 +1187,15 @@ mod tests {
         // needs, yet the client agreed to 64 MiB at most.
         let big = 128 << 20;
         let (_server, fds) = offer(big);
-        let err = refusal(fds, ClientLimits::default());
+        let err = refusal(fds, PeerLimits::default());
         assert!(
             matches!(err, Error::OverLimit { what: "client-to-server ring", offered, .. } if offered == rounded_capacity(big)),
             "{err}"
         );
         // Raising the limit accepts the same offer.
-        let limits = ClientLimits {
+        let limits = PeerLimits {
             max_capacity: big,
-            ..ClientLimits::default()
+            ..PeerLimits::default()
         };
         let (_server, fds) = offer(big);
         let client = Endpoint::open_client_within(fds, 1 << 20, Wakeup::Park, limits)
@@ -1228,9 +1207,9 @@ mod tests {
     fn the_limit_is_compared_after_rounding() {
         // Asking for 5000 bytes gets a whole page pair: that is not "larger
         // than asked for", one byte more is.
-        let limits = ClientLimits {
+        let limits = PeerLimits {
             max_capacity: 5000,
-            ..ClientLimits::default()
+            ..PeerLimits::default()
         };
         let rounded = rounded_capacity(5000);
         assert!(rounded > 5000);
@@ -1249,7 +1228,7 @@ mod tests {
     fn a_capacity_the_memfd_cannot_hold_is_refused_before_mapping() {
         let (_server, mut fds) = offer(4096);
         fds.to_client.capacity = rounded_capacity(1 << 20);
-        let err = refusal(fds, ClientLimits::default());
+        let err = refusal(fds, PeerLimits::default());
         assert!(
             matches!(err, Error::BadFd(ref m) if m.contains("needs")),
             "{err}"
@@ -1260,7 +1239,7 @@ mod tests {
     fn a_capacity_that_is_not_whole_pages_is_refused() {
         let (_server, mut fds) = offer(4096);
         fds.to_server.capacity = 100;
-        let err = refusal(fds, ClientLimits::default());
+        let err = refusal(fds, PeerLimits::default());
         assert!(
             matches!(err, Error::BadFd(ref m) if m.contains("whole number of pages")),
             "{err}"
@@ -1281,9 +1260,9 @@ mod tests {
             ),
             "{err}"
         );
-        let limits = ClientLimits {
+        let limits = PeerLimits {
             max_message: u32::MAX,
-            ..ClientLimits::default()
+            ..PeerLimits::default()
         };
         let (_server, fds) = offer(4096);
         Endpoint::open_client_within(fds, u32::MAX, Wakeup::Park, limits)
@@ -1293,7 +1272,7 @@ mod tests {
     fn with_hangup(hangup: OwnedFd) -> Error {
         let (_server, mut fds) = offer(4096);
         fds.hangup = hangup;
-        refusal(fds, ClientLimits::default())
+        refusal(fds, PeerLimits::default())
     }
 
     #[test]
@@ -1426,7 +1405,7 @@ mod tests {
             link.as_fd(),
             1 << 20,
             Wakeup::Park,
-            ClientLimits::default(),
+            PeerLimits::default(),
         )
         .expect("honest fds");
         let mut client = Endpoint::open_client(client_fds, 1 << 20, Wakeup::Park).unwrap();
@@ -1450,7 +1429,7 @@ mod tests {
     #[test]
     fn a_provider_refuses_a_hostile_link_or_ring() {
         let open = |fds: PeerFds, link: BorrowedFd<'_>| {
-            Endpoint::open_server(fds, link, 1 << 20, Wakeup::Park, ClientLimits::default())
+            Endpoint::open_server(fds, link, 1 << 20, Wakeup::Park, PeerLimits::default())
                 .err()
                 .expect("refused")
         };
@@ -1486,9 +1465,9 @@ mod tests {
         );
         // A ring beyond the provider's own limit.
         let (fds, _client, _broker, link) = provided_fds(1 << 20);
-        let small = ClientLimits {
+        let small = PeerLimits {
             max_capacity: 4096,
-            ..ClientLimits::default()
+            ..PeerLimits::default()
         };
         let err = Endpoint::open_server(fds, link.as_fd(), 1 << 20, Wakeup::Park, small)
             .err()

@@ -7,7 +7,23 @@
 //! the eventfds without trusting the peer, and reports a dead peer instead of
 //! hanging. The layout is documented byte by byte in
 //! `interfaces/DATA-PLANE.md`.
+//!
+//! The feature `server` adds what only a server library needs (see
+//! `Cargo.toml`): making a session's rings and fds, a provider's side,
+//! bounded reads and writes for a pump that serves many sessions.
 #![deny(missing_docs)]
+
+/// Declares an item public with the feature `server` and crate-private
+/// without it: what the server library alone uses of the data plane.
+macro_rules! server_pub {
+    ($(#[$attr:meta])* pub $($item:tt)*) => {
+        #[cfg(feature = "server")]
+        $(#[$attr])* pub $($item)*
+        #[cfg(not(feature = "server"))]
+        #[allow(dead_code)]
+        $(#[$attr])* pub(crate) $($item)*
+    };
+}
 
 mod endpoint;
 pub mod frame;
@@ -16,15 +32,13 @@ pub mod fuzzing;
 mod ring;
 pub mod sys;
 
-pub use endpoint::{
-    create_unmapped, rounded_capacity, ClientLimits, Endpoint, EndpointReceiver, EndpointSender,
-    ProvidedFds, ServerRings,
-};
+#[cfg(feature = "server")]
+pub use endpoint::{create_unmapped, ProvidedFds, ServerRings};
+pub use endpoint::{rounded_capacity, Endpoint, EndpointReceiver, EndpointSender, PeerLimits};
 pub use frame::{Budget, FillFrame, FrameError, Item, OutFrame, Piece, Received, WriteFrame};
-pub use ring::{
-    spin_keeping_word, spin_until_ready, ReadProgress, RingReceiver, RingSender, Waitable,
-    WriteProgress,
-};
+#[cfg(feature = "server")]
+pub use ring::{spin_keeping_word, ReadProgress, WriteProgress};
+pub use ring::{spin_until_ready, RingReceiver, RingSender, Waitable};
 pub use shmlink_interfaces::Wakeup;
 pub use shmlink_interfaces::{PeerFds, RingFds};
 

@@ -198,7 +198,7 @@ impl RingSender {
     /// Writes as much of `frame` as fits now; returns true once all of it is in the ring.
     ///
     /// Keeps copying while the reader keeps making room; a caller that must
-    /// not be held for long uses [`RingSender::write_frame_bounded`].
+    /// not be held for long uses `write_frame_bounded` (feature `server`).
     pub fn write_frame(&mut self, frame: &mut (impl WriteFrame + ?Sized)) -> Result<bool, Error> {
         loop {
             match self.write_frame_bounded(frame, usize::MAX)? {
@@ -209,64 +209,66 @@ impl RingSender {
         }
     }
 
-    /// Writes at most `max_bytes` of `frame` (at least one byte if there is room).
-    ///
-    /// [`WriteProgress::Bounded`] means the bound stopped the copy while the ring
-    /// may still have room: call again rather than wait for the reader's
-    /// wake-up, which may never come.
-    ///
-    /// A panic in the frame's own code (a fill) leaves the ring marked
-    /// half-sent (see [`RingSender::poison_half_sent`]) and goes on to the caller.
-    pub fn write_frame_bounded(
-        &mut self,
-        frame: &mut (impl WriteFrame + ?Sized),
-        max_bytes: usize,
-    ) -> Result<WriteProgress, Error> {
-        let mut left = max_bytes.max(1);
-        while !frame.is_done() {
-            if left == 0 {
-                return Ok(WriteProgress::Bounded);
+    server_pub! {
+        /// Writes at most `max_bytes` of `frame` (at least one byte if there is room).
+        ///
+        /// [`WriteProgress::Bounded`] means the bound stopped the copy while the ring
+        /// may still have room: call again rather than wait for the reader's
+        /// wake-up, which may never come.
+        ///
+        /// A panic in the frame's own code (a fill) leaves the ring marked
+        /// half-sent (see [`RingSender::poison_half_sent`]) and goes on to the caller.
+        pub fn write_frame_bounded(
+            &mut self,
+            frame: &mut (impl WriteFrame + ?Sized),
+            max_bytes: usize,
+        ) -> Result<WriteProgress, Error> {
+            let mut left = max_bytes.max(1);
+            while !frame.is_done() {
+                if left == 0 {
+                    return Ok(WriteProgress::Bounded);
+                }
+                let ring = &mut self.ring;
+                let header = &mut self.header;
+                let mut copied = 0;
+                let mut panicked = None;
+                let status = guarded(&mut self.broken, || {
+                    ring.sender_mut().send(|ptr, room| {
+                        header.learn(ptr);
+                        let write = AssertUnwindSafe(|| {
+                            // SAFETY: shmem-ipc passes a pointer writable for `room` bytes
+                            // of our mapping, no reference into them exists, and we pass
+                            // on a length no larger than `room`.
+                            unsafe { frame.write_into(ptr, room.min(left)) }
+                        });
+                        match catch_unwind(write) {
+                            Ok(n) => copied = n,
+                            Err(p) => panicked = Some(p),
+                        }
+                        copied
+                    })
+                });
+                if let Some(p) = panicked {
+                    // Whatever of the frame the ring took stays there: the stream
+                    // is mid-message for good.
+                    self.poison_half_sent();
+                    std::panic::resume_unwind(p);
+                }
+                let status = status?;
+                left -= copied;
+                if status.signal && !self.header.peer_polling(READER_POLLING) {
+                    sys::eventfd_signal(self.ring.empty_signal().as_fd()).map_err(Error::signal)?;
+                }
+                if status.remaining == 0 || copied == 0 {
+                    break;
+                }
             }
-            let ring = &mut self.ring;
-            let header = &mut self.header;
-            let mut copied = 0;
-            let mut panicked = None;
-            let status = guarded(&mut self.broken, || {
-                ring.sender_mut().send(|ptr, room| {
-                    header.learn(ptr);
-                    let write = AssertUnwindSafe(|| {
-                        // SAFETY: shmem-ipc passes a pointer writable for `room` bytes
-                        // of our mapping, no reference into them exists, and we pass
-                        // on a length no larger than `room`.
-                        unsafe { frame.write_into(ptr, room.min(left)) }
-                    });
-                    match catch_unwind(write) {
-                        Ok(n) => copied = n,
-                        Err(p) => panicked = Some(p),
-                    }
-                    copied
-                })
-            });
-            if let Some(p) = panicked {
-                // Whatever of the frame the ring took stays there: the stream
-                // is mid-message for good.
-                self.poison_half_sent();
-                std::panic::resume_unwind(p);
-            }
-            let status = status?;
-            left -= copied;
-            if status.signal && !self.header.peer_polling(READER_POLLING) {
-                sys::eventfd_signal(self.ring.empty_signal().as_fd()).map_err(Error::signal)?;
-            }
-            if status.remaining == 0 || copied == 0 {
-                break;
-            }
+            Ok(if frame.is_done() {
+                WriteProgress::Done
+            } else {
+                WriteProgress::Blocked
+            })
         }
-        Ok(if frame.is_done() {
-            WriteProgress::Done
-        } else {
-            WriteProgress::Blocked
-        })
     }
 
     /// Whether the ring has room for at least one byte.
@@ -336,65 +338,67 @@ impl RingReceiver {
         }
     }
 
-    /// Decodes at most `max_bytes` from the ring (at least one byte if there
-    /// is data); a message that completes replaces the contents of `out`.
-    ///
-    /// [`ReadProgress::Bounded`] means the bound stopped the decoding while the ring
-    /// may still hold data: call again rather than wait for the writer's
-    /// wake-up, which may never come.
-    pub fn read_bounded(
-        &mut self,
-        max_bytes: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<ReadProgress, Error> {
-        let mut left = max_bytes.max(1);
-        loop {
-            if left == 0 {
-                return Ok(ReadProgress::Bounded);
-            }
-            let mut received = None;
-            let mut frame_error = None;
-            let mut consumed = 0;
-            let decoder = &mut self.decoder;
-            let ring = &mut self.ring;
-            let header = &mut self.header;
-            let status = guarded(&mut self.broken, || {
-                ring.receiver_mut().recv(|ptr, len| {
-                    header.learn(ptr);
-                    let src = SharedBytes {
-                        ptr,
-                        len: len.min(left),
-                    };
-                    match decoder.decode_into(&src, out) {
-                        Ok((used, r)) => {
-                            received = r;
-                            consumed = used;
-                            used
-                        }
-                        Err(e) => {
-                            frame_error = Some(e);
-                            0
-                        }
-                    }
-                })
-            })?;
-            match frame_error {
-                Some(FrameError::NoMemory(m)) => return Err(Error::NoMemory(m)),
-                Some(e) => {
-                    self.broken = Some(Broken::Corrupt);
-                    return Err(Error::Protocol(e));
+    server_pub! {
+        /// Decodes at most `max_bytes` from the ring (at least one byte if there
+        /// is data); a message that completes replaces the contents of `out`.
+        ///
+        /// [`ReadProgress::Bounded`] means the bound stopped the decoding while the ring
+        /// may still hold data: call again rather than wait for the writer's
+        /// wake-up, which may never come.
+        pub fn read_bounded(
+            &mut self,
+            max_bytes: usize,
+            out: &mut Vec<u8>,
+        ) -> Result<ReadProgress, Error> {
+            let mut left = max_bytes.max(1);
+            loop {
+                if left == 0 {
+                    return Ok(ReadProgress::Bounded);
                 }
-                None => {}
-            }
-            if status.signal && !self.header.peer_polling(WRITER_POLLING) {
-                sys::eventfd_signal(self.ring.full_signal().as_fd()).map_err(Error::signal)?;
-            }
-            left -= consumed;
-            if let Some(r) = received {
-                return Ok(ReadProgress::Received(r));
-            }
-            if consumed == 0 {
-                return Ok(ReadProgress::Empty);
+                let mut received = None;
+                let mut frame_error = None;
+                let mut consumed = 0;
+                let decoder = &mut self.decoder;
+                let ring = &mut self.ring;
+                let header = &mut self.header;
+                let status = guarded(&mut self.broken, || {
+                    ring.receiver_mut().recv(|ptr, len| {
+                        header.learn(ptr);
+                        let src = SharedBytes {
+                            ptr,
+                            len: len.min(left),
+                        };
+                        match decoder.decode_into(&src, out) {
+                            Ok((used, r)) => {
+                                received = r;
+                                consumed = used;
+                                used
+                            }
+                            Err(e) => {
+                                frame_error = Some(e);
+                                0
+                            }
+                        }
+                    })
+                })?;
+                match frame_error {
+                    Some(FrameError::NoMemory(m)) => return Err(Error::NoMemory(m)),
+                    Some(e) => {
+                        self.broken = Some(Broken::Corrupt);
+                        return Err(Error::Protocol(e));
+                    }
+                    None => {}
+                }
+                if status.signal && !self.header.peer_polling(WRITER_POLLING) {
+                    sys::eventfd_signal(self.ring.full_signal().as_fd()).map_err(Error::signal)?;
+                }
+                left -= consumed;
+                if let Some(r) = received {
+                    return Ok(ReadProgress::Received(r));
+                }
+                if consumed == 0 {
+                    return Ok(ReadProgress::Empty);
+                }
             }
         }
     }
@@ -486,6 +490,7 @@ pub fn spin_until_ready(ring: &mut (impl Waitable + ?Sized), budget: Duration) -
     ready
 }
 
+#[cfg_attr(not(feature = "server"), allow(dead_code))]
 /// [`spin_until_ready`], but when the ring becomes ready our polling word
 /// stays set, so the peer need not signal while we use what we found and
 /// come back for more. For a side that always looks at the ring again

@@ -4,12 +4,13 @@
 //! covers, interrupting an eventfd write that a hostile peer made block,
 //! lives in [`write_guard`].
 
+use rustix::event::epoll::{self, EventData, EventFlags};
 use rustix::event::{PollFd, PollFlags, Timespec};
-use rustix::fs::{FileType, SealFlags};
+use rustix::fs::{memfd_create, FileType, MemfdFlags, SealFlags};
 use rustix::io::{retry_on_intr, Errno, ReadWriteFlags};
-use rustix::net::{AddressFamily, RecvFlags, SocketFlags, SocketType};
+use rustix::net::{sockopt, AddressFamily, RecvFlags, SocketFlags, SocketType};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 // Its own file, endpoint/src/write_guard.rs: the one part of the plumbing
@@ -37,13 +38,7 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::R
     retry_on_intr(|| {
         // The timeout is a timespec (ppoll): no rounding to milliseconds, so
         // no early wake-up just before the deadline.
-        let timeout = deadline.map(|d| {
-            let left = d.saturating_duration_since(Instant::now());
-            Timespec {
-                tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
-                tv_nsec: left.subsec_nanos().into(),
-            }
-        });
+        let timeout = timeout_until(deadline);
         rustix::event::poll(&mut pfds, timeout.as_ref())
     })?;
     Ok(pfds
@@ -58,14 +53,16 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::R
         .collect())
 }
 
-/// A new eventfd at zero, close-on-exec and non-blocking: its owner never
-/// blocks on it, and a peer that shares it and stops reading it cannot stall
-/// the owner's writes.
-pub fn new_eventfd() -> io::Result<OwnedFd> {
-    Ok(rustix::event::eventfd(
-        0,
-        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-    )?)
+server_pub! {
+    /// A new eventfd at zero, close-on-exec and non-blocking: its owner never
+    /// blocks on it, and a peer that shares it and stops reading it cannot stall
+    /// the owner's writes.
+    pub fn new_eventfd() -> io::Result<OwnedFd> {
+        Ok(rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?)
+    }
 }
 
 /// Resets an eventfd's counter without blocking and without touching the
@@ -136,14 +133,72 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates a connected pair of `AF_UNIX` stream sockets, close-on-exec.
-pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-    Ok(rustix::net::socketpair(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )?)
+server_pub! {
+    /// Creates a connected pair of `AF_UNIX` stream sockets, close-on-exec.
+    pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+        Ok(rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )?)
+    }
+}
+
+/// A new memfd of `len` bytes for shared memory, close-on-exec, with every
+/// seal the data plane can afford: `MFD_NOEXEC_SEAL` (Linux 6.3 and later;
+/// an older kernel refuses the flag with `EINVAL` and the memfd is made
+/// without it), then `F_SEAL_SHRINK`, `F_SEAL_GROW` and `F_SEAL_SEAL`.
+pub(crate) fn sealed_memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
+    let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    let fd = match memfd_create(name, flags | MemfdFlags::NOEXEC_SEAL) {
+        Err(Errno::INVAL) => memfd_create(name, flags),
+        other => other,
+    }?;
+    rustix::fs::ftruncate(&fd, len)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    Ok(fd)
+}
+
+/// What [`stream_socket`] found a socket to be.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum StreamSocket {
+    /// A connected `AF_UNIX` `SOCK_STREAM` socket.
+    Connected,
+    /// Not `AF_UNIX`: the address family's number.
+    NotUnix { family: u32 },
+    /// `AF_UNIX`, but not `SOCK_STREAM`: the type's name.
+    NotStream { kind: String },
+    /// An `AF_UNIX` stream socket without a peer, listening or not.
+    NotConnected { listening: bool },
+}
+
+/// Tells whether the socket `fd` is a connected `AF_UNIX` stream socket,
+/// and if not, why not.
+pub(crate) fn stream_socket(fd: BorrowedFd<'_>) -> io::Result<StreamSocket> {
+    let family = sockopt::socket_domain(fd)?;
+    if family != AddressFamily::UNIX {
+        return Ok(StreamSocket::NotUnix {
+            family: family.as_raw().into(),
+        });
+    }
+    let kind = sockopt::socket_type(fd)?;
+    if kind != SocketType::STREAM {
+        let kind = match kind {
+            SocketType::DGRAM => "SOCK_DGRAM".into(),
+            SocketType::SEQPACKET => "SOCK_SEQPACKET".into(),
+            SocketType::RAW => "SOCK_RAW".into(),
+            other => format!("socket type {}", other.as_raw()),
+        };
+        return Ok(StreamSocket::NotStream { kind });
+    }
+    match rustix::net::getpeername(fd) {
+        Ok(_) => Ok(StreamSocket::Connected),
+        Err(Errno::NOTCONN) => Ok(StreamSocket::NotConnected {
+            listening: sockopt::socket_acceptconn(fd).unwrap_or(false),
+        }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// State of a hang-up socket as seen without blocking.
@@ -272,6 +327,154 @@ pub fn spin_until(budget: Duration, mut ready: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The `ppoll`/`epoll_pwait2`-style timeout left until `deadline` (`None`:
+/// no deadline; a deadline already past gives zero, a look without waiting).
+fn timeout_until(deadline: Option<Instant>) -> Option<Timespec> {
+    deadline.map(|d| {
+        let left = d.saturating_duration_since(Instant::now());
+        Timespec {
+            tv_sec: left.as_secs().try_into().unwrap_or(i64::MAX),
+            tv_nsec: left.subsec_nanos().into(),
+        }
+    })
+}
+
+/// The key under which a [`Selector`] reports an fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Token(pub u64);
+
+/// What a [`Selector`] watches an fd for (level-triggered); combine with `|`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interest(EventFlags);
+
+impl Interest {
+    /// The fd is readable (`EPOLLIN`).
+    pub const READABLE: Interest = Interest(EventFlags::IN);
+    /// The peer shut down its end of a stream socket (`EPOLLRDHUP`).
+    pub const PEER_CLOSED: Interest = Interest(EventFlags::RDHUP);
+}
+
+impl std::ops::BitOr for Interest {
+    type Output = Interest;
+    fn bitor(self, other: Interest) -> Interest {
+        Interest(self.0 | other.0)
+    }
+}
+
+/// One fd a [`Selector::wait`] found ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The token the fd was registered under.
+    pub token: Token,
+    /// Readable (or, for a socket, closed by the peer).
+    pub readable: bool,
+    /// Hang-up, peer shut-down or error reported.
+    pub hangup: bool,
+}
+
+/// The buffer [`Selector::wait`] fills, reused from one wait to the next.
+pub struct Events {
+    raw: Vec<epoll::Event>,
+}
+
+impl Events {
+    /// Room for `capacity` events per wait (at least one); more wait for the next.
+    pub fn with_capacity(capacity: usize) -> Events {
+        Events {
+            raw: Vec::with_capacity(capacity.max(1)),
+        }
+    }
+
+    /// The events of the last wait.
+    pub fn iter(&self) -> impl Iterator<Item = Event> + '_ {
+        self.raw.iter().map(|e| {
+            // Copied out: the kernel's struct is packed.
+            let (flags, data) = (e.flags, e.data);
+            Event {
+                token: Token(data.u64()),
+                readable: flags.contains(EventFlags::IN),
+                hangup: flags.intersects(EventFlags::HUP | EventFlags::RDHUP | EventFlags::ERR),
+            }
+        })
+    }
+
+    /// Whether the last wait found nothing.
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+}
+
+/// A set of fds, each under a [`Token`], waited on together (an epoll set,
+/// level-triggered, close-on-exec). Its own fd is readable while any fd in
+/// the set is ready, so a selector can itself be polled by another loop.
+#[derive(Debug)]
+pub struct Selector {
+    epoll: OwnedFd,
+}
+
+impl Selector {
+    /// An empty set.
+    pub fn new() -> io::Result<Selector> {
+        Ok(Selector {
+            epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+        })
+    }
+
+    /// Watches `fd` for `interest`, reported under `token`. The set keys its
+    /// entries by fd and open file: [`Selector::delete`] takes the same fd.
+    pub fn add(&self, fd: impl AsFd, token: Token, interest: Interest) -> io::Result<()> {
+        Ok(epoll::add(
+            &self.epoll,
+            fd,
+            EventData::new_u64(token.0),
+            interest.0,
+        )?)
+    }
+
+    /// Changes the token and interest of an fd already watched.
+    pub fn modify(&self, fd: impl AsFd, token: Token, interest: Interest) -> io::Result<()> {
+        Ok(epoll::modify(
+            &self.epoll,
+            fd,
+            EventData::new_u64(token.0),
+            interest.0,
+        )?)
+    }
+
+    /// Stops watching `fd`.
+    pub fn delete(&self, fd: impl AsFd) -> io::Result<()> {
+        Ok(epoll::delete(&self.epoll, fd)?)
+    }
+
+    /// Waits until a watched fd is ready or `deadline` passes (`None`: no
+    /// deadline; a deadline already past only looks), and puts what was
+    /// ready into `events` (as many as it has room for). An interrupted wait
+    /// fails with [`io::ErrorKind::Interrupted`], for the caller to decide.
+    pub fn wait(&self, events: &mut Events, deadline: Option<Instant>) -> io::Result<()> {
+        events.raw.clear();
+        let timeout = timeout_until(deadline);
+        epoll::wait(
+            &self.epoll,
+            rustix::buffer::spare_capacity(&mut events.raw),
+            timeout.as_ref(),
+        )?;
+        Ok(())
+    }
+}
+
+impl AsFd for Selector {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+}
+
+impl From<Selector> for OwnedFd {
+    /// The epoll fd, for a caller that hands the set to another event loop.
+    fn from(selector: Selector) -> OwnedFd {
+        selector.epoll
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +494,79 @@ mod tests {
         .expect("memfd_create");
         rustix::fs::ftruncate(&fd, len).expect("ftruncate");
         fd
+    }
+
+    /// What a selector reports after one wait that only looks.
+    fn ready_now(selector: &Selector) -> Vec<Event> {
+        let mut events = Events::with_capacity(8);
+        selector
+            .wait(&mut events, Some(Instant::now()))
+            .expect("wait");
+        let mut ready: Vec<Event> = events.iter().collect();
+        ready.sort_by_key(|e| e.token.0);
+        ready
+    }
+
+    #[test]
+    fn a_selector_reports_ready_fds_by_token_until_deleted() {
+        let selector = Selector::new().expect("selector");
+        let wake = new_eventfd().expect("eventfd");
+        let (ours, theirs) = socketpair().expect("pair");
+        selector
+            .add(&wake, Token(1), Interest::READABLE)
+            .expect("add");
+        selector
+            .add(&ours, Token(2), Interest::READABLE | Interest::PEER_CLOSED)
+            .expect("add");
+        assert!(ready_now(&selector).is_empty(), "nothing happened yet");
+
+        eventfd_signal(wake.as_fd()).expect("signal");
+        let ready = ready_now(&selector);
+        assert_eq!(
+            ready,
+            vec![Event {
+                token: Token(1),
+                readable: true,
+                hangup: false
+            }]
+        );
+        assert_eq!(ready_now(&selector), ready, "level-triggered");
+        eventfd_drain(wake.as_fd()).expect("drain");
+        assert!(ready_now(&selector).is_empty());
+
+        selector
+            .modify(&ours, Token(3), Interest::READABLE | Interest::PEER_CLOSED)
+            .expect("modify");
+        drop(theirs);
+        let ready = ready_now(&selector);
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].token, Token(3));
+        assert!(ready[0].readable && ready[0].hangup, "{ready:?}");
+
+        selector.delete(&ours).expect("delete");
+        assert!(ready_now(&selector).is_empty(), "deleted");
+    }
+
+    #[test]
+    fn a_selector_waits_until_its_deadline_and_is_itself_pollable() {
+        let selector = Selector::new().expect("selector");
+        let wake = new_eventfd().expect("eventfd");
+        selector
+            .add(&wake, Token(7), Interest::READABLE)
+            .expect("add");
+        let start = Instant::now();
+        let mut events = Events::with_capacity(1);
+        selector
+            .wait(&mut events, Some(start + Duration::from_millis(20)))
+            .expect("wait");
+        assert!(events.is_empty());
+        assert!(start.elapsed() >= Duration::from_millis(20));
+        eventfd_signal(wake.as_fd()).expect("signal");
+        let polled = poll_readable(&[selector.as_fd()], Some(Instant::now())).expect("poll");
+        assert!(polled[0].readable, "the selector's own fd is readable");
+        let fd = OwnedFd::from(selector);
+        let polled = poll_readable(&[fd.as_fd()], Some(Instant::now())).expect("poll");
+        assert!(polled[0].readable, "and stays so as a plain fd");
     }
 
     /// The drain reads through `preadv2` at "the current position": a wrong

@@ -4,8 +4,8 @@
 //! session) and hands it to [`Daemon::create`]; the library owns the rest:
 //! the D-Bus name and interfaces, the accounting of sessions against the
 //! limits of the [`config`], and the worker threads that move bytes through
-//! the shared-memory rings. `shmlinkd` is this library plus the built-in
-//! services in [`builtin`].
+//! the shared-memory rings. `shmlinkd` (its own crate) is this library plus
+//! the built-in services in [`builtin`].
 //!
 //! ```no_run
 //! use shmlink_server::{builtin, config::Config, Bus, Daemon};
@@ -30,7 +30,6 @@ mod provider;
 mod service;
 mod sessions;
 pub mod signals;
-pub mod systemd;
 
 pub use daemon::{Bus, Daemon, DaemonError};
 pub use names::{Names, NamesError};

@@ -7,18 +7,18 @@
 //! Dropping the broker's end (when the session ends at the broker) tells
 //! the provider.
 
-use rustix::event::epoll::{self, EventData, EventFlags};
-use shmlink_endpoint::sys::{self, HangupState};
+use shmlink_endpoint::sys::{self, Events, HangupState, Interest, Selector, Token};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
-/// Events fetched per `epoll_wait`; more wait for the next round.
+/// Events fetched per wait; more wait for the next round.
 const EVENT_BATCH: usize = 64;
 
 /// The links of the provided sessions that are open.
 pub(crate) struct Links {
-    epoll: Arc<OwnedFd>,
+    selector: Arc<Selector>,
     links: HashMap<u64, OwnedFd>,
 }
 
@@ -26,25 +26,21 @@ impl Links {
     /// An empty set.
     pub fn new() -> std::io::Result<Links> {
         Ok(Links {
-            epoll: Arc::new(epoll::create(epoll::CreateFlags::CLOEXEC)?),
+            selector: Arc::new(Selector::new()?),
             links: HashMap::new(),
         })
     }
 
-    /// The epoll fd: readable when a link has something to report
-    /// ([`Links::take_ended`]).
-    pub fn fd(&self) -> Arc<OwnedFd> {
-        self.epoll.clone()
+    /// The links' selector, for its fd: readable when a link has something
+    /// to report ([`Links::take_ended`]).
+    pub fn fd(&self) -> Arc<Selector> {
+        self.selector.clone()
     }
 
     /// Watches the broker's end `link` of session `id`.
     pub fn watch(&mut self, id: u64, link: OwnedFd) -> std::io::Result<()> {
-        epoll::add(
-            &*self.epoll,
-            &link,
-            EventData::new_u64(id),
-            EventFlags::IN | EventFlags::RDHUP,
-        )?;
+        self.selector
+            .add(&link, Token(id), Interest::READABLE | Interest::PEER_CLOSED)?;
         self.links.insert(id, link);
         Ok(())
     }
@@ -55,7 +51,7 @@ impl Links {
         let Some(link) = self.links.remove(&id) else {
             return false;
         };
-        if let Err(e) = epoll::delete(&*self.epoll, &link) {
+        if let Err(e) = self.selector.delete(&link) {
             log::warn!("epoll_ctl(DEL) of the link of session {id} failed: {e}");
         }
         true
@@ -64,17 +60,9 @@ impl Links {
     /// The sessions whose provider closed (or wrote to) its link, with the
     /// reason; does not wait. Each stays watched until [`Links::remove`].
     pub fn take_ended(&mut self) -> Vec<(u64, &'static str)> {
-        let mut events: Vec<epoll::Event> = Vec::with_capacity(EVENT_BATCH);
-        let zero = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        if let Err(e) = epoll::wait(
-            &*self.epoll,
-            rustix::buffer::spare_capacity(&mut events),
-            Some(&zero),
-        ) {
-            if e != rustix::io::Errno::INTR {
+        let mut events = Events::with_capacity(EVENT_BATCH);
+        if let Err(e) = self.selector.wait(&mut events, Some(Instant::now())) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
                 log::error!("epoll_wait on the provider links failed: {e}");
             }
             return Vec::new();
@@ -82,7 +70,7 @@ impl Links {
         events
             .iter()
             .filter_map(|ev| {
-                let id = ev.data.u64();
+                let Token(id) = ev.token;
                 let link = self.links.get(&id)?;
                 match sys::hangup_state(link.as_fd()) {
                     Ok(HangupState::Open) => None,

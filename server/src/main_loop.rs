@@ -6,7 +6,7 @@
 use dbus::blocking::Connection;
 use dbus::Message;
 use shmlink_endpoint::sys;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ pub(crate) trait Served {
     fn idle(&mut self) {}
     /// The fds to wait for besides the bus's; [`Served::ready`] gets the
     /// index of each that became readable.
-    fn watched(&mut self) -> Vec<Arc<OwnedFd>>;
+    fn watched(&mut self) -> Vec<Arc<dyn AsFd>>;
     /// The fd of [`Served::watched`] at `index` is readable.
     fn ready(&mut self, conn: &Connection, index: usize);
     /// When the loop must wake up at the latest.

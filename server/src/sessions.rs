@@ -26,7 +26,8 @@ use crate::links::Links;
 use crate::log_bounds::{cut, LOGGED_ERROR, LOGGED_STRING};
 use crate::service::{Caller, Memory, Options, Service, SessionHandler, StateView};
 use dbus::arg::PropMap;
-use shmlink_endpoint::{ClientLimits, Endpoint, PeerFds, ServerRings};
+use shmlink_endpoint::sys::Selector;
+use shmlink_endpoint::{Endpoint, PeerFds, PeerLimits, ServerRings};
 use shmlink_interfaces::{option, AcceptSession, ParametersError, SessionParameters};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -215,7 +216,7 @@ impl Sessions {
 
     /// The epoll fd of the provider links: readable when
     /// [`Sessions::reap_links`] has work.
-    pub fn links_fd(&self) -> Arc<OwnedFd> {
+    pub fn links_fd(&self) -> Arc<Selector> {
         self.links.fd()
     }
 
@@ -430,7 +431,7 @@ impl Sessions {
         let opts = Options::new(a.options, parameters.max_message).with_memory(Memory::new(budget));
         let handler = open_handler(&*svc, &a.caller, &opts)?;
         let (to_server, to_client) = (a.fds.to_server.capacity, a.fds.to_client.capacity);
-        let limits = ClientLimits {
+        let limits = PeerLimits {
             max_capacity: self.accounting.limits().max_capacity,
             max_message,
         };
@@ -871,9 +872,9 @@ mod tests {
     }
 
     /// Polls `fd` until `take` returns something, or 10 s pass.
-    fn wait_for(
+    fn wait_for<F: AsFd>(
         s: &mut Sessions,
-        fd: fn(&Sessions) -> Arc<OwnedFd>,
+        fd: fn(&Sessions) -> Arc<F>,
         take: fn(&mut Sessions) -> Vec<Ended>,
     ) -> Vec<Ended> {
         let deadline = Instant::now() + Duration::from_secs(10);

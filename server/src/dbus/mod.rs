@@ -38,11 +38,12 @@ use dbus::message::{MessageType, SignalArgs};
 use dbus::Message;
 use dbus_crossroads::{Crossroads, IfaceToken, MethodErr};
 use handover::{Pending, Verdict};
+use shmlink_endpoint::sys::Selector;
 use shmlink_interfaces::{
     error, limits, member, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
 };
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -173,7 +174,7 @@ pub(crate) struct Adapter {
     path: dbus::Path<'static>,
     callers: Arc<Mutex<Callers>>,
     notify: Arc<OwnedFd>,
-    links: Arc<OwnedFd>,
+    links: Arc<Selector>,
     session_token: IfaceToken<Arc<SessionInfo>>,
     /// Credentials asked of the bus: the serial of our call, and whose.
     lookups: HashMap<u32, String>,
@@ -671,7 +672,7 @@ impl Served for Adapter {
         Adapter::handle(self, conn, msg);
     }
 
-    fn watched(&mut self) -> Vec<Arc<OwnedFd>> {
+    fn watched(&mut self) -> Vec<Arc<dyn AsFd>> {
         vec![self.notify.clone(), self.links.clone()]
     }
 

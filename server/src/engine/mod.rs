@@ -21,24 +21,25 @@ use pump::{Pump, Slice, Step, FIRED_DATA, FIRED_HANGUP, FIRED_LINK, FIRED_ROOM};
 
 use crate::lock;
 use crate::service::{SessionHandler, SessionWaker};
-use rustix::event::epoll::{self, EventData, EventFlags};
-use shmlink_endpoint::{sys, Endpoint};
+use shmlink_endpoint::sys::{self, Events, Interest, Selector, Token};
+use shmlink_endpoint::Endpoint;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-/// epoll token of a worker's own wake-up eventfd.
-const WAKE_TOKEN: u64 = u64::MAX;
+/// Token of a worker's own wake-up eventfd.
+const WAKE_TOKEN: Token = Token(u64::MAX);
 /// Events fetched per `epoll_wait`.
 const EVENT_BATCH: usize = 256;
 
-/// A session's epoll token is `id << 2 | which fd` (the index in
+/// A session's token is `id << 2 | which fd` (the index in
 /// [`Pump::fds`]), so that a wake-up touches only the fd that fired.
-fn token(id: u64, fd_index: usize) -> u64 {
-    (id << 2) | fd_index as u64
+fn token(id: u64, fd_index: usize) -> Token {
+    Token((id << 2) | fd_index as u64)
 }
 
 /// A session the engine ended by itself, for the main loop to finish off.
@@ -62,13 +63,20 @@ enum Command {
 
 /// A worker's inbox: its command queue and the eventfd that wakes it.
 struct Mailbox {
-    epoll: OwnedFd,
+    selector: Selector,
     wake: OwnedFd,
     commands: Mutex<Vec<Command>>,
+    /// `Remove` commands posted, for the tests.
+    #[cfg(test)]
+    removes_posted: std::sync::atomic::AtomicUsize,
 }
 
 impl Mailbox {
     fn post(&self, c: Command) {
+        #[cfg(test)]
+        if matches!(c, Command::Remove(_)) {
+            self.removes_posted.fetch_add(1, Ordering::SeqCst);
+        }
         self.queue(c);
         self.wake();
     }
@@ -87,8 +95,10 @@ impl Mailbox {
 pub(crate) struct Engine {
     mailboxes: Vec<Arc<Mailbox>>,
     threads: Vec<JoinHandle<()>>,
-    /// Which worker serves each session, and the session's counters.
-    placement: HashMap<u64, (usize, Arc<Traffic>)>,
+    /// Each session until its [`Engine::remove`]: the worker serving it
+    /// (`None` once that worker ended it and [`Engine::take_ended`] handed
+    /// its [`Ended`] out).
+    placement: HashMap<u64, Option<usize>>,
     next: usize,
     /// Mailboxes given sessions by [`Engine::add_held`] since the last
     /// [`Engine::wake_held`].
@@ -115,18 +125,15 @@ impl Engine {
             notify,
         };
         for i in 0..workers.max(1) {
-            let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+            let selector = Selector::new()?;
             let wake = sys::new_eventfd()?;
-            epoll::add(
-                &epoll,
-                &wake,
-                EventData::new_u64(WAKE_TOKEN),
-                EventFlags::IN,
-            )?;
+            selector.add(&wake, WAKE_TOKEN, Interest::READABLE)?;
             let mailbox = Arc::new(Mailbox {
-                epoll,
+                selector,
                 wake,
                 commands: Mutex::new(Vec::new()),
+                #[cfg(test)]
+                removes_posted: Default::default(),
             });
             let worker = Worker {
                 mailbox: mailbox.clone(),
@@ -159,11 +166,19 @@ impl Engine {
     }
 
     /// The sessions workers ended since the last call; resets the notify fd.
+    ///
+    /// The engine forgets each one's placement as it hands it out: its
+    /// worker dropped it already, so a later [`Engine::remove`] of it posts
+    /// nothing.
     pub fn take_ended(&mut self) -> Vec<Ended> {
         let _ = sys::eventfd_drain(self.notify.as_fd());
-        // The placement stays until [`Engine::remove`]: the caller ends
-        // each session through it and reads its counters there.
-        self.ended.try_iter().collect()
+        let ended: Vec<Ended> = self.ended.try_iter().collect();
+        for e in &ended {
+            if let Some(worker) = self.placement.get_mut(&e.id) {
+                *worker = None;
+            }
+        }
+        ended
     }
 
     /// Starts serving session `id`, which a provider serves: watches its
@@ -240,32 +255,26 @@ impl Engine {
         // by fd and file, and the worker removes them by the same fds.
         let fds = pump.fds();
         for (n, fd) in fds.iter().enumerate() {
-            if let Err(e) = epoll::add(
-                &mailbox.epoll,
-                fd,
-                EventData::new_u64(token(id, n)),
-                EventFlags::IN,
-            ) {
-                unwatch(&mailbox.epoll, &fds[..n]);
-                return Err(e.into());
+            if let Err(e) = mailbox.selector.add(fd, token(id, n), Interest::READABLE) {
+                unwatch(&mailbox.selector, &fds[..n]);
+                return Err(e);
             }
         }
         self.next += 1;
-        self.placement.insert(id, (index, traffic));
+        self.placement.insert(id, Some(index));
         mailbox.queue(Command::Add(id, pump));
         Ok(index)
     }
 
-    /// Stops serving session `id`; its worker drops the rings and hang-up
-    /// socket at its next wake-up, which this triggers. Returns the
-    /// session's counters; does nothing (and returns `None`) if the session
-    /// is not served any more.
-    pub fn remove(&mut self, id: u64) -> Option<Arc<Traffic>> {
-        let (index, traffic) = self.placement.remove(&id)?;
-        // A session the worker ended by itself is gone there already; the
-        // command then finds nothing to drop.
-        self.mailboxes[index].post(Command::Remove(id));
-        Some(traffic)
+    /// Stops serving session `id` and forgets it; its worker drops the rings
+    /// and hang-up socket at its next wake-up, which this triggers. Posts
+    /// nothing for a session its worker ended by itself (handed out by
+    /// [`Engine::take_ended`]: the worker dropped it already) or one
+    /// removed already.
+    pub fn remove(&mut self, id: u64) {
+        if let Some(Some(index)) = self.placement.remove(&id) {
+            self.mailboxes[index].post(Command::Remove(id));
+        }
     }
 
     /// Stops the workers; each drops every session it still serves.
@@ -287,9 +296,9 @@ impl Drop for Engine {
     }
 }
 
-fn unwatch(epoll: &OwnedFd, fds: &[BorrowedFd<'_>]) {
+fn unwatch(selector: &Selector, fds: &[BorrowedFd<'_>]) {
     for fd in fds {
-        if let Err(e) = epoll::delete(epoll, fd) {
+        if let Err(e) = selector.delete(fd) {
             log::warn!("epoll_ctl(DEL) failed: {e}");
         }
     }
@@ -315,34 +324,26 @@ impl Worker {
         if let Err(e) = sys::write_guard::protect_this_thread() {
             log::warn!("cannot guard worker against blocking eventfd writes: {e}");
         }
-        let mut events: Vec<epoll::Event> = Vec::with_capacity(EVENT_BATCH);
-        let zero = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut events = Events::with_capacity(EVENT_BATCH);
         loop {
-            let timeout = if self.runq.is_empty() {
+            // Sessions queued: only look, do not wait.
+            let deadline = if self.runq.is_empty() {
                 None
             } else {
-                Some(&zero)
+                Some(Instant::now())
             };
-            events.clear();
-            if let Err(e) = epoll::wait(
-                &self.mailbox.epoll,
-                rustix::buffer::spare_capacity(&mut events),
-                timeout,
-            ) {
-                if e != rustix::io::Errno::INTR {
+            if let Err(e) = self.mailbox.selector.wait(&mut events, deadline) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
                     log::error!("epoll_wait failed: {e}");
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
                 continue;
             }
-            for ev in &events {
-                let token = ev.data.u64();
-                if token == WAKE_TOKEN {
+            for ev in events.iter() {
+                if ev.token == WAKE_TOKEN {
                     let _ = sys::eventfd_drain(self.mailbox.wake.as_fd());
                 } else {
+                    let Token(token) = ev.token;
                     let fired =
                         [FIRED_DATA, FIRED_ROOM, FIRED_HANGUP, FIRED_LINK][(token & 3) as usize];
                     self.enqueue(token >> 2, fired);
@@ -418,7 +419,7 @@ impl Worker {
     /// hang-up socket, which the client sees).
     fn drop_session(&mut self, id: u64) {
         if let Some(pump) = self.sessions.remove(&id) {
-            unwatch(&self.mailbox.epoll, &pump.fds());
+            unwatch(&self.mailbox.selector, &pump.fds());
         }
     }
 }
@@ -470,6 +471,48 @@ mod tests {
         assert!(
             ready[0].hangup || ready[0].readable,
             "shutdown drops every session"
+        );
+    }
+
+    #[test]
+    fn a_session_its_worker_ended_gets_no_remove_command() {
+        let mut engine = Engine::start(1).expect("start");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut clients = Vec::new();
+        let traffic: Arc<Traffic> = Arc::default();
+        for id in 1..=2 {
+            let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
+            let handler = Echo.open(&caller(), &options(&[])).expect("open");
+            engine
+                .add_held(id, server, handler, traffic.clone())
+                .expect("add");
+            clients.push(Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client"));
+        }
+        engine.wake_held();
+        // The client of session 1 hangs up: its worker ends it by itself.
+        drop(clients.remove(0));
+        let ended = loop {
+            let ended = engine.take_ended();
+            if !ended.is_empty() || Instant::now() > deadline {
+                break ended;
+            }
+            let notify = engine.notify_fd();
+            let _ = sys::poll_readable(&[notify.as_fd()], Some(deadline));
+        };
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].id, 1);
+        let removes = |engine: &Engine| engine.mailboxes[0].removes_posted.load(Ordering::SeqCst);
+        engine.remove(1);
+        assert_eq!(removes(&engine), 0, "the worker dropped session 1 already");
+        assert!(!engine.placement.contains_key(&1), "forgotten");
+        // A session the worker still serves gets its `Remove`, once.
+        engine.remove(2);
+        engine.remove(2);
+        assert_eq!(removes(&engine), 1);
+        let ready = sys::poll_readable(&[clients[0].hangup_fd()], Some(deadline)).expect("poll");
+        assert!(
+            ready[0].hangup || ready[0].readable,
+            "the removed session's socket closed"
         );
     }
 

@@ -50,7 +50,7 @@ use shmlink_interfaces::{
     member, Bus, BROKER_INTERFACE, BROKER_PATH, BUS_NAME, DBUS_NAME, DBUS_PATH,
 };
 use std::collections::{BTreeSet, HashMap};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -412,7 +412,7 @@ impl Served for Face {
         }
     }
 
-    fn watched(&mut self) -> Vec<Arc<OwnedFd>> {
+    fn watched(&mut self) -> Vec<Arc<dyn AsFd>> {
         vec![self.host().sessions.notify_fd()]
     }
 

@@ -1,15 +1,24 @@
 //! shmlinkd: the shmlink broker daemon. See `shmlinkd --help`.
 
+mod overrides;
+mod systemd;
+
 use anyhow::{Context, Result};
 use clap::Parser;
-use shmlink_server::config::{Config, Overrides, DEFAULT_CONFIG_PATH};
+use overrides::Overrides;
+use shmlink_server::config::{Config, DEFAULT_CONFIG_PATH};
 use shmlink_server::{builtin, signals, Bus, Daemon, Names};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 /// Shared-memory session broker: hands out sealed memfd ring pairs over D-Bus.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+// The name `--version` prints and the first line of `--help`, kept word for word.
+#[command(
+    name = "shmlink-server",
+    version,
+    about = "shmlink broker library (Service trait, session table, D-Bus registration, event loop) and the shmlinkd daemon"
+)]
 struct Args {
     /// Serve on the session bus (the default, unless D-Bus activation gave an address).
     #[arg(long, conflicts_with_all = ["system", "address"])]
@@ -102,7 +111,7 @@ const MMAP_THRESHOLD: i32 = 4 << 20;
 const TRIM_THRESHOLD: i32 = 8 << 20;
 
 fn main() -> Result<()> {
-    shmlink_server::systemd::init_logging();
+    systemd::init_logging();
     let args = Args::parse();
     let stop = signals::termination_fd().context("cannot set up signal handling")?;
     let config = load_config(&args).context("configuration rejected")?;
@@ -123,9 +132,9 @@ fn main() -> Result<()> {
     };
     let daemon = Daemon::create_named(&bus, names, config, builtin::all())
         .context("cannot start shmlinkd")?;
-    shmlink_server::systemd::notify_ready(&serving);
+    systemd::notify_ready(&serving);
     let result = daemon.run(Some(stop.as_fd()));
-    shmlink_server::systemd::notify_stopping();
+    systemd::notify_stopping();
     result.context("shmlinkd stopped with an error")?;
     log::info!("shmlinkd exiting");
     Ok(())
