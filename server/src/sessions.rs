@@ -22,7 +22,7 @@ use crate::accounting::{session_cost, Accounting, Refusal, Registration, Reserva
 use crate::admission::ring_options;
 use crate::config::Config;
 use crate::engine::{Engine, Traffic};
-use crate::links::Links;
+use crate::links::{Links, WatchedLink};
 use crate::log_bounds::{cut, LOGGED_ERROR, LOGGED_STRING};
 use crate::service::{Caller, Memory, Options, Service, SessionHandler, StateView};
 use dbus::arg::PropMap;
@@ -68,9 +68,9 @@ enum Stage {
         client: PeerFds,
         parameters: SessionParameters,
     },
-    /// Served by its provider; the broker's end of the link is watched by
-    /// [`Links`], which closes it when the session is dropped.
-    Provided,
+    /// Served by its provider; the broker's end of the link is watched
+    /// and closes when the session is dropped.
+    Provided(WatchedLink),
 }
 
 impl Session {
@@ -378,26 +378,37 @@ impl Sessions {
         &mut self,
         id: u64,
     ) -> Result<(Arc<SessionInfo>, PeerFds, SessionParameters), Refusal> {
-        let Some(session) = self.table.get_mut(&id) else {
-            return Err(Refusal::UnknownSession(id));
+        let (info, link, client, parameters, reservation) = match self.table.remove(&id) {
+            Some(Session {
+                info,
+                stage:
+                    Stage::Asking {
+                        link,
+                        client,
+                        parameters,
+                    },
+                reservation,
+            }) => (info, link, client, parameters, reservation),
+            Some(open) => {
+                self.table.insert(id, open);
+                return Err(Refusal::UnknownSession(id));
+            }
+            None => return Err(Refusal::UnknownSession(id)),
         };
-        if session.is_open() {
-            return Err(Refusal::UnknownSession(id));
-        }
-        let Stage::Asking {
-            link,
-            client,
-            parameters,
-        } = std::mem::replace(&mut session.stage, Stage::Provided)
-        else {
-            unreachable!("checked above");
-        };
-        if let Err(e) = self.links.watch(id, link) {
-            self.table.remove(&id);
-            return Err(Refusal::Internal(format!(
-                "could not watch the provider's link: {e}"
-            )));
-        }
+        // On a failure the parts just taken out drop: the charge is
+        // refunded and every fd closes, which the provider sees.
+        let watched = self
+            .links
+            .watch(id, link)
+            .map_err(|e| Refusal::Internal(format!("could not watch the provider's link: {e}")))?;
+        self.table.insert(
+            id,
+            Session {
+                info,
+                stage: Stage::Provided(watched),
+                reservation,
+            },
+        );
         let session = &self.table[&id];
         let info = &session.info;
         log::info!(
@@ -598,10 +609,8 @@ impl Sessions {
             Stage::Served => {
                 self.engine.remove(id);
             }
-            Stage::Provided => {
-                self.links.remove(id);
-            }
-            Stage::Asking { .. } => {}
+            // Dropping the link (with the entry) closes the broker's end.
+            Stage::Provided(_) | Stage::Asking { .. } => {}
         }
         let o = &info.owner;
         if was_open {
@@ -642,7 +651,13 @@ impl Sessions {
     /// Ends the provided sessions whose provider closed its link.
     pub fn reap_links(&mut self) -> Vec<Ended> {
         self.links
-            .take_ended()
+            .ready()
+            .into_iter()
+            .filter_map(|id| match &self.table.get(&id)?.stage {
+                Stage::Provided(link) => Some((id, link.ended()?)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
             .into_iter()
             .filter_map(|(id, reason)| self.end(id, reason))
             .collect()
