@@ -61,8 +61,8 @@ enum Cmd {
 fn main() {
     // Like other Unix tools, end quietly when the reader of our output goes
     // away (`shmlink status | head -1`) instead of panicking in println!.
-    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // Before any thread starts.
+    shmlink_endpoint::sys::default_sigpipe();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",

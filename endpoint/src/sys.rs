@@ -126,6 +126,49 @@ fn eventfd_add_one(fd: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// A close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
+}
+
+/// A new eventfd at zero, close-on-exec and blocking (unlike
+/// [`eventfd_signal`]'s peers-shared ones): for measuring the kernel's
+/// blocking wake-up with [`eventfd_write`] and [`eventfd_read`].
+pub fn blocking_eventfd() -> io::Result<OwnedFd> {
+    Ok(rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC,
+    )?)
+}
+
+/// Adds `value` to an eventfd's counter (blocking if it would overflow).
+pub fn eventfd_write(fd: BorrowedFd<'_>, value: u64) -> io::Result<()> {
+    match rustix::io::write(fd, &value.to_ne_bytes())? {
+        8 => Ok(()),
+        n => Err(io::Error::other(format!("eventfd write of {n} bytes"))),
+    }
+}
+
+/// Waits for an eventfd's counter (if it is blocking), reads and resets it.
+pub fn eventfd_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    match rustix::io::read(fd, &mut b)? {
+        8 => Ok(u64::from_ne_bytes(b)),
+        n => Err(io::Error::other(format!("eventfd read of {n} bytes"))),
+    }
+}
+
+/// Restores the default disposition of `SIGPIPE` (the Rust runtime ignores
+/// it): a program writing to a pipe whose reader left then ends quietly,
+/// like other Unix tools, instead of failing in `println!`. Call it before
+/// any thread starts.
+pub fn default_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler, only resets a
+    // process-wide disposition; no Rust code depends on SIGPIPE being ignored
+    // beyond the write errors it would otherwise get.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 /// Sets O_NONBLOCK on an open file description.
 pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     let flags = rustix::fs::fcntl_getfl(fd)?;

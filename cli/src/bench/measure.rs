@@ -201,7 +201,7 @@ pub(super) fn stream_sink(
 
 /// A close-on-exec pipe: (read end, write end).
 pub(super) fn pipe() -> Result<(std::fs::File, std::fs::File)> {
-    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("pipe2")?;
+    let (r, w) = sys::pipe().context("pipe2")?;
     Ok((r.into(), w.into()))
 }
 
@@ -312,24 +312,17 @@ pub(super) fn shmlink_rtt(
 }
 
 pub(super) fn eventfd() -> Result<OwnedFd> {
-    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).context("eventfd")
+    sys::blocking_eventfd().context("eventfd")
 }
 
 /// Adds `v` to a blocking eventfd's counter.
 pub(super) fn eventfd_write(fd: impl AsFd, v: u64) -> std::io::Result<()> {
-    match rustix::io::write(fd, &v.to_ne_bytes())? {
-        8 => Ok(()),
-        n => Err(std::io::Error::other(format!("eventfd write of {n} bytes"))),
-    }
+    sys::eventfd_write(fd.as_fd(), v)
 }
 
 /// Waits for a blocking eventfd's counter, reads and resets it.
 pub(super) fn eventfd_read(fd: impl AsFd) -> std::io::Result<u64> {
-    let mut b = [0u8; 8];
-    match rustix::io::read(fd, &mut b)? {
-        8 => Ok(u64::from_ne_bytes(b)),
-        n => Err(std::io::Error::other(format!("eventfd read of {n} bytes"))),
-    }
+    sys::eventfd_read(fd.as_fd())
 }
 
 /// Two blocking eventfds and a child that answers each ping: the kernel's

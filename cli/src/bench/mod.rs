@@ -15,6 +15,7 @@ use dbus::Message;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use shmlink::{Bus, Client, Wakeup};
+use shmlink_endpoint::sys;
 use shmlink_interfaces::service;
 use shmlink_test_support::{locate_daemon, proc_status, DaemonProcess, PrivateBus};
 use std::io::{BufRead, BufReader, Read, Write};
