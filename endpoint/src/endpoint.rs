@@ -450,14 +450,6 @@ impl Endpoint {
         }
     }
 
-    server_pub! {
-        /// The budget set by [`Endpoint::set_budget`], if any, for whoever holds
-        /// memory on this session's behalf (the server's outgoing messages).
-        pub fn budget(&self) -> Option<Arc<dyn crate::Budget>> {
-            self.receiver.rx.budget()
-        }
-    }
-
     /// Opens the client's side from the fds the server handed over, after
     /// checking every one of them, within the default [`PeerLimits`].
     pub fn open_client(fds: PeerFds, max_message: u32, wakeup: Wakeup) -> Result<Endpoint, Error> {

@@ -193,11 +193,6 @@ impl Decoder {
         self.budget = Some(budget);
     }
 
-    /// The budget body allocations are charged to, if any.
-    pub fn budget(&self) -> Option<Arc<dyn Budget>> {
-        self.budget.clone()
-    }
-
     /// Drops a body being received and releases its charge.
     fn drop_body(&mut self) {
         if let Some(body) = self.body.take() {

@@ -413,11 +413,6 @@ impl RingReceiver {
         self.decoder.set_budget(budget);
     }
 
-    /// The budget set by [`RingReceiver::set_budget`], if any.
-    pub fn budget(&self) -> Option<Arc<dyn Budget>> {
-        self.decoder.budget()
-    }
-
     /// Whether the ring holds at least one byte.
     pub fn has_data(&mut self) -> Result<bool, Error> {
         let ring = &mut self.ring;

@@ -324,6 +324,14 @@ pub fn fd_kind(fd: BorrowedFd<'_>) -> io::Result<FdKind> {
     Ok(FdKind::Other(link))
 }
 
+server_pub! {
+    /// The effective uid of this process (a broker lets its own uid register
+    /// services, as root may).
+    pub fn effective_uid() -> u32 {
+        rustix::process::geteuid().as_raw()
+    }
+}
+
 /// The system page size.
 pub fn page_size() -> usize {
     rustix::param::page_size()

@@ -256,7 +256,7 @@ impl Accounting {
             )),
             registrations: BTreeMap::new(),
             registered_by: HashMap::new(),
-            own_uid: rustix::process::geteuid().as_raw(),
+            own_uid: shmlink_endpoint::sys::effective_uid(),
             config,
         }
     }

@@ -521,13 +521,17 @@ impl Sessions {
         handler: Box<dyn SessionHandler>,
         link: Option<OwnedFd>,
     ) -> Result<u64, Refusal> {
-        endpoint.set_budget(reservation.budget().clone());
+        let budget = reservation.budget().clone();
+        endpoint.set_budget(budget.clone());
+        let memory = Memory::new(budget);
         let info = self.new_info(caller, service, handler.state_view());
         let id = info.id;
         let traffic = info.traffic.clone();
         let added = match link {
-            Some(link) => self.engine.add_linked(id, endpoint, handler, traffic, link),
-            None => self.engine.add_held(id, endpoint, handler, traffic),
+            Some(link) => self
+                .engine
+                .add_linked(id, endpoint, handler, traffic, memory, link),
+            None => self.engine.add_held(id, endpoint, handler, traffic, memory),
         };
         added
             .map_err(|e| Refusal::Internal(format!("could not start serving the session: {e}")))?;

@@ -20,7 +20,7 @@ pub(crate) use pump::Traffic;
 use pump::{Pump, Slice, Step, FIRED_DATA, FIRED_HANGUP, FIRED_LINK, FIRED_ROOM};
 
 use crate::lock;
-use crate::service::{SessionHandler, SessionWaker};
+use crate::service::{Memory, SessionHandler, SessionWaker};
 use shmlink_endpoint::sys::{self, Events, Interest, Selector, Token};
 use shmlink_endpoint::Endpoint;
 use std::collections::{HashMap, VecDeque};
@@ -193,9 +193,10 @@ impl Engine {
         endpoint: Endpoint,
         handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
+        memory: Memory,
         link: OwnedFd,
     ) -> std::io::Result<()> {
-        let index = self.place(id, endpoint, handler, traffic, Some(link))?;
+        let index = self.place(id, endpoint, handler, traffic, memory, Some(link))?;
         self.mailboxes[index].wake();
         Ok(())
     }
@@ -211,8 +212,9 @@ impl Engine {
         endpoint: Endpoint,
         handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
+        memory: Memory,
     ) -> std::io::Result<()> {
-        let index = self.place(id, endpoint, handler, traffic, None)?;
+        let index = self.place(id, endpoint, handler, traffic, memory, None)?;
         if !self.held.contains(&index) {
             self.held.push(index);
         }
@@ -236,6 +238,7 @@ impl Engine {
         endpoint: Endpoint,
         mut handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
+        memory: Memory,
         link: Option<OwnedFd>,
     ) -> std::io::Result<usize> {
         let index = self.next % self.mailboxes.len();
@@ -246,7 +249,7 @@ impl Engine {
                 m.post(Command::Kick(id));
             }
         }));
-        let mut pump = Pump::new(endpoint, handler, traffic.clone());
+        let mut pump = Pump::new(endpoint, handler, traffic.clone()).with_memory(memory);
         if let Some(link) = link {
             pump = pump.with_link(link);
         }
@@ -442,7 +445,7 @@ mod tests {
             let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
             let handler = Echo.open(&caller(), &options(&[])).expect("open");
             engine
-                .add_held(id, server, handler, Arc::default())
+                .add_held(id, server, handler, Arc::default(), Memory::unlimited())
                 .expect("add");
             engine.wake_held();
             let mut client = Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client");
@@ -484,7 +487,7 @@ mod tests {
             let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
             let handler = Echo.open(&caller(), &options(&[])).expect("open");
             engine
-                .add_held(id, server, handler, traffic.clone())
+                .add_held(id, server, handler, traffic.clone(), Memory::unlimited())
                 .expect("add");
             clients.push(Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client"));
         }
@@ -527,7 +530,14 @@ mod tests {
             let handler = Echo.open(&caller(), &options(&[])).expect("open");
             let (broker_end, link) = sys::socketpair().expect("link");
             engine
-                .add_linked(id, server, handler, Arc::default(), link)
+                .add_linked(
+                    id,
+                    server,
+                    handler,
+                    Arc::default(),
+                    Memory::unlimited(),
+                    link,
+                )
                 .expect("add");
             clients.push(Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client"));
             links.push(broker_end);

@@ -150,16 +150,15 @@ enum Blocked {
 }
 
 impl Pump {
-    /// A pump serving `endpoint` with `handler`, counting into `traffic`.
+    /// A pump serving `endpoint` with `handler`, counting into `traffic`;
+    /// what it queues for the client is bounded by the largest message only
+    /// until [`Pump::with_memory`].
     pub fn new(
         endpoint: Endpoint,
         handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
     ) -> Self {
-        let memory = endpoint
-            .budget()
-            .map_or_else(Memory::unlimited, Memory::new);
-        let outbox = Outbox::with_memory(u64::from(endpoint.max_message()), memory);
+        let outbox = Outbox::with_memory(u64::from(endpoint.max_message()), Memory::unlimited());
         Pump {
             endpoint,
             handler,
@@ -173,6 +172,13 @@ impl Pump {
             waiting_since: None,
             polling: false,
         }
+    }
+
+    /// The same pump, charging what it queues for the client to `memory`
+    /// (its owner's budget, which the endpoint charges incoming messages to).
+    pub fn with_memory(mut self, memory: Memory) -> Self {
+        self.outbox = Outbox::with_memory(u64::from(self.endpoint.max_message()), memory);
+        self
     }
 
     /// The same pump, also watching `link` (a provided session's link to
@@ -775,11 +781,12 @@ mod tests {
         config.limits.memory_per_user = 64 << 20;
         let mut books = crate::accounting::Accounting::new(config);
         let (mut server, fds) = Endpoint::create_server(1 << 20, 8 << 20, Wakeup::Park).unwrap();
-        server.set_budget(books.budget_of(1));
+        let budget = books.budget_of(1);
+        server.set_budget(budget.clone());
         let client = Endpoint::open_client(fds, 8 << 20, Wakeup::Park).expect("client");
         let handler = Sink.open(&caller(), &options(&[])).expect("open");
         let traffic = Arc::new(Traffic::default());
-        let mut pump = Pump::new(server, handler, traffic.clone());
+        let mut pump = Pump::new(server, handler, traffic.clone()).with_memory(Memory::new(budget));
         let writer = std::thread::spawn(move || {
             let mut client = client;
             client.set_timeout(Some(Duration::from_secs(30)));
