@@ -17,7 +17,7 @@
 
 use crate::config::{valid_service_name, Config, Limits, Providers};
 use crate::log_bounds::{cut, LOGGED_STRING};
-use crate::service::{Caller, ServiceError};
+use shmlink_interfaces::Caller;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -171,15 +171,6 @@ pub(crate) enum Refusal {
     Internal(String),
 }
 
-impl From<ServiceError> for Refusal {
-    fn from(e: ServiceError) -> Self {
-        match e {
-            ServiceError::InvalidOption(m) => Refusal::InvalidOption(m),
-            other => Refusal::Internal(other.to_string()),
-        }
-    }
-}
-
 /// A session's charge: its cost on its owner's budget and its place in
 /// the session counts of its owner's connection and uid. Dropping it
 /// refunds all three.
@@ -264,15 +255,15 @@ impl Accounting {
     /// Makes `provider` the provider of `service`, taking sessions at
     /// `object`. Refused (in this order) if the name is malformed, the caller
     /// may not register it (root and the process's own uid always may;
-    /// others as `[providers.allow]` says), the name is built in
-    /// (`builtin`) or registered already, or the caller's uid holds
+    /// others as `[providers.allow]` says), the name is hosted by the broker
+    /// (`hosted`) or registered already, or the caller's uid holds
     /// `registrations_per_user` names.
     pub fn register(
         &mut self,
         provider: &Caller,
         service: &str,
         object: &str,
-        builtin: bool,
+        hosted: bool,
     ) -> Result<&Registration, Refusal> {
         if !valid_service_name(service) {
             return Err(Refusal::InvalidOption(format!(
@@ -290,7 +281,7 @@ impl Accounting {
                 provider.uid
             )));
         }
-        if builtin {
+        if hosted {
             return Err(Refusal::NameTaken(format!(
                 "{service:?} is a service built into the broker"
             )));

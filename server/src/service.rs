@@ -190,6 +190,15 @@ impl Options {
 /// Who opened a session, as the bus reported it.
 pub use shmlink_interfaces::Caller;
 
+impl From<ServiceError> for crate::accounting::Refusal {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::InvalidOption(m) => Self::InvalidOption(m),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
 /// A fill queued by [`Outbox::send_with`], run when the message's turn comes.
 type BoxedFill = Box<dyn FnMut(Piece<'_>) + Send>;
 

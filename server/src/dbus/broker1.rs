@@ -1,10 +1,10 @@
 //! `org.shmlink.Broker1` on the broker object: open and list sessions,
 //! register and list services, the broker's limits, and the
-//! `SessionClosed` signal. Its data is the [`Control`]. (`OpenSession` of a
+//! `SessionClosed` signal. Its data is the [`BrokerObject`]. (`OpenSession` of a
 //! registered service is answered later, when its provider does: see
 //! [`super::handover`].)
 
-use super::{sender_of, Control};
+use super::{sender_of, BrokerObject};
 use crate::accounting::Refusal;
 use crate::log_bounds::{cut, LOGGED_STRING};
 use crate::sessions::SessionInfo;
@@ -16,15 +16,15 @@ use std::sync::Arc;
 
 /// The broker object's data, which crossroads keeps at the path of the
 /// object a method was called on.
-fn control<'a>(cr: &'a mut Crossroads, ctx: &Context) -> Result<&'a mut Control, MethodErr> {
-    cr.data_mut::<Control>(ctx.path())
+fn control<'a>(cr: &'a mut Crossroads, ctx: &Context) -> Result<&'a mut BrokerObject, MethodErr> {
+    cr.data_mut::<BrokerObject>(ctx.path())
         .ok_or_else(|| MethodErr::no_path(ctx.path()))
 }
 
 pub(super) fn register(
     cr: &mut Crossroads,
     session_token: IfaceToken<Arc<SessionInfo>>,
-) -> IfaceToken<Control> {
+) -> IfaceToken<BrokerObject> {
     cr.register(BROKER_INTERFACE, move |b| {
         b.method_with_cr(
             member::OPEN_SESSION,
@@ -70,7 +70,7 @@ pub(super) fn register(
             member::LIST_SESSIONS,
             (),
             ("sessions",),
-            |_ctx, c: &mut Control, ()| {
+            |_ctx, c: &mut BrokerObject, ()| {
                 let list: Vec<(Path<'static>, String, String, u32, u32)> = c
                     .sessions
                     .open_sessions()
@@ -91,7 +91,9 @@ pub(super) fn register(
             member::REGISTER_SERVICE,
             ("service", "object", "options"),
             (),
-            |ctx, c: &mut Control, (service, object, options): (String, Path<'static>, PropMap)| {
+            |ctx,
+             c: &mut BrokerObject,
+             (service, object, options): (String, Path<'static>, PropMap)| {
                 let caller = c.caller_of(ctx.message())?;
                 let result = if options.is_empty() {
                     c.sessions.register(&caller, &service, &object)
@@ -128,7 +130,7 @@ pub(super) fn register(
             member::UNREGISTER_SERVICE,
             ("service",),
             (),
-            |ctx, c: &mut Control, (service,): (String,)| {
+            |ctx, c: &mut BrokerObject, (service,): (String,)| {
                 let sender = sender_of(ctx.message());
                 if let Err(e) = c.sessions.unregister(&sender, &service) {
                     let uid = c.uid_of(&sender);
@@ -144,7 +146,7 @@ pub(super) fn register(
             member::LIST_SERVICES,
             (),
             ("services",),
-            |_ctx, c: &mut Control, ()| {
+            |_ctx, c: &mut BrokerObject, ()| {
                 let accounting = c.sessions.accounting();
                 let own = accounting.own_uid();
                 let mut list: Vec<(String, String, u32)> = c
@@ -166,18 +168,18 @@ pub(super) fn register(
         b.signal::<(Path<'static>, String), _>(member::SESSION_CLOSED, ("session", "reason"));
         b.property(member::VERSION)
             .emits_changed_const()
-            .get(|_, _: &mut Control| Ok(env!("CARGO_PKG_VERSION").to_owned()));
+            .get(|_, _: &mut BrokerObject| Ok(env!("CARGO_PKG_VERSION").to_owned()));
         b.property(member::SERVICES)
             .emits_changed_true()
-            .get(|_, c: &mut Control| Ok(c.sessions.service_names()));
+            .get(|_, c: &mut BrokerObject| Ok(c.sessions.service_names()));
         b.property(member::SESSION_COUNT)
             .emits_changed_false()
-            .get(|_, c: &mut Control| Ok(c.sessions.open_count() as u32));
+            .get(|_, c: &mut BrokerObject| Ok(c.sessions.open_count() as u32));
         b.property(member::MAX_CAPACITY)
             .emits_changed_const()
-            .get(|_, c: &mut Control| Ok(c.sessions.accounting().limits().max_capacity));
+            .get(|_, c: &mut BrokerObject| Ok(c.sessions.accounting().limits().max_capacity));
         b.property(member::MAX_MESSAGE_SIZE)
             .emits_changed_const()
-            .get(|_, c: &mut Control| Ok(c.sessions.accounting().limits().max_message));
+            .get(|_, c: &mut BrokerObject| Ok(c.sessions.accounting().limits().max_message));
     })
 }

@@ -4,7 +4,7 @@
 //! ([`handover`]), and publishing and retiring session objects.
 //!
 //! Everything here runs on the D-Bus thread. The broker object's data is
-//! the [`Control`] (the session table, the callers, the refusal log's rate
+//! the [`BrokerObject`] (the session table, the callers, the refusal log's rate
 //! limit); the `org.shmlink.Broker1` methods ([`broker1`]) receive it from
 //! crossroads, and the session objects ([`session1`]) carry their
 //! [`SessionInfo`].
@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The broker object's data: what every call needs.
-pub(crate) struct Control {
+pub(crate) struct BrokerObject {
     sessions: Sessions,
     /// Shared with the session objects' property getters, which crossroads
     /// gives only their own object's data.
@@ -57,22 +57,22 @@ pub(crate) struct Control {
     names: Names,
 }
 
-impl Control {
-    /// Logs `call` of `who` (a connection, with its uid if known) refused
-    /// for `e`, as a warning within the per-uid rate limit; `subject` (what
-    /// the call named, e.g. a service) is cut to size.
+impl BrokerObject {
+    /// Logs `call` from `sender` (with its uid if known) refused for `e`,
+    /// as a warning within the per-uid rate limit; `subject` (what the call
+    /// named, e.g. a service) is cut to size.
     fn refused(
         &mut self,
         call: &str,
         subject: &str,
-        who: &str,
+        sender: &str,
         uid: Option<u32>,
         e: &dyn std::fmt::Display,
     ) {
         let uid = uid.unwrap_or(u32::MAX);
         if self.refusals.admit(uid, Instant::now()) {
             log::warn!(
-                "{call}({:?}) from {who} (uid {uid}) refused: {}",
+                "{call}({:?}) from {sender} (uid {uid}) refused: {}",
                 cut(subject, LOGGED_STRING),
                 cut(&e.to_string(), LOGGED_ERROR)
             );
@@ -170,7 +170,7 @@ fn is_broker_call(msg: &Message, path: &str, name: &str) -> bool {
 /// The registered interfaces and the state behind them.
 pub(crate) struct Adapter {
     cr: Crossroads,
-    /// The broker object's path, where crossroads keeps the [`Control`].
+    /// The broker object's path, where crossroads keeps the [`BrokerObject`].
     path: dbus::Path<'static>,
     callers: Arc<Mutex<Callers>>,
     notify: Arc<OwnedFd>,
@@ -218,7 +218,7 @@ impl Adapter {
         cr.insert(
             path.clone(),
             &[broker_token],
-            Control {
+            BrokerObject {
                 sessions,
                 callers: callers.clone(),
                 refusals: Refusals::default(),
@@ -242,9 +242,9 @@ impl Adapter {
     }
 
     /// The broker object's data.
-    fn control(&mut self) -> &mut Control {
+    fn control(&mut self) -> &mut BrokerObject {
         self.cr
-            .data_mut::<Control>(&self.path)
+            .data_mut::<BrokerObject>(&self.path)
             .expect("the broker object is never removed")
     }
 

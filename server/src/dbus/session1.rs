@@ -4,7 +4,7 @@
 //! serves the session.
 
 use super::callers::Callers;
-use super::{sender_of, Control};
+use super::{sender_of, BrokerObject};
 use crate::lock;
 use crate::names::broker_path_of;
 use crate::sessions::SessionInfo;
@@ -53,7 +53,7 @@ pub(super) fn register(
                 let sender = sender_of(ctx.message());
                 let broker: dbus::Path<'static> = broker_path_of(ctx.path()).to_owned().into();
                 let c = cr
-                    .data_mut::<Control>(&broker)
+                    .data_mut::<BrokerObject>(&broker)
                     .ok_or_else(|| MethodErr::no_path(&broker))?;
                 let caller = lock(&c.callers).get(&sender).cloned();
                 let owner = match c.sessions.authorize(id, caller.as_ref(), &sender) {

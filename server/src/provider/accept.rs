@@ -2,7 +2,7 @@
 //! broker hands over the server's side of a session with `AcceptSession`,
 //! which the provider's session table adopts.
 
-use super::Host;
+use super::ProviderObject;
 use crate::accounting::Refusal;
 use crate::log_bounds::{cut, LOGGED_ERROR, LOGGED_STRING};
 use dbus_crossroads::{Context, Crossroads, MethodErr};
@@ -10,7 +10,7 @@ use shmlink_interfaces::{error, member, AcceptSession, AcceptSessionArgs, PROVID
 
 /// A crossroads instance exporting `org.shmlink.Provider1` at `path`, its
 /// object data `host`.
-pub(super) fn crossroads(path: dbus::Path<'static>, host: Host) -> Crossroads {
+pub(super) fn crossroads(path: dbus::Path<'static>, host: ProviderObject) -> Crossroads {
     let mut cr = Crossroads::new();
     let token = cr.register(PROVIDER_INTERFACE, |b| {
         b.method(
@@ -27,7 +27,7 @@ pub(super) fn crossroads(path: dbus::Path<'static>, host: Host) -> Crossroads {
                 "parameters",
             ),
             (),
-            |ctx: &mut Context, host: &mut Host, args: AcceptSessionArgs| {
+            |ctx: &mut Context, host: &mut ProviderObject, args: AcceptSessionArgs| {
                 let sender = ctx.message().sender().map(|s| s.to_string());
                 if !host.is_broker(sender.as_deref()) {
                     // Any connection can call: not worth a warning each time.

@@ -177,7 +177,7 @@ impl ProviderBuilder {
         let path: dbus::Path<'static> = self.object_path.clone().into();
         let cr = accept::crossroads(
             path.clone(),
-            Host {
+            ProviderObject {
                 sessions,
                 broker_owner: Some(owner.clone()),
             },
@@ -238,13 +238,13 @@ fn start_service(conn: &Connection, name: &str) {
 /// The provider object's data: the provider's session table (its
 /// services, its own limits and accounting, its engine) and the broker it
 /// registered with.
-pub(crate) struct Host {
+pub(crate) struct ProviderObject {
     sessions: Sessions,
     /// The unique name of the broker the services are registered with.
     broker_owner: Option<String>,
 }
 
-impl Host {
+impl ProviderObject {
     /// Whether `sender` is the broker the services are registered with.
     fn is_broker(&self, sender: Option<&str>) -> bool {
         sender.is_some() && self.broker_owner.as_deref() == sender
@@ -258,11 +258,11 @@ pub struct Provider {
 }
 
 /// A provider's D-Bus face: `org.shmlink.Provider1` (whose object data is
-/// the [`Host`]) and its registrations with the broker.
+/// the [`ProviderObject`]) and its registrations with the broker.
 struct Face {
     cr: Crossroads,
     /// Where `org.shmlink.Provider1` is exported; crossroads keeps the
-    /// [`Host`] there.
+    /// [`ProviderObject`] there.
     path: dbus::Path<'static>,
     broker_name: String,
     broker_path: String,
@@ -330,9 +330,9 @@ impl Provider {
 }
 
 impl Face {
-    fn host(&mut self) -> &mut Host {
+    fn host(&mut self) -> &mut ProviderObject {
         self.cr
-            .data_mut::<Host>(&self.path)
+            .data_mut::<ProviderObject>(&self.path)
             .expect("the provider object is never removed")
     }
 
