@@ -477,6 +477,19 @@ mod tests {
         );
     }
 
+    /// The sessions the engine's workers ended, once there are some or
+    /// `deadline` passed.
+    fn wait_for_ended(engine: &mut Engine, deadline: Instant) -> Vec<Ended> {
+        loop {
+            let ended = engine.take_ended();
+            if !ended.is_empty() || Instant::now() > deadline {
+                return ended;
+            }
+            let notify = engine.notify_fd();
+            let _ = sys::poll_readable(&[notify.as_fd()], Some(deadline));
+        }
+    }
+
     #[test]
     fn a_session_its_worker_ended_gets_no_remove_command() {
         let mut engine = Engine::start(1).expect("start");
@@ -494,14 +507,7 @@ mod tests {
         engine.wake_held();
         // The client of session 1 hangs up: its worker ends it by itself.
         drop(clients.remove(0));
-        let ended = loop {
-            let ended = engine.take_ended();
-            if !ended.is_empty() || Instant::now() > deadline {
-                break ended;
-            }
-            let notify = engine.notify_fd();
-            let _ = sys::poll_readable(&[notify.as_fd()], Some(deadline));
-        };
+        let ended = wait_for_ended(&mut engine, deadline);
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].id, 1);
         let removes = |engine: &Engine| engine.mailboxes[0].removes_posted.load(Ordering::SeqCst);
@@ -544,14 +550,7 @@ mod tests {
         }
         // The broker ends session 1: the worker reports it and the client sees the hang-up.
         drop(links.remove(0));
-        let ended = loop {
-            let ended = engine.take_ended();
-            if !ended.is_empty() || Instant::now() > deadline {
-                break ended;
-            }
-            let notify = engine.notify_fd();
-            let _ = sys::poll_readable(&[notify.as_fd()], Some(deadline));
-        };
+        let ended = wait_for_ended(&mut engine, deadline);
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].id, 1);
         assert_eq!(ended[0].reason, "the broker ended the session");
