@@ -21,7 +21,7 @@
 use crate::accounting::{session_cost, Accounting, Refusal, Registration, Reservation};
 use crate::admission::ring_options;
 use crate::config::Config;
-use crate::engine::{Engine, Traffic};
+use crate::engine::{Engine, Traffic, WorkerId};
 use crate::links::{Links, WatchedLink};
 use crate::log_bounds::{cut, LOGGED_ERROR, LOGGED_STRING};
 use crate::service::{Caller, Memory, Options, Service, SessionHandler, StateView};
@@ -60,7 +60,7 @@ struct Session {
 /// Where a session is in its life.
 enum Stage {
     /// Served by a worker of this process.
-    Served,
+    Served(WorkerId),
     /// Handed to its provider, which has not answered yet: the broker's end
     /// of the link, and what the client gets if the provider accepts.
     Asking {
@@ -527,19 +527,19 @@ impl Sessions {
         let info = self.new_info(caller, service, handler.state_view());
         let id = info.id;
         let traffic = info.traffic.clone();
-        let added = match link {
+        let worker = match link {
             Some(link) => self
                 .engine
                 .add_linked(id, endpoint, handler, traffic, memory, link),
             None => self.engine.add_held(id, endpoint, handler, traffic, memory),
         };
-        added
+        let worker = worker
             .map_err(|e| Refusal::Internal(format!("could not start serving the session: {e}")))?;
         self.table.insert(
             id,
             Session {
                 info,
-                stage: Stage::Served,
+                stage: Stage::Served(worker),
                 reservation,
             },
         );
@@ -606,12 +606,20 @@ impl Sessions {
     /// broker's end of a link closes, which its provider sees). `None` if it
     /// had already ended.
     pub fn end(&mut self, id: u64, reason: &str) -> Option<Ended> {
+        self.remove_entry(id, reason, false)
+    }
+
+    /// [`Sessions::end`], told whether the worker serving the session ended
+    /// it itself (and dropped its pump already: nothing is sent back).
+    fn remove_entry(&mut self, id: u64, reason: &str, worker_ended_it: bool) -> Option<Ended> {
         let session = self.table.remove(&id)?;
         let info = session.info.clone();
         let was_open = session.is_open();
         match session.stage {
-            Stage::Served => {
-                self.engine.remove(id);
+            Stage::Served(worker) => {
+                if !worker_ended_it {
+                    self.engine.remove(id, worker);
+                }
             }
             // Dropping the link (with the entry) closes the broker's end.
             Stage::Provided(_) | Stage::Asking { .. } => {}
@@ -643,12 +651,12 @@ impl Sessions {
         })
     }
 
-    /// Ends the sessions the engine ended by itself.
+    /// Ends the sessions the engine's workers ended by themselves.
     pub fn reap(&mut self) -> Vec<Ended> {
         self.engine
             .take_ended()
             .into_iter()
-            .filter_map(|e| self.end(e.id, &e.reason))
+            .filter_map(|e| self.remove_entry(e.id, &e.reason, true))
             .collect()
     }
 
@@ -917,6 +925,11 @@ mod tests {
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].reason, "client hung up");
         assert!(ended[0].was_open);
+        assert_eq!(
+            s.engine.removes_posted(),
+            0,
+            "the worker dropped the session itself: nothing is sent back"
+        );
         assert_eq!(s.len(), 0);
         assert_eq!(s.accounting.memory_total(), 0);
     }

@@ -91,14 +91,14 @@ impl Mailbox {
     }
 }
 
+/// The worker a session is served on, for [`Engine::remove`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WorkerId(usize);
+
 /// The pool of workers, driven from the D-Bus thread.
 pub(crate) struct Engine {
     mailboxes: Vec<Arc<Mailbox>>,
     threads: Vec<JoinHandle<()>>,
-    /// Each session until its [`Engine::remove`]: the worker serving it
-    /// (`None` once that worker ended it and [`Engine::take_ended`] handed
-    /// its [`Ended`] out).
-    placement: HashMap<u64, Option<usize>>,
     next: usize,
     /// Mailboxes given sessions by [`Engine::add_held`] since the last
     /// [`Engine::wake_held`].
@@ -117,7 +117,6 @@ impl Engine {
         let mut engine = Engine {
             mailboxes: Vec::new(),
             threads: Vec::new(),
-            placement: HashMap::new(),
             next: 0,
             held: Vec::new(),
             stop,
@@ -165,20 +164,12 @@ impl Engine {
         self.notify.clone()
     }
 
-    /// The sessions workers ended since the last call; resets the notify fd.
-    ///
-    /// The engine forgets each one's placement as it hands it out: its
-    /// worker dropped it already, so a later [`Engine::remove`] of it posts
-    /// nothing.
+    /// The sessions workers ended since the last call (each worker dropped
+    /// its session already: it needs no [`Engine::remove`]); resets the
+    /// notify fd.
     pub fn take_ended(&mut self) -> Vec<Ended> {
         let _ = sys::eventfd_drain(self.notify.as_fd());
-        let ended: Vec<Ended> = self.ended.try_iter().collect();
-        for e in &ended {
-            if let Some(worker) = self.placement.get_mut(&e.id) {
-                *worker = None;
-            }
-        }
-        ended
+        self.ended.try_iter().collect()
     }
 
     /// Starts serving session `id`, which a provider serves: watches its
@@ -195,10 +186,10 @@ impl Engine {
         traffic: Arc<Traffic>,
         memory: Memory,
         link: OwnedFd,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<WorkerId> {
         let index = self.place(id, endpoint, handler, traffic, memory, Some(link))?;
         self.mailboxes[index].wake();
-        Ok(())
+        Ok(WorkerId(index))
     }
 
     /// Starts serving session `id` like [`Engine::add_linked`] (without a
@@ -213,12 +204,12 @@ impl Engine {
         handler: Box<dyn SessionHandler>,
         traffic: Arc<Traffic>,
         memory: Memory,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<WorkerId> {
         let index = self.place(id, endpoint, handler, traffic, memory, None)?;
         if !self.held.contains(&index) {
             self.held.push(index);
         }
-        Ok(())
+        Ok(WorkerId(index))
     }
 
     /// Wakes the workers given sessions by [`Engine::add_held`] since the
@@ -264,20 +255,25 @@ impl Engine {
             }
         }
         self.next += 1;
-        self.placement.insert(id, Some(index));
         mailbox.queue(Command::Add(id, pump));
         Ok(index)
     }
 
-    /// Stops serving session `id` and forgets it; its worker drops the rings
-    /// and hang-up socket at its next wake-up, which this triggers. Posts
-    /// nothing for a session its worker ended by itself (handed out by
-    /// [`Engine::take_ended`]: the worker dropped it already) or one
-    /// removed already.
-    pub fn remove(&mut self, id: u64) {
-        if let Some(Some(index)) = self.placement.remove(&id) {
-            self.mailboxes[index].post(Command::Remove(id));
-        }
+    /// Stops serving session `id` on `worker` (where [`Engine::add_held`]
+    /// or [`Engine::add_linked`] put it); the worker drops the rings and the
+    /// hang-up socket at its next wake-up, which this triggers. Not for a
+    /// session the worker ended by itself ([`Engine::take_ended`]).
+    pub fn remove(&mut self, id: u64, worker: WorkerId) {
+        self.mailboxes[worker.0].post(Command::Remove(id));
+    }
+
+    /// `Remove` commands posted to each worker so far.
+    #[cfg(test)]
+    pub fn removes_posted(&self) -> usize {
+        self.mailboxes
+            .iter()
+            .map(|m| m.removes_posted.load(Ordering::SeqCst))
+            .sum()
     }
 
     /// Stops the workers; each drops every session it still serves.
@@ -289,7 +285,6 @@ impl Engine {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        self.placement.clear();
     }
 }
 
@@ -441,18 +436,20 @@ mod tests {
         let mut engine = Engine::start(1).expect("start");
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut clients = Vec::new();
+        let mut workers = Vec::new();
         for id in 1..=2 {
             let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
             let handler = Echo.open(&caller(), &options(&[])).expect("open");
-            engine
+            let worker = engine
                 .add_held(id, server, handler, Arc::default(), Memory::unlimited())
                 .expect("add");
+            workers.push(worker);
             engine.wake_held();
             let mut client = Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client");
             client.set_timeout(Some(Duration::from_secs(10)));
             clients.push(client);
         }
-        engine.remove(1);
+        engine.remove(1, workers[0]);
         let ready = sys::poll_readable(&[clients[0].hangup_fd()], Some(deadline)).expect("poll");
         assert!(
             ready[0].hangup || ready[0].readable,
@@ -464,7 +461,8 @@ mod tests {
             clients[1].recv().expect("recv").as_deref(),
             Some(&b"still served"[..])
         );
-        engine.remove(1);
+        engine.remove(1, workers[0]);
+        assert_eq!(engine.removes_posted(), 2);
         assert!(
             engine.take_ended().is_empty(),
             "a removal is not reported back"
@@ -491,51 +489,17 @@ mod tests {
     }
 
     #[test]
-    fn a_session_its_worker_ended_gets_no_remove_command() {
-        let mut engine = Engine::start(1).expect("start");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut clients = Vec::new();
-        let traffic: Arc<Traffic> = Arc::default();
-        for id in 1..=2 {
-            let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
-            let handler = Echo.open(&caller(), &options(&[])).expect("open");
-            engine
-                .add_held(id, server, handler, traffic.clone(), Memory::unlimited())
-                .expect("add");
-            clients.push(Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client"));
-        }
-        engine.wake_held();
-        // The client of session 1 hangs up: its worker ends it by itself.
-        drop(clients.remove(0));
-        let ended = wait_for_ended(&mut engine, deadline);
-        assert_eq!(ended.len(), 1);
-        assert_eq!(ended[0].id, 1);
-        let removes = |engine: &Engine| engine.mailboxes[0].removes_posted.load(Ordering::SeqCst);
-        engine.remove(1);
-        assert_eq!(removes(&engine), 0, "the worker dropped session 1 already");
-        assert!(!engine.placement.contains_key(&1), "forgotten");
-        // A session the worker still serves gets its `Remove`, once.
-        engine.remove(2);
-        engine.remove(2);
-        assert_eq!(removes(&engine), 1);
-        let ready = sys::poll_readable(&[clients[0].hangup_fd()], Some(deadline)).expect("poll");
-        assert!(
-            ready[0].hangup || ready[0].readable,
-            "the removed session's socket closed"
-        );
-    }
-
-    #[test]
     fn a_linked_session_ends_with_its_link_and_drops_it_when_it_ends() {
         let mut engine = Engine::start(1).expect("start");
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut links = Vec::new();
         let mut clients = Vec::new();
+        let mut workers = Vec::new();
         for id in 1..=2 {
             let (server, fds) = Endpoint::create_server(4096, 1024, Wakeup::Park).expect("rings");
             let handler = Echo.open(&caller(), &options(&[])).expect("open");
             let (broker_end, link) = sys::socketpair().expect("link");
-            engine
+            let worker = engine
                 .add_linked(
                     id,
                     server,
@@ -545,6 +509,7 @@ mod tests {
                     link,
                 )
                 .expect("add");
+            workers.push(worker);
             clients.push(Endpoint::open_client(fds, 1024, Wakeup::Park).expect("client"));
             links.push(broker_end);
         }
@@ -560,7 +525,7 @@ mod tests {
             "the client sees the end"
         );
         // Session 2 ends on the provider's side: the broker sees its link close.
-        engine.remove(2);
+        engine.remove(2, workers[1]);
         let ready = sys::poll_readable(&[links[0].as_fd()], Some(deadline)).expect("poll");
         assert!(
             ready[0].hangup || ready[0].readable,
