@@ -516,16 +516,20 @@ impl Adapter {
                 self.control().sessions.end(p.id, "the client left the bus");
             }
         }
+        let uid = lock(&self.callers).get(name).map_or(u32::MAX, |c| c.uid);
         lock(&self.callers).forget(name);
         let c = self.control();
         let (ended, withdrawn) = c.sessions.connection_left(name, "owner left the bus");
         let changed = (!withdrawn.is_empty()).then(|| c.services_changed());
+        let logged = changed.is_some() && c.sessions.admit_success_line(uid);
         self.retire(conn, ended);
         if let Some(signal) = changed {
-            log::info!(
-                "provider {name} left the bus; services withdrawn: {}",
-                withdrawn.join(", ")
-            );
+            if logged {
+                log::info!(
+                    "provider {name} (uid {uid}) left the bus; services withdrawn: {}",
+                    withdrawn.join(", ")
+                );
+            }
             let _ = conn.send(signal);
         }
     }
