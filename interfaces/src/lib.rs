@@ -239,6 +239,10 @@ pub mod limits {
     pub const DEFAULT_ACCEPT_TIMEOUT_MS: u64 = 5_000;
     /// Longest service name `RegisterService` accepts, in bytes.
     pub const MAX_SERVICE_NAME: usize = 255;
+    /// Longest object path `RegisterService` accepts, in bytes: as long as
+    /// the longest name D-Bus allows (bus, interface and member names), so a
+    /// provider's object costs the broker no more to keep and log than its name.
+    pub const MAX_OBJECT_PATH: usize = 255;
     /// Ring capacity when the client does not ask for one.
     pub const DEFAULT_CAPACITY: u64 = 1 << 20;
     /// Smallest ring capacity a broker accepts.

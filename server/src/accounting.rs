@@ -253,7 +253,8 @@ impl Accounting {
     }
 
     /// Makes `provider` the provider of `service`, taking sessions at
-    /// `object`. Refused (in this order) if the name is malformed, the caller
+    /// `object`. Refused (in this order) if the name is malformed, the object
+    /// path is longer than `MAX_OBJECT_PATH`, the caller
     /// may not register it (root and the process's own uid always may;
     /// others as `[providers.allow]` says), the name is hosted by the broker
     /// (`hosted`) or registered already, or the caller's uid holds
@@ -270,6 +271,13 @@ impl Accounting {
                 "service name {:?} is not 1 to {} ASCII letters, digits, '.', '-' or '_'",
                 cut(service, LOGGED_STRING),
                 shmlink_interfaces::limits::MAX_SERVICE_NAME
+            )));
+        }
+        if object.len() > shmlink_interfaces::limits::MAX_OBJECT_PATH {
+            return Err(Refusal::InvalidOption(format!(
+                "object path {:?} is longer than {} bytes",
+                cut(object, LOGGED_STRING),
+                shmlink_interfaces::limits::MAX_OBJECT_PATH
             )));
         }
         let p = &self.config.providers;

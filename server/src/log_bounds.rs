@@ -1,7 +1,9 @@
 //! What a caller can make the daemon write to its log, bounded: strings a
-//! caller chose are cut ([`cut`]), and refusals are rate-limited per uid
-//! ([`Refusals`]): a few lines per second, then one line saying how many
-//! were suppressed.
+//! caller chose are cut ([`cut`]), and the lines a caller causes are
+//! rate-limited per uid ([`Lines`]): refusals ([`Lines::refusals`]) and
+//! successes ([`Lines::successes`]: sessions opened and ended, services
+//! registered and withdrawn), each a few lines per second, then one line
+//! saying how many were suppressed.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -13,6 +15,9 @@ pub(crate) const LOGGED_STRING: usize = 200;
 pub(crate) const LOGGED_ERROR: usize = 400;
 /// Refusal lines one uid may cause per [`WINDOW`].
 const LINES_PER_WINDOW: u32 = 5;
+/// Success lines one uid may cause per [`WINDOW`]: enough for a client
+/// opening and closing a few dozen sessions at once to have each logged.
+const SUCCESS_LINES_PER_WINDOW: u32 = 32;
 /// The rate limit's window.
 const WINDOW: Duration = Duration::from_secs(1);
 
@@ -25,15 +30,37 @@ struct Window {
     suppressed: u64,
 }
 
-/// The per-uid rate limit of refusal lines.
-#[derive(Default)]
-pub(crate) struct Refusals {
+/// A per-uid rate limit of one kind of log line.
+pub(crate) struct Lines {
+    /// What the lines are about, as the summary of suppressed ones says it.
+    about: &'static str,
+    per_window: u32,
     windows: HashMap<u32, Window>,
     last_sweep: Option<Instant>,
 }
 
-impl Refusals {
-    /// Whether a refusal line caused by `uid` may be written now. Counts
+impl Lines {
+    /// The limit of refusal lines.
+    pub fn refusals() -> Self {
+        Lines::new("refused calls", LINES_PER_WINDOW)
+    }
+
+    /// The limit of success lines: sessions opened and ended, services
+    /// registered and withdrawn.
+    pub fn successes() -> Self {
+        Lines::new("sessions and registrations", SUCCESS_LINES_PER_WINDOW)
+    }
+
+    fn new(about: &'static str, per_window: u32) -> Self {
+        Lines {
+            about,
+            per_window,
+            windows: HashMap::new(),
+            last_sweep: None,
+        }
+    }
+
+    /// Whether a line caused by `uid` may be written now. Counts
     /// the lines it holds back, and reports them (one line) when the window
     /// ends.
     pub fn admit(&mut self, uid: u32, now: Instant) -> bool {
@@ -44,14 +71,14 @@ impl Refusals {
             suppressed: 0,
         });
         if now.duration_since(w.start) >= WINDOW {
-            report(uid, w);
+            report(self.about, uid, w);
             *w = Window {
                 start: now,
                 lines: 0,
                 suppressed: 0,
             };
         }
-        if w.lines < LINES_PER_WINDOW {
+        if w.lines < self.per_window {
             w.lines += 1;
             true
         } else {
@@ -70,11 +97,12 @@ impl Refusals {
             return;
         }
         self.last_sweep = Some(now);
+        let about = self.about;
         self.windows.retain(|uid, w| {
             if now.duration_since(w.start) < WINDOW {
                 return true;
             }
-            report(*uid, w);
+            report(about, *uid, w);
             false
         });
     }
@@ -82,15 +110,15 @@ impl Refusals {
     /// Reports every window with suppressed lines (at shutdown).
     pub fn flush(&mut self) {
         for (uid, w) in self.windows.drain() {
-            report(uid, &w);
+            report(self.about, uid, &w);
         }
     }
 }
 
-fn report(uid: u32, w: &Window) {
+fn report(about: &str, uid: u32, w: &Window) {
     if w.suppressed > 0 {
         log::warn!(
-            "suppressed {} similar line(s) about refused calls of uid {uid}",
+            "suppressed {} similar line(s) about {about} of uid {uid}",
             w.suppressed
         );
     }
@@ -113,7 +141,7 @@ mod tests {
 
     #[test]
     fn refusals_are_limited_per_uid_and_per_window() {
-        let mut r = Refusals::default();
+        let mut r = Lines::refusals();
         let t0 = Instant::now();
         let admitted = (0..1000).filter(|_| r.admit(7, t0)).count();
         assert_eq!(admitted, LINES_PER_WINDOW as usize);
@@ -124,5 +152,26 @@ mod tests {
         assert!(r.windows.len() <= 2);
         r.flush();
         assert!(r.windows.is_empty());
+    }
+
+    #[test]
+    fn successes_are_limited_per_uid_and_per_window_with_a_larger_budget() {
+        let mut s = Lines::successes();
+        let t0 = Instant::now();
+        let admitted = (0..10_000).filter(|_| s.admit(65534, t0)).count();
+        assert_eq!(admitted, SUCCESS_LINES_PER_WINDOW as usize);
+        assert!(admitted > LINES_PER_WINDOW as usize);
+        assert_eq!(
+            s.windows[&65534].suppressed,
+            10_000 - u64::from(SUCCESS_LINES_PER_WINDOW)
+        );
+        assert!(s.admit(0, t0), "another uid has its own budget");
+        // Within the window, still held back; the next window admits again,
+        // and a sweep after it forgets the quiet uid (reporting its count).
+        assert!(!s.admit(65534, t0 + WINDOW / 2));
+        assert!(s.admit(65534, t0 + WINDOW));
+        assert_eq!(s.windows[&65534].suppressed, 0, "the count was reported");
+        s.sweep(t0 + 3 * WINDOW);
+        assert!(s.windows.is_empty());
     }
 }

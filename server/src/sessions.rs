@@ -23,7 +23,7 @@ use crate::admission::ring_options;
 use crate::config::Config;
 use crate::engine::{Engine, Traffic, WorkerId};
 use crate::links::{Links, WatchedLink};
-use crate::log_bounds::{cut, LOGGED_ERROR, LOGGED_STRING};
+use crate::log_bounds::{cut, Lines, LOGGED_ERROR, LOGGED_STRING};
 use crate::service::{Caller, Memory, Options, Service, SessionHandler, StateView};
 use dbus::arg::PropMap;
 use shmlink_endpoint::sys::Selector;
@@ -32,6 +32,7 @@ use shmlink_interfaces::{option, AcceptSession, ParametersError, SessionParamete
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What is known of a session for its whole life and readable without
 /// waiting for the worker that serves it: the D-Bus side shares it as the
@@ -136,6 +137,9 @@ pub(crate) struct Sessions {
     /// Sessions opened whose workers are not woken and whose opening is
     /// not logged yet (see [`Sessions::after_reply`]).
     opened: Vec<u64>,
+    /// The per-uid rate limit of the lines saying a session opened or
+    /// ended, or a service was registered or withdrawn.
+    successes: Lines,
 }
 
 impl Sessions {
@@ -156,6 +160,7 @@ impl Sessions {
             rings_ahead: None,
             capacity_ahead: None,
             opened: Vec::new(),
+            successes: Lines::successes(),
         })
     }
 
@@ -197,6 +202,13 @@ impl Sessions {
         self.accounting
             .register(provider, service, object, hosted)
             .map(|_| ())
+    }
+
+    /// Whether a line about a success caused by `uid` (a service registered
+    /// or withdrawn) may be written now, within the per-uid rate limit that
+    /// also bounds the lines about sessions opening and ending.
+    pub fn admit_success_line(&mut self, uid: u32) -> bool {
+        self.successes.admit(uid, Instant::now())
     }
 
     /// Withdraws `service`, registered by the connection `bus_name`.
@@ -411,14 +423,16 @@ impl Sessions {
         );
         let session = &self.table[&id];
         let info = &session.info;
-        log::info!(
-            "session {id} opened: provided service {}, owner {} (uid {}, pid {}), cost {}",
-            info.service,
-            info.owner.bus_name,
-            info.owner.uid,
-            info.owner.pid,
-            session.reservation.cost()
-        );
+        if self.successes.admit(info.owner.uid, Instant::now()) {
+            log::info!(
+                "session {id} opened: provided service {}, owner {} (uid {}, pid {}), cost {}",
+                info.service,
+                info.owner.bus_name,
+                info.owner.uid,
+                info.owner.pid,
+                session.reservation.cost()
+            );
+        }
         Ok((info.clone(), client, parameters))
     }
 
@@ -472,7 +486,8 @@ impl Sessions {
             handler,
             Some(a.link),
         )?;
-        log::info!(
+        if self.successes.admit(a.caller.uid, Instant::now()) {
+            log::info!(
             "session {} accepted: service {}, client {} (uid {}, pid {}), capacity {to_server}/{to_client}",
             cut(&a.session, LOGGED_STRING),
             a.service,
@@ -480,6 +495,7 @@ impl Sessions {
             a.caller.uid,
             a.caller.pid
         );
+        }
         Ok(id)
     }
 
@@ -551,9 +567,14 @@ impl Sessions {
     /// Neither is needed for the reply, so the client does not wait for them.
     pub fn after_reply(&mut self) {
         self.engine.wake_held();
+        let now = Instant::now();
+        self.successes.sweep(now);
         for id in self.opened.drain(..) {
             if let Some(s) = self.table.get(&id) {
                 let o = &s.info.owner;
+                if !self.successes.admit(o.uid, now) {
+                    continue;
+                }
                 log::info!(
                     "session {id} opened: service {}, owner {} (uid {}, pid {}), cost {}",
                     s.info.service,
@@ -625,7 +646,8 @@ impl Sessions {
             Stage::Provided(_) | Stage::Asking { .. } => {}
         }
         let o = &info.owner;
-        if was_open {
+        let logged = self.successes.admit(o.uid, Instant::now());
+        if logged && was_open {
             log::info!(
                 "session {id} ({}, owner {} uid {}) ended: {reason}; {}",
                 info.service,
@@ -633,7 +655,7 @@ impl Sessions {
                 o.uid,
                 info.traffic.summary()
             );
-        } else {
+        } else if logged {
             log::info!(
                 "session {id} of provided service {} for {} (uid {}) not opened: {}",
                 info.service,
@@ -700,6 +722,7 @@ impl Sessions {
             .filter_map(|id| self.end(id, reason))
             .collect();
         self.engine.shutdown();
+        self.successes.flush();
         ended
     }
 }

@@ -314,3 +314,69 @@ fn refusals_are_cut_and_rate_limited_in_the_log() {
         h.daemon_log()
     );
 }
+
+#[test]
+fn opens_and_closes_in_a_loop_write_a_bounded_log() {
+    let h = Harness::start();
+    let client = h.client();
+    let log_before = h.daemon_log().len();
+    let start = Instant::now();
+    let churn = Attacker::start(&h, &["churn", "echo", "4096", "4096"]);
+    // Each open and each end is a line; past the per-uid budget of a
+    // window they are only counted, and the count is written once the
+    // window is over.
+    let summary = "similar line(s) about sessions and registrations of uid 65534";
+    assert!(
+        wait_until(DEADLINE, || h.daemon_log().contains(summary)),
+        "no summary of suppressed lines:\n{}",
+        h.daemon_log()
+    );
+    let times = measure_honest(&client, 20, 5).expect("honest client under attack");
+    let done = churn.stop_done();
+    let elapsed = start.elapsed();
+    assert!(done[0] >= 100, "the attack hardly ran ({} opens)", done[0]);
+    assert_fast("open/close loop", &times, WORST_OPEN);
+
+    let nobody_lines = |log: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains("uid 65534") && (l.contains(" opened: ") || l.contains(") ended: "))
+            })
+            .count()
+    };
+    let suppressed = |log: &str| -> usize {
+        log.lines()
+            .filter_map(|l| {
+                let rest = l.split("suppressed ").nth(1)?;
+                rest.ends_with("sessions and registrations of uid 65534")
+                    .then(|| rest.split(' ').next()?.parse::<usize>().ok())?
+            })
+            .sum()
+    };
+    let log = h.daemon_log();
+    let lines = nobody_lines(&log[log_before..]);
+    let written = log.len() - log_before;
+    println!(
+        "open/close loop: {} sessions in {elapsed:.1?}, {lines} line(s) about them, {written} bytes of log",
+        done[0]
+    );
+    // At most the budget (32) per started second.
+    let windows = elapsed.as_secs() as usize + 2;
+    assert!(
+        lines <= 32 * windows,
+        "{lines} lines for {} sessions in {elapsed:?}",
+        done[0]
+    );
+    // Every open and every end is either written or counted; root's calls
+    // close nobody's last window.
+    let expected = 2 * done[0] as usize;
+    assert!(
+        wait_until(DEADLINE, || {
+            let _ = client.session("echo").open();
+            let log = h.daemon_log();
+            nobody_lines(&log[log_before..]) + suppressed(&log[log_before..]) == expected
+        }),
+        "not every open and end of nobody's is accounted for ({expected} expected):\n{}",
+        h.daemon_log()
+    );
+}

@@ -11,7 +11,7 @@ use dbus::message::MatchRule;
 use shmlink::Session;
 use shmlink_interfaces::{error, member, BROKER_INTERFACE, BROKER_PATH, BUS_NAME};
 use shmlink_tests::raw_provider::{Behaviour, RawProvider};
-use shmlink_tests::{wait_until, Harness, DEADLINE};
+use shmlink_tests::{proc_status, wait_until, Harness, DEADLINE};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -553,4 +553,107 @@ fn forged_answers_from_another_connection_are_dropped() {
         "a forged answer decided after {took:?}: only the provider's answer (here: none) may"
     );
     nothing_charged(&h);
+}
+
+#[test]
+fn an_object_path_over_the_limit_is_refused_and_costs_nothing() {
+    let dir = std::env::temp_dir().join(format!("shmlink-objpath-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("shmlinkd.toml");
+    std::fs::write(
+        &config,
+        "[providers.allow.\"nobody.*\"]\nallow_users = [65534]\n",
+    )
+    .expect("write config");
+    let h = Harness::with_args(&["--config", config.to_str().expect("utf-8")]);
+    let pid = h.daemon_pid();
+    let client = h.client();
+    client
+        .session("echo")
+        .open()
+        .expect("a first session")
+        .close()
+        .expect("close it");
+    let rss_before = proc_status(pid, "VmRSS");
+    let log_before = h.daemon_log().len();
+
+    // As many 4 MiB object paths as `nobody` may hold registrations (32):
+    // each would be stored, and logged, whole without the bound.
+    const CALLS: usize = 32;
+    const BYTES: usize = 4 << 20;
+    let mut attacker = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(shmlink_tests::world_executable(
+            &shmlink_tests::hostile::hostile_binary(),
+        ))
+        .args([h.address(), "register-path", "nobody.p"])
+        .args([CALLS.to_string(), BYTES.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run setpriv hostile-client");
+    // An honest client alongside is answered throughout.
+    let (mut honest, mut slowest) = (0, Duration::ZERO);
+    while attacker.try_wait().expect("try_wait").is_none() || honest == 0 {
+        let start = Instant::now();
+        client
+            .session("echo")
+            .capacity(SMALL)
+            .open()
+            .expect("honest open during the attack")
+            .close()
+            .expect("honest close");
+        slowest = slowest.max(start.elapsed());
+        honest += 1;
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut attacker.stdout.take().expect("stdout"), &mut out)
+        .expect("read its output");
+    println!("{out}honest opens during the attack: {honest}, slowest {slowest:?}");
+    let first = out
+        .lines()
+        .find_map(|l| l.strip_prefix("FIRST "))
+        .unwrap_or("");
+    let (name, text_len) = first.split_once(' ').unwrap_or(("", ""));
+    assert_eq!(name, error::INVALID_OPTION, "{out}");
+    let text_len: usize = text_len.parse().unwrap_or(usize::MAX);
+    assert!(text_len <= 400, "the refusal echoed {text_len} bytes");
+    assert_eq!(
+        out.lines().last(),
+        Some(format!("DONE {CALLS} 0").as_str()),
+        "every call refused, none registered"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "honest open took {slowest:?}"
+    );
+    assert!(
+        !list_services(&h)
+            .iter()
+            .any(|(s, _, _)| s.starts_with("nobody.p")),
+        "a refused registration is listed"
+    );
+
+    // The daemon's memory and log stay bounded.
+    let bound_kb = 32 * 1024;
+    assert!(
+        wait_until(DEADLINE, || proc_status(pid, "VmRSS")
+            < rss_before + bound_kb),
+        "daemon VmRSS {} kB after {CALLS} calls with {BYTES}-byte paths (before: {rss_before} kB)",
+        proc_status(pid, "VmRSS")
+    );
+    // The attacker's lines only: the honest client's are bounded apart.
+    let log = h.daemon_log();
+    let written: usize = log[log_before..]
+        .lines()
+        .filter(|l| l.contains("uid 65534") || l.contains("nobody.p"))
+        .map(|l| l.len() + 1)
+        .sum();
+    println!(
+        "{CALLS} registrations with {BYTES}-byte object paths: +{} kB VmRSS, \
+         {written} bytes of log about them",
+        proc_status(pid, "VmRSS").saturating_sub(rss_before)
+    );
+    assert!(written < 16 * 1024, "{written} bytes of log");
+    assert!(log.contains("is longer than 255 bytes"), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
 }

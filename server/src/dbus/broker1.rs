@@ -116,12 +116,15 @@ pub(super) fn register(
                     );
                     return Err(c.method_err(&e));
                 }
-                log::info!(
-                    "service {service} registered by {} (uid {}, pid {}) at {object}",
-                    caller.bus_name,
-                    caller.uid,
-                    caller.pid
-                );
+                if c.sessions.admit_success_line(caller.uid) {
+                    log::info!(
+                        "service {service} registered by {} (uid {}, pid {}) at {}",
+                        caller.bus_name,
+                        caller.uid,
+                        caller.pid,
+                        cut(&object, LOGGED_STRING)
+                    );
+                }
                 ctx.push_msg(c.services_changed());
                 Ok(())
             },
@@ -137,7 +140,13 @@ pub(super) fn register(
                     c.refused(member::UNREGISTER_SERVICE, &service, &sender, uid, &e);
                     return Err(c.method_err(&e));
                 }
-                log::info!("service {service} withdrawn by {sender}");
+                let uid = c.uid_of(&sender).unwrap_or(u32::MAX);
+                if c.sessions.admit_success_line(uid) {
+                    log::info!(
+                        "service {} withdrawn by {sender}",
+                        cut(&service, LOGGED_STRING)
+                    );
+                }
                 ctx.push_msg(c.services_changed());
                 Ok(())
             },

@@ -24,7 +24,7 @@ pub(crate) use callers::{connection_left, name_owner_changed};
 
 use crate::accounting::Refusal;
 use crate::lock;
-use crate::log_bounds::{cut, Refusals, LOGGED_ERROR, LOGGED_STRING};
+use crate::log_bounds::{cut, Lines, LOGGED_ERROR, LOGGED_STRING};
 use crate::main_loop::Served;
 use crate::names::Names;
 use crate::service::{prop, Caller};
@@ -53,7 +53,7 @@ pub(crate) struct BrokerObject {
     /// Shared with the session objects' property getters, which crossroads
     /// gives only their own object's data.
     callers: Arc<Mutex<Callers>>,
-    refusals: Refusals,
+    refusals: Lines,
     names: Names,
 }
 
@@ -159,6 +159,45 @@ fn error_reply(call: &Message, err: &MethodErr) -> Option<Message> {
     Some(call.error(err.errorname(), &text))
 }
 
+/// Longest interface or property name a `Properties` call may name: the
+/// D-Bus limit on names.
+const LONGEST_NAME: usize = 255;
+
+/// Calls that name what no object here can have, answered with a cut text
+/// instead of crossroads' own, which would quote the whole name back: an
+/// object path longer than any object's (every object here has a short
+/// path), or an interface or property name longer than D-Bus allows a name
+/// to be (`org.freedesktop.DBus.Properties` takes them as strings). Read in
+/// place.
+fn oversized_call_reply(msg: &Message) -> Option<Message> {
+    let (name, text) = if let Some(path) = msg.path().filter(|p| p.len() > limits::MAX_OBJECT_PATH)
+    {
+        (
+            "org.freedesktop.DBus.Error.UnknownObject",
+            format!("Unknown object path {}", cut(&path, LOGGED_STRING)),
+        )
+    } else if msg.interface().as_deref() == Some("org.freedesktop.DBus.Properties") {
+        let mut args = msg.iter_init();
+        let interface = args.get::<&str>()?;
+        let property = args.next().then(|| args.get::<&str>()).flatten();
+        if interface.len() > LONGEST_NAME {
+            (
+                "org.freedesktop.DBus.Error.UnknownInterface",
+                format!("Unknown interface {}", cut(interface, LOGGED_STRING)),
+            )
+        } else {
+            let property = property.filter(|p| p.len() > LONGEST_NAME)?;
+            (
+                "org.freedesktop.DBus.Error.UnknownProperty",
+                format!("Unknown property {}", cut(property, LOGGED_STRING)),
+            )
+        }
+    } else {
+        return None;
+    };
+    error_reply(msg, &MethodErr::from((name, text)))
+}
+
 /// Whether `msg` calls the method `name` of the broker object at `path`
 /// (the interface may be left out of a call, as D-Bus allows).
 fn is_broker_call(msg: &Message, path: &str, name: &str) -> bool {
@@ -221,7 +260,7 @@ impl Adapter {
             BrokerObject {
                 sessions,
                 callers: callers.clone(),
-                refusals: Refusals::default(),
+                refusals: Lines::refusals(),
                 names,
             },
         );
@@ -477,16 +516,20 @@ impl Adapter {
                 self.control().sessions.end(p.id, "the client left the bus");
             }
         }
+        let uid = lock(&self.callers).get(name).map_or(u32::MAX, |c| c.uid);
         lock(&self.callers).forget(name);
         let c = self.control();
         let (ended, withdrawn) = c.sessions.connection_left(name, "owner left the bus");
         let changed = (!withdrawn.is_empty()).then(|| c.services_changed());
+        let logged = changed.is_some() && c.sessions.admit_success_line(uid);
         self.retire(conn, ended);
         if let Some(signal) = changed {
-            log::info!(
-                "provider {name} left the bus; services withdrawn: {}",
-                withdrawn.join(", ")
-            );
+            if logged {
+                log::info!(
+                    "provider {name} (uid {uid}) left the bus; services withdrawn: {}",
+                    withdrawn.join(", ")
+                );
+            }
             let _ = conn.send(signal);
         }
     }
@@ -545,6 +588,10 @@ impl Adapter {
             let _ = conn.send(reply);
             return;
         }
+        if let Some(reply) = oversized_call_reply(&msg) {
+            let _ = conn.send(reply);
+            return;
+        }
         // The service a broker call names, read once and in place.
         let named = [
             member::OPEN_SESSION,
@@ -558,6 +605,12 @@ impl Adapter {
             if let Some(reply) = self.oversized_name_reply(&msg, call, service) {
                 let _ = conn.send(reply);
                 return;
+            }
+            if call == member::REGISTER_SERVICE {
+                if let Some(reply) = self.oversized_object_reply(&msg, service) {
+                    let _ = conn.send(reply);
+                    return;
+                }
             }
             let registered = call == member::OPEN_SESSION
                 && self
@@ -618,6 +671,35 @@ impl Adapter {
         error_reply(msg, &c.method_err(&e))
     }
 
+    /// A `RegisterService` whose object path is longer than
+    /// [`limits::MAX_OBJECT_PATH`] gets `InvalidOption` before crossroads
+    /// decodes the call: the path is never stored, logged or echoed whole.
+    fn oversized_object_reply(&mut self, msg: &Message, service: &str) -> Option<Message> {
+        let mut args = msg.iter_init();
+        args.next();
+        if args.arg_type() != dbus::arg::ArgType::ObjectPath {
+            return None;
+        }
+        // The dbus crate reads an object path only as a copy; it is dropped
+        // here at once when too long, so a huge one costs no more than its
+        // delivery did.
+        let object: dbus::Path<'static> = args.get()?;
+        if object.len() <= limits::MAX_OBJECT_PATH {
+            return None;
+        }
+        let e = Refusal::InvalidOption(format!(
+            "object path {:?} is longer than {} bytes",
+            cut(&object, LOGGED_STRING),
+            limits::MAX_OBJECT_PATH
+        ));
+        drop(object);
+        let sender = sender_of(msg);
+        let c = self.control();
+        let uid = c.uid_of(&sender);
+        c.refused(member::REGISTER_SERVICE, service, &sender, uid, &e);
+        error_reply(msg, &c.method_err(&e))
+    }
+
     /// Calls to a session path that has no session get `UnknownSession`
     /// rather than the generic `UnknownObject`.
     fn unknown_session_reply(&mut self, msg: &Message) -> Option<Message> {
@@ -632,7 +714,7 @@ impl Adapter {
         {
             return None;
         }
-        let text = format!("no session at {}", &*path);
+        let text = format!("no session at {}", cut(&path, LOGGED_STRING));
         Some(msg.error(
             &error::UNKNOWN_SESSION.into(),
             &std::ffi::CString::new(text).ok()?,
@@ -942,6 +1024,131 @@ mod tests {
         let (_, reason): (dbus::Path, String) = out[0].read2().expect("SessionClosed");
         assert_eq!(reason, "owner left the bus");
         assert_eq!(a.session_count(), 1, "the other connection's session stays");
+        a.shutdown(&r);
+    }
+
+    /// The error name and text of an error reply.
+    fn error_text(m: &Message) -> (String, String) {
+        let mut m = m.duplicate().expect("duplicate");
+        let e = m.as_result().expect_err("an error reply");
+        (
+            e.name().unwrap_or("").to_owned(),
+            e.message().unwrap_or("").to_owned(),
+        )
+    }
+
+    fn register_service(sender: &str, serial: u32, service: &str, object: &str) -> Message {
+        call(
+            sender,
+            serial,
+            BROKER_PATH,
+            BROKER_INTERFACE,
+            member::REGISTER_SERVICE,
+        )
+        .append3(service, dbus::Path::from(object), PropMap::new())
+    }
+
+    #[test]
+    fn a_registration_object_path_longer_than_the_limit_is_refused_cut() {
+        let (mut a, r) = adapter(|_| {});
+        let huge = format!("/o/{}", "x".repeat(8 << 20));
+        let out = handle(&mut a, &r, register_service(":1.9", 1, "remote", &huge), 0);
+        assert_eq!(out.len(), 1, "only the refusal: {out:?}");
+        let (name, text) = error_text(&out[0]);
+        assert_eq!(name, error::INVALID_OPTION);
+        assert!(text.contains("object path"), "{text}");
+        assert!(text.len() <= LOGGED_ERROR + 64, "{} bytes", text.len());
+        assert!(text.contains("[cut: "), "{text}");
+        assert!(a
+            .control()
+            .sessions
+            .accounting()
+            .registration("remote")
+            .is_none());
+
+        // One byte over is refused; the longest allowed is registered and kept whole.
+        let over = format!("/{}", "x".repeat(limits::MAX_OBJECT_PATH));
+        let out = handle(&mut a, &r, register_service(":1.9", 2, "remote", &over), 0);
+        assert_eq!(error_text(&out[0]).0, error::INVALID_OPTION);
+        let longest = &over[..limits::MAX_OBJECT_PATH];
+        let out = handle(
+            &mut a,
+            &r,
+            register_service(":1.9", 3, "remote", longest),
+            0,
+        );
+        assert!(
+            out.iter()
+                .any(|m| m.msg_type() == MessageType::MethodReturn),
+            "{out:?}"
+        );
+        let stored = a.control().sessions.accounting().registration("remote");
+        assert_eq!(stored.map(|r| r.object.as_str()), Some(longest));
+        a.shutdown(&r);
+    }
+
+    #[test]
+    fn replies_never_echo_a_huge_path_or_name() {
+        let (mut a, r) = adapter(|_| {});
+        let huge = "x".repeat(4 << 20);
+        let session_path = format!("{BROKER_PATH}/session/{huge}");
+        let other_path = format!("/{huge}");
+        let properties = "org.freedesktop.DBus.Properties";
+        let cases: Vec<(&str, Message, &str)> = vec![
+            (
+                "Close of a huge session path",
+                call(":1.5", 1, &session_path, SESSION_INTERFACE, member::CLOSE),
+                error::UNKNOWN_SESSION,
+            ),
+            (
+                "Close of a huge path elsewhere",
+                call(":1.5", 2, &other_path, SESSION_INTERFACE, member::CLOSE),
+                "org.freedesktop.DBus.Error.UnknownObject",
+            ),
+            (
+                "Get of a huge interface",
+                call(":1.5", 3, BROKER_PATH, properties, "Get").append2(&*huge, "Version"),
+                "org.freedesktop.DBus.Error.UnknownInterface",
+            ),
+            (
+                "Get of a huge property",
+                call(":1.5", 4, BROKER_PATH, properties, "Get").append2(BROKER_INTERFACE, &*huge),
+                "org.freedesktop.DBus.Error.UnknownProperty",
+            ),
+            (
+                "OpenSession of a huge name",
+                open_session(":1.5", 5, &huge, PropMap::new()),
+                error::UNKNOWN_SERVICE,
+            ),
+            (
+                "RegisterService of a huge name",
+                register_service(":1.5", 6, &huge, "/p"),
+                error::INVALID_OPTION,
+            ),
+            (
+                "UnregisterService of a huge name",
+                call(
+                    ":1.5",
+                    7,
+                    BROKER_PATH,
+                    BROKER_INTERFACE,
+                    member::UNREGISTER_SERVICE,
+                )
+                .append1(&*huge),
+                error::UNKNOWN_SERVICE,
+            ),
+        ];
+        for (what, msg, expected) in cases {
+            let out = handle(&mut a, &r, msg, 65534);
+            assert_eq!(out.len(), 1, "{what}: {out:?}");
+            let (name, text) = error_text(&out[0]);
+            assert_eq!(name, expected, "{what}: {text:.300}");
+            assert!(
+                text.len() <= LOGGED_ERROR + 64,
+                "{what}: {} bytes echoed",
+                text.len()
+            );
+        }
         a.shutdown(&r);
     }
 

@@ -9,6 +9,11 @@
 //! hostile-client ADDR close PATH          call Close; print "OK" or "ERR name message"
 //! hostile-client ADDR register SERVICE    call RegisterService; print "OK" or "ERR name message"
 //! hostile-client ADDR counters PATH       read BytesToServer; print "OK n" or "ERR name message"
+//! hostile-client ADDR register-path PREFIX N BYTES
+//!                                         N RegisterService calls of PREFIXi, each with an
+//!                                         object path of BYTES bytes; print "FIRST name bytes"
+//!                                         (the first refusal, its text's length), then
+//!                                         "DONE refused registered"
 //! hostile-client ADDR vanish SERVICE      send OpenSession and exit without waiting
 //! hostile-client ADDR vanish-known SERVICE  same, after a first call (credentials cached)
 //! hostile-client ADDR trickle feed|drain park|spin N
@@ -160,6 +165,43 @@ fn main() {
                 Ok(()) => println!("OK"),
                 Err(e) => refused(&e),
             }
+        }
+        "register-path" => {
+            let n: usize = arg(3).parse().unwrap_or(32);
+            let bytes: usize = arg(4).parse().unwrap_or(4 << 20);
+            let object = format!("/{}", "p".repeat(bytes.saturating_sub(1)));
+            let broker = conn.with_proxy(
+                BUS_NAME,
+                shmlink_interfaces::BROKER_PATH,
+                hostile::CALL_TIMEOUT,
+            );
+            let (mut n_refused, mut n_registered) = (0u64, 0u64);
+            for i in 0..n {
+                let r: Result<(), dbus::Error> = broker.method_call(
+                    shmlink_interfaces::BROKER_INTERFACE,
+                    member::REGISTER_SERVICE,
+                    (
+                        format!("{}{i}", arg(2)),
+                        dbus::Path::from(object.as_str()),
+                        dbus::arg::PropMap::new(),
+                    ),
+                );
+                match r {
+                    Ok(()) => n_registered += 1,
+                    Err(e) => {
+                        if n_refused == 0 {
+                            let _ = writeln!(
+                                out,
+                                "FIRST {} {}",
+                                e.name().unwrap_or("?"),
+                                e.message().unwrap_or("").len()
+                            );
+                        }
+                        n_refused += 1;
+                    }
+                }
+            }
+            println!("DONE {n_refused} {n_registered}");
         }
         "counters" => {
             use dbus::blocking::stdintf::org_freedesktop_dbus::Properties;
