@@ -332,6 +332,34 @@ server_pub! {
     }
 }
 
+server_pub! {
+    /// Raises the soft limit on open files to the hard one; returns the
+    /// soft limit now in force (`None`: unlimited).
+    pub fn raise_fd_limit() -> io::Result<Option<u64>> {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let mut limit = getrlimit(Resource::Nofile);
+        if limit.current != limit.maximum {
+            limit.current = limit.maximum;
+            setrlimit(Resource::Nofile, limit)?;
+        }
+        Ok(getrlimit(Resource::Nofile).current)
+    }
+}
+
+server_pub! {
+    /// How many more fds this process may open before its soft open-file
+    /// limit (`None`: unlimited), counted from `/proc/self/fd`.
+    pub fn fd_headroom() -> io::Result<Option<u64>> {
+        let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+        else {
+            return Ok(None);
+        };
+        // The directory's own fd is listed too, and is closed again after.
+        let open = std::fs::read_dir("/proc/self/fd")?.count().saturating_sub(1) as u64;
+        Ok(Some(limit.saturating_sub(open)))
+    }
+}
+
 /// The system page size.
 pub fn page_size() -> usize {
     rustix::param::page_size()

@@ -815,3 +815,90 @@ fn through_shmlinkd_a_provider_process_streams_and_its_death_ends_the_session() 
         "the registration outlived the provider"
     );
 }
+
+/// A provider under a low open-file limit, and `nobody` opening sessions
+/// of it until refused: each refusal is `LimitExceeded` from the provider,
+/// the provider lives on, and once the attacker's sessions are gone an
+/// honest client opens and uses one.
+#[test]
+fn a_provider_short_of_fds_refuses_sessions_and_lives_on() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let h = shmlink_tests::Harness::start();
+    // Hard limit 128: the provider's own raise stops there, so a few
+    // sessions (8 fds each, with the copies made while decoding) use it up.
+    let mut child = Child(
+        std::process::Command::new("prlimit")
+            .arg("--nofile=128:128")
+            .arg("--")
+            .arg(frames_provider_binary())
+            .args(["--bus", h.address()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the provider under prlimit"),
+    );
+    let client = h.client().with_call_timeout(DEADLINE);
+    assert!(
+        shmlink_tests::wait_until(DEADLINE, || client
+            .services()
+            .is_ok_and(|s| s.iter().any(|n| n == "frames"))),
+        "the provider never registered"
+    );
+
+    let mut attacker = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(shmlink_tests::world_executable(&hostile::hostile_binary()))
+        .args([h.address(), "hold-some", "frames", "60"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn setpriv hostile-client hold-some");
+    let mut line = String::new();
+    BufReader::new(attacker.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the attacker's line");
+    eprintln!("attacker: {}", line.trim());
+    let rest = line
+        .trim()
+        .strip_prefix("HELD ")
+        .expect("HELD n REFUSED ...");
+    let (held, refused) = rest.split_once(" REFUSED ").expect("REFUSED");
+    let held: usize = held.parse().expect("a count");
+    assert!((1..60).contains(&held), "{line}");
+    assert!(
+        refused.starts_with(&format!("{}: ", error::LIMIT_EXCEEDED))
+            && refused.contains("cannot take more fds"),
+        "{refused}"
+    );
+    assert!(
+        child.0.try_wait().expect("try_wait").is_none(),
+        "the provider died"
+    );
+    assert!(
+        client
+            .services()
+            .is_ok_and(|s| s.iter().any(|n| n == "frames")),
+        "frames is gone"
+    );
+
+    // The attacker leaves; its sessions end and their fds come back.
+    drop(attacker.stdin.take());
+    attacker.wait().expect("the attacker exits");
+    let mut session = None;
+    assert!(
+        shmlink_tests::wait_until(DEADLINE, || {
+            session = client.session("frames").option("count", 5u64).open().ok();
+            session.is_some()
+        }),
+        "an honest client never got a session"
+    );
+    let mut session = session.expect("opened");
+    for i in 0..5u64 {
+        let f = session.recv().expect("recv").expect("frame");
+        assert_eq!(u64::from_le_bytes(f[8..16].try_into().unwrap()), i);
+    }
+    assert!(
+        child.0.try_wait().expect("try_wait").is_none(),
+        "the provider died"
+    );
+}
