@@ -498,15 +498,16 @@ impl Face {
                     .expect("the provider object is never removed");
                 self.cr = accept::crossroads(self.path.clone(), host);
                 if wants_reply {
-                    let text = if fds > 0 {
-                        NO_ROOM
+                    // Short of fds now (those decoded before the panic are
+                    // closed again): the panic was most likely a failed
+                    // duplication, which the caller may try again later.
+                    let short = fds > 0
+                        && sys::fd_headroom()
+                            .is_ok_and(|r| r.is_some_and(|r| r < fds + FD_RESERVE));
+                    let (name, text) = if short {
+                        (error::LIMIT_EXCEEDED, NO_ROOM)
                     } else {
-                        "the provider failed"
-                    };
-                    let name = if fds > 0 {
-                        error::LIMIT_EXCEEDED
-                    } else {
-                        error::INTERNAL
+                        (error::INTERNAL, "the provider failed to handle the call")
                     };
                     reply_error(conn, serial, sender, name, text);
                 }
