@@ -38,7 +38,7 @@
 //!   raises the soft open-file limit (`RLIMIT_NOFILE`) to the hard one, as
 //!   `shmlinkd` does; a provider that wants a lower limit may set it again
 //!   after registering. A call carrying fds that this process has no room
-//!   for (the fds plus [`FD_RESERVE`]) is refused with `LimitExceeded`
+//!   for (the fds plus [`PROVIDER_FD_RESERVE`]) is refused with `LimitExceeded`
 //!   before it is decoded, and a method handler that panics is answered
 //!   with an error instead of taking the process down.
 
@@ -78,7 +78,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// call duplicates each fd it carries, the session it starts may open a
 /// few more, and the next message from the bus must still find room for
 /// its own (libdbus cannot receive a message whose fds do not fit).
-pub const FD_RESERVE: u64 = 32;
+pub const PROVIDER_FD_RESERVE: u64 = 32;
 
 /// Why a provider could not start, or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -155,10 +155,15 @@ impl ProviderBuilder {
         self
     }
 
-    /// Raises the soft open-file limit to the hard one (see the [module
-    /// docs](self)), connects, starts the engine, exports the interface and
-    /// registers every service with the broker; fails if the broker refuses
-    /// one. Serve with [`Provider::run`].
+    /// Raises the soft open-file limit (`RLIMIT_NOFILE`) to the hard one,
+    /// connects, starts the engine, exports the interface and registers
+    /// every service with the broker; fails if the broker refuses one.
+    /// Serve with [`Provider::run`].
+    ///
+    /// Every session holds several fds, hence the raised limit (as
+    /// `shmlinkd` raises its own); a provider that wants a lower one may set
+    /// it again after this returns. A call whose fds do not fit (with
+    /// [`PROVIDER_FD_RESERVE`] to spare) is refused with `LimitExceeded`.
     pub fn register(self) -> Result<Provider, ProviderError> {
         match sys::raise_fd_limit() {
             Ok(Some(limit)) => log::debug!("open-file limit: {limit}"),
@@ -458,7 +463,7 @@ impl Face {
         let fds = fds_carried(&msg);
         if fds > 0 {
             match sys::fd_headroom() {
-                Ok(Some(room)) if room < fds + FD_RESERVE => {
+                Ok(Some(room)) if room < fds + PROVIDER_FD_RESERVE => {
                     log::debug!("a call carrying {fds} fd(s) refused: room for {room} more");
                     drop(msg);
                     if wants_reply {
@@ -503,7 +508,7 @@ impl Face {
                     // duplication, which the caller may try again later.
                     let short = fds > 0
                         && sys::fd_headroom()
-                            .is_ok_and(|r| r.is_some_and(|r| r < fds + FD_RESERVE));
+                            .is_ok_and(|r| r.is_some_and(|r| r < fds + PROVIDER_FD_RESERVE));
                     let (name, text) = if short {
                         (error::LIMIT_EXCEEDED, NO_ROOM)
                     } else {
