@@ -1050,3 +1050,34 @@ fn a_refused_registration_after_a_broker_restart_is_retried() {
         .expect("provider thread")
         .expect("provider stopped cleanly");
 }
+
+/// The provider runtime lifts its soft open-file limit to the hard one.
+#[test]
+fn a_provider_raises_its_soft_fd_limit_to_the_hard_one() {
+    let h = shmlink_tests::Harness::start();
+    let child = Child(
+        std::process::Command::new("prlimit")
+            .arg("--nofile=64:4096")
+            .arg("--")
+            .arg(frames_provider_binary())
+            .args(["--bus", h.address()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the provider under prlimit"),
+    );
+    let client = h.client();
+    assert!(
+        shmlink_tests::wait_until(DEADLINE, || client
+            .services()
+            .is_ok_and(|s| s.iter().any(|n| n == "frames"))),
+        "the provider never registered"
+    );
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).expect("its limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3..5], ["4096", "4096"], "{line}");
+}
