@@ -565,6 +565,20 @@ mod tests {
         eventfd(initial, EventfdFlags::CLOEXEC).expect("eventfd")
     }
 
+    #[test]
+    fn the_fd_limit_is_raised_to_the_hard_one_and_headroom_is_below_it() {
+        use rustix::process::{getrlimit, Resource};
+        let soft = raise_fd_limit().expect("raise");
+        let limit = getrlimit(Resource::Nofile);
+        assert_eq!(soft, limit.maximum);
+        assert_eq!(limit.current, limit.maximum);
+        if let Some(soft) = soft {
+            // Other tests open and close fds meanwhile: only bounds hold.
+            let room = fd_headroom().expect("headroom").expect("limited");
+            assert!(room > 0 && room < soft, "{room} of {soft}");
+        }
+    }
+
     fn sealable_memfd(len: u64) -> OwnedFd {
         let fd = memfd_create(
             "shmlink-test",

@@ -479,9 +479,10 @@ impl Face {
         // are not used again as they were left. Crossroads takes a method out
         // while it runs and puts it back after, so it is rebuilt around the
         // object. The object's session table is changed only by `adopt`,
-        // which has checked everything before it enters a session; the dbus
-        // crate's panics (decoding the arguments) come before the handler
-        // runs at all, and the fds decoded so far are closed by the unwind.
+        // whose reservation is a guard the unwind drops, and which enters
+        // the session last; the dbus crate's panics (decoding the arguments)
+        // come before the handler runs at all, and the fds decoded so far
+        // are closed by the unwind.
         let cr = &mut self.cr;
         let handled = catch_unwind(AssertUnwindSafe(|| cr.handle_message(msg, conn)));
         match handled {
