@@ -845,18 +845,30 @@ fn a_provider_short_of_fds_refuses_sessions_and_lives_on() {
         "the provider never registered"
     );
 
-    let mut attacker = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(shmlink_tests::world_executable(&hostile::hostile_binary()))
-        .args([h.address(), "hold-some", "frames", "60"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn setpriv hostile-client hold-some");
-    let mut line = String::new();
-    BufReader::new(attacker.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read the attacker's line");
+    // setpriv can fail to exec the fresh copy of the binary ("Text file
+    // busy") while another test's fork still holds it open: start again.
+    let (mut attacker, line) = (0..5)
+        .find_map(|_| {
+            let mut child = std::process::Command::new("setpriv")
+                .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                .arg(shmlink_tests::world_executable(&hostile::hostile_binary()))
+                .args([h.address(), "hold-some", "frames", "60"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn setpriv hostile-client hold-some");
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("read the attacker's line");
+            if line.is_empty() {
+                let _ = child.wait();
+                None
+            } else {
+                Some((child, line))
+            }
+        })
+        .expect("the attacker never started");
     eprintln!("attacker: {}", line.trim());
     let rest = line
         .trim()
