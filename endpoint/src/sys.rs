@@ -332,6 +332,34 @@ server_pub! {
     }
 }
 
+server_pub! {
+    /// Raises the soft limit on open files to the hard one; returns the
+    /// soft limit now in force (`None`: unlimited).
+    pub fn raise_fd_limit() -> io::Result<Option<u64>> {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let mut limit = getrlimit(Resource::Nofile);
+        if limit.current != limit.maximum {
+            limit.current = limit.maximum;
+            setrlimit(Resource::Nofile, limit)?;
+        }
+        Ok(getrlimit(Resource::Nofile).current)
+    }
+}
+
+server_pub! {
+    /// How many more fds this process may open before its soft open-file
+    /// limit (`None`: unlimited), counted from `/proc/self/fd`.
+    pub fn fd_headroom() -> io::Result<Option<u64>> {
+        let Some(limit) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+        else {
+            return Ok(None);
+        };
+        // The directory's own fd is listed too, and is closed again after.
+        let open = std::fs::read_dir("/proc/self/fd")?.count().saturating_sub(1) as u64;
+        Ok(Some(limit.saturating_sub(open)))
+    }
+}
+
 /// The system page size.
 pub fn page_size() -> usize {
     rustix::param::page_size()
@@ -535,6 +563,20 @@ mod tests {
 
     fn blocking_eventfd(initial: u32) -> OwnedFd {
         eventfd(initial, EventfdFlags::CLOEXEC).expect("eventfd")
+    }
+
+    #[test]
+    fn the_fd_limit_is_raised_to_the_hard_one_and_headroom_is_below_it() {
+        use rustix::process::{getrlimit, Resource};
+        let soft = raise_fd_limit().expect("raise");
+        let limit = getrlimit(Resource::Nofile);
+        assert_eq!(soft, limit.maximum);
+        assert_eq!(limit.current, limit.maximum);
+        if let Some(soft) = soft {
+            // Other tests open and close fds meanwhile: only bounds hold.
+            let room = fd_headroom().expect("headroom").expect("limited");
+            assert!(room > 0 && room < soft, "{room} of {soft}");
+        }
     }
 
     fn sealable_memfd(len: u64) -> OwnedFd {

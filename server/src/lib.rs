@@ -33,7 +33,9 @@ pub mod signals;
 
 pub use daemon::{Bus, Daemon, DaemonError};
 pub use names::{Names, NamesError};
-pub use provider::{Provider, ProviderBuilder, ProviderError, DEFAULT_OBJECT_PATH};
+pub use provider::{
+    Provider, ProviderBuilder, ProviderError, DEFAULT_OBJECT_PATH, PROVIDER_FD_RESERVE,
+};
 
 /// Locks `m`, going on with the data if a thread panicked while holding it:
 /// a panicking session is ended alone, and the state it shares stays usable.

@@ -815,3 +815,281 @@ fn through_shmlinkd_a_provider_process_streams_and_its_death_ends_the_session() 
         "the registration outlived the provider"
     );
 }
+
+/// A provider under a low open-file limit, and `nobody` opening sessions
+/// of it until refused: each refusal is `LimitExceeded` from the provider,
+/// the provider lives on, and once the attacker's sessions are gone an
+/// honest client opens and uses one.
+#[test]
+fn a_provider_short_of_fds_refuses_sessions_and_lives_on() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let h = shmlink_tests::Harness::start();
+    // Hard limit 128: the provider's own raise stops there, so a few
+    // sessions (8 fds each, with the copies made while decoding) use it up.
+    let mut child = Child(
+        std::process::Command::new("prlimit")
+            .arg("--nofile=128:128")
+            .arg("--")
+            .arg(frames_provider_binary())
+            .args(["--bus", h.address()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the provider under prlimit"),
+    );
+    let client = h.client().with_call_timeout(DEADLINE);
+    assert!(
+        shmlink_tests::wait_until(DEADLINE, || client
+            .services()
+            .is_ok_and(|s| s.iter().any(|n| n == "frames"))),
+        "the provider never registered"
+    );
+
+    // setpriv can fail to exec the fresh copy of the binary ("Text file
+    // busy") while another test's fork still holds it open: start again.
+    let (mut attacker, line) = (0..5)
+        .find_map(|_| {
+            let mut child = std::process::Command::new("setpriv")
+                .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                .arg(shmlink_tests::world_executable(&hostile::hostile_binary()))
+                .args([h.address(), "hold-some", "frames", "60"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn setpriv hostile-client hold-some");
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("read the attacker's line");
+            if line.is_empty() {
+                let _ = child.wait();
+                None
+            } else {
+                Some((child, line))
+            }
+        })
+        .expect("the attacker never started");
+    eprintln!("attacker: {}", line.trim());
+    let rest = line
+        .trim()
+        .strip_prefix("HELD ")
+        .expect("HELD n REFUSED ...");
+    let (held, refused) = rest.split_once(" REFUSED ").expect("REFUSED");
+    let held: usize = held.parse().expect("a count");
+    assert!((1..60).contains(&held), "{line}");
+    assert!(
+        refused.starts_with(&format!("{}: ", error::LIMIT_EXCEEDED))
+            && refused.contains("cannot take more fds"),
+        "{refused}"
+    );
+    assert!(
+        child.0.try_wait().expect("try_wait").is_none(),
+        "the provider died"
+    );
+    assert!(
+        client
+            .services()
+            .is_ok_and(|s| s.iter().any(|n| n == "frames")),
+        "frames is gone"
+    );
+
+    // The attacker leaves; its sessions end and their fds come back.
+    drop(attacker.stdin.take());
+    attacker.wait().expect("the attacker exits");
+    let mut session = None;
+    assert!(
+        shmlink_tests::wait_until(DEADLINE, || {
+            session = client.session("frames").option("count", 5u64).open().ok();
+            session.is_some()
+        }),
+        "an honest client never got a session"
+    );
+    let mut session = session.expect("opened");
+    for i in 0..5u64 {
+        let f = session.recv().expect("recv").expect("frame");
+        assert_eq!(u64::from_le_bytes(f[8..16].try_into().unwrap()), i);
+    }
+    assert!(
+        child.0.try_wait().expect("try_wait").is_none(),
+        "the provider died"
+    );
+}
+
+/// A service whose `open` panics.
+struct Panicky;
+
+impl shmlink_server::Service for Panicky {
+    fn name(&self) -> &str {
+        "panicky"
+    }
+    fn open(
+        &self,
+        _caller: &shmlink_server::Caller,
+        _options: &shmlink_server::Options,
+    ) -> Result<Box<dyn shmlink_server::SessionHandler>, shmlink_server::ServiceError> {
+        panic!("this service cannot open sessions");
+    }
+}
+
+/// A panic while handling `AcceptSession` is answered with an error; the
+/// provider serves the next call, of the same method, as before.
+#[test]
+fn a_panic_in_accept_session_is_answered_and_the_provider_serves_on() {
+    let bus = PrivateBus::start().expect("bus");
+    let broker = hostile::connect(bus.address()).expect("connect");
+    broker
+        .request_name(BUS_NAME, false, true, true)
+        .expect("own the broker's name");
+    let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
+    let stop_dup = stop.try_clone().expect("dup");
+    let address = bus.address().to_owned();
+    let provider_thread = std::thread::spawn(move || {
+        let provider = Provider::builder(&Bus::Address(address))
+            .service(Arc::new(builtin::Echo))
+            .service(Arc::new(Panicky))
+            .register()
+            .expect("register");
+        provider.run(Some(stop_dup.as_fd()))
+    });
+    let provider = accept_registrations(&broker, &["echo", "panicky"]);
+    for n in 1..=2 {
+        let h = handover(4096);
+        let call = accept_call(
+            &provider,
+            n,
+            "panicky",
+            PropMap::new(),
+            h.provider,
+            h.provider_link,
+        );
+        let e = broker
+            .channel()
+            .send_with_reply_and_block(call, DEADLINE)
+            .expect_err("a panicking open");
+        assert_eq!(error_name(&e), error::INTERNAL, "{e:?}");
+    }
+    let h = handover(64 << 10);
+    let call = accept_call(
+        &provider,
+        3,
+        "echo",
+        PropMap::new(),
+        h.provider,
+        h.provider_link,
+    );
+    broker
+        .channel()
+        .send_with_reply_and_block(call, DEADLINE)
+        .expect("accepted after the panics");
+    let mut client = Endpoint::open_client(h.client, 1 << 20, Wakeup::Park).expect("client");
+    client.set_timeout(Some(DEADLINE));
+    client.send(b"still here").expect("send");
+    let back = client.recv().expect("recv").expect("echo");
+    assert_eq!(&back[..], b"still here");
+
+    rustix::io::write(&stop, &1u64.to_ne_bytes()).expect("stop");
+    provider_thread
+        .join()
+        .expect("provider thread")
+        .expect("provider stopped cleanly");
+}
+
+/// Waits for a `RegisterService` of `service` and answers it with
+/// `refusal` (an error name), or accepts it if `None`.
+fn answer_registration(broker: &Connection, service: &str, refusal: Option<&str>) {
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        broker
+            .channel()
+            .read_write(Some(Duration::from_millis(50)))
+            .expect("bus");
+        while let Some(msg) = broker.channel().pop_message() {
+            if msg.member().as_deref() != Some(member::REGISTER_SERVICE) {
+                continue;
+            }
+            let name: String = msg.read1().expect("RegisterService arguments");
+            assert_eq!(name, service);
+            let answer = match refusal {
+                Some(e) => msg.error(&e.into(), c"registered by another uid"),
+                None => msg.method_return(),
+            };
+            broker.channel().send(answer).expect("answer");
+            return;
+        }
+    }
+    panic!("no RegisterService within {DEADLINE:?}");
+}
+
+/// After a broker restart, a refused registration is tried again, sooner
+/// than the next restart, until the broker takes it.
+#[test]
+fn a_refused_registration_after_a_broker_restart_is_retried() {
+    let bus = PrivateBus::start().expect("bus");
+    let first = hostile::connect(bus.address()).expect("connect");
+    first
+        .request_name(BUS_NAME, false, true, true)
+        .expect("own the broker's name");
+    let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
+    let stop_dup = stop.try_clone().expect("dup");
+    let address = bus.address().to_owned();
+    let provider_thread = std::thread::spawn(move || {
+        let provider = Provider::builder(&Bus::Address(address))
+            .service(Arc::new(builtin::Echo))
+            .register()
+            .expect("register");
+        provider.run(Some(stop_dup.as_fd()))
+    });
+    accept_registration(&first, "echo");
+    // The broker restarts: a new connection owns the name.
+    drop(first);
+    let second = hostile::connect(bus.address()).expect("connect");
+    second
+        .request_name(BUS_NAME, false, true, true)
+        .expect("own the broker's name");
+    // Refused when it registers again, and on the first retry (1 s later).
+    answer_registration(&second, "echo", Some(error::NAME_TAKEN));
+    let refused_at = Instant::now();
+    answer_registration(&second, "echo", Some(error::NAME_TAKEN));
+    answer_registration(&second, "echo", Some(error::NAME_TAKEN));
+    let retried = refused_at.elapsed();
+    // The second retry waits 2 s after the first (1 s): about 3 s in all.
+    assert!(retried >= Duration::from_millis(2500), "{retried:?}");
+    answer_registration(&second, "echo", None);
+
+    rustix::io::write(&stop, &1u64.to_ne_bytes()).expect("stop");
+    provider_thread
+        .join()
+        .expect("provider thread")
+        .expect("provider stopped cleanly");
+}
+
+/// The provider runtime lifts its soft open-file limit to the hard one.
+#[test]
+fn a_provider_raises_its_soft_fd_limit_to_the_hard_one() {
+    let h = shmlink_tests::Harness::start();
+    let child = Child(
+        std::process::Command::new("prlimit")
+            .arg("--nofile=64:4096")
+            .arg("--")
+            .arg(frames_provider_binary())
+            .args(["--bus", h.address()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the provider under prlimit"),
+    );
+    let client = h.client();
+    assert!(
+        shmlink_tests::wait_until(DEADLINE, || client
+            .services()
+            .is_ok_and(|s| s.iter().any(|n| n == "frames"))),
+        "the provider never registered"
+    );
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).expect("its limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[3..5], ["4096", "4096"], "{line}");
+}

@@ -167,6 +167,20 @@ fn provider_unit(sd: &SdBoot) {
         }
     });
     eprintln!("[systemd e2e] {listed}");
+    // The unit's soft open-file limit (1024) raised to its hard one by the
+    // provider runtime.
+    let pid = show(sd, false, "shmlink-frames-provider.service", "MainPID");
+    let limits = sd.sh(&format!("grep 'Max open files' /proc/{pid}/limits"));
+    let limits = limits.ok();
+    // Soft and hard as the unit says, or as far as the host lets (a host
+    // whose own hard limit is lower caps both).
+    let fields: Vec<&str> = limits.split_whitespace().collect();
+    assert_eq!(
+        fields[3], fields[4],
+        "the soft limit is not raised: {limits}"
+    );
+    let soft: u64 = fields[3].parse().expect("a number");
+    assert!(soft > 1024 && soft <= 524_288, "{limits}");
     // 10 frames of 64×64 (16-byte header each), then the end of the stream.
     let frames = sd.sh(
         "setpriv --reuid=nobody --regid=nogroup --clear-groups \

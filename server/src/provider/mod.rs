@@ -31,12 +31,22 @@
 //!   hang-up socket and the link, which both the client and the broker see.
 //! - When the broker leaves the bus, every session ends through its link;
 //!   when a broker owns the name again, the provider registers its services
-//!   with it anew. A registration the new broker refuses is logged and not
-//!   retried until the next restart.
+//!   with it anew. A registration the new broker refuses (or that cannot
+//!   be sent) is retried with back-off, from 1 s doubling up to 60 s, each
+//!   retry logged with the broker's reason (sparsely once it keeps failing).
+//! - Every session holds several fds, so [`ProviderBuilder::register`]
+//!   raises the soft open-file limit (`RLIMIT_NOFILE`) to the hard one, as
+//!   `shmlinkd` does; a provider that wants a lower limit may set it again
+//!   after registering. A call carrying fds that this process has no room
+//!   for (the fds plus [`PROVIDER_FD_RESERVE`]) is refused with `LimitExceeded`
+//!   before it is decoded, and a method handler that panics is answered
+//!   with an error instead of taking the process down.
 
 mod accept;
+mod retry;
 
 use crate::config::Config;
+use crate::log_bounds::{cut, LOGGED_ERROR};
 use crate::main_loop::{self, Served};
 use crate::service::Service;
 use crate::sessions::Sessions;
@@ -46,19 +56,29 @@ use dbus::channel::Sender;
 use dbus::message::{MatchRule, MessageType};
 use dbus::Message;
 use dbus_crossroads::Crossroads;
+use retry::Backoff;
+use shmlink_endpoint::sys;
 use shmlink_interfaces::{
-    member, Bus, BROKER_INTERFACE, BROKER_PATH, BUS_NAME, DBUS_NAME, DBUS_PATH,
+    error, member, Bus, BROKER_INTERFACE, BROKER_PATH, BUS_NAME, DBUS_NAME, DBUS_PATH,
+    PROVIDER_INTERFACE,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Where a provider exports `org.shmlink.Provider1` unless told otherwise.
 pub use shmlink_interfaces::PROVIDER_PATH as DEFAULT_OBJECT_PATH;
 
 /// How long [`ProviderBuilder::register`] waits for each answer of the broker.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The fds a provider keeps free besides those a call carries: decoding a
+/// call duplicates each fd it carries, the session it starts may open a
+/// few more, and the next message from the bus must still find room for
+/// its own (libdbus cannot receive a message whose fds do not fit).
+pub const PROVIDER_FD_RESERVE: u64 = 32;
 
 /// Why a provider could not start, or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -135,10 +155,21 @@ impl ProviderBuilder {
         self
     }
 
-    /// Connects, starts the engine, exports the interface and registers
+    /// Raises the soft open-file limit (`RLIMIT_NOFILE`) to the hard one,
+    /// connects, starts the engine, exports the interface and registers
     /// every service with the broker; fails if the broker refuses one.
     /// Serve with [`Provider::run`].
+    ///
+    /// Every session holds several fds, hence the raised limit (as
+    /// `shmlinkd` raises its own); a provider that wants a lower one may set
+    /// it again after this returns. A call whose fds do not fit (with
+    /// [`PROVIDER_FD_RESERVE`] to spare) is refused with `LimitExceeded`.
     pub fn register(self) -> Result<Provider, ProviderError> {
+        match sys::raise_fd_limit() {
+            Ok(Some(limit)) => log::debug!("open-file limit: {limit}"),
+            Ok(None) => log::debug!("open-file limit: none"),
+            Err(e) => log::warn!("could not raise the open-file limit: {e}"),
+        }
         let bus_err = |source| ProviderError::Bus {
             bus: self.bus.to_string(),
             source,
@@ -191,6 +222,8 @@ impl ProviderBuilder {
                 broker_path: self.broker_path,
                 object_path: self.object_path,
                 pending: HashMap::new(),
+                retries: HashMap::new(),
+                panics: 0,
             },
         };
         for name in provider.face.service_names() {
@@ -269,6 +302,11 @@ struct Face {
     object_path: String,
     /// `RegisterService` calls sent from the main loop, by serial: the service.
     pending: HashMap<u32, String>,
+    /// Registrations with the current broker that failed, by service: when
+    /// to try again.
+    retries: HashMap<String, Backoff>,
+    /// Method handlers that panicked (see [`Face::call`]).
+    panics: u64,
 }
 
 impl Provider {
@@ -376,40 +414,218 @@ impl Face {
         }
         host.broker_owner = Some(new.to_owned());
         log::info!("{name} is back as {new}; registering again");
+        // A new broker: earlier answers and back-offs no longer count.
+        self.pending.clear();
+        self.retries.clear();
         for service in self.service_names() {
-            let call = self.register_call(&service);
-            if let Ok(serial) = conn.send(call) {
+            self.send_registration(conn, service);
+        }
+    }
+
+    /// Sends `RegisterService` for `service` without waiting for the
+    /// answer ([`Served::handle`] gets it); a call that cannot be sent is
+    /// retried later.
+    fn send_registration(&mut self, conn: &Connection, service: String) {
+        let call = self.register_call(&service);
+        match conn.send(call) {
+            Ok(serial) => {
                 self.pending.insert(serial, service);
+            }
+            Err(()) => self.registration_failed(service, "the call could not be sent"),
+        }
+    }
+
+    /// A registration with the current broker failed for `reason`: retry
+    /// it after the service's next back-off.
+    fn registration_failed(&mut self, service: String, reason: &str) {
+        let backoff = self.retries.entry(service.clone()).or_default();
+        let wait = backoff.failed(Instant::now());
+        if backoff.worth_logging() {
+            log::warn!(
+                "registering {service:?} with {} failed: {}; trying again in {wait:?}",
+                self.broker_name,
+                cut(reason, LOGGED_ERROR),
+            );
+        }
+    }
+}
+
+impl Face {
+    /// Hands a method call to crossroads, unless it carries more fds than
+    /// this process has room for; a handler that panics (libdbus failing to
+    /// duplicate an fd makes the dbus crate panic while decoding) is
+    /// answered with an error and the object served on.
+    fn call(&mut self, conn: &Connection, msg: Message) {
+        // What an error answer needs, kept before crossroads takes the call.
+        let serial = msg.get_serial();
+        let sender = msg.sender().map(|s| s.into_static());
+        let wants_reply = !msg.get_no_reply();
+        let fds = fds_carried(&msg);
+        if fds > 0 {
+            match sys::fd_headroom() {
+                Ok(Some(room)) if room < fds + PROVIDER_FD_RESERVE => {
+                    log::debug!("a call carrying {fds} fd(s) refused: room for {room} more");
+                    drop(msg);
+                    if wants_reply {
+                        reply_error(conn, serial, sender, error::LIMIT_EXCEEDED, NO_ROOM);
+                    }
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => log::debug!("cannot count open fds: {e}"),
+            }
+        }
+        // AssertUnwindSafe: the crossroads instance and the provider object
+        // are not used again as they were left. Crossroads takes a method out
+        // while it runs and puts it back after, so it is rebuilt around the
+        // object. The object's session table is changed only by `adopt`,
+        // whose reservation is a guard the unwind drops, and which enters
+        // the session last; the dbus crate's panics (decoding the arguments)
+        // come before the handler runs at all, and the fds decoded so far
+        // are closed by the unwind.
+        let cr = &mut self.cr;
+        let handled = catch_unwind(AssertUnwindSafe(|| cr.handle_message(msg, conn)));
+        match handled {
+            Ok(Ok(())) => {}
+            Ok(Err(())) => log::warn!("crossroads could not handle a method call"),
+            Err(panic) => {
+                self.panics += 1;
+                // The first, then ever more sparsely: 2, 4, 8, ...
+                if self.panics.is_power_of_two() {
+                    log::error!(
+                        "a method call panicked ({} so far): {}",
+                        self.panics,
+                        cut(panic_message(&panic), LOGGED_ERROR)
+                    );
+                }
+                let host = self
+                    .cr
+                    .remove::<ProviderObject>(&self.path)
+                    .expect("the provider object is never removed");
+                self.cr = accept::crossroads(self.path.clone(), host);
+                if wants_reply {
+                    // Short of fds now (those decoded before the panic are
+                    // closed again): the panic was most likely a failed
+                    // duplication, which the caller may try again later.
+                    let short = fds > 0
+                        && sys::fd_headroom()
+                            .is_ok_and(|r| r.is_some_and(|r| r < fds + PROVIDER_FD_RESERVE));
+                    let (name, text) = if short {
+                        (error::LIMIT_EXCEEDED, NO_ROOM)
+                    } else {
+                        (error::INTERNAL, "the provider failed to handle the call")
+                    };
+                    reply_error(conn, serial, sender, name, text);
+                }
             }
         }
     }
+
+    /// When the first failed registration is due again.
+    fn next_retry(&self) -> Option<Instant> {
+        self.retries.values().filter_map(Backoff::due).min()
+    }
+}
+
+/// The reason a call with fds is refused when they do not fit.
+const NO_ROOM: &str = "this provider cannot take more fds";
+
+/// How many fds `msg` carries (an fd inside an array counts once).
+fn fds_carried(msg: &Message) -> u64 {
+    let mut args = msg.iter_init();
+    let mut fds = 0;
+    while args.arg_type() != dbus::arg::ArgType::Invalid {
+        fds += args
+            .signature()
+            .as_bytes()
+            .iter()
+            .filter(|&&c| c == b'h')
+            .count() as u64;
+        args.next();
+    }
+    fds
+}
+
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "(no message)"
+    }
+}
+
+/// Answers the call `serial` of `sender` with the error `name`.
+fn reply_error(
+    conn: &Connection,
+    serial: Option<u32>,
+    sender: Option<dbus::strings::BusName<'static>>,
+    name: &str,
+    text: &str,
+) {
+    let (Some(serial), Some(sender)) = (serial, sender) else {
+        return;
+    };
+    // An error answer needs only the call's serial and sender: a stand-in
+    // call carrying both makes it, never sent itself.
+    let mut call = Message::method_call(
+        &sender,
+        &"/".into(),
+        &PROVIDER_INTERFACE.into(),
+        &member::ACCEPT_SESSION.into(),
+    );
+    call.set_serial(serial);
+    call.set_sender(Some(sender));
+    let (Ok(name), Ok(text)) = (
+        dbus::strings::ErrorName::new(name),
+        std::ffi::CString::new(text),
+    ) else {
+        return;
+    };
+    let _ = conn.send(call.error(&name, &text));
 }
 
 impl Served for Face {
     fn handle(&mut self, conn: &Connection, mut msg: Message) {
         match msg.msg_type() {
-            MessageType::MethodCall => {
-                if self.cr.handle_message(msg, conn).is_err() {
-                    log::warn!("crossroads could not handle a method call");
-                }
-            }
+            MessageType::MethodCall => self.call(conn, msg),
             MessageType::MethodReturn | MessageType::Error => {
                 let Some(service) = msg.get_reply_serial().and_then(|s| self.pending.remove(&s))
                 else {
                     return;
                 };
                 if let Err(e) = msg.as_result() {
-                    log::warn!(
-                        "the broker refused to register {service:?} again: {}: {}",
-                        e.name().unwrap_or("?"),
-                        e.message().unwrap_or("")
-                    );
+                    let reason =
+                        format!("{}: {}", e.name().unwrap_or("?"), e.message().unwrap_or(""));
+                    self.registration_failed(service, &reason);
                 } else {
+                    self.retries.remove(&service);
                     log::info!("registered {service:?} again with {}", self.broker_name);
                 }
             }
             MessageType::Signal => self.name_owner_changed(conn, &msg),
         }
+    }
+
+    fn turn_done(&mut self, conn: &Connection) {
+        if self.host().broker_owner.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .retries
+            .iter_mut()
+            .filter_map(|(service, b)| b.take_due(now).then(|| service.clone()))
+            .collect();
+        for service in due {
+            self.send_registration(conn, service);
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.next_retry()
     }
 
     fn watched(&mut self) -> Vec<Arc<dyn AsFd>> {

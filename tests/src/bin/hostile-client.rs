@@ -117,6 +117,23 @@ fn main() {
             let _ = out.flush();
             wait_for_stdin_eof();
         }
+        "hold-some" => {
+            let n: usize = arg(3).parse().unwrap_or(1);
+            // Like "hold", but keeps what was granted past the first refusal.
+            let replies = hostile::open_many(conn.channel(), arg(2), 64, n);
+            let mut held = Vec::with_capacity(n);
+            let mut refused = None;
+            for r in replies {
+                match r {
+                    Ok(r) => held.push(r),
+                    Err(e) => refused = refused.or(Some(e)),
+                }
+            }
+            let refused = refused.unwrap_or_else(|| "none".into());
+            let _ = writeln!(out, "HELD {} REFUSED {refused}", held.len());
+            let _ = out.flush();
+            wait_for_stdin_eof();
+        }
         "stream" => {
             let mut s = match RawSession::open_on(conn, "sink", hostile::capacity_option(16 * 1024))
             {
