@@ -217,7 +217,8 @@ pub use shmlink_test_support::{fd_count, proc_status};
 /// (a checkout under a 0700 home directory is not reachable by `nobody`).
 ///
 /// One copy per binary and test process, in a 0755 directory under the
-/// system temp dir; copies left by finished test processes are removed.
+/// system temp dir (made by `install`, see below); copies left by finished
+/// test processes are removed.
 pub fn world_executable(bin: &std::path::Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     static COPIES: std::sync::Mutex<Vec<(PathBuf, PathBuf)>> = std::sync::Mutex::new(Vec::new());
@@ -241,8 +242,17 @@ pub fn world_executable(bin: &std::path::Path) -> PathBuf {
         .to_string_lossy()
         .into_owned();
     let copy = dir.join(format!("{name}-{}", std::process::id()));
-    std::fs::copy(bin, &copy).expect("copy the binary");
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod 0755");
+    // Copied by a child process, so that this process never holds the copy
+    // open for writing: a child another test thread forks meanwhile would
+    // inherit such an fd until it execs, and an exec of the copy in that
+    // window fails with ETXTBSY ("Text file busy").
+    let installed = std::process::Command::new("install")
+        .args(["-m", "0755"])
+        .arg(bin)
+        .arg(&copy)
+        .status()
+        .expect("run install");
+    assert!(installed.success(), "install {bin:?} {copy:?}: {installed}");
     copies.push((bin.to_path_buf(), copy.clone()));
     copy
 }
