@@ -187,23 +187,61 @@ fn error_name(e: &dbus::Error) -> &str {
     e.name().unwrap_or_default()
 }
 
-#[test]
-fn the_broker_played_by_the_test() {
-    let bus = PrivateBus::start().expect("bus");
+/// A connection of the test's own that owns the broker's name: the test
+/// plays the broker.
+fn play_broker(bus: &PrivateBus) -> Connection {
     let broker = hostile::connect(bus.address()).expect("connect");
     broker
         .request_name(BUS_NAME, false, true, true)
         .expect("own the broker's name");
-    let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
-    let stop_dup = stop.try_clone().expect("dup");
-    let address = bus.address().to_owned();
-    let provider_thread = std::thread::spawn(move || {
-        let provider = Provider::builder(&Bus::Address(address))
-            .service(Arc::new(builtin::Echo))
-            .register()
-            .expect("register");
-        provider.run(Some(stop_dup.as_fd()))
-    });
+    broker
+}
+
+/// A provider of `services` under `config`, run by the runtime in a thread
+/// of this test until [`ProviderThread::stop`].
+struct ProviderThread {
+    stop: OwnedFd,
+    thread: std::thread::JoinHandle<Result<(), shmlink_server::ProviderError>>,
+}
+
+impl ProviderThread {
+    fn start(
+        bus: &PrivateBus,
+        config: shmlink_server::config::Config,
+        services: Vec<Arc<dyn shmlink_server::Service>>,
+    ) -> ProviderThread {
+        let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
+        let stop_dup = stop.try_clone().expect("dup");
+        let address = bus.address().to_owned();
+        let thread = std::thread::spawn(move || {
+            let mut builder = Provider::builder(&Bus::Address(address)).config(config);
+            for service in services {
+                builder = builder.service(service);
+            }
+            builder
+                .register()
+                .expect("register")
+                .run(Some(stop_dup.as_fd()))
+        });
+        ProviderThread { stop, thread }
+    }
+
+    /// Stops the provider and checks that it stopped cleanly.
+    fn stop(self) {
+        rustix::io::write(&self.stop, &1u64.to_ne_bytes()).expect("stop");
+        self.thread
+            .join()
+            .expect("provider thread")
+            .expect("provider stopped cleanly");
+    }
+}
+
+#[test]
+fn the_broker_played_by_the_test() {
+    let bus = PrivateBus::start().expect("bus");
+    let broker = play_broker(&bus);
+    let provider_thread =
+        ProviderThread::start(&bus, Default::default(), vec![Arc::new(builtin::Echo)]);
     let provider = accept_registration(&broker, "echo");
     let timeout = DEADLINE;
 
@@ -283,11 +321,7 @@ fn the_broker_played_by_the_test() {
     assert!(ready[0].hangup || ready[0].readable, "client saw the end");
     assert!(client.peer_gone().expect("peer_gone"));
 
-    rustix::io::write(&stop, &1u64.to_ne_bytes()).expect("stop");
-    provider_thread
-        .join()
-        .expect("provider thread")
-        .expect("provider stopped cleanly");
+    provider_thread.stop();
 }
 
 #[test]
@@ -389,26 +423,13 @@ fn an_embedded_broker_serves_under_its_own_name_beside_shmlinkd() {
 #[test]
 fn a_provider_bounds_its_sessions_checks_fds_and_registers_again_after_a_broker_restart() {
     let bus = PrivateBus::start().expect("bus");
-    let first = hostile::connect(bus.address()).expect("connect");
-    first
-        .request_name(BUS_NAME, false, true, true)
-        .expect("own the broker's name");
-    let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
-    let stop_dup = stop.try_clone().expect("dup");
-    let address = bus.address().to_owned();
+    let first = play_broker(&bus);
     // Room for one 64 KiB session per uid (both rings, their headers, the
     // fixed overhead) and its buffers, not for two.
     let mut config = shmlink_server::config::Config::default();
     config.limits.memory_per_user = 250_000;
     config.engine.workers = 1;
-    let provider_thread = std::thread::spawn(move || {
-        let provider = Provider::builder(&Bus::Address(address))
-            .config(config)
-            .service(Arc::new(builtin::Echo))
-            .register()
-            .expect("register");
-        provider.run(Some(stop_dup.as_fd()))
-    });
+    let provider_thread = ProviderThread::start(&bus, config, vec![Arc::new(builtin::Echo)]);
     let provider = accept_registration(&first, "echo");
     let call = |broker: &Connection, n: u32, h: Handover| {
         // The broker's and the client's ends stay with the caller, or go.
@@ -458,10 +479,7 @@ fn a_provider_bounds_its_sessions_checks_fds_and_registers_again_after_a_broker_
 
     // A new broker takes the name: the provider registers again, accepts
     // from it (its budget free again) and from nobody else.
-    let second = hostile::connect(bus.address()).expect("connect");
-    second
-        .request_name(BUS_NAME, false, true, true)
-        .expect("own the broker's name");
+    let second = play_broker(&bus);
     assert_eq!(accept_registration(&second, "echo"), provider);
     let (b, b_client, b_link) = split(handover(64 << 10));
     call(&second, 1, b).expect("the new broker's session is accepted");
@@ -472,11 +490,7 @@ fn a_provider_bounds_its_sessions_checks_fds_and_registers_again_after_a_broker_
 
     // Stopping the provider ends its sessions: the broker's link and the
     // client's hang-up both close.
-    rustix::io::write(&stop, &1u64.to_ne_bytes()).expect("stop");
-    provider_thread
-        .join()
-        .expect("provider thread")
-        .expect("provider stopped cleanly");
+    provider_thread.stop();
     let deadline = Some(Instant::now() + DEADLINE);
     let ready = sys::poll_readable(&[b_link.as_fd(), client.hangup_fd()], deadline).expect("poll");
     assert!(
@@ -524,10 +538,7 @@ impl Drop for Child {
 #[test]
 fn a_provider_process_streams_both_ways_and_its_death_unblocks_the_client_at_once() {
     let bus = PrivateBus::start().expect("bus");
-    let broker = hostile::connect(bus.address()).expect("connect");
-    broker
-        .request_name(BUS_NAME, false, true, true)
-        .expect("own the broker's name");
+    let broker = play_broker(&bus);
     let mut child = Child(
         std::process::Command::new(frames_provider_binary())
             .args(["--bus", bus.address()])
@@ -635,10 +646,7 @@ fn a_provider_process_streams_both_ways_and_its_death_unblocks_the_client_at_onc
 #[test]
 fn a_hostile_client_of_a_provided_service_ends_only_its_own_session() {
     let bus = PrivateBus::start().expect("bus");
-    let broker = hostile::connect(bus.address()).expect("connect");
-    broker
-        .request_name(BUS_NAME, false, true, true)
-        .expect("own the broker's name");
+    let broker = play_broker(&bus);
     let mut child = Child(
         std::process::Command::new(frames_provider_binary())
             .args(["--bus", bus.address()])
@@ -936,21 +944,12 @@ impl shmlink_server::Service for Panicky {
 #[test]
 fn a_panic_in_accept_session_is_answered_and_the_provider_serves_on() {
     let bus = PrivateBus::start().expect("bus");
-    let broker = hostile::connect(bus.address()).expect("connect");
-    broker
-        .request_name(BUS_NAME, false, true, true)
-        .expect("own the broker's name");
-    let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
-    let stop_dup = stop.try_clone().expect("dup");
-    let address = bus.address().to_owned();
-    let provider_thread = std::thread::spawn(move || {
-        let provider = Provider::builder(&Bus::Address(address))
-            .service(Arc::new(builtin::Echo))
-            .service(Arc::new(Panicky))
-            .register()
-            .expect("register");
-        provider.run(Some(stop_dup.as_fd()))
-    });
+    let broker = play_broker(&bus);
+    let provider_thread = ProviderThread::start(
+        &bus,
+        Default::default(),
+        vec![Arc::new(builtin::Echo), Arc::new(Panicky)],
+    );
     let provider = accept_registrations(&broker, &["echo", "panicky"]);
     for n in 1..=2 {
         let h = handover(4096);
@@ -987,11 +986,7 @@ fn a_panic_in_accept_session_is_answered_and_the_provider_serves_on() {
     let back = client.recv().expect("recv").expect("echo");
     assert_eq!(&back[..], b"still here");
 
-    rustix::io::write(&stop, &1u64.to_ne_bytes()).expect("stop");
-    provider_thread
-        .join()
-        .expect("provider thread")
-        .expect("provider stopped cleanly");
+    provider_thread.stop();
 }
 
 /// Waits for a `RegisterService` of `service` and answers it with
@@ -1025,27 +1020,13 @@ fn answer_registration(broker: &Connection, service: &str, refusal: Option<&str>
 #[test]
 fn a_refused_registration_after_a_broker_restart_is_retried() {
     let bus = PrivateBus::start().expect("bus");
-    let first = hostile::connect(bus.address()).expect("connect");
-    first
-        .request_name(BUS_NAME, false, true, true)
-        .expect("own the broker's name");
-    let stop = eventfd(0, EventfdFlags::CLOEXEC).expect("stop fd");
-    let stop_dup = stop.try_clone().expect("dup");
-    let address = bus.address().to_owned();
-    let provider_thread = std::thread::spawn(move || {
-        let provider = Provider::builder(&Bus::Address(address))
-            .service(Arc::new(builtin::Echo))
-            .register()
-            .expect("register");
-        provider.run(Some(stop_dup.as_fd()))
-    });
+    let first = play_broker(&bus);
+    let provider_thread =
+        ProviderThread::start(&bus, Default::default(), vec![Arc::new(builtin::Echo)]);
     accept_registration(&first, "echo");
     // The broker restarts: a new connection owns the name.
     drop(first);
-    let second = hostile::connect(bus.address()).expect("connect");
-    second
-        .request_name(BUS_NAME, false, true, true)
-        .expect("own the broker's name");
+    let second = play_broker(&bus);
     // Refused when it registers again, and on the first retry (1 s later).
     answer_registration(&second, "echo", Some(error::NAME_TAKEN));
     let refused_at = Instant::now();
@@ -1056,11 +1037,7 @@ fn a_refused_registration_after_a_broker_restart_is_retried() {
     assert!(retried >= Duration::from_millis(2500), "{retried:?}");
     answer_registration(&second, "echo", None);
 
-    rustix::io::write(&stop, &1u64.to_ne_bytes()).expect("stop");
-    provider_thread
-        .join()
-        .expect("provider thread")
-        .expect("provider stopped cleanly");
+    provider_thread.stop();
 }
 
 /// The provider runtime lifts its soft open-file limit to the hard one.

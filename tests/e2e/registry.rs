@@ -193,9 +193,10 @@ fn registering_lists_announces_and_withdraws_a_service() {
     nothing_charged(&h);
 }
 
-#[test]
-fn only_allowed_uids_register() {
-    let dir = std::env::temp_dir().join(format!("shmlink-registry-{}", std::process::id()));
+/// A daemon whose configuration lets uid `nobody` register `nobody.*`,
+/// and the folder its configuration is in (for the test to remove).
+fn nobody_may_register(tag: &str) -> (Harness, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("shmlink-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("shmlinkd.toml");
     std::fs::write(
@@ -204,6 +205,12 @@ fn only_allowed_uids_register() {
     )
     .expect("write config");
     let h = Harness::with_args(&["--config", config.to_str().expect("utf-8")]);
+    (h, dir)
+}
+
+#[test]
+fn only_allowed_uids_register() {
+    let (h, dir) = nobody_may_register("registry");
     let register_as_nobody = |service: &str| {
         let out = std::process::Command::new("setpriv")
             .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
@@ -557,15 +564,7 @@ fn forged_answers_from_another_connection_are_dropped() {
 
 #[test]
 fn an_object_path_over_the_limit_is_refused_and_costs_nothing() {
-    let dir = std::env::temp_dir().join(format!("shmlink-objpath-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("shmlinkd.toml");
-    std::fs::write(
-        &config,
-        "[providers.allow.\"nobody.*\"]\nallow_users = [65534]\n",
-    )
-    .expect("write config");
-    let h = Harness::with_args(&["--config", config.to_str().expect("utf-8")]);
+    let (h, dir) = nobody_may_register("objpath");
     let pid = h.daemon_pid();
     let client = h.client();
     client
