@@ -236,6 +236,28 @@ impl ProviderThread {
     }
 }
 
+/// Hands `provider` an `echo` session of 64 KiB rings as the broker
+/// (call number `n`), which it must accept; returns the client's side and
+/// the broker's end of the link (dropping it ends the session).
+fn accept_echo(broker: &Connection, provider: &str, n: u32) -> (Endpoint, OwnedFd) {
+    let h = handover(64 << 10);
+    let call = accept_call(
+        provider,
+        n,
+        "echo",
+        PropMap::new(),
+        h.provider,
+        h.provider_link,
+    );
+    broker
+        .channel()
+        .send_with_reply_and_block(call, DEADLINE)
+        .expect("accepted");
+    let mut client = Endpoint::open_client(h.client, 1 << 20, Wakeup::Park).expect("client");
+    client.set_timeout(Some(DEADLINE));
+    (client, h.broker_link)
+}
+
 #[test]
 fn the_broker_played_by_the_test() {
     let bus = PrivateBus::start().expect("bus");
@@ -246,21 +268,7 @@ fn the_broker_played_by_the_test() {
     let timeout = DEADLINE;
 
     // An honest session: accepted, and echo works through the rings.
-    let h = handover(64 << 10);
-    let call = accept_call(
-        &provider,
-        1,
-        "echo",
-        PropMap::new(),
-        h.provider,
-        h.provider_link,
-    );
-    broker
-        .channel()
-        .send_with_reply_and_block(call, timeout)
-        .expect("accepted");
-    let mut client = Endpoint::open_client(h.client, 1 << 20, Wakeup::Park).expect("client");
-    client.set_timeout(Some(DEADLINE));
+    let (mut client, broker_link) = accept_echo(&broker, &provider, 1);
     for i in 0..50u64 {
         let msg = payload(i, (i as usize * 4099) % (200 << 10));
         client.send(&msg).expect("send");
@@ -315,7 +323,7 @@ fn the_broker_played_by_the_test() {
     assert_eq!(error_name(&e), error::ACCESS_DENIED, "{e:?}");
 
     // The broker ends session 1 by closing its link: the client sees the hang-up.
-    drop(h.broker_link);
+    drop(broker_link);
     let ready =
         sys::poll_readable(&[client.hangup_fd()], Some(Instant::now() + DEADLINE)).expect("poll");
     assert!(ready[0].hangup || ready[0].readable, "client saw the end");
@@ -967,21 +975,7 @@ fn a_panic_in_accept_session_is_answered_and_the_provider_serves_on() {
             .expect_err("a panicking open");
         assert_eq!(error_name(&e), error::INTERNAL, "{e:?}");
     }
-    let h = handover(64 << 10);
-    let call = accept_call(
-        &provider,
-        3,
-        "echo",
-        PropMap::new(),
-        h.provider,
-        h.provider_link,
-    );
-    broker
-        .channel()
-        .send_with_reply_and_block(call, DEADLINE)
-        .expect("accepted after the panics");
-    let mut client = Endpoint::open_client(h.client, 1 << 20, Wakeup::Park).expect("client");
-    client.set_timeout(Some(DEADLINE));
+    let (mut client, _link) = accept_echo(&broker, &provider, 3);
     client.send(b"still here").expect("send");
     let back = client.recv().expect("recv").expect("echo");
     assert_eq!(&back[..], b"still here");
