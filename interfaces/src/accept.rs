@@ -108,6 +108,19 @@ mod tests {
         }
     }
 
+    /// The fd numbers of a half, in wire order.
+    fn raw_fds(f: &PeerFds) -> [std::os::fd::RawFd; 7] {
+        [
+            f.to_server.memfd.as_raw_fd(),
+            f.to_server.empty_signal.as_raw_fd(),
+            f.to_server.full_signal.as_raw_fd(),
+            f.to_client.memfd.as_raw_fd(),
+            f.to_client.empty_signal.as_raw_fd(),
+            f.to_client.full_signal.as_raw_fd(),
+            f.hangup.as_raw_fd(),
+        ]
+    }
+
     #[test]
     fn accept_session_round_trips_with_its_fds_in_their_roles() {
         let fds = PeerFds {
@@ -115,15 +128,7 @@ mod tests {
             to_client: ring(8192),
             hangup: fd(),
         };
-        let raw = [
-            fds.to_server.memfd.as_raw_fd(),
-            fds.to_server.empty_signal.as_raw_fd(),
-            fds.to_server.full_signal.as_raw_fd(),
-            fds.to_client.memfd.as_raw_fd(),
-            fds.to_client.empty_signal.as_raw_fd(),
-            fds.to_client.full_signal.as_raw_fd(),
-            fds.hangup.as_raw_fd(),
-        ];
+        let raw = raw_fds(&fds);
         let link = fd();
         let link_raw = link.as_raw_fd();
         let mut options = PropMap::new();
@@ -158,19 +163,7 @@ mod tests {
             SessionParameters::from_dict(&back.parameters, 1 << 20),
             Ok(parameters)
         );
-        let f = &back.fds;
-        assert_eq!(
-            [
-                f.to_server.memfd.as_raw_fd(),
-                f.to_server.empty_signal.as_raw_fd(),
-                f.to_server.full_signal.as_raw_fd(),
-                f.to_client.memfd.as_raw_fd(),
-                f.to_client.empty_signal.as_raw_fd(),
-                f.to_client.full_signal.as_raw_fd(),
-                f.hangup.as_raw_fd(),
-            ],
-            raw
-        );
+        assert_eq!(raw_fds(&back.fds), raw);
         assert_eq!(back.link.as_raw_fd(), link_raw);
     }
 
