@@ -587,6 +587,37 @@ fn a_client_dropping_its_sessions_ends_them_whatever_the_provider_does() {
     nothing_charged(&h);
 }
 
+/// A client that writes to its hang-up socket breaks the protocol: the
+/// broker ends its provided session (as a hosted one) although the provider
+/// never looks, and releases it.
+#[test]
+fn a_client_writing_to_its_hang_up_ends_its_provided_session() {
+    let h = harness(5_000);
+    let closed = Signals::watch(&h, BROKER_INTERFACE, member::SESSION_CLOSED);
+    let p = RawProvider::start(h.address(), Behaviour::Accept);
+    p.register("remote").expect("register");
+    let s =
+        shmlink_tests::hostile::RawSession::open(h.address(), "remote", SMALL).expect("accepted");
+    s.write_hangup(b"bytes nobody reads").expect("write");
+    assert_eq!(
+        closed_reason(&closed, &s.path),
+        "client misbehaved: the other side wrote to the hang-up socket"
+    );
+    let accepted = p.take_accepted();
+    assert!(
+        wait_until(DEADLINE, || [&accepted[0].fds.hangup, &accepted[0].link]
+            .iter()
+            .all(|fd| {
+                use std::os::fd::AsFd;
+                shmlink_endpoint::sys::hangup_state(fd.as_fd())
+                    .is_ok_and(|s| s == shmlink_endpoint::sys::HangupState::Closed)
+            })),
+        "the provider does not see the end"
+    );
+    drop((s, accepted));
+    nothing_charged(&h);
+}
+
 #[test]
 fn a_provider_closing_its_link_alone_ends_the_session_at_the_broker() {
     let h = harness(5_000);
