@@ -85,7 +85,13 @@ impl Harness {
 
     /// A bus and a daemon started with extra command-line arguments.
     pub fn with_args(args: &[&str]) -> Harness {
-        let bus = PrivateBus::start().expect("start a private dbus-daemon");
+        Self::on_bus(BusLimits::Tests, args)
+    }
+
+    /// A bus enforcing `limits` and a daemon started with extra
+    /// command-line arguments.
+    pub fn on_bus(limits: BusLimits, args: &[&str]) -> Harness {
+        let bus = PrivateBus::start_with_limits(limits).expect("start a private dbus-daemon");
         let daemon =
             DaemonProcess::start(&daemon_binary(), bus.address(), args).expect("start shmlinkd");
         Harness {
@@ -211,7 +217,7 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
     bytes
 }
 
-pub use shmlink_test_support::{fd_count, proc_status};
+pub use shmlink_test_support::{fd_count, proc_status, BusLimits};
 
 /// A copy of `bin` that any user can execute, wherever the build directory is
 /// (a checkout under a 0700 home directory is not reachable by `nobody`).
