@@ -7,13 +7,18 @@
 //! - [`huge_call`]: an `OpenSession` whose service name or options are
 //!   megabytes long;
 //! - [`measure_honest`]: `OpenSession` and 64-byte echo round trips of an
-//!   honest client, timed and verified.
+//!   honest client, timed and verified;
+//! - [`Attacker`]: `hostile-client` run as `nobody`, and
+//!   [`assert_stops_quickly`] for SIGTERM under an attack.
 
-use crate::hostile::{self, RawSession};
+use crate::hostile::{self, hostile_binary, RawSession};
+use crate::Harness;
 use dbus::arg::{PropMap, RefArg, Variant};
 use dbus::blocking::Connection;
 use shmlink_endpoint::frame::KIND_MESSAGE;
 use shmlink_interfaces::{option, wakeup};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The largest spin an option may ask for (µs).
@@ -218,4 +223,95 @@ pub fn measure_honest(
             .map_err(|e| format!("honest close {s}: {e}"))?;
     }
     Ok(t)
+}
+
+/// An attacker process running as `nobody`, stopped (stdin closed) on drop.
+pub struct Attacker {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+    /// The session paths it printed.
+    pub paths: Vec<String>,
+    /// Its first line that is not a path.
+    pub ready: String,
+}
+
+impl Attacker {
+    /// Starts `hostile-client ADDRESS ARGS...` as `nobody` and reads its
+    /// output up to its first line that is not a path, which must start
+    /// with `READY`.
+    pub fn start(h: &Harness, args: &[&str]) -> Attacker {
+        let mut child = Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(crate::world_executable(&hostile_binary()))
+            .arg(h.address())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn setpriv hostile-client");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut paths = Vec::new();
+        let ready = loop {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("read a line");
+            match line.trim().strip_prefix("PATH ") {
+                Some(p) => paths.push(p.to_owned()),
+                None => break line.trim().to_owned(),
+            }
+        };
+        assert!(
+            ready.starts_with("READY"),
+            "attacker {args:?} did not start: {ready:?}"
+        );
+        Attacker {
+            child,
+            out,
+            paths,
+            ready,
+        }
+    }
+
+    /// Closes its stdin and returns its last line.
+    pub fn stop(mut self) -> String {
+        drop(self.child.stdin.take());
+        let mut last = String::new();
+        let mut line = String::new();
+        while self.out.read_line(&mut line).is_ok_and(|n| n > 0) {
+            last = std::mem::take(&mut line);
+        }
+        let _ = self.child.wait();
+        last.trim().to_owned()
+    }
+
+    /// Stops it and returns the two numbers of its last line, `DONE a b`.
+    pub fn stop_done(self) -> [u64; 2] {
+        let last = self.stop();
+        let done: Vec<u64> = last
+            .strip_prefix("DONE ")
+            .map(|r| r.split(' ').filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default();
+        done.try_into()
+            .unwrap_or_else(|_| panic!("attacker ended with {last:?}"))
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGTERM ends the daemon, cleanly, within a second.
+pub fn assert_stops_quickly(h: &mut Harness, what: &str) {
+    let daemon = h.take_daemon();
+    let start = Instant::now();
+    let status = daemon.stop().expect("stop the daemon");
+    let took = start.elapsed();
+    println!("{what}: SIGTERM to exit {took:?}");
+    assert!(status.success(), "{what}: {status}");
+    assert!(
+        took < Duration::from_secs(1),
+        "{what}: SIGTERM took {took:?}"
+    );
 }

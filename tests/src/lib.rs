@@ -161,6 +161,27 @@ impl Harness {
         );
     }
 
+    /// Starts the example provider (`shmlink-frames-provider`, services
+    /// `frames` and `digest`) on this harness's bus and waits until the
+    /// broker lists its services.
+    pub fn start_frames_provider(&self) -> KillOnDrop {
+        let child = KillOnDrop(
+            std::process::Command::new(frames_provider_binary())
+                .args(["--bus", self.address()])
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("start the provider"),
+        );
+        let client = self.client();
+        assert!(
+            wait_until(DEADLINE, || client
+                .services()
+                .is_ok_and(|s| s.iter().any(|n| n == "frames"))),
+            "the provider never registered"
+        );
+        child
+    }
+
     /// `SessionCount` as the daemon reports it.
     pub fn session_count(&self) -> u32 {
         self.client().session_count().expect("read SessionCount")
@@ -192,6 +213,27 @@ pub fn cli_binary() -> PathBuf {
         cli.display()
     );
     cli
+}
+
+/// The example provider's binary, built beside `shmlinkd`.
+pub fn frames_provider_binary() -> PathBuf {
+    let bin = daemon_binary().with_file_name("shmlink-frames-provider");
+    assert!(
+        bin.is_file(),
+        "{} missing (run the tests with `cargo test --workspace`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Polls `cond` until it holds or `deadline` passes; returns whether it held.
