@@ -336,6 +336,14 @@ pub fn open_call(service: &str, options: PropMap) -> Message {
     .append2(service, options)
 }
 
+/// A `Ping` of the broker carrying a string of `bytes` bytes: a call that
+/// names nothing the broker could judge before it knows the caller.
+pub fn ping_call(bytes: usize) -> Message {
+    Message::new_method_call(BUS_NAME, BROKER_PATH, "org.freedesktop.DBus.Peer", "Ping")
+        .expect("Ping message")
+        .append1("x".repeat(bytes))
+}
+
 /// A `ListSessions()` call to the broker.
 pub fn list_call() -> Message {
     Message::new_method_call(

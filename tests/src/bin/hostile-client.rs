@@ -33,19 +33,24 @@
 //!                                         print "DONE refused"
 //! hostile-client ADDR memory ATTACK MODE N SIZE  run a memory attack (see `memory_attacks`),
 //!                                         print "READY opened=.. refused=.. closed=..", wait for stdin EOF
-//! hostile-client ADDR park BYTES N [C]    on each of C fresh connections (default 1; their
-//!                                         credentials unknown to the broker), N OpenSession
-//!                                         calls of echo, each with a BYTES-long option value,
-//!                                         written at once; the last byte of every connection's
+//! hostile-client ADDR park open|ping BYTES N [C]
+//!                                         on each of C fresh connections (default 1; their
+//!                                         credentials unknown to the broker), N calls written
+//!                                         at once: OpenSession of echo with a BYTES-long
+//!                                         option value, or a Ping of the broker carrying
+//!                                         BYTES bytes; the last byte of every connection's
 //!                                         calls is written only once all the rest is, so that
 //!                                         the bus delivers the last calls together; print
 //!                                         "READY", at stdin EOF read the answers and print
 //!                                         "DONE name=count ..." (error names, `ok`, `unanswered`)
 //! hostile-client ADDR never-read open SERVICE N
-//! hostile-client ADDR never-read list N   after one Ping (credentials known), N OpenSession
+//! hostile-client ADDR never-read list N [HOLD]
+//!                                         after one Ping (credentials known), N OpenSession
 //!                                         calls of SERVICE (4 KiB rings), or N ListSessions
-//!                                         calls, written at once; print "READY" and never read
-//!                                         the socket; leave the bus at stdin EOF
+//!                                         calls (with HOLD echo sessions held first on another
+//!                                         connection, to make each answer long), written at
+//!                                         once; print "READY" and never read the socket; leave
+//!                                         the bus at stdin EOF
 //! hostile-client ADDR provided-flood SERVICE BYTES N
 //!                                         after one Ping, N OpenSession calls of SERVICE (a
 //!                                         provider's) whose options carry a BYTES-long string
@@ -398,8 +403,13 @@ fn main() {
         }
         "park" | "never-read" | "provided-flood" => {
             drop(conn);
-            let usage = "park BYTES N [C] | never-read open SERVICE N | never-read list N | provided-flood SERVICE BYTES N";
+            let usage = "park open|ping BYTES N [C] | never-read open SERVICE N | never-read list N [HOLD] | provided-flood SERVICE BYTES N";
             let number = |i: usize| arg(i).parse::<usize>().ok();
+            // An optional count, `default` if absent.
+            let optional = |i: usize, default: usize| match args.get(i) {
+                Some(_) => number(i).unwrap_or_else(|| usage_error(usage)),
+                None => default,
+            };
             // Built one at a time as they are written: N huge calls need
             // not fit in memory together.
             type Calls = Box<dyn Iterator<Item = dbus::Message>>;
@@ -418,13 +428,17 @@ fn main() {
             // credentials first; whether the answers are read at stdin EOF.
             let (calls, introduce, read): (Vec<Calls>, bool, bool) =
                 match (args[1].as_str(), arg(2)) {
-                    ("park", _) => match (number(2), number(3)) {
+                    ("park", kind @ ("open" | "ping")) => match (number(3), number(4)) {
                         (Some(bytes), Some(n)) => {
-                            let c = match args.get(4) {
-                                Some(_) => number(4).unwrap_or_else(|| usage_error(usage)),
-                                None => 1,
-                            };
-                            let calls = (0..c).map(|_| opens("echo", huge(bytes), n)).collect();
+                            let calls = (0..optional(5, 1))
+                                .map(|_| -> Calls {
+                                    if kind == "ping" {
+                                        Box::new((0..n).map(move |_| attacks::ping_call(bytes)))
+                                    } else {
+                                        opens("echo", huge(bytes), n)
+                                    }
+                                })
+                                .collect();
                             (calls, false, true)
                         }
                         _ => usage_error(usage),
@@ -438,11 +452,22 @@ fn main() {
                         None => usage_error(usage),
                     },
                     ("never-read", "list") => match number(3) {
-                        Some(n) => (
-                            vec![Box::new((0..n).map(|_| attacks::list_call()))],
-                            true,
-                            false,
-                        ),
+                        Some(n) => {
+                            let hold = optional(4, 0);
+                            if hold > 0 {
+                                let keep = hostile::channel(addr);
+                                let held = hostile::open_many(&keep, "echo", 4096, hold);
+                                if let Some(Err(e)) = held.iter().find(|r| r.is_err()) {
+                                    println!("ERR {e}");
+                                    std::process::exit(2)
+                                }
+                                // The sessions (their fds) and their owner's
+                                // connection live as long as this process.
+                                std::mem::forget((keep, held));
+                            }
+                            let calls: Calls = Box::new((0..n).map(|_| attacks::list_call()));
+                            (vec![calls], true, false)
+                        }
                         None => usage_error(usage),
                     },
                     ("provided-flood", _) => match (number(3), number(4)) {
