@@ -110,7 +110,12 @@ fn assert_provided(what: &str, client: &Client, n: usize) {
         times.summary(),
         failed.len()
     );
-    assert!(failed.is_empty(), "{what}: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "{what}: {} failed, the first: {:?}",
+        failed.len(),
+        failed.first()
+    );
     assert!(
         times.percentile(99) < P99,
         "{what}: provided OpenSession p99 {:?}",
