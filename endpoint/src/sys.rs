@@ -18,22 +18,49 @@ use std::time::{Duration, Instant};
 #[path = "write_guard.rs"]
 pub mod write_guard;
 
-/// What [`poll_readable`] learnt about one fd.
+/// What [`poll_readable`] or [`poll`] learnt about one fd.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Ready {
     /// Readable (or, for a socket, closed by the peer).
     pub readable: bool,
+    /// Writable (only reported for an fd [`poll`] was asked to watch for it).
+    pub writable: bool,
     /// Hang-up or error reported.
     pub hangup: bool,
+}
+
+/// What [`poll`] waits for on one fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Readable, or hung up.
+    Readable,
+    /// Writable, or hung up (not readable: a side that waits for room to
+    /// write does not read meanwhile).
+    Writable,
 }
 
 /// Waits until one of `fds` is readable or hung up, or `deadline` passes.
 ///
 /// Returns one [`Ready`] per fd; all false means the deadline passed.
 pub fn poll_readable(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::Result<Vec<Ready>> {
+    let fds: Vec<(BorrowedFd<'_>, Wait)> = fds.iter().map(|&fd| (fd, Wait::Readable)).collect();
+    poll(&fds, deadline)
+}
+
+/// Waits until one of `fds` is ready for what it is watched for, or hung
+/// up, or `deadline` passes.
+///
+/// Returns one [`Ready`] per fd; all false means the deadline passed.
+pub fn poll(fds: &[(BorrowedFd<'_>, Wait)], deadline: Option<Instant>) -> io::Result<Vec<Ready>> {
     let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|&fd| PollFd::from_borrowed_fd(fd, PollFlags::IN))
+        .map(|&(fd, wait)| {
+            let flags = match wait {
+                Wait::Readable => PollFlags::IN,
+                Wait::Writable => PollFlags::OUT,
+            };
+            PollFd::from_borrowed_fd(fd, flags)
+        })
         .collect();
     retry_on_intr(|| {
         // The timeout is a timespec (ppoll): no rounding to milliseconds, so
@@ -47,6 +74,7 @@ pub fn poll_readable(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::R
             let r = p.revents();
             Ready {
                 readable: r.contains(PollFlags::IN),
+                writable: r.contains(PollFlags::OUT),
                 hangup: r.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL),
             }
         })

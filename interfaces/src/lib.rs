@@ -243,6 +243,10 @@ pub mod limits {
     /// the longest name D-Bus allows (bus, interface and member names), so a
     /// provider's object costs the broker no more to keep and log than its name.
     pub const MAX_OBJECT_PATH: usize = 255;
+    /// Largest `OpenSession` call, in bytes as sent: far more than the
+    /// options of any service need, and little for the broker to hold, or
+    /// forward to a provider.
+    pub const MAX_OPEN_SESSION: usize = 64 << 10;
     /// Ring capacity when the client does not ask for one.
     pub const DEFAULT_CAPACITY: u64 = 1 << 20;
     /// Smallest ring capacity a broker accepts.

@@ -15,7 +15,7 @@
 //! is dropped, so a session that ends, or fails half-way through opening,
 //! gives everything back by being dropped.
 
-use crate::config::{valid_service_name, Config, Limits, Providers};
+use crate::config::{valid_service_name, Claim, Config, Limits, Providers};
 use crate::log_bounds::{cut, LOGGED_STRING};
 use shmlink_interfaces::Caller;
 use std::collections::{BTreeMap, HashMap};
@@ -215,6 +215,8 @@ pub(crate) struct Registration {
     /// Where the provider takes its sessions (an object path on the bus;
     /// opaque here).
     pub object: String,
+    /// How strong the provider's claim to the name is.
+    pub claim: Claim,
 }
 
 /// The limits, the charges per connection, per uid and in total, the access
@@ -253,19 +255,20 @@ impl Accounting {
     }
 
     /// Makes `provider` the provider of `service`, taking sessions at
-    /// `object`. Refused (in this order) if the name is malformed, the object
+    /// `object`; returns the registration it took the name over from, if
+    /// any. Refused (in this order) if the name is malformed, the object
     /// path is longer than `MAX_OBJECT_PATH`, the caller
     /// may not register it (root and the process's own uid always may;
     /// others as `[providers.allow]` says), the name is hosted by the broker
-    /// (`hosted`) or registered already, or the caller's uid holds
-    /// `registrations_per_user` names.
+    /// (`hosted`) or registered already by a claim at least as strong (see
+    /// [`Claim`]), or the caller's uid holds `registrations_per_user` names.
     pub fn register(
         &mut self,
         provider: &Caller,
         service: &str,
         object: &str,
         hosted: bool,
-    ) -> Result<&Registration, Refusal> {
+    ) -> Result<Option<Registration>, Refusal> {
         if !valid_service_name(service) {
             return Err(Refusal::InvalidOption(format!(
                 "service name {:?} is not 1 to {} ASCII letters, digits, '.', '-' or '_'",
@@ -282,23 +285,30 @@ impl Accounting {
         }
         let p = &self.config.providers;
         let privileged = provider.uid == 0 || provider.uid == self.own_uid;
-        if !privileged && !p.may_register(provider.uid, &provider.gids, service) {
+        let claim = if privileged {
+            Some(Claim::Privileged)
+        } else {
+            p.claim(provider.uid, &provider.gids, service)
+        };
+        let Some(claim) = claim else {
             return Err(Refusal::AccessDenied(format!(
                 "uid {} may not register service {service:?} (see [providers.allow] in the \
                  daemon's configuration)",
                 provider.uid
             )));
-        }
+        };
         if hosted {
             return Err(Refusal::NameTaken(format!(
                 "{service:?} is a service built into the broker"
             )));
         }
         if let Some(r) = self.registrations.get(service) {
-            return Err(Refusal::NameTaken(format!(
-                "{service:?} is registered by {}",
-                r.provider.bus_name
-            )));
+            if r.claim >= claim {
+                return Err(Refusal::NameTaken(format!(
+                    "{service:?} is registered by {}",
+                    r.provider.bus_name
+                )));
+            }
         }
         let held = self.registered_by.get(&provider.uid).copied().unwrap_or(0);
         if held >= p.registrations_per_user {
@@ -307,15 +317,18 @@ impl Accounting {
                 provider.uid, p.registrations_per_user
             )));
         }
+        let displaced = self.drop_registration(service);
         *self.registered_by.entry(provider.uid).or_default() += 1;
-        Ok(self
-            .registrations
-            .entry(service.to_owned())
-            .or_insert(Registration {
+        self.registrations.insert(
+            service.to_owned(),
+            Registration {
                 service: service.to_owned(),
                 provider: provider.clone(),
                 object: object.to_owned(),
-            }))
+                claim,
+            },
+        );
+        Ok(displaced)
     }
 
     /// Ends the registration of `service` by the connection `bus_name`.
@@ -347,16 +360,15 @@ impl Accounting {
         names
     }
 
-    fn drop_registration(&mut self, service: &str) {
-        let Some(r) = self.registrations.remove(service) else {
-            return;
-        };
+    fn drop_registration(&mut self, service: &str) -> Option<Registration> {
+        let r = self.registrations.remove(service)?;
         if let Some(n) = self.registered_by.get_mut(&r.provider.uid) {
             *n -= 1;
             if *n == 0 {
                 self.registered_by.remove(&r.provider.uid);
             }
         }
+        Some(r)
     }
 
     /// The registration of `service`, if a provider offers it.
@@ -765,6 +777,56 @@ mod tests {
             (r.provider.bus_name.as_str(), r.object.as_str()),
             (":1.1", "/p")
         );
+    }
+
+    #[test]
+    fn a_stronger_claim_takes_a_name_over_and_a_weaker_or_equal_one_cannot() {
+        let mut b = registering(|p| {
+            for (pattern, uid) in [("*", 1001), ("sensor.*", 1002), ("sensor.cam", 1003)] {
+                p.allow.insert(
+                    pattern.into(),
+                    ServiceAccess {
+                        allow_users: vec![uid],
+                        allow_groups: vec![],
+                    },
+                );
+            }
+        });
+        let squatter = caller(":1.1", 1001);
+        assert!(b
+            .register(&squatter, "sensor.cam", path("/p"), false)
+            .expect("free")
+            .is_none());
+        // A longer prefix, then the name itself, then root: each takes it over.
+        let stronger = [
+            (caller(":1.2", 1002), ":1.1"),
+            (caller(":1.3", 1003), ":1.2"),
+            (caller(":1.4", 0), ":1.3"),
+        ];
+        for (who, held_by) in stronger {
+            let displaced = b
+                .register(&who, "sensor.cam", path("/p"), false)
+                .expect("a stronger claim")
+                .expect("someone held it");
+            assert_eq!(displaced.provider.bus_name, held_by);
+        }
+        // Nobody weaker or equal takes it back.
+        for who in [squatter, caller(":1.3", 1003), caller(":1.5", 0)] {
+            let e = b
+                .register(&who, "sensor.cam", path("/p"), false)
+                .unwrap_err();
+            assert_eq!(kind(e), "NameTaken", "{}", who.bus_name);
+        }
+        assert_eq!(
+            b.registration("sensor.cam")
+                .expect("held")
+                .provider
+                .bus_name,
+            ":1.4"
+        );
+        // The displaced connection's names and counts are gone with it.
+        assert!(b.unregister(":1.1", "sensor.cam").is_err());
+        assert_eq!(b.unregister_all(":1.3"), Vec::<String>::new());
     }
 
     #[test]

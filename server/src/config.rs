@@ -24,7 +24,9 @@
 //!
 //! [providers.allow."sensor.*"]     # a service name, or a prefix ending in `*`
 //! allow_users = [1000]             # who may register matching names (root and the
-//! allow_groups = [100]             # daemon's own user always may)
+//! allow_groups = [100]             # daemon's own user always may); a registration by a
+//!                                  # stronger claim (root, then a rule naming the service,
+//!                                  # then the longest pattern) takes a name over
 //! ```
 
 use serde::Deserialize;
@@ -163,13 +165,34 @@ pub fn valid_service_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
+/// How strong a registrant's claim to a name is: a registration by a
+/// stronger claim takes a name over from a weaker one, so a catch-all
+/// pattern cannot be used to squat a name a more specific rule (or root)
+/// gives to someone else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Claim {
+    /// Granted by a `[providers.allow]` pattern ending in `*`; the longer
+    /// its fixed prefix, the stronger.
+    Prefix(usize),
+    /// Granted by a `[providers.allow]` table naming the service itself.
+    Name,
+    /// Root or the daemon's own uid.
+    Privileged,
+}
+
 impl Providers {
-    /// Whether a caller with `uid` and `gids` (neither root nor the daemon's
-    /// own uid, which the broker lets through before asking) may register `name`.
-    pub fn may_register(&self, uid: u32, gids: &[u32], name: &str) -> bool {
+    /// The strongest claim `[providers.allow]` gives a caller with `uid`
+    /// and `gids` (neither root nor the daemon's own uid, which the broker
+    /// lets through before asking) to `name`; `None`: it may not register it.
+    pub fn claim(&self, uid: u32, gids: &[u32], name: &str) -> Option<Claim> {
         self.allow
             .iter()
-            .any(|(pattern, access)| pattern_matches(pattern, name) && access.allows(uid, gids))
+            .filter(|(pattern, access)| pattern_matches(pattern, name) && access.allows(uid, gids))
+            .map(|(pattern, _)| match pattern.strip_suffix('*') {
+                Some(prefix) => Claim::Prefix(prefix.len()),
+                None => Claim::Name,
+            })
+            .max()
     }
 }
 
@@ -319,7 +342,7 @@ mod tests {
         assert_eq!(c.providers.accept_timeout_ms, 5000);
         assert_eq!(c.providers.registrations_per_user, 32);
         assert!(
-            !c.providers.may_register(1000, &[], "x"),
+            c.providers.claim(1000, &[], "x").is_none(),
             "by default nobody but root and the daemon's user"
         );
         let c = Config::parse(
@@ -333,15 +356,22 @@ mod tests {
         c.validate().unwrap();
         let p = &c.providers;
         assert_eq!((p.accept_timeout_ms, p.registrations_per_user), (200, 2));
-        assert!(p.may_register(1000, &[], "sensor.temp"));
-        assert!(!p.may_register(1001, &[], "sensor.temp"), "not listed");
-        assert!(!p.may_register(1000, &[], "sensors"), "outside the prefix");
-        assert!(p.may_register(7, &[3, 50], "exact"), "listed group");
-        assert!(!p.may_register(7, &[3, 50], "exact2"), "exact names only");
-        assert!(
-            p.may_register(7, &[], "open-x"),
+        assert_eq!(p.claim(1000, &[], "sensor.temp"), Some(Claim::Prefix(7)));
+        assert_eq!(p.claim(1001, &[], "sensor.temp"), None, "not listed");
+        assert_eq!(p.claim(1000, &[], "sensors"), None, "outside the prefix");
+        assert_eq!(
+            p.claim(7, &[3, 50], "exact"),
+            Some(Claim::Name),
+            "listed group"
+        );
+        assert_eq!(p.claim(7, &[3, 50], "exact2"), None, "exact names only");
+        assert_eq!(
+            p.claim(7, &[], "open-x"),
+            Some(Claim::Prefix(5)),
             "empty lists allow everyone"
         );
+        assert!(Claim::Prefix(1) < Claim::Prefix(2));
+        assert!(Claim::Prefix(255) < Claim::Name && Claim::Name < Claim::Privileged);
     }
 
     #[test]

@@ -12,7 +12,10 @@ use crate::service::Service;
 use crate::sessions::Sessions;
 use dbus::blocking::stdintf::org_freedesktop_dbus::RequestNameReply;
 use dbus::blocking::Connection;
+use dbus::channel::Sender;
+use dbus::Message;
 pub use shmlink_interfaces::Bus;
+use shmlink_interfaces::{DBUS_NAME, DBUS_PATH};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
@@ -136,8 +139,12 @@ impl Daemon {
 
     fn shutdown(&mut self) {
         self.adapter.shutdown(&self.conn);
-        self.conn.channel().flush();
-        let _ = self.conn.release_name(self.bus_name.as_str());
+        // Not waited for: the bus may not be reading us (the name goes with
+        // the connection anyway).
+        if let Ok(call) = Message::new_method_call(DBUS_NAME, DBUS_PATH, DBUS_NAME, "ReleaseName") {
+            let _ = self.conn.send(call.append1(self.bus_name.as_str()));
+        }
+        main_loop::send_within(&self.conn, main_loop::LAST_WORDS);
         log::info!("stopped serving on {}", self.bus_label);
     }
 }

@@ -1,11 +1,11 @@
 //! The one main loop of a D-Bus side, the broker's and a provider's: read
-//! and handle what the bus brought, flush, then wait for the bus, the
+//! and handle what the bus brought, write what the bus takes, then wait for the bus, the
 //! side's own fds (the engine's notify fd, the provider links), a stop fd
 //! and the side's next deadline.
 
 use dbus::blocking::Connection;
 use dbus::Message;
-use shmlink_endpoint::sys;
+use shmlink_endpoint::sys::{self, Wait};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,35 +38,54 @@ pub(crate) enum Ended {
     Disconnected,
 }
 
+/// How many times a turn hands queued messages to the bus before it waits
+/// for the bus to take more: libdbus writes a few KiB each time.
+const WRITES_PER_TURN: usize = 64;
+
+/// How long a side that stops gives the bus to take its last messages.
+pub(crate) const LAST_WORDS: Duration = Duration::from_millis(250);
+
 /// Serves `served` on `conn` until `stop` becomes readable or the
 /// connection drops.
+///
+/// Never blocks on the bus: messages are written as the bus takes them, and
+/// while some are still queued no new message is handled (the loop waits
+/// for room to write instead). A peer that does not read what the bus
+/// holds for it can make the bus stop reading us; then this side queues
+/// nothing more, keeps its deadlines and its own fds, and stops at once.
 pub(crate) fn run(
     conn: &Connection,
     stop: Option<BorrowedFd<'_>>,
     served: &mut impl Served,
 ) -> std::io::Result<Ended> {
-    let watch = conn.channel().watch();
-    // SAFETY: the watch fd belongs to `conn`'s channel, which outlives
-    // this borrow (the connection is borrowed for the whole loop).
-    let bus_fd = unsafe { BorrowedFd::borrow_raw(watch.fd) };
+    let bus_fd = bus_fd(conn);
     let watched = served.watched();
     loop {
         let channel = conn.channel();
         if channel.read_write(Some(Duration::ZERO)).is_err() {
             return Ok(Ended::Disconnected);
         }
-        while let Some(msg) = channel.pop_message() {
-            served.handle(conn, msg);
+        if !channel.has_messages_to_send() {
+            while let Some(msg) = channel.pop_message() {
+                served.handle(conn, msg);
+            }
         }
         served.turn_done(conn);
-        channel.flush();
-        served.idle();
-        let mut fds: Vec<BorrowedFd<'_>> = vec![bus_fd];
-        fds.extend(watched.iter().map(|fd| fd.as_fd()));
-        if let Some(s) = stop {
-            fds.push(s);
+        let backlog = !send_queued(conn);
+        if !backlog {
+            served.idle();
         }
-        let ready = sys::poll_readable(&fds, served.deadline())?;
+        let bus_wait = if backlog {
+            Wait::Writable
+        } else {
+            Wait::Readable
+        };
+        let mut fds: Vec<(BorrowedFd<'_>, Wait)> = vec![(bus_fd, bus_wait)];
+        fds.extend(watched.iter().map(|fd| (fd.as_fd(), Wait::Readable)));
+        if let Some(s) = stop {
+            fds.push((s, Wait::Readable));
+        }
+        let ready = sys::poll(&fds, served.deadline())?;
         if stop.is_some() && ready[fds.len() - 1].readable {
             return Ok(Ended::Stopped);
         }
@@ -75,8 +94,45 @@ pub(crate) fn run(
                 served.ready(conn, index);
             }
         }
-        if ready[0].hangup && !ready[0].readable {
+        if ready[0].hangup && !ready[0].readable && !ready[0].writable {
             return Ok(Ended::Disconnected);
+        }
+    }
+}
+
+/// The fd of `conn`'s socket.
+fn bus_fd(conn: &Connection) -> BorrowedFd<'_> {
+    let watch = conn.channel().watch();
+    // SAFETY: the watch fd belongs to `conn`'s channel, which outlives the
+    // returned borrow (it borrows `conn`).
+    unsafe { BorrowedFd::borrow_raw(watch.fd) }
+}
+
+/// Hands queued messages to the bus as far as it takes them without
+/// waiting; returns whether none is left.
+fn send_queued(conn: &Connection) -> bool {
+    let channel = conn.channel();
+    for _ in 0..WRITES_PER_TURN {
+        if !channel.has_messages_to_send() {
+            return true;
+        }
+        if channel.read_write(Some(Duration::ZERO)).is_err() {
+            return true;
+        }
+    }
+    !channel.has_messages_to_send()
+}
+
+/// Gives the bus up to `limit` to take the messages still queued (a side's
+/// last replies and signals when it stops); what it has not taken by then
+/// is dropped with the connection.
+pub(crate) fn send_within(conn: &Connection, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let bus_fd = bus_fd(conn);
+    while !send_queued(conn) && Instant::now() < deadline {
+        match sys::poll(&[(bus_fd, Wait::Writable)], Some(deadline)) {
+            Ok(ready) if ready[0].writable => {}
+            _ => return,
         }
     }
 }

@@ -191,17 +191,20 @@ impl Sessions {
         names
     }
 
-    /// Makes `provider` the provider of `service`, taking sessions at `object`.
+    /// Makes `provider` the provider of `service`, taking sessions at
+    /// `object`; returns the provider it took the name over from (by a
+    /// stronger claim), whose open sessions go on.
     pub fn register(
         &mut self,
         provider: &Caller,
         service: &str,
         object: &str,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<Caller>, Refusal> {
         let hosted = self.is_hosted(service);
-        self.accounting
-            .register(provider, service, object, hosted)
-            .map(|_| ())
+        Ok(self
+            .accounting
+            .register(provider, service, object, hosted)?
+            .map(|displaced| displaced.provider))
     }
 
     /// Whether a line about a success caused by `uid` (a service registered

@@ -656,3 +656,69 @@ fn an_object_path_over_the_limit_is_refused_and_costs_nothing() {
     assert!(log.contains("is longer than 255 bytes"), "{log}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_stronger_claim_takes_a_name_over_from_a_catch_all_squatter() {
+    let dir = std::env::temp_dir().join(format!("shmlink-squat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("shmlinkd.toml");
+    std::fs::write(
+        &config,
+        format!("[providers.allow.\"*\"]\nallow_users = [65534]\n[providers]\nregistrations_per_user = 4\n[limits]\nmemory_per_user = {MEMORY_PER_USER}\n"),
+    )
+    .expect("write config");
+    let h = Harness::with_args(&["--config", config.to_str().expect("utf-8")]);
+    // `nobody`, allowed every name by the catch-all pattern, takes "cam" first.
+    let mut squatter = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(shmlink_tests::world_executable(
+            &shmlink_tests::hostile::hostile_binary(),
+        ))
+        .args([h.address(), "register", "cam", "hold"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn setpriv hostile-client");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(squatter.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read");
+    assert_eq!(line.trim(), "OK", "the squatter registered");
+    let nobody = 65534;
+    assert!(list_services(&h)
+        .iter()
+        .any(|s| s.0 == "cam" && s.2 == nobody));
+    // Root's provider registers the same name: its claim is stronger.
+    let p = RawProvider::start(h.address(), Behaviour::Accept);
+    p.register("cam").expect("root takes the name over");
+    let uid = rustix::process::geteuid().as_raw();
+    assert!(
+        list_services(&h).contains(&("cam".into(), p.name().into(), uid)),
+        "{:?}",
+        list_services(&h)
+    );
+    // New sessions go to root's provider.
+    let session = open(&h, "cam").expect("open the taken-over name");
+    assert_eq!(p.take_accepted().len(), 1);
+    drop(session);
+    // The squatter cannot take it back, and its leaving withdraws nothing.
+    let again = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(shmlink_tests::world_executable(
+            &shmlink_tests::hostile::hostile_binary(),
+        ))
+        .args([h.address(), "register", "cam"])
+        .output()
+        .expect("run setpriv hostile-client");
+    let again = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.starts_with(&format!("ERR {}", error::NAME_TAKEN)),
+        "{again}"
+    );
+    drop(squatter.stdin.take());
+    let _ = squatter.wait();
+    assert!(list_services(&h).contains(&("cam".into(), p.name().into(), uid)));
+    let _ = std::fs::remove_dir_all(dir);
+}

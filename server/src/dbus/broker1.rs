@@ -105,17 +105,20 @@ pub(super) fn register(
                         cut(&keys.join(", "), LOGGED_STRING)
                     )))
                 };
-                if let Err(e) = result {
-                    let uid = Some(caller.uid);
-                    c.refused(
-                        member::REGISTER_SERVICE,
-                        &service,
-                        &caller.bus_name,
-                        uid,
-                        &e,
-                    );
-                    return Err(c.method_err(&e));
-                }
+                let displaced = match result {
+                    Ok(displaced) => displaced,
+                    Err(e) => {
+                        let uid = Some(caller.uid);
+                        c.refused(
+                            member::REGISTER_SERVICE,
+                            &service,
+                            &caller.bus_name,
+                            uid,
+                            &e,
+                        );
+                        return Err(c.method_err(&e));
+                    }
+                };
                 if c.sessions.admit_success_line(caller.uid) {
                     log::info!(
                         "service {service} registered by {} (uid {}, pid {}) at {}",
@@ -124,6 +127,16 @@ pub(super) fn register(
                         caller.pid,
                         cut(&object, LOGGED_STRING)
                     );
+                    if let Some(old) = displaced {
+                        log::warn!(
+                            "service {service} taken over from {} (uid {}) by {} (uid {}), \
+                             whose claim to the name is stronger; sessions already open go on",
+                            old.bus_name,
+                            old.uid,
+                            caller.bus_name,
+                            caller.uid
+                        );
+                    }
                 }
                 ctx.push_msg(c.services_changed());
                 Ok(())

@@ -7,10 +7,8 @@ use dbus::channel::Sender;
 use dbus::message::MatchRule;
 use dbus::Message;
 use dbus_crossroads::MethodErr;
+use shmlink_interfaces::{DBUS_NAME, DBUS_PATH};
 use std::collections::HashMap;
-
-const DBUS_NAME: &str = "org.freedesktop.DBus";
-const DBUS_PATH: &str = "/org/freedesktop/DBus";
 
 /// The signal that tells us a connection left the bus (an empty new owner).
 pub(crate) fn name_owner_changed() -> MatchRule<'static> {

@@ -18,8 +18,8 @@ use std::time::Instant;
 
 /// An `OpenSession` waiting for its provider's `AcceptSession` answer.
 pub(super) struct Pending {
-    /// The client's call, to answer.
-    pub call: Message,
+    /// Whom to answer (the call itself is not kept).
+    pub call: ReplyTo,
     /// The session (its entry in the table holds the rest).
     pub id: u64,
     /// The provider's unique name: the only sender whose answer counts.
@@ -28,6 +28,47 @@ pub(super) struct Pending {
     pub owner: String,
     /// When the provider's time is up.
     pub deadline: Instant,
+}
+
+/// What the reply to a call needs of it, kept instead of the call: a
+/// call's message holds all it carried (options of many KiB, fds) and
+/// counts against libdbus's receive limit for as long as it is kept.
+pub(super) struct ReplyTo {
+    sender: String,
+    serial: u32,
+}
+
+impl ReplyTo {
+    /// Whom to answer for `call` (a call without a sender, which the bus
+    /// never delivers, gets its answer nowhere).
+    pub fn of(call: &Message) -> ReplyTo {
+        ReplyTo {
+            sender: call.sender().map(|s| s.to_string()).unwrap_or_default(),
+            serial: call.get_serial().unwrap_or(0),
+        }
+    }
+
+    /// A stand-in for the call: the same sender and serial, which are all
+    /// its reply takes from it.
+    fn stand_in(&self) -> Message {
+        let mut call = Message::new_method_call(DBUS_NAME, "/", DBUS_NAME, "Call")
+            .expect("a valid stand-in call");
+        call.set_serial(self.serial);
+        if let Ok(sender) = dbus::strings::BusName::new(self.sender.as_str()) {
+            call.set_sender(Some(sender));
+        }
+        call
+    }
+
+    /// The method return to the call.
+    pub fn method_return(&self) -> Message {
+        self.stand_in().method_return()
+    }
+
+    /// The error reply `name` with `text` to the call.
+    pub fn error(&self, name: &dbus::strings::ErrorName<'_>, text: &std::ffi::CStr) -> Message {
+        self.stand_in().error(name, text)
+    }
 }
 
 /// What became of an `AcceptSession` call.
@@ -185,6 +226,18 @@ mod tests {
         assert!(
             matches!(judge(&mut bus, ":1.5"), Verdict::Unavailable(m) if m.contains("recipient left"))
         );
+    }
+
+    #[test]
+    fn a_reply_to_is_the_reply_to_the_call() {
+        let to = ReplyTo::of(&call());
+        let reply = to.method_return();
+        assert_eq!(reply.get_reply_serial(), Some(7));
+        assert_eq!(reply.destination().as_deref(), Some(":1.1"));
+        let e = to.error(&error::REFUSED.into(), c"no");
+        assert_eq!(e.get_reply_serial(), Some(7));
+        assert_eq!(e.destination().as_deref(), Some(":1.1"));
+        assert_eq!(e.msg_type(), MessageType::Error);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 mod broker1;
 mod callers;
 mod handover;
+mod parked;
 mod session1;
 
 pub(crate) use callers::{connection_left, name_owner_changed};
@@ -37,7 +38,8 @@ use dbus::channel::Sender;
 use dbus::message::{MessageType, SignalArgs};
 use dbus::Message;
 use dbus_crossroads::{Crossroads, IfaceToken, MethodErr};
-use handover::{Pending, Verdict};
+use handover::{Pending, ReplyTo, Verdict};
+use parked::{wire_size, Parked};
 use shmlink_endpoint::sys::Selector;
 use shmlink_interfaces::{
     error, limits, member, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
@@ -198,6 +200,13 @@ fn oversized_call_reply(msg: &Message) -> Option<Message> {
     error_reply(msg, &MethodErr::from((name, text)))
 }
 
+/// The member a call names, for the log ("" if none).
+fn call_name(msg: &Message) -> String {
+    msg.member()
+        .map(|m| cut(&m, LOGGED_STRING).into_owned())
+        .unwrap_or_default()
+}
+
 /// Whether `msg` calls the method `name` of the broker object at `path`
 /// (the interface may be left out of a call, as D-Bus allows).
 fn is_broker_call(msg: &Message, path: &str, name: &str) -> bool {
@@ -217,8 +226,8 @@ pub(crate) struct Adapter {
     session_token: IfaceToken<Arc<SessionInfo>>,
     /// Credentials asked of the bus: the serial of our call, and whose.
     lookups: HashMap<u32, String>,
-    /// Calls waiting for their sender's credentials, in arrival order.
-    waiting: HashMap<String, Vec<Message>>,
+    /// Calls waiting for their sender's credentials.
+    parked: Parked,
     /// `OpenSession` calls of provided services, by the serial of the
     /// `AcceptSession` call made for each. Bounded by the session limits:
     /// each has an entry in the table, which holds a reservation.
@@ -272,7 +281,7 @@ impl Adapter {
             links,
             session_token,
             lookups: HashMap::new(),
-            waiting: HashMap::new(),
+            parked: Parked::default(),
             pending: HashMap::new(),
             accept_timeout,
             longest_service,
@@ -390,7 +399,7 @@ impl Adapter {
         self.pending.insert(
             serial,
             Pending {
-                call: msg,
+                call: ReplyTo::of(&msg),
                 id,
                 provider,
                 owner: caller.bus_name,
@@ -534,29 +543,44 @@ impl Adapter {
         }
     }
 
-    /// A method call: dispatched now if its sender's credentials are known,
-    /// else queued behind a lookup (one per sender in flight).
+    /// A method call: answered at once if what it names is too big to be
+    /// anything here (no credentials needed), dispatched if its sender's
+    /// credentials are known, else kept behind a lookup (one per sender in
+    /// flight) within the bounds of [`Parked`], or refused past them.
     fn method_call(&mut self, conn: &impl Sender, msg: Message) {
+        if let Some(reply) = self.precheck(&msg) {
+            let _ = conn.send(reply);
+            return;
+        }
         let Some(sender) = msg.sender().map(|s| s.to_string()) else {
             return self.dispatch(conn, msg);
         };
         if lock(&self.callers).knows(&sender) {
             return self.dispatch(conn, msg);
         }
-        if let Some(queue) = self.waiting.get_mut(&sender) {
-            // Not bounded here: these calls are already in our memory, and
-            // the bus bounds how much it queues for us.
-            queue.push(msg);
+        let first = !self.parked.has(&sender);
+        let size = wire_size(&msg);
+        if let Err((msg, full)) = self.parked.park(&sender, msg, size) {
+            let e = Refusal::LimitExceeded(full.to_string());
+            let c = self.control();
+            c.refused(&call_name(&msg), "", &sender, None, &e);
+            if let Some(reply) = error_reply(&msg, &c.method_err(&e)) {
+                let _ = conn.send(reply);
+            }
+            return;
+        }
+        if !first {
             return;
         }
         match callers::ask(conn, &sender) {
             Ok(serial) => {
-                self.lookups.insert(serial, sender.clone());
-                self.waiting.insert(sender, vec![msg]);
+                self.lookups.insert(serial, sender);
             }
             Err(e) => {
                 log::warn!("cannot ask the bus for the credentials of {sender}: {e}");
-                self.dispatch(conn, msg);
+                for msg in self.parked.release(&sender) {
+                    self.dispatch(conn, msg);
+                }
             }
         }
     }
@@ -574,57 +598,60 @@ impl Adapter {
                 }
             }
         }
-        for msg in self.waiting.remove(sender).unwrap_or_default() {
+        for msg in self.parked.release(sender) {
             self.dispatch(conn, msg);
         }
     }
 
-    /// Hands a method call whose sender is known (or unknowable) to crossroads.
-    fn dispatch(&mut self, conn: &impl Sender, msg: Message) {
-        if let Some(sender) = msg.sender() {
-            lock(&self.callers).set_current(&sender);
+    /// The answer to a call that names what is too big to be anything
+    /// here (a path, a name, a provided service's options), read in place
+    /// and given before the call is kept or handled.
+    fn precheck(&mut self, msg: &Message) -> Option<Message> {
+        if let Some(reply) = self.unknown_session_reply(msg) {
+            return Some(reply);
         }
-        if let Some(reply) = self.unknown_session_reply(&msg) {
-            let _ = conn.send(reply);
-            return;
-        }
-        if let Some(reply) = oversized_call_reply(&msg) {
-            let _ = conn.send(reply);
-            return;
+        if let Some(reply) = oversized_call_reply(msg) {
+            return Some(reply);
         }
         // The service a broker call names, read once and in place.
-        let named = [
+        let (call, service) = [
             member::OPEN_SESSION,
             member::REGISTER_SERVICE,
             member::UNREGISTER_SERVICE,
         ]
         .into_iter()
-        .find(|name| is_broker_call(&msg, &self.path, name))
-        .and_then(|call| Some((call, msg.iter_init().get::<&str>()?)));
-        if let Some((call, service)) = named {
-            if let Some(reply) = self.oversized_name_reply(&msg, call, service) {
-                let _ = conn.send(reply);
-                return;
-            }
-            if call == member::REGISTER_SERVICE {
-                if let Some(reply) = self.oversized_object_reply(&msg, service) {
-                    let _ = conn.send(reply);
-                    return;
-                }
-            }
-            let registered = call == member::OPEN_SESSION
-                && self
-                    .control()
+        .find(|name| is_broker_call(msg, &self.path, name))
+        .and_then(|call| Some((call, msg.iter_init().get::<&str>()?)))?;
+        if let Some(reply) = self.oversized_name_reply(msg, call, service) {
+            return Some(reply);
+        }
+        match call {
+            member::REGISTER_SERVICE => self.oversized_object_reply(msg, service),
+            member::OPEN_SESSION => self.oversized_open_reply(msg, service),
+            _ => None,
+        }
+    }
+
+    /// Hands a method call whose sender is known (or unknowable) to
+    /// crossroads, or an `OpenSession` of a registered service to its
+    /// provider.
+    fn dispatch(&mut self, conn: &impl Sender, msg: Message) {
+        if let Some(sender) = msg.sender() {
+            lock(&self.callers).set_current(&sender);
+        }
+        let provided = is_broker_call(&msg, &self.path, member::OPEN_SESSION)
+            && msg.iter_init().get::<&str>().is_some_and(|service| {
+                self.control()
                     .sessions
                     .accounting()
                     .registration(service)
-                    .is_some();
-            if registered {
-                let Some(msg) = self.ask_provider(conn, msg) else {
-                    return;
-                };
-                return self.crossroads(conn, msg);
-            }
+                    .is_some()
+            });
+        if provided {
+            let Some(msg) = self.ask_provider(conn, msg) else {
+                return;
+            };
+            return self.crossroads(conn, msg);
         }
         self.crossroads(conn, msg);
     }
@@ -697,6 +724,26 @@ impl Adapter {
         let c = self.control();
         let uid = c.uid_of(&sender);
         c.refused(member::REGISTER_SERVICE, service, &sender, uid, &e);
+        error_reply(msg, &c.method_err(&e))
+    }
+
+    /// An `OpenSession` bigger than [`limits::MAX_OPEN_SESSION`] gets
+    /// `InvalidOption` before it is kept or decoded: no service takes
+    /// options that big, and a provided service's options would travel on to
+    /// its provider.
+    fn oversized_open_reply(&mut self, msg: &Message, service: &str) -> Option<Message> {
+        let size = wire_size(msg);
+        if size <= limits::MAX_OPEN_SESSION {
+            return None;
+        }
+        let e = Refusal::InvalidOption(format!(
+            "a call of {size} bytes; OpenSession takes at most {} KiB",
+            limits::MAX_OPEN_SESSION >> 10
+        ));
+        let sender = sender_of(msg);
+        let c = self.control();
+        let uid = c.uid_of(&sender);
+        c.refused(member::OPEN_SESSION, service, &sender, uid, &e);
         error_reply(msg, &c.method_err(&e))
     }
 
@@ -1202,6 +1249,102 @@ mod tests {
         );
         assert_eq!(out[0].msg_type(), MessageType::MethodReturn);
         assert_eq!(a.session_count(), 1);
+        a.shutdown(&r);
+    }
+
+    #[test]
+    fn calls_of_an_unknown_sender_wait_within_a_bound_and_the_rest_are_refused_at_once() {
+        let (mut a, r) = adapter(|_| {});
+        let list = |serial| {
+            call(
+                ":1.5",
+                serial,
+                BROKER_PATH,
+                BROKER_INTERFACE,
+                member::LIST_SESSIONS,
+            )
+        };
+        for serial in 1..=parked::CALLS_PER_SENDER as u32 {
+            a.handle(&r, list(serial));
+        }
+        let sent = r.take();
+        assert_eq!(sent.len(), 1, "one lookup, no answer yet: {sent:?}");
+        let lookup = sent.into_iter().next().expect("lookup");
+        assert_eq!(lookup.member().as_deref(), Some("GetConnectionCredentials"));
+        a.handle(&r, list(100));
+        let refused = r.take();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].get_reply_serial(), Some(100));
+        assert_eq!(
+            error_name(&refused[0]).as_deref(),
+            Some(error::LIMIT_EXCEEDED)
+        );
+        // A call bigger than a sender may have waiting is refused without a lookup.
+        let big = call(
+            ":1.6",
+            1,
+            BROKER_PATH,
+            BROKER_INTERFACE,
+            member::LIST_SESSIONS,
+        )
+        .append1("x".repeat(parked::BYTES_PER_SENDER));
+        let out = handle(&mut a, &r, big, 1000);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(error_name(&out[0]).as_deref(), Some(error::LIMIT_EXCEEDED));
+        // Once the bus answers, the waiting calls are answered in order.
+        let mut creds = PropMap::new();
+        creds.insert(
+            "UnixUserID".into(),
+            Variant(Box::new(1000u32) as Box<dyn RefArg>),
+        );
+        let mut reply = lookup.method_return().append1(creds);
+        reply.set_sender(Some(DBUS_NAME.into()));
+        reply.set_serial(500);
+        a.handle(&r, reply);
+        let answered: Vec<_> = r
+            .take()
+            .iter()
+            .map(|m| (m.msg_type(), m.get_reply_serial()))
+            .collect();
+        let expected: Vec<_> = (1..=parked::CALLS_PER_SENDER as u32)
+            .map(|s| (MessageType::MethodReturn, Some(s)))
+            .collect();
+        assert_eq!(answered, expected);
+        a.shutdown(&r);
+    }
+
+    #[test]
+    fn an_open_bigger_than_the_limit_is_refused_before_anything_is_asked() {
+        let (mut a, r) = adapter(|_| {});
+        let register = call(
+            ":1.9",
+            1,
+            BROKER_PATH,
+            BROKER_INTERFACE,
+            member::REGISTER_SERVICE,
+        )
+        .append3("remote", dbus::Path::from("/p"), PropMap::new());
+        handle(&mut a, &r, register, 0);
+        let mut options = PropMap::new();
+        options.insert(
+            "blob".into(),
+            Variant(Box::new("x".repeat(limits::MAX_OPEN_SESSION)) as Box<dyn RefArg>),
+        );
+        let out = handle(&mut a, &r, open_session(":1.5", 2, "remote", options), 1000);
+        assert_eq!(out.len(), 1, "no AcceptSession call: {out:?}");
+        assert_eq!(out[0].get_reply_serial(), Some(2));
+        assert_eq!(error_name(&out[0]).as_deref(), Some(error::INVALID_OPTION));
+        assert!(a.pending.is_empty());
+        // From a connection not known yet, before its credentials are asked.
+        let mut options = PropMap::new();
+        options.insert(
+            "blob".into(),
+            Variant(Box::new("x".repeat(limits::MAX_OPEN_SESSION)) as Box<dyn RefArg>),
+        );
+        a.handle(&r, open_session(":1.7", 3, "echo", options));
+        let out = r.take();
+        assert_eq!(out.len(), 1, "no lookup: {out:?}");
+        assert_eq!(error_name(&out[0]).as_deref(), Some(error::INVALID_OPTION));
         a.shutdown(&r);
     }
 }

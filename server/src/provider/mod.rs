@@ -362,7 +362,7 @@ impl Provider {
             .host()
             .sessions
             .shutdown("the provider is stopping");
-        self.conn.channel().flush();
+        main_loop::send_within(&self.conn, main_loop::LAST_WORDS);
         result
     }
 }

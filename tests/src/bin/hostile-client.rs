@@ -7,7 +7,9 @@
 //! hostile-client ADDR hold SERVICE N      open N sessions, print "READY N", wait for stdin EOF
 //! hostile-client ADDR stream              open a sink session, print "PATH p", stream until killed
 //! hostile-client ADDR close PATH          call Close; print "OK" or "ERR name message"
-//! hostile-client ADDR register SERVICE    call RegisterService; print "OK" or "ERR name message"
+//! hostile-client ADDR register SERVICE [hold]
+//!                                         call RegisterService; print "OK" or "ERR name message";
+//!                                         with `hold`, keep the connection until stdin EOF
 //! hostile-client ADDR counters PATH       read BytesToServer; print "OK n" or "ERR name message"
 //! hostile-client ADDR register-path PREFIX N BYTES
 //!                                         N RegisterService calls of PREFIXi, each with an
@@ -212,6 +214,9 @@ fn main() {
             match r {
                 Ok(()) => println!("OK"),
                 Err(e) => refused(&e),
+            }
+            if args.get(3).map(String::as_str) == Some("hold") {
+                let _ = std::io::stdin().read_to_end(&mut Vec::new());
             }
         }
         "register-path" => {
