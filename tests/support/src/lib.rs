@@ -454,6 +454,28 @@ mod tests {
     }
 
     #[test]
+    fn each_kind_of_bus_carries_the_messages_its_limits_allow() {
+        // Above the built-in 32 MiB, below session.conf's limit.
+        let big = "x".repeat(40 << 20);
+        for (limits, carried) in [
+            (BusLimits::System, false),
+            (BusLimits::Tests, false),
+            (BusLimits::Session, true),
+        ] {
+            let bus = PrivateBus::start_with_limits(limits).expect("start dbus-daemon");
+            let conn = Connection::from(bus.bus().connect().expect("connect to the private bus"));
+            let proxy = conn.with_proxy(DBUS_NAME, DBUS_PATH, CALL_TIMEOUT);
+            // No such name: an error either way, from the bus if it took the
+            // call; a bus that refuses the message drops the connection.
+            let r: Result<(String,), _> =
+                proxy.method_call(DBUS_NAME, "GetNameOwner", (big.as_str(),));
+            assert!(r.is_err(), "{limits:?}");
+            let after: Result<(String,), _> = proxy.method_call(DBUS_NAME, "GetId", ());
+            assert_eq!(after.is_ok(), carried, "{limits:?}: {after:?}");
+        }
+    }
+
+    #[test]
     fn a_child_dies_with_the_thread_that_started_it() {
         let pid = std::thread::spawn(|| {
             let bus = PrivateBus::start().expect("start dbus-daemon");
