@@ -362,6 +362,18 @@ pub fn huge_option(key: &str, bytes: usize) -> PropMap {
     m
 }
 
+/// Pings the broker on `channel` and waits for the answer: the broker then
+/// knows the connection's credentials, and the calls that follow need not
+/// wait for them (only a few may).
+pub fn introduce(channel: &Channel) -> Result<(), String> {
+    let ping = Message::new_method_call(BUS_NAME, BROKER_PATH, "org.freedesktop.DBus.Peer", "Ping")
+        .expect("Ping message");
+    channel
+        .send_with_reply_and_block(ping, hostile::CALL_TIMEOUT)
+        .map(|_| ())
+        .map_err(|e| format!("Ping: {e}"))
+}
+
 /// A bus connection whose calls are written straight to its socket, in one
 /// stream, and whose socket is read only when asked
 /// ([`Pipeline::replies`]). Sending through libdbus would read the socket
@@ -390,13 +402,7 @@ impl Pipeline {
     /// Pings the broker and waits for the answer, so that the broker has
     /// learnt this connection's credentials before the calls that follow.
     pub fn introduce(&self) -> Result<(), String> {
-        let ping =
-            Message::new_method_call(BUS_NAME, BROKER_PATH, "org.freedesktop.DBus.Peer", "Ping")
-                .expect("Ping message");
-        self.channel
-            .send_with_reply_and_block(ping, hostile::CALL_TIMEOUT)
-            .map(|_| ())
-            .map_err(|e| format!("Ping: {e}"))
+        introduce(&self.channel)
     }
 
     /// Writes every call of `calls` to the socket, one after the other

@@ -46,13 +46,14 @@
 //!                                         "READY", at stdin EOF read the answers and print
 //!                                         "DONE name=count ..." (error names, `ok`, `unanswered`)
 //! hostile-client ADDR never-read open SERVICE N
-//! hostile-client ADDR never-read list N [HOLD]
+//! hostile-client ADDR never-read list N [HOLD [C]]
 //!                                         after one Ping (credentials known), N OpenSession
 //!                                         calls of SERVICE (4 KiB rings), or N ListSessions
-//!                                         calls (with HOLD echo sessions held first on another
-//!                                         connection, to make each answer long), written at
-//!                                         once; print "READY" and never read the socket; leave
-//!                                         the bus at stdin EOF
+//!                                         calls on each of C connections (default 1; with HOLD
+//!                                         echo sessions held first on another connection, to
+//!                                         make each answer long), written at once; print
+//!                                         "READY" and never read the socket; leave the bus at
+//!                                         stdin EOF
 //! hostile-client ADDR provided-flood SERVICE BYTES N
 //!                                         after one Ping, N OpenSession calls of SERVICE (a
 //!                                         provider's) whose options carry a BYTES-long string
@@ -408,7 +409,7 @@ fn main() {
         }
         "park" | "never-read" | "provided-flood" => {
             drop(conn);
-            let usage = "park open|ping BYTES N [C] | never-read open SERVICE N | never-read list N [HOLD] | provided-flood SERVICE BYTES N";
+            let usage = "park open|ping BYTES N [C] | never-read open SERVICE N | never-read list N [HOLD [C]] | provided-flood SERVICE BYTES N";
             let number = |i: usize| arg(i).parse::<usize>().ok();
             // An optional count, `default` if absent.
             let optional = |i: usize, default: usize| match args.get(i) {
@@ -461,6 +462,10 @@ fn main() {
                             let hold = optional(4, 0);
                             if hold > 0 {
                                 let keep = hostile::channel(addr);
+                                if let Err(e) = attacks::introduce(&keep) {
+                                    println!("ERR {e}");
+                                    std::process::exit(2)
+                                }
                                 let held = hostile::open_many(&keep, "echo", 4096, hold);
                                 if let Some(Err(e)) = held.iter().find(|r| r.is_err()) {
                                     println!("ERR {e}");
@@ -470,8 +475,12 @@ fn main() {
                                 // connection live as long as this process.
                                 std::mem::forget((keep, held));
                             }
-                            let calls: Calls = Box::new((0..n).map(|_| attacks::list_call()));
-                            (vec![calls], true, false)
+                            let calls = (0..optional(5, 1))
+                                .map(|_| -> Calls {
+                                    Box::new((0..n).map(|_| attacks::list_call()))
+                                })
+                                .collect();
+                            (calls, true, false)
                         }
                         None => usage_error(usage),
                     },
@@ -485,17 +494,21 @@ fn main() {
                 eprintln!("hostile-client: {e}");
                 std::process::exit(1)
             };
+            // Every connection is known to the broker (if it is to be)
+            // before any of them sends its calls.
             let mut pipelines = Vec::with_capacity(calls.len());
-            for calls in calls {
-                let mut p = attacks::Pipeline::connect(addr).unwrap_or_else(|e| fail(e));
+            for _ in 0..calls.len() {
+                let p = attacks::Pipeline::connect(addr).unwrap_or_else(|e| fail(e));
                 if introduce {
                     if let Err(e) = p.introduce() {
                         println!("ERR {e}");
                         std::process::exit(2)
                     }
                 }
-                p.send(calls, true).unwrap_or_else(|e| fail(e));
                 pipelines.push(p);
+            }
+            for (p, calls) in pipelines.iter_mut().zip(calls) {
+                p.send(calls, true).unwrap_or_else(|e| fail(e));
             }
             for p in &mut pipelines {
                 p.release().unwrap_or_else(|e| fail(e));
