@@ -3,14 +3,14 @@
 use crate::{Client, Error};
 use dbus::arg::{PropMap, RefArg, Variant};
 use shmlink_endpoint::{
-    Endpoint, EndpointReceiver, EndpointSender, Item, PeerLimits, Piece, Received, Wakeup,
+    Endpoint, EndpointReceiver, EndpointSender, Item, PeerFds, PeerLimits, Piece, Received, Wakeup,
 };
 use shmlink_interfaces::{
-    member, option, OpenSessionArgs, OpenSessionReply, ParametersError, SessionParameters,
+    member, option, OpenSessionViaArgs, OpenSessionViaReply, ParametersError, SessionParameters,
     BROKER_INTERFACE, SESSION_INTERFACE,
 };
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,26 +97,32 @@ impl SessionBuilder {
             .unwrap_or(self.limits.max_capacity)
     }
 
-    /// Calls `OpenSession`, checks every fd and parameter the broker
-    /// returned against what was asked for and the client's limits, and maps
-    /// the rings.
+    /// Calls `OpenSessionVia` with one end of a new socket pair, takes the
+    /// rings the broker sent over it, checks every fd and parameter against
+    /// what was asked for and the client's limits, and maps the rings. The
+    /// reply carries no fds, so a bus that charges fds to their sender
+    /// never charges the broker for this session's.
     pub fn open(self) -> Result<Session, Error> {
         let limits = PeerLimits {
             max_capacity: self.capacity_bound(),
             ..self.limits
         };
-        let reply: OpenSessionArgs = self.client.method(
+        let (hangup, theirs) =
+            shmlink_endpoint::sys::socketpair().map_err(shmlink_endpoint::Error::Io)?;
+        // `theirs` goes with the call and closes here after it: the broker's
+        // copy is then the only other end of `hangup`.
+        let reply: OpenSessionViaArgs = self.client.method(
             self.client.broker_path(),
             BROKER_INTERFACE,
-            member::OPEN_SESSION,
-            (self.service.as_str(), self.options),
+            member::OPEN_SESSION_VIA,
+            (self.service.as_str(), self.options, theirs),
         )?;
-        let OpenSessionReply {
+        let OpenSessionViaReply {
             session: path,
-            fds,
+            capacities,
             parameters: params,
         } = reply.into();
-        let (ts_cap, tc_cap) = (fds.to_server.capacity, fds.to_client.capacity);
+        let [ts_cap, tc_cap] = capacities;
         // `max-message` is checked in full width before anything else: a
         // value above 4 GiB must not be cut down to one that happens to fit.
         let over = |offered| shmlink_endpoint::Error::OverLimit {
@@ -137,6 +143,11 @@ impl SessionBuilder {
             },
         )?;
         let max_message = u32::try_from(max_message).map_err(|_| over(max_message))?;
+        let rings =
+            shmlink_endpoint::receive_rings(hangup.as_fd(), capacities).inspect_err(|e| {
+                log::debug!("refusing the session {path} the broker handed over: {e}")
+            })?;
+        let fds = PeerFds::join(rings, hangup);
         // The caller reports the error; a log line here would say it twice.
         let mut endpoint = Endpoint::open_client_within(fds, max_message, wake, limits)
             .inspect_err(|e| {

@@ -5,7 +5,7 @@ use crate::ring::{spin_until_ready, RingReceiver, RingSender, Waitable};
 use crate::sys::{self, FdKind, HangupState, StreamSocket};
 use crate::Error;
 use shmem_ipc::sharedring::{Receiver, Sender};
-use shmlink_interfaces::{limits, PeerFds, RingFds, Wakeup, RING_HEADER};
+use shmlink_interfaces::{limits, PeerFds, RingFds, RingPair, Wakeup, RING_HEADER};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -171,6 +171,59 @@ fn validate_stream_socket(name: &str, fd: BorrowedFd<'_>) -> Result<(), Error> {
             if listening { " (it is listening)" } else { "" }
         ))),
     }
+}
+
+server_pub! {
+    /// Checks that `socket`, passed by a client to `OpenSessionVia`, is a
+    /// connected `AF_UNIX` stream socket: the end of a hang-up socket pair
+    /// the server keeps, over which the rings go first.
+    pub fn check_via_socket(socket: BorrowedFd<'_>) -> Result<(), Error> {
+        validate_stream_socket("session", socket)
+    }
+}
+
+server_pub! {
+    /// Sends `rings` over `socket` as `OpenSessionVia` does: one byte
+    /// carrying the six fds in wire order ([`RingPair::into_fds`]), without
+    /// blocking. The capacities travel in the D-Bus reply.
+    pub fn send_rings(socket: BorrowedFd<'_>, rings: &RingPair) -> Result<(), Error> {
+        let fds = [
+            rings.to_server.memfd.as_fd(),
+            rings.to_server.empty_signal.as_fd(),
+            rings.to_server.full_signal.as_fd(),
+            rings.to_client.memfd.as_fd(),
+            rings.to_client.empty_signal.as_fd(),
+            rings.to_client.full_signal.as_fd(),
+        ];
+        sys::send_fds(socket, &fds).map_err(|e| {
+            Error::Setup(format!("could not send the rings over the session socket: {e}"))
+        })
+    }
+}
+
+/// Receives the rings `OpenSessionVia` sent over `socket` (the client's
+/// end of the pair it passed), of the `capacities` its reply gave: one
+/// byte carrying exactly six fds, already there when the reply arrived, so
+/// this never waits. Checks the socket first; the rings are checked when
+/// the session is opened with them.
+pub fn receive_rings(socket: BorrowedFd<'_>, capacities: [u64; 2]) -> Result<RingPair, Error> {
+    validate_hangup(socket)?;
+    let fds = sys::recv_fds(socket, RingPair::FDS).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => {
+            Error::BadFd("the broker replied before sending the rings over the socket".into())
+        }
+        _ => Error::BadFd(format!("the rings sent over the session socket: {e}")),
+    })?;
+    let fds: [OwnedFd; RingPair::FDS] = fds
+        .try_into()
+        .map_err(|_| Error::BadFd("wrong number of fds".into()))?;
+    // From here on the socket is the hang-up socket, which stays silent.
+    if sys::hangup_state(socket)? == HangupState::Written {
+        return Err(Error::BadFd(
+            "bytes arrived after the one byte that carries the fds".into(),
+        ));
+    }
+    Ok(RingPair::from_fds(capacities, fds))
 }
 
 /// The checks both sides make on fds the other side (or the broker)
@@ -722,6 +775,31 @@ impl ServerRings {
         &self.peer
     }
 
+    /// The server's side of the session as [`ServerRings::into_endpoint`]
+    /// makes it, for a client that passed `socket` (`OpenSessionVia`): the
+    /// rings go over it, and it becomes the server's end of the hang-up
+    /// socket (the pair made ahead is dropped).
+    #[cfg(feature = "server")]
+    pub fn into_endpoint_over(
+        self,
+        socket: OwnedFd,
+        max_message: u32,
+        wakeup: Wakeup,
+    ) -> Result<Endpoint, Error> {
+        check_via_socket(socket.as_fd())?;
+        let (rings, _theirs) = self.peer.split();
+        send_rings(socket.as_fd(), &rings)?;
+        let capacity = rings.to_server.capacity;
+        Ok(Endpoint::assemble(
+            RingSender::new(self.tx),
+            RingReceiver::new(self.rx, max_message),
+            socket,
+            wakeup,
+            max_message,
+            (capacity, capacity),
+        ))
+    }
+
     /// The server's side of the session, with its message size bound and
     /// wake-up policy, and the fds to hand to the client.
     pub fn into_endpoint(self, max_message: u32, wakeup: Wakeup) -> (Endpoint, PeerFds) {
@@ -807,6 +885,69 @@ mod tests {
         let now = sys::poll_readable(&[fd], Some(Instant::now())).expect("poll")[0].readable;
         sys::eventfd_drain(fd).expect("drain");
         now
+    }
+
+    #[test]
+    fn rings_sent_over_a_socket_arrive_whole_and_anything_else_is_refused() {
+        let half = create_unmapped(4096).expect("fds").client;
+        let (rings, _hangup) = half.split();
+        let (ours, theirs) = sys::socketpair().expect("pair");
+        assert!(
+            matches!(receive_rings(ours.as_fd(), [4096, 4096]), Err(Error::BadFd(m)) if m.contains("before sending")),
+            "nothing sent yet"
+        );
+        send_rings(theirs.as_fd(), &rings).expect("send");
+        let got = receive_rings(ours.as_fd(), [4096, 4096]).expect("receive");
+        let same = |a: &OwnedFd, b: &OwnedFd| {
+            let ino = |f: &OwnedFd| rustix::fs::fstat(f).expect("fstat").st_ino;
+            ino(a) == ino(b)
+        };
+        assert!(same(&got.to_server.memfd, &rings.to_server.memfd));
+        assert!(same(
+            &got.to_client.full_signal,
+            &rings.to_client.full_signal
+        ));
+        assert_eq!(got.to_client.capacity, 4096);
+
+        // Fewer fds, extra bytes, or more fds than six are refused.
+        let fds = [
+            rings.to_server.memfd.as_fd(),
+            rings.to_server.empty_signal.as_fd(),
+        ];
+        sys::send_fds(theirs.as_fd(), &fds).expect("send two");
+        let e = receive_rings(ours.as_fd(), [4096, 4096]).unwrap_err();
+        assert!(e.to_string().contains("2 fds arrived, not 6"), "{e}");
+        let seven: Vec<BorrowedFd<'_>> = std::iter::repeat(rings.to_server.memfd.as_fd())
+            .take(7)
+            .collect();
+        sys::send_fds(theirs.as_fd(), &seven).expect("send seven");
+        let e = receive_rings(ours.as_fd(), [4096, 4096])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("more than 6 fds") || e.contains("7 fds arrived, not 6"),
+            "{e}"
+        );
+        let six: Vec<BorrowedFd<'_>> = std::iter::repeat(rings.to_server.memfd.as_fd())
+            .take(6)
+            .collect();
+        sys::send_fds(theirs.as_fd(), &six).expect("send six");
+        rustix::io::write(&theirs, b"xy").expect("write");
+        // The six fds arrive with their byte, but the stray bytes after
+        // them are on what is the hang-up socket from then on.
+        let e = receive_rings(ours.as_fd(), [4096, 4096]).unwrap_err();
+        assert!(e.to_string().contains("bytes arrived after"), "{e}");
+        // A socket that is not a connected stream socket is refused before any read.
+        let (a, b) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::DGRAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("dgram pair");
+        drop(b);
+        assert!(check_via_socket(a.as_fd()).is_err());
+        assert!(receive_rings(a.as_fd(), [4096, 4096]).is_err());
     }
 
     #[test]

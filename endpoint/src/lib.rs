@@ -32,6 +32,9 @@ pub mod fuzzing;
 mod ring;
 pub mod sys;
 
+pub use endpoint::receive_rings;
+#[cfg(feature = "server")]
+pub use endpoint::{check_via_socket, send_rings};
 #[cfg(feature = "server")]
 pub use endpoint::{create_unmapped, ProvidedFds, ServerRings};
 pub use endpoint::{rounded_capacity, Endpoint, EndpointReceiver, EndpointSender, PeerLimits};
@@ -40,7 +43,7 @@ pub use frame::{Budget, FillFrame, FrameError, Item, OutFrame, Piece, Received, 
 pub use ring::{spin_keeping_word, ReadProgress, WriteProgress};
 pub use ring::{spin_until_ready, RingReceiver, RingSender, Waitable};
 pub use shmlink_interfaces::Wakeup;
-pub use shmlink_interfaces::{PeerFds, RingFds};
+pub use shmlink_interfaces::{PeerFds, RingFds, RingPair};
 
 /// Everything that can go wrong on the data plane.
 ///

@@ -204,18 +204,89 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-server_pub! {
-    /// Creates a connected pair of `AF_UNIX` stream sockets, close-on-exec.
-    pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-        Ok(rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::STREAM,
-            SocketFlags::CLOEXEC,
-            None,
-        )?)
+/// Sends one byte (0) on the stream socket `socket` carrying `fds` as
+/// `SCM_RIGHTS`, without blocking (`EAGAIN` if the socket has no room) and
+/// without `SIGPIPE`.
+pub fn send_fds(socket: BorrowedFd<'_>, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::mem::MaybeUninit;
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("fds do not fit the control buffer"));
     }
+    let sent = retry_on_intr(|| {
+        rustix::net::sendmsg(
+            socket,
+            &[io::IoSlice::new(&[0])],
+            &mut control,
+            SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+        )
+    })?;
+    if sent != 1 {
+        return Err(io::Error::other("the byte carrying the fds was not sent"));
+    }
+    Ok(())
 }
 
+/// Receives, without blocking, one byte carrying exactly `n` fds as
+/// `SCM_RIGHTS` from the stream socket `socket` (the fds arrive
+/// close-on-exec). Anything else is `InvalidData`: no byte or more than one,
+/// fewer or more fds (the kernel closes those that did not fit), other
+/// control messages. `WouldBlock` if nothing has arrived.
+pub fn recv_fds(socket: BorrowedFd<'_>, n: usize) -> io::Result<Vec<OwnedFd>> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, ReturnFlags};
+    use std::mem::MaybeUninit;
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(n))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut bytes = [0u8; 2];
+    let got = retry_on_intr(|| {
+        rustix::net::recvmsg(
+            socket,
+            &mut [io::IoSliceMut::new(&mut bytes)],
+            &mut control,
+            RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+        )
+    })?;
+    let mut fds = Vec::with_capacity(n);
+    let mut other = false;
+    for message in control.drain() {
+        match message {
+            RecvAncillaryMessage::ScmRights(received) => fds.extend(received),
+            _ => other = true,
+        }
+    }
+    let bad = |what: String| Err(io::Error::new(io::ErrorKind::InvalidData, what));
+    if got.flags.contains(ReturnFlags::CTRUNC) {
+        return bad(format!("more than {n} fds (or other control data) arrived"));
+    }
+    if other {
+        return bad("control data other than fds arrived".into());
+    }
+    match got.bytes {
+        0 => return bad("the socket was closed before the fds arrived".into()),
+        1 => {}
+        more => {
+            return bad(format!(
+                "{more} bytes arrived where one byte carries the fds"
+            ))
+        }
+    }
+    if fds.len() != n {
+        return bad(format!("{} fds arrived, not {n}", fds.len()));
+    }
+    Ok(fds)
+}
+
+/// Creates a connected pair of `AF_UNIX` stream sockets, close-on-exec.
+pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
 /// A new memfd of `len` bytes for shared memory, close-on-exec, with every
 /// seal the data plane can afford: `MFD_NOEXEC_SEAL` (Linux 6.3 and later;
 /// an older kernel refuses the flag with `EINVAL` and the memfd is made

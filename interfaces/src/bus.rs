@@ -169,6 +169,41 @@ impl From<OpenSessionReply> for OpenSessionArgs {
     }
 }
 
+/// The reply of `OpenSessionVia` as it travels: session path, the
+/// client→server and server→client ring capacities, the parameters. The
+/// rings' fds travel over the socket the call passed (see
+/// [`RingPair`](crate::RingPair)).
+pub type OpenSessionViaArgs = (dbus::Path<'static>, u64, u64, PropMap);
+
+/// The reply of `OpenSessionVia`.
+#[derive(Debug)]
+pub struct OpenSessionViaReply {
+    /// The session object's path.
+    pub session: dbus::Path<'static>,
+    /// Usable bytes of the client→server and server→client rings, the
+    /// capacities of the rings that arrive over the socket.
+    pub capacities: [u64; 2],
+    /// Negotiated parameters (`max-message`, `wakeup`, `spin-us`).
+    pub parameters: PropMap,
+}
+
+impl From<OpenSessionViaArgs> for OpenSessionViaReply {
+    fn from((session, to_server, to_client, parameters): OpenSessionViaArgs) -> Self {
+        OpenSessionViaReply {
+            session,
+            capacities: [to_server, to_client],
+            parameters,
+        }
+    }
+}
+
+impl From<OpenSessionViaReply> for OpenSessionViaArgs {
+    fn from(r: OpenSessionViaReply) -> Self {
+        let [to_server, to_client] = r.capacities;
+        (r.session, to_server, to_client, r.parameters)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

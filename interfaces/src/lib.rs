@@ -96,6 +96,95 @@ impl PeerFds {
     }
 }
 
+/// A session's two rings without the hang-up socket: what travels over the
+/// socket of `OpenSessionVia`.
+#[derive(Debug)]
+pub struct RingPair {
+    /// The client-to-server ring.
+    pub to_server: RingFds,
+    /// The server-to-client ring.
+    pub to_client: RingFds,
+}
+
+impl RingPair {
+    /// How many fds travel over the socket.
+    pub const FDS: usize = 6;
+
+    /// The capacities (to-server, to-client) and the fds in wire order:
+    /// to-server memfd, *empty* and *full* eventfds, then the same three of
+    /// the to-client ring (DATA-PLANE.md, section 1).
+    pub fn into_fds(self) -> ([u64; 2], [std::os::fd::OwnedFd; RingPair::FDS]) {
+        let RingPair {
+            to_server: s,
+            to_client: c,
+        } = self;
+        (
+            [s.capacity, c.capacity],
+            [
+                s.memfd,
+                s.empty_signal,
+                s.full_signal,
+                c.memfd,
+                c.empty_signal,
+                c.full_signal,
+            ],
+        )
+    }
+
+    /// The rings from their capacities and fds in wire order (see
+    /// [`RingPair::into_fds`]).
+    pub fn from_fds(
+        [to_server, to_client]: [u64; 2],
+        fds: [std::os::fd::OwnedFd; RingPair::FDS],
+    ) -> RingPair {
+        let [s_mem, s_empty, s_full, c_mem, c_empty, c_full] = fds;
+        RingPair {
+            to_server: RingFds {
+                capacity: to_server,
+                memfd: s_mem,
+                empty_signal: s_empty,
+                full_signal: s_full,
+            },
+            to_client: RingFds {
+                capacity: to_client,
+                memfd: c_mem,
+                empty_signal: c_empty,
+                full_signal: c_full,
+            },
+        }
+    }
+
+    /// The rings with each fd duplicated (`F_DUPFD_CLOEXEC`).
+    pub fn try_clone(&self) -> std::io::Result<RingPair> {
+        Ok(RingPair {
+            to_server: self.to_server.try_clone()?,
+            to_client: self.to_client.try_clone()?,
+        })
+    }
+}
+
+impl PeerFds {
+    /// The rings and the hang-up socket, apart.
+    pub fn split(self) -> (RingPair, std::os::fd::OwnedFd) {
+        (
+            RingPair {
+                to_server: self.to_server,
+                to_client: self.to_client,
+            },
+            self.hangup,
+        )
+    }
+
+    /// A half from its rings and its end of the hang-up socket.
+    pub fn join(rings: RingPair, hangup: std::os::fd::OwnedFd) -> PeerFds {
+        PeerFds {
+            to_server: rings.to_server,
+            to_client: rings.to_client,
+            hangup,
+        }
+    }
+}
+
 mod session;
 pub use session::{cut, Caller, SessionParameters, Traffic, Wakeup, WakeupError};
 
@@ -108,14 +197,19 @@ pub mod dict;
 #[cfg(feature = "dbus")]
 pub use accept::{AcceptSession, AcceptSessionArgs};
 #[cfg(feature = "dbus")]
-pub use bus::{Bus, OpenSessionArgs, OpenSessionReply, RingArg};
+pub use bus::{
+    Bus, OpenSessionArgs, OpenSessionReply, OpenSessionViaArgs, OpenSessionViaReply, RingArg,
+};
 #[cfg(feature = "dbus")]
 pub use dict::{CallerError, ParametersError, ValueError};
 
 /// Members of `org.shmlink.Broker1` and `org.shmlink.Session1`.
 pub mod member {
-    /// Broker method that creates a session.
+    /// Broker method that creates a session and returns its fds in the reply.
     pub const OPEN_SESSION: &str = "OpenSession";
+    /// Broker method that creates a session and sends its rings over a
+    /// socket the client passes (the reply carries no fds).
+    pub const OPEN_SESSION_VIA: &str = "OpenSessionVia";
     /// Broker method that lists open sessions.
     pub const LIST_SESSIONS: &str = "ListSessions";
     /// Broker method with which a provider offers a service.
@@ -213,6 +307,9 @@ pub mod error {
     pub const UNKNOWN_SERVICE: &str = "org.shmlink.Error.UnknownService";
     /// An option key is unknown, ill-typed or out of range.
     pub const INVALID_OPTION: &str = "org.shmlink.Error.InvalidOption";
+    /// An argument other than an option is wrong (the socket passed to
+    /// `OpenSessionVia`): the standard D-Bus error.
+    pub const INVALID_ARGS: &str = "org.freedesktop.DBus.Error.InvalidArgs";
     /// The `capacity` option is below the minimum or above the maximum.
     pub const INVALID_CAPACITY: &str = "org.shmlink.Error.InvalidCapacity";
     /// The session does not exist (any more).
@@ -290,6 +387,7 @@ mod tests {
     fn xml_names_every_constant() {
         for name in [
             member::OPEN_SESSION,
+            member::OPEN_SESSION_VIA,
             member::LIST_SESSIONS,
             member::SESSION_CLOSED,
             member::VERSION,

@@ -141,6 +141,9 @@ pub(crate) enum Refusal {
     /// Bad option.
     #[error("{0}")]
     InvalidOption(String),
+    /// A bad argument other than an option (the socket of `OpenSessionVia`).
+    #[error("{0}")]
+    InvalidArgs(String),
     /// Bad capacity.
     #[error("{0}")]
     InvalidCapacity(String),

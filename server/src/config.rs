@@ -10,6 +10,8 @@
 //! sessions_per_user = 512
 //! memory_per_user = 268435456      # bytes per uid: rings, buffers, overhead
 //! memory_total = 1073741824        # bytes for all sessions together
+//! # reply_fds = 28                 # fds in OpenSession replies to connections on the bus
+//!                                  # (half per uid); unset: 28 on the system bus, else no bound
 //!
 //! [engine]
 //! workers = 0                      # 0: one per CPU, at most 8
@@ -79,6 +81,11 @@ pub struct Limits {
     pub memory_per_user: u64,
     /// The same memory for all sessions together.
     pub memory_total: u64,
+    /// Fds the daemon may have in `OpenSession` replies to connections
+    /// still on the bus, in all (half of it per uid); `OpenSessionVia`'s
+    /// replies carry none. Unset: 28 on the system bus (whose allowance is 64
+    /// fds per sender), no bound on other buses.
+    pub reply_fds: Option<u32>,
 }
 
 impl Default for Limits {
@@ -92,6 +99,7 @@ impl Default for Limits {
             // one GiB in all suit a desktop and a small server alike.
             memory_per_user: 256 << 20,
             memory_total: 1 << 30,
+            reply_fds: None,
         }
     }
 }

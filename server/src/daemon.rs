@@ -46,6 +46,11 @@ pub enum DaemonError {
     Disconnected,
 }
 
+/// The default of `limits.reply_fds` on the system bus: four `OpenSession`
+/// replies' fds, well within the 64 fds the system bus lets the daemon
+/// have in messages not yet read.
+pub const SYSTEM_BUS_REPLY_FDS: u32 = 28;
+
 /// A running broker on a bus.
 pub struct Daemon {
     conn: Connection,
@@ -72,7 +77,7 @@ impl Daemon {
     pub fn create_named(
         bus: &Bus,
         names: Names,
-        config: Config,
+        mut config: Config,
         services: Vec<Arc<dyn Service>>,
     ) -> Result<Daemon, DaemonError> {
         let bus_name = names.bus_name().to_owned();
@@ -82,6 +87,11 @@ impl Daemon {
         })?;
         channel.set_watch_enabled(true);
         let conn = Connection::from(channel);
+        if *bus == Bus::System {
+            // The system bus lets a sender have 64 fds in messages not yet
+            // read; four replies' worth leaves room for everything else.
+            config.limits.reply_fds.get_or_insert(SYSTEM_BUS_REPLY_FDS);
+        }
         let mut adapter = Adapter::new(Sessions::start(config, services)?, names);
 
         // Learn when clients leave the bus.

@@ -68,6 +68,10 @@ enum Stage {
         link: OwnedFd,
         client: PeerFds,
         parameters: SessionParameters,
+        /// The socket the client passed (`OpenSessionVia`), to send its
+        /// rings over on acceptance; the provider holds it as its end of
+        /// the hang-up socket.
+        via: Option<OwnedFd>,
     },
     /// Served by its provider; the broker's end of the link is watched
     /// and closes when the session is dropped.
@@ -80,13 +84,24 @@ impl Session {
     }
 }
 
-/// A hosted session just opened: its info, the fds for the client and the
+/// How a client gets its half of a session.
+pub(crate) enum Handed {
+    /// In the reply (`OpenSession`): the rings and the client's end of the
+    /// hang-up socket.
+    Reply(PeerFds),
+    /// Sent already over the socket the client passed (`OpenSessionVia`),
+    /// whose other end the client keeps: the reply gives the rings'
+    /// capacities (to-server, to-client).
+    Sent([u64; 2]),
+}
+
+/// A hosted session just opened: its info, the client's half and the
 /// reply's parameters.
 pub(crate) struct Opened {
     /// The session.
     pub info: Arc<SessionInfo>,
-    /// The fds to hand to the client.
-    pub fds: PeerFds,
+    /// The client's half.
+    pub handed: Handed,
     /// The `parameters` of the reply.
     pub parameters: SessionParameters,
 }
@@ -283,15 +298,18 @@ impl Sessions {
         Ok(&s.info)
     }
 
-    /// Opens a session of the hosted `service` for `caller`. Errors keep the
-    /// contract's precedence: unknown service, access, ring options, the
-    /// service's own options, unknown keys, then limits.
+    /// Opens a session of the hosted `service` for `caller`; its rings go
+    /// over `via` if the client passed a socket, else in the reply. Errors
+    /// keep the contract's precedence: the socket, unknown service, access,
+    /// ring options, the service's own options, unknown keys, then limits.
     pub fn open(
         &mut self,
         caller: &Caller,
         service: &str,
         options: PropMap,
+        via: Option<OwnedFd>,
     ) -> Result<Opened, Refusal> {
+        check_via(via.as_ref())?;
         let svc = self.hosted(service)?;
         self.accounting.check_access(caller, service)?;
         let max_message = self.accounting.limits().max_message;
@@ -310,12 +328,25 @@ impl Sessions {
         let rings = self
             .rings(ring.capacity)
             .map_err(|e| Refusal::Internal(format!("could not create the rings: {e}")))?;
-        let (endpoint, fds) = rings.into_endpoint(max_message_u32(max_message), ring.wakeup);
+        let max = max_message_u32(max_message);
+        let (endpoint, handed) = match via {
+            None => {
+                let (endpoint, fds) = rings.into_endpoint(max, ring.wakeup);
+                (endpoint, Handed::Reply(fds))
+            }
+            Some(socket) => {
+                let capacity = rings.capacity();
+                let endpoint = rings
+                    .into_endpoint_over(socket, max, ring.wakeup)
+                    .map_err(|e| Refusal::InvalidArgs(e.to_string()))?;
+                (endpoint, Handed::Sent([capacity, capacity]))
+            }
+        };
         let id = self.serve(caller, service, reservation, endpoint, handler, None)?;
         self.opened.push(id);
         Ok(Opened {
             info: self.table[&id].info.clone(),
-            fds,
+            handed,
             parameters,
         })
     }
@@ -324,13 +355,17 @@ impl Sessions {
     /// fds; it waits for its provider until [`Sessions::accept_handed`] or
     /// [`Sessions::end`]. Errors keep the hosted precedence (unknown
     /// service, access, ring options, limits); the provider judges its own
-    /// options.
+    /// options. With `via`, the socket the client passed, the client's rings
+    /// go over it on acceptance and the provider gets it as its end of the
+    /// hang-up socket.
     pub fn ask_provider(
         &mut self,
         caller: &Caller,
         service: &str,
         mut options: PropMap,
+        via: Option<OwnedFd>,
     ) -> Result<Handover, Refusal> {
+        check_via(via.as_ref())?;
         let registration = self
             .accounting
             .registration(service)
@@ -349,8 +384,21 @@ impl Sessions {
         let reservation = self
             .accounting
             .reserve(caller, session_cost(ring.capacity, ring.capacity))?;
-        let fds = shmlink_endpoint::create_unmapped(ring.capacity)
+        let mut fds = shmlink_endpoint::create_unmapped(ring.capacity)
             .map_err(|e| Refusal::Internal(format!("could not create the rings: {e}")))?;
+        // The client keeps the other end of its socket: the provider gets
+        // the socket in place of the pair made here, and the broker a
+        // duplicate to send the client's rings over, dropped once sent.
+        let via = match via {
+            Some(socket) => {
+                let kept = socket
+                    .try_clone()
+                    .map_err(|e| Refusal::Internal(format!("could not keep the socket: {e}")))?;
+                fds.provider.hangup = socket;
+                Some(kept)
+            }
+            None => None,
+        };
         let parameters = SessionParameters {
             max_message,
             wakeup: ring.wakeup,
@@ -371,6 +419,7 @@ impl Sessions {
                     link: fds.broker_link,
                     client: fds.client,
                     parameters,
+                    via,
                 },
                 reservation,
             },
@@ -386,14 +435,15 @@ impl Sessions {
     }
 
     /// The provider accepted session `id`: it is open from now on, its link
-    /// watched; returns the client's fds and the reply's parameters. Fails
-    /// (and ends the session) if it is not waiting for its provider any
-    /// more, or its link cannot be watched.
+    /// watched; returns the client's half (sent over its socket already if
+    /// it passed one) and the reply's parameters. Fails (and ends the
+    /// session) if it is not waiting for its provider any more, its link
+    /// cannot be watched, or its rings cannot be sent.
     pub fn accept_handed(
         &mut self,
         id: u64,
-    ) -> Result<(Arc<SessionInfo>, PeerFds, SessionParameters), Refusal> {
-        let (info, link, client, parameters, reservation) = match self.table.remove(&id) {
+    ) -> Result<(Arc<SessionInfo>, Handed, SessionParameters), Refusal> {
+        let (info, link, client, parameters, via, reservation) = match self.table.remove(&id) {
             Some(Session {
                 info,
                 stage:
@@ -401,9 +451,10 @@ impl Sessions {
                         link,
                         client,
                         parameters,
+                        via,
                     },
                 reservation,
-            }) => (info, link, client, parameters, reservation),
+            }) => (info, link, client, parameters, via, reservation),
             Some(open) => {
                 self.table.insert(id, open);
                 return Err(Refusal::UnknownSession(id));
@@ -412,6 +463,15 @@ impl Sessions {
         };
         // On a failure the parts just taken out drop: the charge is
         // refunded and every fd closes, which the provider sees.
+        let handed = match via {
+            None => Handed::Reply(client),
+            Some(socket) => {
+                let (rings, _unused) = client.split();
+                shmlink_endpoint::send_rings(socket.as_fd(), &rings)
+                    .map_err(|e| Refusal::InvalidArgs(e.to_string()))?;
+                Handed::Sent([rings.to_server.capacity, rings.to_client.capacity])
+            }
+        };
         let watched = self
             .links
             .watch(id, link)
@@ -436,7 +496,7 @@ impl Sessions {
                 session.reservation.cost()
             );
         }
-        Ok((info.clone(), client, parameters))
+        Ok((info.clone(), handed, parameters))
     }
 
     /// Takes over the server's side of a session a broker hands to this
@@ -754,8 +814,28 @@ fn max_message_u32(max_message: u64) -> u32 {
     u32::try_from(max_message).unwrap_or(u32::MAX)
 }
 
+/// Refuses a socket passed to `OpenSessionVia` that is not a connected
+/// `AF_UNIX` stream socket, before anything is admitted.
+fn check_via(via: Option<&OwnedFd>) -> Result<(), Refusal> {
+    match via {
+        Some(socket) => shmlink_endpoint::check_via_socket(socket.as_fd())
+            .map_err(|e| Refusal::InvalidArgs(e.to_string())),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    impl Opened {
+        /// The client's half handed in the reply.
+        fn reply_fds(&self) -> &PeerFds {
+            match &self.handed {
+                Handed::Reply(fds) => fds,
+                Handed::Sent(_) => panic!("the rings went over a socket"),
+            }
+        }
+    }
+
     use super::*;
     use crate::builtin;
     use crate::builtin::tests::caller;
@@ -779,7 +859,7 @@ mod tests {
 
     /// The refusal's kind and text, as "Kind: text".
     fn refusal(s: &mut Sessions, service: &str, o: PropMap) -> String {
-        match s.open(&caller(), service, o) {
+        match s.open(&caller(), service, o, None) {
             Ok(_) => panic!("expected a refusal"),
             Err(e) => {
                 let debug = format!("{e:?}");
@@ -825,7 +905,7 @@ mod tests {
             ("capacity", Box::new(4096u64)),
             ("wakeup", Box::new("spin".to_owned())),
         ]);
-        let opened = s.open(&caller(), "echo", o).expect("open");
+        let opened = s.open(&caller(), "echo", o, None).expect("open");
         let id = opened.info.id;
         assert!(matches!(
             opened.parameters.wakeup,
@@ -854,7 +934,7 @@ mod tests {
         let mut s = sessions(|_| {});
         let owner = caller();
         let id = s
-            .open(&owner, "echo", PropMap::new())
+            .open(&owner, "echo", PropMap::new(), None)
             .expect("open")
             .info
             .id;
@@ -900,24 +980,30 @@ mod tests {
     fn rings_made_ahead_serve_the_next_open_of_that_capacity_once() {
         let mut s = sessions(|_| {});
         let cap = |c: u64| opts(vec![("capacity", Box::new(c))]);
-        let first = s.open(&caller(), "echo", cap(4096)).expect("open");
+        let first = s.open(&caller(), "echo", cap(4096), None).expect("open");
         assert!(s.rings_ahead.is_none(), "nothing made ahead before an open");
         s.make_rings_ahead();
         let ahead = s.rings_ahead.as_ref().expect("made ahead");
-        assert_eq!(ahead.capacity(), first.fds.to_server.capacity);
+        assert_eq!(ahead.capacity(), first.reply_fds().to_server.capacity);
         let ahead_ino = ring_inode(ahead.client_fds());
 
         // The next open of that capacity takes them, and they are new rings.
-        let second = s.open(&caller(), "echo", cap(4096)).expect("open");
+        let second = s.open(&caller(), "echo", cap(4096), None).expect("open");
         assert!(s.rings_ahead.is_none(), "taken by the open");
-        assert_eq!(ring_inode(&second.fds), ahead_ino);
-        assert_ne!(ring_inode(&second.fds), ring_inode(&first.fds));
+        assert_eq!(ring_inode(second.reply_fds()), ahead_ino);
+        assert_ne!(
+            ring_inode(second.reply_fds()),
+            ring_inode(first.reply_fds())
+        );
 
         // Made again, but of another capacity than the next open asks for:
         // dropped, and that open gets rings of its own capacity.
         s.make_rings_ahead();
-        let third = s.open(&caller(), "echo", cap(16384)).expect("open");
-        assert_ne!(third.fds.to_server.capacity, second.fds.to_server.capacity);
+        let third = s.open(&caller(), "echo", cap(16384), None).expect("open");
+        assert_ne!(
+            third.reply_fds().to_server.capacity,
+            second.reply_fds().to_server.capacity
+        );
         assert!(s.rings_ahead.is_none());
         for id in [first.info.id, second.info.id, third.info.id] {
             s.end(id, "test").expect("was open");
@@ -944,9 +1030,11 @@ mod tests {
     #[test]
     fn a_hang_up_reported_by_the_engine_ends_the_session() {
         let mut s = sessions(|_| {});
-        let opened = s.open(&caller(), "echo", PropMap::new()).expect("open");
+        let opened = s
+            .open(&caller(), "echo", PropMap::new(), None)
+            .expect("open");
         s.after_reply();
-        drop(opened.fds);
+        drop(opened.handed);
         let ended = wait_for(&mut s, Sessions::notify_fd, Sessions::reap);
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].reason, "client hung up");
@@ -982,7 +1070,7 @@ mod tests {
             ("capacity", Box::new(4096u64)),
             ("flavour", Box::new("mild".to_owned())),
         ]);
-        let h = s.ask_provider(&caller(), "remote", o).expect("open");
+        let h = s.ask_provider(&caller(), "remote", o, None).expect("open");
         let id = h.info.id;
         assert_eq!(
             h.options.keys().collect::<Vec<_>>(),
@@ -1013,15 +1101,64 @@ mod tests {
                 &caller(),
                 "remote",
                 opts(vec![("capacity", Box::new(1u64))]),
+                None,
             )
             .err()
             .expect("refused");
         assert!(matches!(e, Refusal::InvalidCapacity(_)), "{e:?}");
         assert!(matches!(
-            s.ask_provider(&caller(), "nope", PropMap::new()).err(),
+            s.ask_provider(&caller(), "nope", PropMap::new(), None)
+                .err(),
             Some(Refusal::UnknownService(_))
         ));
         assert_eq!(s.len(), 0);
+    }
+
+    #[test]
+    fn rings_go_over_the_socket_a_client_passes_hosted_or_provided() {
+        let mut s = sessions(|_| {});
+        let (mine, theirs) = sys::socketpair().expect("pair");
+        let opened = s
+            .open(&caller(), "echo", PropMap::new(), Some(theirs))
+            .expect("open");
+        let Handed::Sent(capacities) = opened.handed else {
+            panic!("the rings went in the reply");
+        };
+        let rings = shmlink_endpoint::receive_rings(mine.as_fd(), capacities).expect("rings");
+        assert_eq!(rings.to_server.capacity, capacities[0]);
+        // A socket that is no stream socket is refused before anything is admitted.
+        let (dgram, _other) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::DGRAM,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .expect("dgram");
+        let e = s
+            .open(&caller(), "echo", PropMap::new(), Some(dgram))
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(e, Refusal::InvalidArgs(ref m) if m.contains("SOCK_STREAM")),
+            "{e:?}"
+        );
+        assert_eq!(s.open_count(), 1);
+
+        provided(&mut s);
+        let (mine, theirs) = sys::socketpair().expect("pair");
+        let h = s
+            .ask_provider(&caller(), "remote", PropMap::new(), Some(theirs))
+            .expect("ask");
+        assert_eq!(
+            sys::hangup_state(mine.as_fd()).expect("state"),
+            sys::HangupState::Open,
+            "nothing sent before the provider accepts"
+        );
+        let (_, handed, _) = s.accept_handed(h.info.id).expect("accept");
+        let Handed::Sent(capacities) = handed else {
+            panic!("the rings went in the reply");
+        };
+        shmlink_endpoint::receive_rings(mine.as_fd(), capacities).expect("the client's rings");
     }
 
     #[test]
@@ -1029,11 +1166,14 @@ mod tests {
         let mut s = sessions(|_| {});
         provided(&mut s);
         let h = s
-            .ask_provider(&caller(), "remote", PropMap::new())
+            .ask_provider(&caller(), "remote", PropMap::new(), None)
             .expect("open");
         let id = h.info.id;
         let (info, client, _) = s.accept_handed(id).expect("accept");
         assert_eq!(info.id, id);
+        let Handed::Reply(client) = client else {
+            panic!("no socket was passed");
+        };
         assert_eq!(client.to_server.capacity, h.fds.to_server.capacity);
         assert!(s.is_open(id) && s.open_count() == 1);
         assert!(s.accept_handed(id).is_err(), "accepted once");
@@ -1047,7 +1187,7 @@ mod tests {
 
         // Ended at the broker: the provider's link end sees it.
         let h = s
-            .ask_provider(&caller(), "remote", PropMap::new())
+            .ask_provider(&caller(), "remote", PropMap::new(), None)
             .expect("open");
         s.accept_handed(h.info.id).expect("accept");
         assert!(s.end(h.info.id, "closed by its owner").is_some());
@@ -1059,7 +1199,7 @@ mod tests {
         // A waiting session whose owner leaves ends unannounced; so do the
         // registrations of a provider that leaves.
         let h = s
-            .ask_provider(&caller(), "remote", PropMap::new())
+            .ask_provider(&caller(), "remote", PropMap::new(), None)
             .expect("open");
         let (ended, withdrawn) = s.connection_left(&caller().bus_name, "owner left the bus");
         assert!(ended.iter().all(|e| !e.was_open) && ended.len() == 1);

@@ -102,6 +102,7 @@ mod tests {
             sessions_per_user: 6,
             memory_per_user: 1 << 24,
             memory_total: 1 << 25,
+            reply_fds: None,
         };
         assert_eq!(cfg.limits, expected);
         assert_eq!(cfg.engine.workers, 4);

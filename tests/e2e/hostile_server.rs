@@ -8,7 +8,7 @@ use shmlink::Error;
 use shmlink_endpoint::{rounded_capacity, FrameError};
 use shmlink_interfaces::limits;
 use shmlink_test_support::PrivateBus;
-use shmlink_tests::fake_broker::{message_header, Answer, FakeBroker, Offer};
+use shmlink_tests::fake_broker::{message_header, Answer, Delivery, FakeBroker, Offer};
 use shmlink_tests::{cli_binary, proc_status};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -173,13 +173,29 @@ fn a_4_gib_frame_header_allocates_nothing_big() {
 }
 
 #[test]
-fn a_datagram_hangup_socket_is_refused() {
-    let (bus, _broker) = fake(|_| Answer::Offer(Offer::honest(4096, 1 << 20).datagram_hangup()));
-    let err = refused(client(&bus).session("echo").capacity(4096).open());
-    assert!(
-        matches!(err, Error::Session(E::BadFd(ref m)) if m.contains("SOCK_DGRAM, not SOCK_STREAM")),
-        "{err:?}"
-    );
+fn rings_sent_wrongly_over_the_clients_socket_are_refused() {
+    let cases = [
+        (Delivery::Nothing, "replied before sending the rings"),
+        (Delivery::Fds(5), "5 fds arrived, not 6"),
+        (Delivery::Fds(64), "more than 6 fds"),
+        (Delivery::WithBytes, "bytes arrived after the one byte"),
+    ];
+    for (delivery, expected) in cases {
+        let (bus, _broker) =
+            fake(move |_| Answer::Offer(Offer::honest(4096, 1 << 20).deliver(delivery)));
+        let err = refused(client(&bus).session("echo").capacity(4096).open());
+        assert!(
+            matches!(err, Error::Session(E::BadFd(ref m)) if m.contains(expected)
+                || (delivery == Delivery::Fds(64) && m.contains("fds arrived, not 6"))),
+            "{delivery:?}: {err:?}"
+        );
+    }
+    let (bus, _broker) = fake(|_| Answer::Offer(Offer::honest(4096, 1 << 20)));
+    client(&bus)
+        .session("echo")
+        .capacity(4096)
+        .open()
+        .expect("the same offer delivered whole is taken");
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! A fake broker, for testing the client against a hostile server.
 //!
 //! [`FakeBroker`] owns `org.shmlink.Broker1` on a private bus from a thread of
-//! the test process and answers `OpenSession` with whatever [`Offer`] the test
-//! builds: honest rings from [`Endpoint::create_server`], doctored ones (a
-//! huge sparse memfd, a datagram socket as hang-up, a 4 GiB `max-message`),
-//! forged frames already waiting in the ring, or no answer at all. It also
+//! the test process and answers `OpenSessionVia` (and `OpenSession`) with
+//! whatever [`Offer`] the test builds: honest rings from
+//! [`Endpoint::create_server`], doctored ones (a huge sparse memfd, a 4 GiB
+//! `max-message`, rings sent wrongly over the client's socket), forged
+//! frames already waiting in the ring, or no answer at all. It also
 //! answers `Peer.Ping` and the `Version` property, so that the CLI's `ping`
 //! gets as far as opening a session.
 
@@ -12,14 +13,14 @@ use crate::hostile;
 use dbus::arg::{PropMap, RefArg, Variant};
 use dbus::Message;
 use rustix::fs::{MemfdFlags, SealFlags};
-use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use shmlink_endpoint::frame::encode_header;
-use shmlink_endpoint::{Endpoint, PeerFds, Wakeup};
+use shmlink_endpoint::{sys, Endpoint, PeerFds, RingPair, Wakeup};
 use shmlink_interfaces::{
-    member, option, param, wakeup, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE, BUS_NAME,
-    RING_HEADER, SESSION_PATH_PREFIX,
+    member, option, param, wakeup, OpenSessionArgs, OpenSessionReply, OpenSessionViaArgs,
+    OpenSessionViaReply, BROKER_INTERFACE, BUS_NAME, RING_HEADER, SESSION_PATH_PREFIX,
 };
 use std::any::Any;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -41,7 +42,22 @@ pub struct Offer {
     pub fds: PeerFds,
     /// The `parameters` dictionary.
     pub parameters: PropMap,
+    /// How the rings go over the socket of `OpenSessionVia`.
+    pub delivery: Delivery,
     keep: Vec<Box<dyn Any + Send>>,
+}
+
+/// How the fake broker sends the rings over the client's socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// As the contract says: one byte with the six fds.
+    Whole,
+    /// Not at all: the reply comes without them.
+    Nothing,
+    /// The first `n` fds of the six (or the six and more, repeated).
+    Fds(usize),
+    /// The six fds, then stray bytes on the socket.
+    WithBytes,
 }
 
 impl Offer {
@@ -63,6 +79,7 @@ impl Offer {
         Offer {
             fds,
             parameters,
+            delivery: Delivery::Whole,
             keep: vec![Box::new(server)],
         }
     }
@@ -103,17 +120,9 @@ impl Offer {
         self
     }
 
-    /// Hands over one end of a datagram socket pair as the hang-up socket.
-    pub fn datagram_hangup(mut self) -> Offer {
-        let (ours, theirs) = rustix::net::socketpair(
-            AddressFamily::UNIX,
-            SocketType::DGRAM,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .expect("socketpair");
-        self.keep.push(Box::new(ours));
-        self.fds.hangup = theirs;
+    /// Sends the rings over the client's socket as `delivery` says.
+    pub fn deliver(mut self, delivery: Delivery) -> Offer {
+        self.delivery = delivery;
         self
     }
 
@@ -249,16 +258,28 @@ fn answer(
             }
             _ => Some(error(msg, "the fake broker has no such property")),
         },
-        (BROKER_INTERFACE, member::OPEN_SESSION) => {
-            let Ok((service, options)) = msg.read2::<String, PropMap>() else {
-                return Some(error(msg, "bad arguments"));
+        (BROKER_INTERFACE, member::OPEN_SESSION | member::OPEN_SESSION_VIA) => {
+            let via = name == member::OPEN_SESSION_VIA;
+            let (service, options, socket) = if via {
+                let Ok((service, options, socket)) = msg.read3::<String, PropMap, OwnedFd>() else {
+                    return Some(error(msg, "bad arguments"));
+                };
+                (service, options, Some(socket))
+            } else {
+                let Ok((service, options)) = msg.read2::<String, PropMap>() else {
+                    return Some(error(msg, "bad arguments"));
+                };
+                (service, options, None)
             };
             let request = Request {
                 service,
                 capacity: options.get(option::CAPACITY).and_then(|v| v.0.as_u64()),
             };
             match respond(&request) {
-                Answer::Never => None,
+                Answer::Never => {
+                    kept.extend(socket.map(|s| Box::new(s) as Box<dyn Any + Send>));
+                    None
+                }
                 Answer::Offer(offer) => {
                     *sessions += 1;
                     let path = dbus::Path::new(format!("{SESSION_PATH_PREFIX}{sessions}"))
@@ -266,21 +287,61 @@ fn answer(
                     let Offer {
                         fds,
                         parameters,
+                        delivery,
                         keep,
                     } = offer;
                     kept.extend(keep);
-                    let args: OpenSessionArgs = OpenSessionReply {
-                        session: path,
-                        fds,
-                        parameters,
-                    }
-                    .into();
                     let mut reply = msg.method_return();
-                    reply.append_all(args);
+                    match socket {
+                        None => {
+                            let args: OpenSessionArgs = OpenSessionReply {
+                                session: path,
+                                fds,
+                                parameters,
+                            }
+                            .into();
+                            reply.append_all(args);
+                        }
+                        Some(socket) => {
+                            let (rings, hangup) = fds.split();
+                            let capacities = [rings.to_server.capacity, rings.to_client.capacity];
+                            deliver(socket.as_fd(), rings, delivery);
+                            // The server's side keeps its own hang-up end
+                            // (the one `hangup` pairs with); the client's
+                            // socket stays open beside it.
+                            kept.push(Box::new(socket));
+                            kept.push(Box::new(hangup));
+                            let args: OpenSessionViaArgs = OpenSessionViaReply {
+                                session: path,
+                                capacities,
+                                parameters,
+                            }
+                            .into();
+                            reply.append_all(args);
+                        }
+                    }
                     Some(reply)
                 }
             }
         }
         _ => Some(error(msg, "the fake broker does not know this call")),
+    }
+}
+
+/// Sends `rings` over `socket` as `delivery` says.
+fn deliver(socket: BorrowedFd<'_>, rings: RingPair, delivery: Delivery) {
+    let (_, fds) = rings.into_fds();
+    let all: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    match delivery {
+        Delivery::Whole => sys::send_fds(socket, &all).expect("send the rings"),
+        Delivery::Nothing => {}
+        Delivery::Fds(n) => {
+            let some: Vec<BorrowedFd<'_>> = all.iter().copied().cycle().take(n).collect();
+            sys::send_fds(socket, &some).expect("send some fds");
+        }
+        Delivery::WithBytes => {
+            sys::send_fds(socket, &all).expect("send the rings");
+            rustix::io::write(socket, b"stray").expect("write stray bytes");
+        }
     }
 }

@@ -1,17 +1,21 @@
 //! `org.shmlink.Broker1` on the broker object: open and list sessions,
 //! register and list services, the broker's limits, and the
-//! `SessionClosed` signal. Its data is the [`BrokerObject`]. (`OpenSession` of a
-//! registered service is answered later, when its provider does: see
-//! [`super::handover`].)
+//! `SessionClosed` signal. Its data is the [`BrokerObject`]. (`OpenSession`
+//! and `OpenSessionVia` of a registered service are answered later, when
+//! its provider does: see [`super::handover`].)
 
 use super::{sender_of, BrokerObject};
 use crate::accounting::Refusal;
 use crate::log_bounds::{cut, LOGGED_STRING};
-use crate::sessions::SessionInfo;
+use crate::sessions::{Handed, SessionInfo};
 use dbus::arg::PropMap;
 use dbus::Path;
 use dbus_crossroads::{Context, Crossroads, IfaceToken, MethodErr};
-use shmlink_interfaces::{member, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE};
+use shmlink_interfaces::{
+    member, OpenSessionArgs, OpenSessionReply, OpenSessionViaArgs, OpenSessionViaReply,
+    BROKER_INTERFACE,
+};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 /// The broker object's data, which crossroads keeps at the path of the
@@ -19,6 +23,45 @@ use std::sync::Arc;
 fn control<'a>(cr: &'a mut Crossroads, ctx: &Context) -> Result<&'a mut BrokerObject, MethodErr> {
     cr.data_mut::<BrokerObject>(ctx.path())
         .ok_or_else(|| MethodErr::no_path(ctx.path()))
+}
+
+/// Opens a session of a hosted service for the caller of `ctx`'s call
+/// (`OpenSession`, or `OpenSessionVia` with `via`) and publishes its
+/// object: its path, the client's half and the reply's parameters.
+fn open_hosted(
+    ctx: &mut Context,
+    cr: &mut Crossroads,
+    session_token: IfaceToken<Arc<SessionInfo>>,
+    service: &str,
+    options: PropMap,
+    via: Option<OwnedFd>,
+) -> Result<(Path<'static>, Handed, PropMap), MethodErr> {
+    let c = control(cr, ctx)?;
+    let caller = c.caller_of(ctx.message())?;
+    let call = if via.is_some() {
+        member::OPEN_SESSION_VIA
+    } else {
+        member::OPEN_SESSION
+    };
+    let replied = if via.is_none() {
+        c.reply_fds.check(&caller)
+    } else {
+        Ok(())
+    };
+    let opened = match replied.and_then(|()| c.sessions.open(&caller, service, options, via)) {
+        Ok(opened) => opened,
+        Err(e) => {
+            let uid = Some(caller.uid);
+            c.refused(call, service, &caller.bus_name, uid, &e);
+            return Err(c.method_err(&e));
+        }
+    };
+    if matches!(opened.handed, Handed::Reply(_)) {
+        c.reply_fds.charge(&caller);
+    }
+    let path: Path<'static> = c.names.session_path(opened.info.id).into();
+    cr.insert(path.clone(), &[session_token], opened.info);
+    Ok((path, opened.handed, opened.parameters.to_dict()))
 }
 
 pub(super) fn register(
@@ -46,22 +89,41 @@ pub(super) fn register(
                   cr: &mut Crossroads,
                   (service, options): (String, PropMap)|
                   -> Result<OpenSessionArgs, MethodErr> {
-                let c = control(cr, ctx)?;
-                let caller = c.caller_of(ctx.message())?;
-                let opened = match c.sessions.open(&caller, &service, options) {
-                    Ok(opened) => opened,
-                    Err(e) => {
-                        let uid = Some(caller.uid);
-                        c.refused(member::OPEN_SESSION, &service, &caller.bus_name, uid, &e);
-                        return Err(c.method_err(&e));
-                    }
+                let (session, handed, parameters) =
+                    open_hosted(ctx, cr, session_token, &service, options, None)?;
+                let Handed::Reply(fds) = handed else {
+                    return Err(MethodErr::failed("rings sent over no socket"));
                 };
-                let path: Path<'static> = c.names.session_path(opened.info.id).into();
-                cr.insert(path.clone(), &[session_token], opened.info);
                 Ok(OpenSessionReply {
-                    session: path,
-                    fds: opened.fds,
-                    parameters: opened.parameters.to_dict(),
+                    session,
+                    fds,
+                    parameters,
+                }
+                .into())
+            },
+        );
+        b.method_with_cr(
+            member::OPEN_SESSION_VIA,
+            ("service", "options", "socket"),
+            (
+                "session",
+                "to_server_capacity",
+                "to_client_capacity",
+                "parameters",
+            ),
+            move |ctx: &mut Context,
+                  cr: &mut Crossroads,
+                  (service, options, socket): (String, PropMap, OwnedFd)|
+                  -> Result<OpenSessionViaArgs, MethodErr> {
+                let (session, handed, parameters) =
+                    open_hosted(ctx, cr, session_token, &service, options, Some(socket))?;
+                let Handed::Sent(capacities) = handed else {
+                    return Err(MethodErr::failed("rings for a reply, not a socket"));
+                };
+                Ok(OpenSessionViaReply {
+                    session,
+                    capacities,
+                    parameters,
                 }
                 .into())
             },

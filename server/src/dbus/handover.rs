@@ -8,6 +8,7 @@
 
 use crate::log_bounds::{cut, LOGGED_ERROR, LOGGED_STRING};
 use crate::names::Names;
+use crate::service::Caller;
 use crate::sessions::Handover;
 use dbus::message::MessageType;
 use dbus::Message;
@@ -24,8 +25,8 @@ pub(super) struct Pending {
     pub id: u64,
     /// The provider's unique name: the only sender whose answer counts.
     pub provider: String,
-    /// The client's unique name.
-    pub owner: String,
+    /// The client.
+    pub owner: Caller,
     /// When the provider's time is up.
     pub deadline: Instant,
 }

@@ -19,6 +19,7 @@ mod broker1;
 mod callers;
 mod handover;
 mod parked;
+mod reply_fds;
 mod session1;
 
 pub(crate) use callers::{connection_left, name_owner_changed};
@@ -29,7 +30,7 @@ use crate::log_bounds::{cut, Lines, LOGGED_ERROR, LOGGED_STRING};
 use crate::main_loop::Served;
 use crate::names::Names;
 use crate::service::{prop, Caller};
-use crate::sessions::{Ended, SessionInfo, Sessions};
+use crate::sessions::{Ended, Handed, SessionInfo, Sessions};
 use callers::Callers;
 use dbus::arg::PropMap;
 use dbus::blocking::stdintf::org_freedesktop_dbus::PropertiesPropertiesChanged;
@@ -40,9 +41,11 @@ use dbus::Message;
 use dbus_crossroads::{Crossroads, IfaceToken, MethodErr};
 use handover::{Pending, ReplyTo, Verdict};
 use parked::{wire_size, Parked};
+use reply_fds::ReplyFds;
 use shmlink_endpoint::sys::Selector;
 use shmlink_interfaces::{
-    error, limits, member, OpenSessionArgs, OpenSessionReply, BROKER_INTERFACE,
+    error, limits, member, OpenSessionArgs, OpenSessionReply, OpenSessionViaArgs,
+    OpenSessionViaReply, BROKER_INTERFACE,
 };
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -57,6 +60,8 @@ pub(crate) struct BrokerObject {
     callers: Arc<Mutex<Callers>>,
     refusals: Lines,
     names: Names,
+    /// The fds in `OpenSession` replies to connections still on the bus.
+    reply_fds: ReplyFds,
 }
 
 impl BrokerObject {
@@ -141,6 +146,7 @@ fn error_name(e: &Refusal) -> &'static str {
     match e {
         Refusal::UnknownService(_) => error::UNKNOWN_SERVICE,
         Refusal::InvalidOption(_) => error::INVALID_OPTION,
+        Refusal::InvalidArgs(_) => error::INVALID_ARGS,
         Refusal::InvalidCapacity(_) => error::INVALID_CAPACITY,
         Refusal::LimitExceeded(_) => error::LIMIT_EXCEEDED,
         Refusal::AccessDenied(_) | Refusal::NotOwner { .. } => error::ACCESS_DENIED,
@@ -267,6 +273,7 @@ impl Adapter {
             path.clone(),
             &[broker_token],
             BrokerObject {
+                reply_fds: ReplyFds::new(sessions.accounting().limits().reply_fds),
                 sessions,
                 callers: callers.clone(),
                 refusals: Lines::refusals(),
@@ -344,12 +351,27 @@ impl Adapter {
         }
     }
 
-    /// An `OpenSession` of a registered service: admits the session, asks
-    /// its provider, and leaves the call pending. Gives the message back if
-    /// its arguments do not decode (crossroads answers it then).
+    /// An `OpenSession` or `OpenSessionVia` of a registered service: admits
+    /// the session, asks its provider, and leaves the call pending. Gives the
+    /// message back if its arguments do not decode (crossroads answers it
+    /// then).
     fn ask_provider(&mut self, conn: &impl Sender, msg: Message) -> Option<Message> {
-        let Ok((service, options)) = msg.read2::<&str, PropMap>() else {
-            return Some(msg);
+        let via_call = msg.member().as_deref() == Some(member::OPEN_SESSION_VIA);
+        let (service, options, via) = if via_call {
+            let Ok((service, options, socket)) = msg.read3::<&str, PropMap, OwnedFd>() else {
+                return Some(msg);
+            };
+            (service, options, Some(socket))
+        } else {
+            let Ok((service, options)) = msg.read2::<&str, PropMap>() else {
+                return Some(msg);
+            };
+            (service, options, None)
+        };
+        let call = if via_call {
+            member::OPEN_SESSION_VIA
+        } else {
+            member::OPEN_SESSION
         };
         let c = self.control();
         let reply = |e: MethodErr| {
@@ -364,16 +386,16 @@ impl Adapter {
                 return None;
             }
         };
-        let handover = match c.sessions.ask_provider(&caller, service, options) {
+        let checked = if via.is_none() {
+            c.reply_fds.check(&caller)
+        } else {
+            Ok(())
+        };
+        let asked = checked.and_then(|()| c.sessions.ask_provider(&caller, service, options, via));
+        let handover = match asked {
             Ok(h) => h,
             Err(e) => {
-                c.refused(
-                    member::OPEN_SESSION,
-                    service,
-                    &caller.bus_name,
-                    Some(caller.uid),
-                    &e,
-                );
+                c.refused(call, service, &caller.bus_name, Some(caller.uid), &e);
                 let e = c.method_err(&e);
                 reply(e);
                 return None;
@@ -402,7 +424,7 @@ impl Adapter {
                 call: ReplyTo::of(&msg),
                 id,
                 provider,
-                owner: caller.bus_name,
+                owner: caller,
                 deadline: Instant::now() + self.accept_timeout,
             },
         );
@@ -435,15 +457,27 @@ impl Adapter {
     fn conclude(&mut self, conn: &impl Sender, p: Pending, verdict: Verdict) {
         let (name, text) = match verdict {
             Verdict::Accepted => match self.control().sessions.accept_handed(p.id) {
-                Ok((info, fds, parameters)) => {
+                Ok((info, handed, parameters)) => {
                     let session = self.publish(info);
-                    let reply = OpenSessionReply {
-                        session,
-                        fds,
-                        parameters: parameters.to_dict(),
-                    };
+                    let parameters = parameters.to_dict();
                     let mut answer = p.call.method_return();
-                    answer.append_all(OpenSessionArgs::from(reply));
+                    match handed {
+                        Handed::Reply(fds) => {
+                            self.control().reply_fds.charge(&p.owner);
+                            answer.append_all(OpenSessionArgs::from(OpenSessionReply {
+                                session,
+                                fds,
+                                parameters,
+                            }));
+                        }
+                        Handed::Sent(capacities) => {
+                            answer.append_all(OpenSessionViaArgs::from(OpenSessionViaReply {
+                                session,
+                                capacities,
+                                parameters,
+                            }));
+                        }
+                    }
                     let _ = conn.send(answer);
                     return;
                 }
@@ -511,7 +545,7 @@ impl Adapter {
         let involved: Vec<u32> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.provider == name || p.owner == name)
+            .filter(|(_, p)| p.provider == name || p.owner.bus_name == name)
             .map(|(serial, _)| *serial)
             .collect();
         for serial in involved {
@@ -528,6 +562,7 @@ impl Adapter {
         let uid = lock(&self.callers).get(name).map_or(u32::MAX, |c| c.uid);
         lock(&self.callers).forget(name);
         let c = self.control();
+        c.reply_fds.connection_left(name);
         let (ended, withdrawn) = c.sessions.connection_left(name, "owner left the bus");
         let changed = (!withdrawn.is_empty()).then(|| c.services_changed());
         let logged = changed.is_some() && c.sessions.admit_success_line(uid);
@@ -616,6 +651,7 @@ impl Adapter {
         // The service a broker call names, read once and in place.
         let (call, service) = [
             member::OPEN_SESSION,
+            member::OPEN_SESSION_VIA,
             member::REGISTER_SERVICE,
             member::UNREGISTER_SERVICE,
         ]
@@ -627,7 +663,9 @@ impl Adapter {
         }
         match call {
             member::REGISTER_SERVICE => self.oversized_object_reply(msg, service),
-            member::OPEN_SESSION => self.oversized_open_reply(msg, service),
+            member::OPEN_SESSION | member::OPEN_SESSION_VIA => {
+                self.oversized_open_reply(msg, service)
+            }
             _ => None,
         }
     }
@@ -639,7 +677,8 @@ impl Adapter {
         if let Some(sender) = msg.sender() {
             lock(&self.callers).set_current(&sender);
         }
-        let provided = is_broker_call(&msg, &self.path, member::OPEN_SESSION)
+        let provided = (is_broker_call(&msg, &self.path, member::OPEN_SESSION)
+            || is_broker_call(&msg, &self.path, member::OPEN_SESSION_VIA))
             && msg.iter_init().get::<&str>().is_some_and(|service| {
                 self.control()
                     .sessions
@@ -1345,6 +1384,50 @@ mod tests {
         let out = r.take();
         assert_eq!(out.len(), 1, "no lookup: {out:?}");
         assert_eq!(error_name(&out[0]).as_deref(), Some(error::INVALID_OPTION));
+        a.shutdown(&r);
+    }
+
+    #[test]
+    fn fds_in_open_session_replies_are_bounded_until_their_connection_leaves() {
+        let (mut a, r) = adapter(|c| c.limits.reply_fds = Some(28));
+        let open = |a: &mut Adapter, sender: &str, serial| {
+            let out = handle(
+                a,
+                &r,
+                open_session(sender, serial, "echo", PropMap::new()),
+                1000,
+            );
+            error_name(&out[0])
+        };
+        assert_eq!(open(&mut a, ":1.5", 1), None);
+        assert_eq!(open(&mut a, ":1.5", 2), None);
+        assert_eq!(
+            open(&mut a, ":1.6", 3).as_deref(),
+            Some(error::LIMIT_EXCEEDED),
+            "half of the bound per uid"
+        );
+        // OpenSessionVia's reply carries no fds: it is not bounded so.
+        let (_mine, theirs) = shmlink_endpoint::sys::socketpair().expect("pair");
+        let via = call(
+            ":1.6",
+            4,
+            BROKER_PATH,
+            BROKER_INTERFACE,
+            member::OPEN_SESSION_VIA,
+        )
+        .append3("echo", PropMap::new(), theirs);
+        let out = handle(&mut a, &r, via, 1000);
+        assert_eq!(out[0].msg_type(), MessageType::MethodReturn, "{out:?}");
+        let _: OpenSessionViaArgs = out[0].read_all().expect("path, capacities, parameters");
+        let mut left = Message::signal(
+            &"/org/freedesktop/DBus".into(),
+            &DBUS_NAME.into(),
+            &"NameOwnerChanged".into(),
+        )
+        .append3(":1.5", ":1.5", "");
+        left.set_sender(Some(DBUS_NAME.into()));
+        handle(&mut a, &r, left, 1000);
+        assert_eq!(open(&mut a, ":1.6", 5), None, "room again");
         a.shutdown(&r);
     }
 }
