@@ -461,19 +461,23 @@ fn main() {
                         Some(n) => {
                             let hold = optional(4, 0);
                             if hold > 0 {
-                                let keep = hostile::channel(addr);
-                                if let Err(e) = attacks::introduce(&keep) {
-                                    println!("ERR {e}");
-                                    std::process::exit(2)
+                                // Opened as an honest client would (their
+                                // replies carry no fds).
+                                let bus = shmlink::Bus::Address(addr.clone());
+                                let held = shmlink::Client::connect(&bus).and_then(|c| {
+                                    let s = (0..hold)
+                                        .map(|_| c.session("echo").capacity(4096).open())
+                                        .collect::<Result<Vec<_>, _>>()?;
+                                    Ok((c, s))
+                                });
+                                match held {
+                                    // They live as long as this process.
+                                    Ok(held) => std::mem::forget(held),
+                                    Err(e) => {
+                                        println!("ERR {e}");
+                                        std::process::exit(2)
+                                    }
                                 }
-                                let held = hostile::open_many(&keep, "echo", 4096, hold);
-                                if let Some(Err(e)) = held.iter().find(|r| r.is_err()) {
-                                    println!("ERR {e}");
-                                    std::process::exit(2)
-                                }
-                                // The sessions (their fds) and their owner's
-                                // connection live as long as this process.
-                                std::mem::forget((keep, held));
                             }
                             let calls = (0..optional(5, 1))
                                 .map(|_| -> Calls {
