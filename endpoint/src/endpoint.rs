@@ -696,14 +696,19 @@ impl Endpoint {
 
 #[cfg(any(test, feature = "server"))]
 /// The fds of a session whose server is another process (a provider): one
-/// set for the client, one for the provider, and the link pair between the
-/// provider and the broker. See [`create_unmapped`].
+/// set for the client, one for the provider, the link pair between the
+/// provider and the broker, and the broker's ends of the two hang-up pairs
+/// (client ↔ broker, broker ↔ provider): the broker stands in the middle of
+/// the hang-up, so that it sees the client leave whatever the provider does.
+/// See [`create_unmapped`].
 #[derive(Debug)]
 pub struct ProvidedFds {
-    /// The client's side, as `OpenSession` returns it.
+    /// The client's side, as `OpenSession` returns it; the other end of its
+    /// hang-up socket is [`ProvidedFds::broker_client_hangup`].
     pub client: PeerFds,
-    /// The provider's side: the same rings and eventfds, and the other end
-    /// of the client's hang-up socket.
+    /// The provider's side: the same rings and eventfds, and its end of a
+    /// hang-up socket whose other end is
+    /// [`ProvidedFds::broker_provider_hangup`].
     pub provider: PeerFds,
     /// The provider's end of the link socket pair.
     pub provider_link: OwnedFd,
@@ -711,6 +716,14 @@ pub struct ProvidedFds {
     /// provider that the session ended at the broker, and the provider
     /// closing its end tells the broker.
     pub broker_link: OwnedFd,
+    /// The broker's end of the client's hang-up socket: it reads end-of-file
+    /// when the client goes away, and it closing tells the client that the
+    /// session ended.
+    pub broker_client_hangup: OwnedFd,
+    /// The broker's end of the provider's hang-up socket: it closing tells
+    /// the provider that the client is gone (or the session ended at the
+    /// broker), and it reads end-of-file when the provider ends the session.
+    pub broker_provider_hangup: OwnedFd,
 }
 
 /// A session's rings made by the server ahead of the session: both rings
@@ -819,14 +832,15 @@ impl ServerRings {
 #[cfg(any(test, feature = "server"))]
 /// Creates a session's fds without mapping anything: two sealed ring memfds
 /// of `capacity` (rounded as [`rounded_capacity`] does; the result is in the
-/// fds) with their four non-blocking eventfds, the hang-up socket pair (one
-/// end for the client, one for the provider) and the link socket pair (one
-/// end for the provider, one for the broker).
+/// fds) with their four non-blocking eventfds, two hang-up socket pairs (one
+/// between the client and the broker, one between the broker and the
+/// provider) and the link socket pair (one end for the provider, one for the
+/// broker).
 ///
 /// A broker hands these to a client and a provider and stays out of the
-/// data path: it never maps the rings. A fresh memfd reads as zeros, which is
-/// an empty ring, so the first side to map it finds it as shmem-ipc would
-/// have created it.
+/// data path: it never maps the rings, and keeps only its ends of the
+/// sockets. A fresh memfd reads as zeros, which is an empty ring, so the
+/// first side to map it finds it as shmem-ipc would have created it.
 pub fn create_unmapped(capacity: u64) -> Result<ProvidedFds, Error> {
     let capacity = rounded_capacity(capacity);
     usize::try_from(capacity).map_err(|_| Error::Setup("capacity too large".into()))?;
@@ -850,7 +864,8 @@ pub fn create_unmapped(capacity: u64) -> Result<ProvidedFds, Error> {
     };
     let (client_to_server, provider_to_server) = ring()?;
     let (client_to_client, provider_to_client) = ring()?;
-    let (client_hangup, provider_hangup) = sys::socketpair()?;
+    let (client_hangup, broker_client_hangup) = sys::socketpair()?;
+    let (provider_hangup, broker_provider_hangup) = sys::socketpair()?;
     let (provider_link, broker_link) = sys::socketpair()?;
     Ok(ProvidedFds {
         client: PeerFds {
@@ -865,6 +880,8 @@ pub fn create_unmapped(capacity: u64) -> Result<ProvidedFds, Error> {
         },
         provider_link,
         broker_link,
+        broker_client_hangup,
+        broker_provider_hangup,
     })
 }
 
@@ -1618,18 +1635,36 @@ mod tests {
             validate_ring("ring", ring, cap).expect("a valid sealed ring");
         }
         validate_hangup(fds.provider.hangup.as_fd()).expect("a stream socket");
-        // The link's ends see each other close, and nothing else holds them.
+        validate_hangup(fds.client.hangup.as_fd()).expect("a stream socket");
+        // Each pair's ends see each other close, and nothing else holds them:
+        // the client's and the provider's hang-up ends each meet the broker's.
         let ProvidedFds {
             client,
             provider,
             provider_link,
             broker_link,
+            broker_client_hangup,
+            broker_provider_hangup,
         } = fds;
         drop(provider_link);
+        let client_hangup = client.hangup.try_clone().expect("dup");
+        let provider_hangup = provider.hangup.try_clone().expect("dup");
+        drop(broker_client_hangup);
+        for (fd, closed) in [
+            (&broker_link, true),
+            (&client_hangup, true),
+            (&provider_hangup, false),
+            (&broker_provider_hangup, false),
+        ] {
+            let state = sys::hangup_state(fd.as_fd()).expect("state");
+            assert_eq!(state == HangupState::Closed, closed, "{state:?}");
+        }
+        drop(broker_provider_hangup);
         assert_eq!(
-            sys::hangup_state(broker_link.as_fd()).expect("state"),
+            sys::hangup_state(provider_hangup.as_fd()).expect("state"),
             HangupState::Closed
         );
+        drop((client_hangup, provider_hangup));
         // The client's rings are the provider's: a message crosses them.
         let mut client = Endpoint::open_client(client, 1 << 10, Wakeup::Park).expect("client");
         let mut server = Endpoint::open_client(

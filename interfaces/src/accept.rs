@@ -34,7 +34,8 @@ pub struct AcceptSession {
     /// The client's options without the ring options.
     pub options: PropMap,
     /// The rings (the provider reads `to_server`, writes `to_client`) and
-    /// the other end of the client's hang-up socket.
+    /// the provider's end of a hang-up socket whose other end the broker
+    /// holds.
     pub fds: PeerFds,
     /// The provider's end of the link to the broker.
     pub link: OwnedFd,

@@ -22,7 +22,7 @@ use crate::accounting::{session_cost, Accounting, Refusal, Registration, Reserva
 use crate::admission::ring_options;
 use crate::config::Config;
 use crate::engine::{Engine, Traffic, WorkerId};
-use crate::links::{Links, WatchedLink};
+use crate::links::{BrokerEnds, Links, WatchedEnds};
 use crate::log_bounds::{cut, Lines, LOGGED_ERROR, LOGGED_STRING};
 use crate::service::{Caller, Memory, Options, Service, SessionHandler, StateView};
 use dbus::arg::PropMap;
@@ -62,20 +62,21 @@ struct Session {
 enum Stage {
     /// Served by a worker of this process.
     Served(WorkerId),
-    /// Handed to its provider, which has not answered yet: the broker's end
-    /// of the link, and what the client gets if the provider accepts.
+    /// Handed to its provider, which has not answered yet: the broker's ends
+    /// of the link and of both hang-up sockets, and what the client gets if
+    /// the provider accepts.
     Asking {
-        link: OwnedFd,
+        ends: BrokerEnds,
         client: PeerFds,
         parameters: SessionParameters,
-        /// The socket the client passed (`OpenSessionVia`), to send its
-        /// rings over on acceptance; the provider holds it as its end of
-        /// the hang-up socket.
-        via: Option<OwnedFd>,
+        /// Whether the client passed its socket (`OpenSessionVia`): it is
+        /// the broker's end of the client's hang-up socket, and the client's
+        /// rings go over it on acceptance.
+        via: bool,
     },
-    /// Served by its provider; the broker's end of the link is watched
-    /// and closes when the session is dropped.
-    Provided(WatchedLink),
+    /// Served by its provider; the broker's ends of the link and of both
+    /// hang-up sockets are watched, and close when the session is dropped.
+    Provided(WatchedEnds),
 }
 
 impl Session {
@@ -142,7 +143,7 @@ pub(crate) struct Sessions {
     engine: Engine,
     table: BTreeMap<u64, Session>,
     next_id: u64,
-    /// The broker's ends of the provided sessions' links.
+    /// The broker's ends of the provided sessions' links and hang-up sockets.
     links: Links,
     /// The next session's rings, made ahead while the D-Bus thread was idle
     /// (see [`Sessions::make_rings_ahead`]).
@@ -244,8 +245,8 @@ impl Sessions {
         self.engine.notify_fd()
     }
 
-    /// The epoll fd of the provider links: readable when
-    /// [`Sessions::reap_links`] has work.
+    /// The epoll fd of the provided sessions' links and hang-up sockets:
+    /// readable when [`Sessions::reap_links`] has work.
     pub fn links_fd(&self) -> Arc<Selector> {
         self.links.fd()
     }
@@ -356,7 +357,7 @@ impl Sessions {
     /// [`Sessions::end`]. Errors keep the hosted precedence (unknown
     /// service, access, ring options, limits); the provider judges its own
     /// options. With `via`, the socket the client passed, the client's rings
-    /// go over it on acceptance and the provider gets it as its end of the
+    /// go over it on acceptance, and it is the broker's end of the client's
     /// hang-up socket.
     pub fn ask_provider(
         &mut self,
@@ -386,19 +387,11 @@ impl Sessions {
             .reserve(caller, session_cost(ring.capacity, ring.capacity))?;
         let mut fds = shmlink_endpoint::create_unmapped(ring.capacity)
             .map_err(|e| Refusal::Internal(format!("could not create the rings: {e}")))?;
-        // The client keeps the other end of its socket: the provider gets
-        // the socket in place of the pair made here, and the broker a
-        // duplicate to send the client's rings over, dropped once sent.
-        let via = match via {
-            Some(socket) => {
-                let kept = socket
-                    .try_clone()
-                    .map_err(|e| Refusal::Internal(format!("could not keep the socket: {e}")))?;
-                fds.provider.hangup = socket;
-                Some(kept)
-            }
-            None => None,
-        };
+        // The client keeps the other end of its socket: it is the broker's
+        // end of the client's hang-up socket, in place of the pair made here.
+        let via = via
+            .map(|socket| fds.broker_client_hangup = socket)
+            .is_some();
         let parameters = SessionParameters {
             max_message,
             wakeup: ring.wakeup,
@@ -416,7 +409,11 @@ impl Sessions {
             Session {
                 info: info.clone(),
                 stage: Stage::Asking {
-                    link: fds.broker_link,
+                    ends: BrokerEnds {
+                        link: fds.broker_link,
+                        client_hangup: fds.broker_client_hangup,
+                        provider_hangup: fds.broker_provider_hangup,
+                    },
                     client: fds.client,
                     parameters,
                     via,
@@ -434,27 +431,28 @@ impl Sessions {
         })
     }
 
-    /// The provider accepted session `id`: it is open from now on, its link
-    /// watched; returns the client's half (sent over its socket already if
-    /// it passed one) and the reply's parameters. Fails (and ends the
-    /// session) if it is not waiting for its provider any more, its link
-    /// cannot be watched, or its rings cannot be sent.
+    /// The provider accepted session `id`: it is open from now on, the
+    /// broker's ends of its link and hang-up sockets watched; returns the
+    /// client's half (sent over its socket already if it passed one) and
+    /// the reply's parameters. Fails (and ends the session) if it is not
+    /// waiting for its provider any more, its ends cannot be watched, or
+    /// its rings cannot be sent.
     pub fn accept_handed(
         &mut self,
         id: u64,
     ) -> Result<(Arc<SessionInfo>, Handed, SessionParameters), Refusal> {
-        let (info, link, client, parameters, via, reservation) = match self.table.remove(&id) {
+        let (info, ends, client, parameters, via, reservation) = match self.table.remove(&id) {
             Some(Session {
                 info,
                 stage:
                     Stage::Asking {
-                        link,
+                        ends,
                         client,
                         parameters,
                         via,
                     },
                 reservation,
-            }) => (info, link, client, parameters, via, reservation),
+            }) => (info, ends, client, parameters, via, reservation),
             Some(open) => {
                 self.table.insert(id, open);
                 return Err(Refusal::UnknownSession(id));
@@ -463,19 +461,19 @@ impl Sessions {
         };
         // On a failure the parts just taken out drop: the charge is
         // refunded and every fd closes, which the provider sees.
-        let handed = match via {
-            None => Handed::Reply(client),
-            Some(socket) => {
-                let (rings, _unused) = client.split();
-                shmlink_endpoint::send_rings(socket.as_fd(), &rings)
-                    .map_err(|e| Refusal::InvalidArgs(e.to_string()))?;
-                Handed::Sent([rings.to_server.capacity, rings.to_client.capacity])
-            }
+        let handed = if via {
+            let (rings, _unused) = client.split();
+            shmlink_endpoint::send_rings(ends.client_hangup.as_fd(), &rings)
+                .map_err(|e| Refusal::InvalidArgs(e.to_string()))?;
+            Handed::Sent([rings.to_server.capacity, rings.to_client.capacity])
+        } else {
+            Handed::Reply(client)
         };
-        let watched = self
-            .links
-            .watch(id, link)
-            .map_err(|e| Refusal::Internal(format!("could not watch the provider's link: {e}")))?;
+        let watched = self.links.watch(id, ends).map_err(|e| {
+            Refusal::Internal(format!(
+                "could not watch the session's link and hang-up sockets: {e}"
+            ))
+        })?;
         self.table.insert(
             id,
             Session {
@@ -686,9 +684,10 @@ impl Sessions {
     }
 
     /// Ends session `id` for `reason`: removes its entry, which refunds its
-    /// charge and closes what it holds (the engine drops its pump, the
-    /// broker's end of a link closes, which its provider sees). `None` if it
-    /// had already ended.
+    /// charge and closes what it holds (the engine drops its pump; the
+    /// broker's ends of a provided session's link and hang-up sockets close,
+    /// which its provider and its client see). `None` if it had already
+    /// ended.
     pub fn end(&mut self, id: u64, reason: &str) -> Option<Ended> {
         self.remove_entry(id, reason, false)
     }
@@ -705,7 +704,7 @@ impl Sessions {
                     self.engine.remove(id, worker);
                 }
             }
-            // Dropping the link (with the entry) closes the broker's end.
+            // Dropping the ends (with the entry) closes them.
             Stage::Provided(_) | Stage::Asking { .. } => {}
         }
         let o = &info.owner;
@@ -745,13 +744,16 @@ impl Sessions {
             .collect()
     }
 
-    /// Ends the provided sessions whose provider closed its link.
+    /// Ends the provided sessions whose provider closed (or wrote to) its
+    /// link or its hang-up socket, or whose client closed (or wrote to) its
+    /// hang-up socket: whatever the provider does, a session ends at the
+    /// broker when its client goes away.
     pub fn reap_links(&mut self) -> Vec<Ended> {
         self.links
             .ready()
             .into_iter()
             .filter_map(|id| match &self.table.get(&id)?.stage {
-                Stage::Provided(link) => Some((id, link.ended()?)),
+                Stage::Provided(ends) => Some((id, ends.ended()?)),
                 _ => None,
             })
             .collect::<Vec<_>>()
@@ -826,6 +828,16 @@ fn check_via(via: Option<&OwnedFd>) -> Result<(), Refusal> {
 
 #[cfg(test)]
 mod tests {
+    impl Handed {
+        /// The client's half handed in the reply.
+        fn into_reply(self) -> PeerFds {
+            match self {
+                Handed::Reply(fds) => fds,
+                Handed::Sent(_) => panic!("the rings went over a socket"),
+            }
+        }
+    }
+
     impl Opened {
         /// The client's half handed in the reply.
         fn reply_fds(&self) -> &PeerFds {
@@ -1208,5 +1220,83 @@ mod tests {
         assert_eq!(s.accounting.memory_total(), 0);
         let (_, withdrawn) = s.connection_left(":1.99", "provider left the bus");
         assert_eq!(withdrawn, ["remote"]);
+    }
+
+    #[test]
+    fn a_provided_session_ends_when_its_client_goes_away_whatever_the_provider_does() {
+        let mut s = sessions(|c| c.limits.sessions_per_connection = 2);
+        provided(&mut s);
+        // More opens than the connection may hold at once: each ends when
+        // its client drops its fds, while the provider keeps all of its own.
+        let mut kept = Vec::new();
+        for round in 0..5 {
+            let h = s
+                .ask_provider(&caller(), "remote", PropMap::new(), None)
+                .unwrap_or_else(|e| panic!("open {round}: {e}"));
+            let id = h.info.id;
+            let client = s.accept_handed(id).expect("accept").1.into_reply();
+            assert!(s.accounting.memory_total() > 0, "charged");
+            drop(client);
+            let ended = wait_for(&mut s, Sessions::links_fd, Sessions::reap_links);
+            assert_eq!(ended.len(), 1, "round {round}");
+            assert_eq!(ended[0].info.id, id);
+            assert_eq!(ended[0].reason, "client hung up");
+            assert!(ended[0].was_open);
+            assert_eq!(s.len(), 0);
+            assert_eq!(s.accounting.memory_total(), 0, "refunded");
+            for fd in [&h.fds.hangup, &h.link] {
+                assert_eq!(
+                    sys::hangup_state(fd.as_fd()).expect("state"),
+                    HangupState::Closed,
+                    "the provider sees the end on its hang-up and its link"
+                );
+            }
+            kept.push(h);
+        }
+
+        // A client that writes to its hang-up socket ends its session once;
+        // its bytes, never read, do not keep the selector ready.
+        let h = s
+            .ask_provider(&caller(), "remote", PropMap::new(), None)
+            .expect("open");
+        let client = s.accept_handed(h.info.id).expect("accept").1.into_reply();
+        rustix::io::write(&client.hangup, b"x").expect("write");
+        let ended = wait_for(&mut s, Sessions::links_fd, Sessions::reap_links);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(
+            ended[0].reason,
+            "client misbehaved: the other side wrote to the hang-up socket"
+        );
+        assert_eq!(s.accounting.memory_total(), 0);
+        assert!(
+            !sys::poll_readable(&[s.links_fd().as_fd()], Some(Instant::now())).expect("poll")[0]
+                .readable,
+            "nothing is reported again"
+        );
+        assert!(s.reap_links().is_empty());
+        assert_eq!(
+            sys::hangup_state(client.hangup.as_fd()).expect("state"),
+            HangupState::Closed,
+            "the client sees the end"
+        );
+
+        // The provider closing its hang-up socket alone ends the session
+        // too: the client sees the end as it did with no broker between.
+        let h = s
+            .ask_provider(&caller(), "remote", PropMap::new(), None)
+            .expect("open");
+        let client = s.accept_handed(h.info.id).expect("accept").1.into_reply();
+        drop(h.fds.hangup);
+        let ended = wait_for(&mut s, Sessions::links_fd, Sessions::reap_links);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].reason, "provider closed the session");
+        assert_eq!(
+            sys::hangup_state(client.hangup.as_fd()).expect("state"),
+            HangupState::Closed
+        );
+        assert_eq!(
+            sys::hangup_state(h.link.as_fd()).expect("state"),
+            HangupState::Closed
+        );
     }
 }

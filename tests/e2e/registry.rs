@@ -475,15 +475,146 @@ fn a_session_ended_at_the_broker_closes_the_providers_link() {
     let mut s =
         shmlink_tests::hostile::RawSession::open(h.address(), "remote", SMALL).expect("accepted");
     assert!(wait_until(DEADLINE, || p.held() == 1));
-    // The client closes its hang-up end but keeps its connection: only the
-    // provider can tell the broker.
+    // The client closes its hang-up end but keeps its connection: the
+    // broker sees it, ends the session and closes the provider's hang-up.
     drop(s.hangup.take());
+    assert_eq!(closed_reason(&closed, &s.path), "client hung up");
+    assert!(wait_until(DEADLINE, || p.held() == 0));
+    drop(s);
+    nothing_charged(&h);
+}
+
+/// The hostile client's `reopen` mode as `nobody`: each session asked of
+/// it opens on its one connection, and it drops the session's fds at once.
+struct Reopener {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Reopener {
+    fn start(h: &Harness, service: &str) -> Reopener {
+        let mut child = std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(shmlink_tests::world_executable(
+                &shmlink_tests::hostile::hostile_binary(),
+            ))
+            .args([h.address(), "reopen", service])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn setpriv hostile-client reopen");
+        let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Reopener { child, out }
+    }
+
+    /// Opens a session of `capacity`-byte rings and drops it: "PATH p", or
+    /// "ERR name message".
+    fn open(&mut self, capacity: u64) -> String {
+        use std::io::{BufRead, Write};
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{capacity}").expect("ask");
+        stdin.flush().expect("ask");
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("its answer");
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for Reopener {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// A provider that never closes anything it accepted, and a client (as
+/// `nobody`, on one connection) that opens sessions and drops them without
+/// `Close`: each ends at the broker when the client's hang-up end closes,
+/// leaves `ListSessions`, the provider sees the end on its hang-up and its
+/// link, and the client's charge comes back. So three times as many
+/// sessions as the connection may hold at once open one after another, and
+/// as many again each as large as the uid's whole memory limit.
+#[test]
+fn a_client_dropping_its_sessions_ends_them_whatever_the_provider_does() {
+    const PER_CONNECTION: usize = 2;
+    let h = Harness::with_args(&[
+        "--memory-per-user",
+        MEMORY_PER_USER,
+        "--sessions-per-connection",
+        &PER_CONNECTION.to_string(),
+    ]);
+    let closed = Signals::watch(&h, BROKER_INTERFACE, member::SESSION_CLOSED);
+    let p = RawProvider::start(h.address(), Behaviour::Accept);
+    p.register("remote").expect("register");
+    let client = h.client();
+    let mut nobody = Reopener::start(&h, "remote");
+    let mut kept = Vec::new();
+    // SMALL rings first: the connection's session limit binds before the
+    // memory limit; then WHOLE: every open needs all of the uid's memory.
+    let capacities = [SMALL; 3 * PER_CONNECTION]
+        .into_iter()
+        .chain([WHOLE; 3 * PER_CONNECTION]);
+    for (round, capacity) in capacities.enumerate() {
+        let line = nobody.open(capacity);
+        let path = line
+            .strip_prefix("PATH ")
+            .unwrap_or_else(|| panic!("open {round} ({capacity}) refused: {line}"))
+            .to_owned();
+        assert_eq!(closed_reason(&closed, &path), "client hung up");
+        assert!(
+            wait_until(DEADLINE, || client
+                .list_sessions()
+                .is_ok_and(|l| l.iter().all(|s| s.path != path))),
+            "{path} is still listed"
+        );
+        let mut accepted = p.take_accepted();
+        assert_eq!(accepted.len(), 1, "the provider holds what it accepted");
+        let a = accepted.pop().expect("one");
+        assert_eq!(a.session, path);
+        assert!(
+            wait_until(DEADLINE, || [&a.fds.hangup, &a.link].iter().all(|fd| {
+                use std::os::fd::AsFd;
+                shmlink_endpoint::sys::hangup_state(fd.as_fd())
+                    .is_ok_and(|s| s == shmlink_endpoint::sys::HangupState::Closed)
+            })),
+            "the provider does not see the end of {path}"
+        );
+        // Never closed by the provider.
+        kept.push(a);
+    }
+    drop(nobody);
+    drop(kept);
+    nothing_charged(&h);
+}
+
+/// A client that writes to its hang-up socket breaks the protocol: the
+/// broker ends its provided session (as a hosted one) although the provider
+/// never looks, and releases it.
+#[test]
+fn a_client_writing_to_its_hang_up_ends_its_provided_session() {
+    let h = harness(5_000);
+    let closed = Signals::watch(&h, BROKER_INTERFACE, member::SESSION_CLOSED);
+    let p = RawProvider::start(h.address(), Behaviour::Accept);
+    p.register("remote").expect("register");
+    let s =
+        shmlink_tests::hostile::RawSession::open(h.address(), "remote", SMALL).expect("accepted");
+    s.write_hangup(b"bytes nobody reads").expect("write");
     assert_eq!(
         closed_reason(&closed, &s.path),
-        "provider closed the session"
+        "client misbehaved: the other side wrote to the hang-up socket"
     );
-    assert_eq!(p.held(), 0);
-    drop(s);
+    let accepted = p.take_accepted();
+    assert!(
+        wait_until(DEADLINE, || [&accepted[0].fds.hangup, &accepted[0].link]
+            .iter()
+            .all(|fd| {
+                use std::os::fd::AsFd;
+                shmlink_endpoint::sys::hangup_state(fd.as_fd())
+                    .is_ok_and(|s| s == shmlink_endpoint::sys::HangupState::Closed)
+            })),
+        "the provider does not see the end"
+    );
+    drop((s, accepted));
     nothing_charged(&h);
 }
 

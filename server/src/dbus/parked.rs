@@ -10,18 +10,23 @@
 use dbus::Message;
 use std::collections::HashMap;
 
-/// Most calls one sender may have waiting.
-pub(super) const CALLS_PER_SENDER: usize = 8;
+/// Most calls one sender may have waiting (a client may pipeline its first
+/// calls: a hundred opens at once is fine).
+pub(super) const CALLS_PER_SENDER: usize = 256;
 /// Most bytes (as sent) one sender's waiting calls may take.
 pub(super) const BYTES_PER_SENDER: usize = 256 << 10;
 /// Most bytes all waiting calls may take.
 pub(super) const BYTES_IN_ALL: usize = 4 << 20;
+/// Most calls that may wait in all (each costs libdbus some bookkeeping
+/// beyond its bytes).
+pub(super) const CALLS_IN_ALL: usize = 4096;
 
 /// The waiting calls, by sender, in arrival order.
 #[derive(Default)]
 pub(super) struct Parked {
     by_sender: HashMap<String, Queue>,
     bytes: usize,
+    calls: usize,
 }
 
 #[derive(Default)]
@@ -36,7 +41,8 @@ pub(super) enum Full {
     /// Its sender has [`CALLS_PER_SENDER`] calls or [`BYTES_PER_SENDER`]
     /// bytes waiting with it.
     Sender,
-    /// All waiting calls would take more than [`BYTES_IN_ALL`].
+    /// All waiting calls would take more than [`BYTES_IN_ALL`] or be more
+    /// than [`CALLS_IN_ALL`].
     All,
 }
 
@@ -71,7 +77,7 @@ impl Parked {
         call: Message,
         size: usize,
     ) -> Result<(), (Message, Full)> {
-        if self.bytes + size > BYTES_IN_ALL {
+        if self.bytes + size > BYTES_IN_ALL || self.calls >= CALLS_IN_ALL {
             return Err((call, Full::All));
         }
         let queue = self.by_sender.entry(sender.to_owned()).or_default();
@@ -84,6 +90,7 @@ impl Parked {
         queue.calls.push(call);
         queue.bytes += size;
         self.bytes += size;
+        self.calls += 1;
         Ok(())
     }
 
@@ -93,6 +100,7 @@ impl Parked {
             return Vec::new();
         };
         self.bytes -= queue.bytes;
+        self.calls -= queue.calls.len();
         queue.calls
     }
 }
@@ -139,6 +147,16 @@ mod tests {
         assert_eq!(parked.release(":1.1").len(), CALLS_PER_SENDER);
         assert!(!parked.has(":1.1"));
         parked.park(":3.1", call(), 10).unwrap();
+        for n in 0..fit {
+            parked.release(&format!(":2.{n}"));
+        }
+        // Small calls are bounded by their number in all.
+        let mut n = parked.calls;
+        while n < CALLS_IN_ALL {
+            parked.park(&format!(":4.{n}"), call(), 1).unwrap();
+            n += 1;
+        }
+        assert_eq!(parked.park(":5.1", call(), 1).unwrap_err().1, Full::All);
     }
 
     #[test]

@@ -25,10 +25,11 @@
 //!   it ([`Endpoint::open_server`]), unknown option keys are refused, and
 //!   the provider's own limits (`[limits]` of its [`Config`]) and access
 //!   rules (`[services.NAME]`) apply on top of the broker's.
-//! - A session ends when the client hangs up, the broker closes the link
-//!   (`Close`, the client leaving the bus, the broker stopping), the client
-//!   misbehaves or the service fails; the provider then drops the rings, the
-//!   hang-up socket and the link, which both the client and the broker see.
+//! - A session ends when the broker closes the hang-up socket and the link
+//!   (the client hung up, `Close`, the client leaving the bus, the broker
+//!   stopping), the client misbehaves or the service fails; the provider
+//!   then drops the rings, the hang-up socket and the link, which the broker
+//!   sees (and ends the session, which its client sees).
 //! - When the broker leaves the bus, every session ends through its link;
 //!   when a broker owns the name again, the provider registers its services
 //!   with it anew. A registration the new broker refuses (or that cannot

@@ -5,6 +5,10 @@
 //! ```text
 //! hostile-client ADDR open SERVICE        open one session, print "PATH p", wait for stdin EOF
 //! hostile-client ADDR hold SERVICE N      open N sessions, print "READY N", wait for stdin EOF
+//! hostile-client ADDR reopen SERVICE      for each line on stdin (a ring capacity in bytes),
+//!                                         open a session of SERVICE on this one connection
+//!                                         and drop its fds at once (no Close), then print
+//!                                         "PATH p" or "ERR name message"; exit at stdin EOF
 //! hostile-client ADDR stream              open a sink session, print "PATH p", stream until killed
 //! hostile-client ADDR close PATH          call Close; print "OK" or "ERR name message"
 //! hostile-client ADDR register SERVICE [hold]
@@ -150,6 +154,32 @@ fn main() {
             let _ = writeln!(out, "READY {}", held.len());
             let _ = out.flush();
             wait_for_stdin_eof();
+        }
+        "reopen" => {
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                let capacity: u64 = line.trim().parse().unwrap_or(4096);
+                let reply =
+                    hostile::open_session_raw(&conn, arg(2), hostile::capacity_option(capacity));
+                match reply {
+                    Ok(reply) => {
+                        let reply = shmlink_interfaces::OpenSessionReply::from(reply);
+                        // The client is gone from this session (its hang-up
+                        // end closed with the rest) but stays on the bus.
+                        drop(reply.fds);
+                        let _ = writeln!(out, "PATH {}", reply.session);
+                    }
+                    Err(e) => {
+                        let _ = writeln!(
+                            out,
+                            "ERR {} {}",
+                            e.name().unwrap_or("?"),
+                            e.message().unwrap_or("")
+                        );
+                    }
+                }
+                let _ = out.flush();
+            }
         }
         "hold-some" => {
             let n: usize = arg(3).parse().unwrap_or(1);
