@@ -7,86 +7,11 @@
 //! The bounds asserted are generous (the machine is shared and noisy); the
 //! measured figures are printed (`--nocapture`).
 
-use shmlink_tests::attacks::{measure_honest, HonestTimes};
+use shmlink_tests::attacks::{assert_stops_quickly, measure_honest, Attacker, HonestTimes};
 use shmlink_tests::hostile::{hostile_binary, Honest};
 use shmlink_tests::{fd_count, wait_until, Harness, DEADLINE};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// An attacker process running as `nobody`, stopped (stdin closed) on drop.
-struct Attacker {
-    child: Child,
-    out: BufReader<std::process::ChildStdout>,
-    /// The session paths it printed.
-    paths: Vec<String>,
-    /// Its first line that is not a path.
-    ready: String,
-}
-
-impl Attacker {
-    fn start(h: &Harness, args: &[&str]) -> Attacker {
-        let mut child = Command::new("setpriv")
-            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-            .arg(shmlink_tests::world_executable(&hostile_binary()))
-            .arg(h.address())
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn setpriv hostile-client");
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut paths = Vec::new();
-        let ready = loop {
-            let mut line = String::new();
-            out.read_line(&mut line).expect("read a line");
-            match line.trim().strip_prefix("PATH ") {
-                Some(p) => paths.push(p.to_owned()),
-                None => break line.trim().to_owned(),
-            }
-        };
-        assert!(
-            ready.starts_with("READY"),
-            "attacker {args:?} did not start: {ready:?}"
-        );
-        Attacker {
-            child,
-            out,
-            paths,
-            ready,
-        }
-    }
-
-    /// Closes its stdin and returns its last line.
-    fn stop(mut self) -> String {
-        drop(self.child.stdin.take());
-        let mut last = String::new();
-        let mut line = String::new();
-        while self.out.read_line(&mut line).is_ok_and(|n| n > 0) {
-            last = std::mem::take(&mut line);
-        }
-        let _ = self.child.wait();
-        last.trim().to_owned()
-    }
-
-    /// Stops it and returns the two numbers of its last line, `DONE a b`.
-    fn stop_done(self) -> [u64; 2] {
-        let last = self.stop();
-        let done: Vec<u64> = last
-            .strip_prefix("DONE ")
-            .map(|r| r.split(' ').filter_map(|n| n.parse().ok()).collect())
-            .unwrap_or_default();
-        done.try_into()
-            .unwrap_or_else(|_| panic!("attacker ended with {last:?}"))
-    }
-}
-
-impl Drop for Attacker {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.wait();
-    }
-}
 
 /// Asserts the generous bounds on an honest client's times (median under
 /// 20 ms, worst under `worst_open` for `OpenSession` and 250 ms for echo)
@@ -140,20 +65,6 @@ fn trickle_attack(wakeup: &str) {
     // The trickles are still running: SIGTERM must not wait for them.
     assert_stops_quickly(&mut h, &format!("trickle attack ({wakeup})"));
     drop((feed, drain));
-}
-
-/// SIGTERM ends the daemon, cleanly, within a second.
-fn assert_stops_quickly(h: &mut Harness, what: &str) {
-    let daemon = h.take_daemon();
-    let start = Instant::now();
-    let status = daemon.stop().expect("stop the daemon");
-    let took = start.elapsed();
-    println!("{what}: SIGTERM to exit {took:?}");
-    assert!(status.success(), "{what}: {status}");
-    assert!(
-        took < Duration::from_secs(1),
-        "{what}: SIGTERM took {took:?}"
-    );
 }
 
 #[test]

@@ -4,6 +4,7 @@
 mod access;
 mod async_api;
 mod bad_input;
+mod bus_queues;
 mod channels;
 mod concurrency;
 mod downstream;

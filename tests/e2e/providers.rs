@@ -18,7 +18,7 @@ use shmlink_interfaces::{
 };
 use shmlink_server::{builtin, Provider, DEFAULT_OBJECT_PATH};
 use shmlink_test_support::PrivateBus;
-use shmlink_tests::{hostile, payload, DEADLINE};
+use shmlink_tests::{frames_provider_binary, hostile, payload, KillOnDrop, DEADLINE};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -522,32 +522,11 @@ fn split(h: Handover) -> (Handover, PeerFds, OwnedFd) {
     (h, client, link)
 }
 
-/// The example provider's binary, built beside `shmlinkd`.
-fn frames_provider_binary() -> std::path::PathBuf {
-    let bin = shmlink_tests::daemon_binary().with_file_name("shmlink-frames-provider");
-    assert!(
-        bin.is_file(),
-        "{} missing (run the tests with `cargo test --workspace`)",
-        bin.display()
-    );
-    bin
-}
-
-/// A child process killed (and reaped) when dropped.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_provider_process_streams_both_ways_and_its_death_unblocks_the_client_at_once() {
     let bus = PrivateBus::start().expect("bus");
     let broker = play_broker(&bus);
-    let mut child = Child(
+    let mut child = KillOnDrop(
         std::process::Command::new(frames_provider_binary())
             .args(["--bus", bus.address()])
             .env("RUST_LOG", "warn")
@@ -655,7 +634,7 @@ fn a_provider_process_streams_both_ways_and_its_death_unblocks_the_client_at_onc
 fn a_hostile_client_of_a_provided_service_ends_only_its_own_session() {
     let bus = PrivateBus::start().expect("bus");
     let broker = play_broker(&bus);
-    let mut child = Child(
+    let mut child = KillOnDrop(
         std::process::Command::new(frames_provider_binary())
             .args(["--bus", bus.address()])
             .env("RUST_LOG", "warn")
@@ -739,29 +718,10 @@ mod embedded {
     }
 }
 
-/// The example provider registered with the harness's real shmlinkd.
-fn start_provider(h: &shmlink_tests::Harness) -> Child {
-    let child = Child(
-        std::process::Command::new(frames_provider_binary())
-            .args(["--bus", h.address()])
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start the provider"),
-    );
-    let client = h.client();
-    assert!(
-        shmlink_tests::wait_until(DEADLINE, || client
-            .services()
-            .is_ok_and(|s| s.iter().any(|n| n == "frames"))),
-        "the provider never registered"
-    );
-    child
-}
-
 #[test]
 fn through_shmlinkd_a_provider_process_streams_and_its_death_ends_the_session() {
     let h = shmlink_tests::Harness::start();
-    let mut child = start_provider(&h);
+    let mut child = h.start_frames_provider();
     let client = h.client().with_call_timeout(DEADLINE);
     let listed = client.list_services().expect("ListServices");
     let frames = listed.iter().find(|s| s.name == "frames").expect("listed");
@@ -843,7 +803,7 @@ fn a_provider_short_of_fds_refuses_sessions_and_lives_on() {
     let h = shmlink_tests::Harness::start();
     // Hard limit 128: the provider's own raise stops there, so a few
     // sessions (8 fds each, with the copies made while decoding) use it up.
-    let mut child = Child(
+    let mut child = KillOnDrop(
         std::process::Command::new("prlimit")
             .arg("--nofile=128:128")
             .arg("--")
@@ -1038,7 +998,7 @@ fn a_refused_registration_after_a_broker_restart_is_retried() {
 #[test]
 fn a_provider_raises_its_soft_fd_limit_to_the_hard_one() {
     let h = shmlink_tests::Harness::start();
-    let child = Child(
+    let child = KillOnDrop(
         std::process::Command::new("prlimit")
             .arg("--nofile=64:4096")
             .arg("--")

@@ -7,13 +7,26 @@
 //! - [`huge_call`]: an `OpenSession` whose service name or options are
 //!   megabytes long;
 //! - [`measure_honest`]: `OpenSession` and 64-byte echo round trips of an
-//!   honest client, timed and verified.
+//!   honest client, timed and verified;
+//! - [`Pipeline`]: calls written to the bus all at once, their answers read
+//!   only when the attacker chooses (or never), for the attacks on the
+//!   broker's bus connection;
+//! - [`Attacker`]: `hostile-client` run as `nobody`, and
+//!   [`assert_stops_quickly`] for SIGTERM under an attack.
 
-use crate::hostile::{self, RawSession};
+use crate::hostile::{self, hostile_binary, RawSession};
+use crate::Harness;
 use dbus::arg::{PropMap, RefArg, Variant};
 use dbus::blocking::Connection;
+use dbus::channel::Channel;
+use dbus::Message;
+use rustix::event::{PollFd, PollFlags};
 use shmlink_endpoint::frame::KIND_MESSAGE;
-use shmlink_interfaces::{option, wakeup};
+use shmlink_interfaces::{member, option, wakeup, BROKER_INTERFACE, BROKER_PATH, BUS_NAME};
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::os::fd::BorrowedFd;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The largest spin an option may ask for (µs).
@@ -218,4 +231,292 @@ pub fn measure_honest(
             .map_err(|e| format!("honest close {s}: {e}"))?;
     }
     Ok(t)
+}
+
+/// An attacker process running as `nobody`, stopped (stdin closed) on drop.
+pub struct Attacker {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+    /// The session paths it printed.
+    pub paths: Vec<String>,
+    /// Its first line that is not a path.
+    pub ready: String,
+}
+
+impl Attacker {
+    /// Starts `hostile-client ADDRESS ARGS...` as `nobody` and reads its
+    /// output up to its first line that is not a path, which must start
+    /// with `READY`.
+    pub fn start(h: &Harness, args: &[&str]) -> Attacker {
+        let mut child = Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(crate::world_executable(&hostile_binary()))
+            .arg(h.address())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn setpriv hostile-client");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut paths = Vec::new();
+        let ready = loop {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("read a line");
+            match line.trim().strip_prefix("PATH ") {
+                Some(p) => paths.push(p.to_owned()),
+                None => break line.trim().to_owned(),
+            }
+        };
+        assert!(
+            ready.starts_with("READY"),
+            "attacker {args:?} did not start: {ready:?}"
+        );
+        Attacker {
+            child,
+            out,
+            paths,
+            ready,
+        }
+    }
+
+    /// Closes its stdin and returns its last line.
+    pub fn stop(mut self) -> String {
+        drop(self.child.stdin.take());
+        let mut last = String::new();
+        let mut line = String::new();
+        while self.out.read_line(&mut line).is_ok_and(|n| n > 0) {
+            last = std::mem::take(&mut line);
+        }
+        let _ = self.child.wait();
+        last.trim().to_owned()
+    }
+
+    /// Stops it and returns the two numbers of its last line, `DONE a b`.
+    pub fn stop_done(self) -> [u64; 2] {
+        let last = self.stop();
+        let done: Vec<u64> = last
+            .strip_prefix("DONE ")
+            .map(|r| r.split(' ').filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default();
+        done.try_into()
+            .unwrap_or_else(|_| panic!("attacker ended with {last:?}"))
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGTERM ends the daemon, cleanly, within a second.
+pub fn assert_stops_quickly(h: &mut Harness, what: &str) {
+    let daemon = h.take_daemon();
+    let start = Instant::now();
+    let status = daemon.stop().expect("stop the daemon");
+    let took = start.elapsed();
+    println!("{what}: SIGTERM to exit {took:?}");
+    assert!(status.success(), "{what}: {status}");
+    assert!(
+        took < Duration::from_secs(1),
+        "{what}: SIGTERM took {took:?}"
+    );
+}
+
+/// An `OpenSession(service, options)` call to the broker.
+pub fn open_call(service: &str, options: PropMap) -> Message {
+    Message::new_method_call(
+        BUS_NAME,
+        BROKER_PATH,
+        BROKER_INTERFACE,
+        member::OPEN_SESSION,
+    )
+    .expect("OpenSession message")
+    .append2(service, options)
+}
+
+/// A `Ping` of the broker carrying a string of `bytes` bytes: a call that
+/// names nothing the broker could judge before it knows the caller.
+pub fn ping_call(bytes: usize) -> Message {
+    Message::new_method_call(BUS_NAME, BROKER_PATH, "org.freedesktop.DBus.Peer", "Ping")
+        .expect("Ping message")
+        .append1("x".repeat(bytes))
+}
+
+/// A `ListSessions()` call to the broker.
+pub fn list_call() -> Message {
+    Message::new_method_call(
+        BUS_NAME,
+        BROKER_PATH,
+        BROKER_INTERFACE,
+        member::LIST_SESSIONS,
+    )
+    .expect("ListSessions message")
+}
+
+/// Options with one string of `bytes` bytes under `key`.
+pub fn huge_option(key: &str, bytes: usize) -> PropMap {
+    let mut m = PropMap::new();
+    m.insert(key.into(), prop("x".repeat(bytes)));
+    m
+}
+
+/// Pings the broker on `channel` and waits for the answer: the broker then
+/// knows the connection's credentials, and the calls that follow need not
+/// wait for them (only a few may).
+pub fn introduce(channel: &Channel) -> Result<(), String> {
+    let ping = Message::new_method_call(BUS_NAME, BROKER_PATH, "org.freedesktop.DBus.Peer", "Ping")
+        .expect("Ping message");
+    channel
+        .send_with_reply_and_block(ping, hostile::CALL_TIMEOUT)
+        .map(|_| ())
+        .map_err(|e| format!("Ping: {e}"))
+}
+
+/// A bus connection whose calls are written straight to its socket, in one
+/// stream, and whose socket is read only when asked
+/// ([`Pipeline::replies`]). Sending through libdbus would read the socket
+/// too (a flush reads while it writes), so a client that must not read, or
+/// not yet, writes the calls itself.
+pub struct Pipeline {
+    channel: Channel,
+    serials: Vec<u32>,
+    held: Option<u8>,
+}
+
+impl Pipeline {
+    /// A fresh connection to the bus at `address` (`Hello` done); the broker
+    /// knows nothing of it yet.
+    pub fn connect(address: &str) -> Result<Pipeline, String> {
+        let mut channel = Channel::open_private(address).map_err(|e| e.to_string())?;
+        channel.register().map_err(|e| e.to_string())?;
+        channel.set_watch_enabled(true);
+        Ok(Pipeline {
+            channel,
+            serials: Vec::new(),
+            held: None,
+        })
+    }
+
+    /// Pings the broker and waits for the answer, so that the broker has
+    /// learnt this connection's credentials before the calls that follow.
+    pub fn introduce(&self) -> Result<(), String> {
+        introduce(&self.channel)
+    }
+
+    /// Writes every call of `calls` to the socket, one after the other
+    /// without waiting for any answer, and returns once the bus has taken
+    /// every byte; never reads from the socket. With `hold_last_byte`, the
+    /// stream's last byte is kept back until [`Pipeline::release`]: the
+    /// bus has then read every call but the last, which it cannot deliver
+    /// before that byte comes.
+    pub fn send(
+        &mut self,
+        calls: impl IntoIterator<Item = Message>,
+        hold_last_byte: bool,
+    ) -> Result<(), String> {
+        let mut calls = calls.into_iter().peekable();
+        while let Some(mut call) = calls.next() {
+            // Above any serial libdbus gave this connection's own calls.
+            let serial = 1_000_000 + self.serials.len() as u32;
+            call.set_serial(serial);
+            let last = calls.peek().is_none();
+            call.marshal(|bytes| -> Result<(), String> {
+                match bytes.split_last() {
+                    Some((&byte, rest)) if last && hold_last_byte => {
+                        self.held = Some(byte);
+                        self.write(rest)
+                    }
+                    _ => self.write(bytes),
+                }
+            })?;
+            self.serials.push(serial);
+        }
+        Ok(())
+    }
+
+    /// Writes the byte [`Pipeline::send`] held back, if any.
+    pub fn release(&mut self) -> Result<(), String> {
+        match self.held.take() {
+            Some(byte) => self.write(&[byte]),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes all of `bytes` to the socket, waiting while it is full.
+    fn write(&self, mut bytes: &[u8]) -> Result<(), String> {
+        let fd = self.channel.watch().fd;
+        // SAFETY: the fd is the channel's socket, open as long as `self`.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        while !bytes.is_empty() {
+            match rustix::io::write(fd, bytes) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {
+                    let mut p = [PollFd::new(&fd, PollFlags::OUT)];
+                    let _ = rustix::event::poll(&mut p, None);
+                }
+                Err(e) => return Err(format!("write to the bus: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the answers to every call sent until all came or `deadline`
+    /// passed; counts them by error name (`ok` for a method return), and
+    /// those missing as `unanswered`.
+    pub fn replies(&mut self, deadline: Duration) -> BTreeMap<String, usize> {
+        let mut waiting: HashSet<u32> = self.serials.iter().copied().collect();
+        let mut counts = BTreeMap::new();
+        let end = Instant::now() + deadline;
+        while !waiting.is_empty() {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let Ok(Some(mut msg)) = self.channel.blocking_pop_message(left) else {
+                if !self.channel.is_connected() {
+                    break;
+                }
+                continue;
+            };
+            if !msg.get_reply_serial().is_some_and(|s| waiting.remove(&s)) {
+                continue;
+            }
+            let name = match msg.msg_type() {
+                dbus::MessageType::Error => msg
+                    .as_result()
+                    .err()
+                    .and_then(|e| e.name().map(str::to_owned))
+                    .unwrap_or_else(|| "?".into()),
+                _ => "ok".into(),
+            };
+            *counts.entry(name).or_insert(0) += 1;
+        }
+        if !waiting.is_empty() {
+            counts.insert("unanswered".into(), waiting.len());
+        }
+        counts
+    }
+}
+
+/// `DONE name=count name=count ...`, the last line of an attacker that
+/// counted its answers.
+pub fn done_line(counts: &BTreeMap<String, usize>) -> String {
+    let mut line = "DONE".to_owned();
+    for (name, n) in counts {
+        line.push_str(&format!(" {name}={n}"));
+    }
+    line
+}
+
+/// The counts of a [`done_line`]; `None` if `line` is not one.
+pub fn parse_done_line(line: &str) -> Option<BTreeMap<String, usize>> {
+    let rest = line.strip_prefix("DONE")?;
+    rest.split_whitespace()
+        .map(|pair| {
+            let (name, n) = pair.split_once('=')?;
+            Some((name.to_owned(), n.parse().ok()?))
+        })
+        .collect()
 }

@@ -85,7 +85,13 @@ impl Harness {
 
     /// A bus and a daemon started with extra command-line arguments.
     pub fn with_args(args: &[&str]) -> Harness {
-        let bus = PrivateBus::start().expect("start a private dbus-daemon");
+        Self::on_bus(BusLimits::Tests, args)
+    }
+
+    /// A bus enforcing `limits` and a daemon started with extra
+    /// command-line arguments.
+    pub fn on_bus(limits: BusLimits, args: &[&str]) -> Harness {
+        let bus = PrivateBus::start_with_limits(limits).expect("start a private dbus-daemon");
         let daemon =
             DaemonProcess::start(&daemon_binary(), bus.address(), args).expect("start shmlinkd");
         Harness {
@@ -155,6 +161,27 @@ impl Harness {
         );
     }
 
+    /// Starts the example provider (`shmlink-frames-provider`, services
+    /// `frames` and `digest`) on this harness's bus and waits until the
+    /// broker lists its services.
+    pub fn start_frames_provider(&self) -> KillOnDrop {
+        let child = KillOnDrop(
+            std::process::Command::new(frames_provider_binary())
+                .args(["--bus", self.address()])
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("start the provider"),
+        );
+        let client = self.client();
+        assert!(
+            wait_until(DEADLINE, || client
+                .services()
+                .is_ok_and(|s| s.iter().any(|n| n == "frames"))),
+            "the provider never registered"
+        );
+        child
+    }
+
     /// `SessionCount` as the daemon reports it.
     pub fn session_count(&self) -> u32 {
         self.client().session_count().expect("read SessionCount")
@@ -188,6 +215,27 @@ pub fn cli_binary() -> PathBuf {
     cli
 }
 
+/// The example provider's binary, built beside `shmlinkd`.
+pub fn frames_provider_binary() -> PathBuf {
+    let bin = daemon_binary().with_file_name("shmlink-frames-provider");
+    assert!(
+        bin.is_file(),
+        "{} missing (run the tests with `cargo test --workspace`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Polls `cond` until it holds or `deadline` passes; returns whether it held.
 pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
@@ -211,7 +259,7 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
     bytes
 }
 
-pub use shmlink_test_support::{fd_count, proc_status};
+pub use shmlink_test_support::{fd_count, proc_status, BusLimits};
 
 /// A copy of `bin` that any user can execute, wherever the build directory is
 /// (a checkout under a 0700 home directory is not reachable by `nobody`).

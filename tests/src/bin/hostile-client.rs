@@ -39,6 +39,30 @@
 //!                                         print "DONE refused"
 //! hostile-client ADDR memory ATTACK MODE N SIZE  run a memory attack (see `memory_attacks`),
 //!                                         print "READY opened=.. refused=.. closed=..", wait for stdin EOF
+//! hostile-client ADDR park open|ping BYTES N [C]
+//!                                         on each of C fresh connections (default 1; their
+//!                                         credentials unknown to the broker), N calls written
+//!                                         at once: OpenSession of echo with a BYTES-long
+//!                                         option value, or a Ping of the broker carrying
+//!                                         BYTES bytes; the last byte of every connection's
+//!                                         calls is written only once all the rest is, so that
+//!                                         the bus delivers the last calls together; print
+//!                                         "READY", at stdin EOF read the answers and print
+//!                                         "DONE name=count ..." (error names, `ok`, `unanswered`)
+//! hostile-client ADDR never-read open SERVICE N
+//! hostile-client ADDR never-read list N [HOLD [C]]
+//!                                         after one Ping (credentials known), N OpenSession
+//!                                         calls of SERVICE (4 KiB rings), or N ListSessions
+//!                                         calls on each of C connections (default 1; with HOLD
+//!                                         echo sessions held first on another connection, to
+//!                                         make each answer long), written at once; print
+//!                                         "READY" and never read the socket; leave the bus at
+//!                                         stdin EOF
+//! hostile-client ADDR provided-flood SERVICE BYTES N
+//!                                         after one Ping, N OpenSession calls of SERVICE (a
+//!                                         provider's) whose options carry a BYTES-long string
+//!                                         (key `label`), written at once; print "READY", at
+//!                                         stdin EOF read the answers and print "DONE ..." as park
 //! ```
 //! Exit status: 0 on success, 2 when the daemon refused, 1 on a local failure.
 
@@ -57,6 +81,14 @@ fn refused(e: &dbus::Error) -> ! {
         e.message().unwrap_or("")
     );
     std::process::exit(2)
+}
+
+/// How long an attacker waits for the answers to its pipelined calls.
+const REPLIES_DEADLINE: Duration = Duration::from_secs(5);
+
+fn usage_error(usage: &str) -> ! {
+    eprintln!("hostile-client: {usage}");
+    std::process::exit(1)
 }
 
 fn wait_for_stdin_eof() {
@@ -403,6 +435,129 @@ fn main() {
                     eprintln!("hostile-client: {e}");
                     std::process::exit(1);
                 }
+            }
+        }
+        "park" | "never-read" | "provided-flood" => {
+            drop(conn);
+            let usage = "park open|ping BYTES N [C] | never-read open SERVICE N | never-read list N [HOLD [C]] | provided-flood SERVICE BYTES N";
+            let number = |i: usize| arg(i).parse::<usize>().ok();
+            // An optional count, `default` if absent.
+            let optional = |i: usize, default: usize| match args.get(i) {
+                Some(_) => number(i).unwrap_or_else(|| usage_error(usage)),
+                None => default,
+            };
+            // Built one at a time as they are written: N huge calls need
+            // not fit in memory together.
+            type Calls = Box<dyn Iterator<Item = dbus::Message>>;
+            let opens = |service: &str, options: dbus::arg::PropMap, n: usize| -> Calls {
+                let service = service.to_owned();
+                Box::new((0..n).map(move |_| {
+                    let options = options
+                        .iter()
+                        .map(|(k, v)| (k.clone(), dbus::arg::Variant(v.0.box_clone())))
+                        .collect();
+                    attacks::open_call(&service, options)
+                }))
+            };
+            let huge = |bytes: usize| attacks::huge_option("label", bytes);
+            // Per connection: its calls; whether the broker learns our
+            // credentials first; whether the answers are read at stdin EOF.
+            let (calls, introduce, read): (Vec<Calls>, bool, bool) =
+                match (args[1].as_str(), arg(2)) {
+                    ("park", kind @ ("open" | "ping")) => match (number(3), number(4)) {
+                        (Some(bytes), Some(n)) => {
+                            let calls = (0..optional(5, 1))
+                                .map(|_| -> Calls {
+                                    if kind == "ping" {
+                                        Box::new((0..n).map(move |_| attacks::ping_call(bytes)))
+                                    } else {
+                                        opens("echo", huge(bytes), n)
+                                    }
+                                })
+                                .collect();
+                            (calls, false, true)
+                        }
+                        _ => usage_error(usage),
+                    },
+                    ("never-read", "open") => match number(4) {
+                        Some(n) => (
+                            vec![opens(arg(3), hostile::capacity_option(4096), n)],
+                            true,
+                            false,
+                        ),
+                        None => usage_error(usage),
+                    },
+                    ("never-read", "list") => match number(3) {
+                        Some(n) => {
+                            let hold = optional(4, 0);
+                            if hold > 0 {
+                                // Opened as an honest client would (their
+                                // replies carry no fds).
+                                let bus = shmlink::Bus::Address(addr.clone());
+                                let held = shmlink::Client::connect(&bus).and_then(|c| {
+                                    let s = (0..hold)
+                                        .map(|_| c.session("echo").capacity(4096).open())
+                                        .collect::<Result<Vec<_>, _>>()?;
+                                    Ok((c, s))
+                                });
+                                match held {
+                                    // They live as long as this process.
+                                    Ok(held) => std::mem::forget(held),
+                                    Err(e) => {
+                                        println!("ERR {e}");
+                                        std::process::exit(2)
+                                    }
+                                }
+                            }
+                            let calls = (0..optional(5, 1))
+                                .map(|_| -> Calls {
+                                    Box::new((0..n).map(|_| attacks::list_call()))
+                                })
+                                .collect();
+                            (calls, true, false)
+                        }
+                        None => usage_error(usage),
+                    },
+                    ("provided-flood", _) => match (number(3), number(4)) {
+                        (Some(bytes), Some(n)) => (vec![opens(arg(2), huge(bytes), n)], true, true),
+                        _ => usage_error(usage),
+                    },
+                    _ => usage_error(usage),
+                };
+            let fail = |e: String| -> ! {
+                eprintln!("hostile-client: {e}");
+                std::process::exit(1)
+            };
+            // Every connection is known to the broker (if it is to be)
+            // before any of them sends its calls.
+            let mut pipelines = Vec::with_capacity(calls.len());
+            for _ in 0..calls.len() {
+                let p = attacks::Pipeline::connect(addr).unwrap_or_else(|e| fail(e));
+                if introduce {
+                    if let Err(e) = p.introduce() {
+                        println!("ERR {e}");
+                        std::process::exit(2)
+                    }
+                }
+                pipelines.push(p);
+            }
+            for (p, calls) in pipelines.iter_mut().zip(calls) {
+                p.send(calls, true).unwrap_or_else(|e| fail(e));
+            }
+            for p in &mut pipelines {
+                p.release().unwrap_or_else(|e| fail(e));
+            }
+            let _ = writeln!(out, "READY");
+            let _ = out.flush();
+            wait_for_stdin_eof();
+            if read {
+                let mut counts = std::collections::BTreeMap::new();
+                for p in &mut pipelines {
+                    for (name, n) in p.replies(REPLIES_DEADLINE) {
+                        *counts.entry(name).or_insert(0) += n;
+                    }
+                }
+                println!("{}", attacks::done_line(&counts));
             }
         }
         other => {

@@ -86,6 +86,46 @@ fn terminate(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> 
     child.wait()
 }
 
+/// The limits a private bus enforces on each connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BusLimits {
+    /// dbus-daemon's built-in limits on bytes, fds and message size (those
+    /// of the system bus), with the counts of connections, match rules and
+    /// pending replies raised so that a test may open thousands of
+    /// connections and calls.
+    #[default]
+    Tests,
+    /// The system bus's: no `<limit>` at all, so dbus-daemon's built-in
+    /// defaults apply (per connection 64 fds and 127 MiB in flight and 128
+    /// pending replies; 32 MiB and 16 fds per message; 256 connections per
+    /// uid). `/usr/share/dbus-1/system.conf` sets none either.
+    System,
+    /// The session bus's (`/usr/share/dbus-1/session.conf`): bytes, fds and
+    /// message size all but unlimited (1 GB), the counts raised too.
+    Session,
+}
+
+impl BusLimits {
+    /// The `<limit>` elements of this kind of bus.
+    fn elements(self) -> String {
+        const COUNTS: &str = r#"<limit name="max_connections_per_user">10000</limit>
+  <limit name="max_completed_connections">10000</limit>
+  <limit name="max_incomplete_connections">1000</limit>
+  <limit name="max_match_rules_per_connection">50000</limit>
+  <limit name="max_replies_per_connection">50000</limit>"#;
+        const BYTES: &str = r#"<limit name="max_incoming_bytes">1000000000</limit>
+  <limit name="max_incoming_unix_fds">250000000</limit>
+  <limit name="max_outgoing_bytes">1000000000</limit>
+  <limit name="max_outgoing_unix_fds">250000000</limit>
+  <limit name="max_message_size">1000000000</limit>"#;
+        match self {
+            BusLimits::Tests => COUNTS.to_owned(),
+            BusLimits::System => String::new(),
+            BusLimits::Session => format!("{COUNTS}\n  {BYTES}"),
+        }
+    }
+}
+
 /// A private `dbus-daemon` on its own socket in a temporary directory.
 pub struct PrivateBus {
     child: Child,
@@ -96,14 +136,27 @@ pub struct PrivateBus {
 }
 
 impl PrivateBus {
-    /// Starts `dbus-daemon --nofork` with a session-bus-like policy and
+    /// Starts `dbus-daemon --nofork` with a policy that lets any local user
+    /// connect, own names and call anything ([`BusLimits::Tests`]), and
     /// returns once it printed its address.
     pub fn start() -> Result<PrivateBus, ProcessError> {
-        Self::start_with_services(None)
+        Self::start_with(BusLimits::Tests, None)
     }
 
     /// Like [`PrivateBus::start`], with a `<servicedir>` for D-Bus activation.
     pub fn start_with_services(service_dir: Option<&Path>) -> Result<PrivateBus, ProcessError> {
+        Self::start_with(BusLimits::Tests, service_dir)
+    }
+
+    /// Like [`PrivateBus::start`], enforcing `limits`.
+    pub fn start_with_limits(limits: BusLimits) -> Result<PrivateBus, ProcessError> {
+        Self::start_with(limits, None)
+    }
+
+    fn start_with(
+        limits: BusLimits,
+        service_dir: Option<&Path>,
+    ) -> Result<PrivateBus, ProcessError> {
         let fail = |m: String| ProcessError::Failed(m);
         let dir = temp_dir("shmlink-bus")?;
         let servicedir = service_dir
@@ -124,14 +177,11 @@ impl PrivateBus {
     <allow eavesdrop="true"/>
     <allow own="*"/>
   </policy>
-  <limit name="max_connections_per_user">10000</limit>
-  <limit name="max_completed_connections">10000</limit>
-  <limit name="max_incomplete_connections">1000</limit>
-  <limit name="max_match_rules_per_connection">50000</limit>
-  <limit name="max_replies_per_connection">50000</limit>
+  {limits}
 </busconfig>
 "#,
-            dir = dir.path().display()
+            dir = dir.path().display(),
+            limits = limits.elements()
         );
         let cfg_path = dir.path().join("bus.conf");
         std::fs::write(&cfg_path, config)
@@ -401,6 +451,28 @@ mod tests {
         bus.stop().expect("stop the bus");
         assert_eq!(proc_state(pid), None, "the bus was not reaped");
         assert!(!dir.exists(), "{} was not removed", dir.display());
+    }
+
+    #[test]
+    fn each_kind_of_bus_carries_the_messages_its_limits_allow() {
+        // Above the built-in 32 MiB, below session.conf's limit.
+        let big = "x".repeat(40 << 20);
+        for (limits, carried) in [
+            (BusLimits::System, false),
+            (BusLimits::Tests, false),
+            (BusLimits::Session, true),
+        ] {
+            let bus = PrivateBus::start_with_limits(limits).expect("start dbus-daemon");
+            let conn = Connection::from(bus.bus().connect().expect("connect to the private bus"));
+            let proxy = conn.with_proxy(DBUS_NAME, DBUS_PATH, CALL_TIMEOUT);
+            // No such name: an error either way, from the bus if it took the
+            // call; a bus that refuses the message drops the connection.
+            let r: Result<(String,), _> =
+                proxy.method_call(DBUS_NAME, "GetNameOwner", (big.as_str(),));
+            assert!(r.is_err(), "{limits:?}");
+            let after: Result<(String,), _> = proxy.method_call(DBUS_NAME, "GetId", ());
+            assert_eq!(after.is_ok(), carried, "{limits:?}: {after:?}");
+        }
     }
 
     #[test]
