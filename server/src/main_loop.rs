@@ -73,6 +73,13 @@ pub(crate) fn run(
         served.turn_done(conn);
         let backlog = !send_queued(conn);
         if !backlog {
+            // Writing reads too: what arrived meanwhile (or waited while
+            // replies were queued) is handled before the loop sleeps, as
+            // the socket may have nothing more to wake it for.
+            if let Some(msg) = channel.pop_message() {
+                served.handle(conn, msg);
+                continue;
+            }
             served.idle();
         }
         let bus_wait = if backlog {
