@@ -164,7 +164,7 @@ const ROWS: &[(&str, &[(&str, &str)])] = &[
     (
         "set-up",
         &[
-            ("OpenSession + mapping", "p50_us"),
+            ("OpenSessionVia + mapping", "p50_us"),
             ("bare D-Bus call", "p50_us"),
             ("iceoryx2 open + subscriber", "p50_us"),
         ],
@@ -346,14 +346,14 @@ pub(super) fn versus(
             );
         }
 
-        step("OpenSession + mapping, and a bare D-Bus call");
+        step("OpenSessionVia + mapping, and a bare D-Bus call");
         let (open, ping) = setup_times(
             client,
             service::ECHO,
-            "OpenSession + mapping",
+            "OpenSessionVia + mapping",
             budget.setups,
         )?;
-        push(&mut r, "OpenSession + mapping", "p50_us", Some(open.p50_us));
+        push(&mut r, "OpenSessionVia + mapping", "p50_us", Some(open.p50_us));
         push(&mut r, "bare D-Bus call", "p50_us", Some(ping.p50_us));
         bar.inc(2);
         let v = iox("iceoryx2 open", &["open", "--samples", &setups])?;
@@ -484,7 +484,7 @@ fn targets(rows: &[Row]) -> Vec<Target> {
         m("shmlink echo (spin)", "p99_us"),
         3.0,
     );
-    let open = m("OpenSession + mapping", "p50_us");
+    let open = m("OpenSessionVia + mapping", "p50_us");
     at_most(
         "set-up p50: OpenSession / bare D-Bus call",
         open / m("bare D-Bus call", "p50_us"),

@@ -331,9 +331,9 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
 
     // Session set-up against a bare call to the same daemon.
     let setups = if want("setup") { budget.setups } else { 0 };
-    step("set-up: OpenSession + mapping, and a bare D-Bus call".into());
+    step("set-up: OpenSessionVia + mapping, and a bare D-Bus call".into());
     let (open_session, dbus_call) =
-        setup_times(&client, service::ECHO, "OpenSession + mapping", setups)?;
+        setup_times(&client, service::ECHO, "OpenSessionVia + mapping", setups)?;
     bar.inc(1);
     step("set-up: OpenSession through a provider + mapping".into());
     let open_provided = match &provided {
@@ -341,7 +341,7 @@ pub fn run(bus: Option<Bus>, args: Args) -> Result<()> {
             setup_times(
                 &client,
                 PROVIDED_SINK,
-                "OpenSession via provider + mapping",
+                "OpenSessionVia to a provider + mapping",
                 setups,
             )?
             .0,
@@ -532,7 +532,7 @@ fn targets(t: &[Throughput], lat: &[Latency], open: &Latency, call: &Latency) ->
         2.0,
     );
     upto(
-        "set-up p50: OpenSession + mapping / bare D-Bus call",
+        "set-up p50: OpenSessionVia + mapping / bare D-Bus call",
         open.p50_us / call.p50_us,
         2.0,
     );
