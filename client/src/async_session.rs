@@ -42,7 +42,7 @@ impl SessionBuilder {
     pub async fn open_async(self) -> Result<AsyncSession, Error> {
         let session = tokio::task::spawn_blocking(move || self.open())
             .await
-            .map_err(|e| Error::BadReply(format!("the OpenSession task failed: {e}")))??;
+            .map_err(|e| Error::BadReply(format!("the OpenSessionVia task failed: {e}")))??;
         session.into_async()
     }
 }

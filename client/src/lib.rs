@@ -1,7 +1,7 @@
 //! Client library for shmlink: open a shared-memory session with a service
 //! hosted by `shmlinkd`, then stream messages both ways at memory speed.
 //!
-//! D-Bus carries only the set-up (`OpenSession`); the data flows through two
+//! D-Bus carries only the set-up (`OpenSessionVia`); the data flows through two
 //! sealed memfd rings that this library checks before mapping, so a lying
 //! server cannot crash the client. The client also bounds what a server can
 //! make it spend: rings no larger than it asked for (or than
@@ -91,7 +91,7 @@ pub enum Error {
     /// progress, within its timeout.
     #[error("{operation} timed out after {}", human_duration(.after))]
     TimedOut {
-        /// What was waited for, e.g. "the D-Bus call OpenSession" or "receiving from echo".
+        /// What was waited for, e.g. "the D-Bus call OpenSessionVia" or "receiving from echo".
         operation: String,
         /// The timeout that passed.
         after: Duration,
@@ -156,7 +156,7 @@ pub struct Client {
 /// One row of `ListServices`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
-    /// The name `OpenSession` takes.
+    /// The name `OpenSessionVia` takes.
     pub name: String,
     /// The provider's unique bus name, or empty for a service built into the broker.
     pub provider: String,
@@ -345,7 +345,7 @@ impl Client {
             .collect())
     }
 
-    /// Every service `OpenSession` accepts, with its provider (`ListServices`).
+    /// Every service a session can be opened with, and its provider (`ListServices`).
     pub fn list_services(&self) -> Result<Vec<ServiceEntry>, Error> {
         let (list,): (Vec<(String, String, u32)>,) =
             self.method(&self.path, BROKER_INTERFACE, member::LIST_SERVICES, ())?;
@@ -408,7 +408,7 @@ mod tests {
             },
             Error::BadReply("parameters lack max-message".into()),
             Error::TimedOut {
-                operation: "the D-Bus call OpenSession".into(),
+                operation: "the D-Bus call OpenSessionVia".into(),
                 after: Duration::from_secs(10),
             },
             Error::from(dbus::Error::new_custom(NO_REPLY, "Did not receive a reply")),
