@@ -353,7 +353,12 @@ pub(super) fn versus(
             "OpenSessionVia + mapping",
             budget.setups,
         )?;
-        push(&mut r, "OpenSessionVia + mapping", "p50_us", Some(open.p50_us));
+        push(
+            &mut r,
+            "OpenSessionVia + mapping",
+            "p50_us",
+            Some(open.p50_us),
+        );
         push(&mut r, "bare D-Bus call", "p50_us", Some(ping.p50_us));
         bar.inc(2);
         let v = iox("iceoryx2 open", &["open", "--samples", &setups])?;
