@@ -187,15 +187,7 @@ server_pub! {
     /// carrying the six fds in wire order ([`RingPair::into_fds`]), without
     /// blocking. The capacities travel in the D-Bus reply.
     pub fn send_rings(socket: BorrowedFd<'_>, rings: &RingPair) -> Result<(), Error> {
-        let fds = [
-            rings.to_server.memfd.as_fd(),
-            rings.to_server.empty_signal.as_fd(),
-            rings.to_server.full_signal.as_fd(),
-            rings.to_client.memfd.as_fd(),
-            rings.to_client.empty_signal.as_fd(),
-            rings.to_client.full_signal.as_fd(),
-        ];
-        sys::send_fds(socket, &fds).map_err(|e| {
+        sys::send_fds(socket, &rings.fds()).map_err(|e| {
             Error::Setup(format!("could not send the rings over the session socket: {e}"))
         })
     }

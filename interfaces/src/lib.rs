@@ -131,6 +131,20 @@ impl RingPair {
         )
     }
 
+    /// The fds, borrowed, in wire order (see [`RingPair::into_fds`]).
+    pub fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; RingPair::FDS] {
+        use std::os::fd::AsFd;
+        let (s, c) = (&self.to_server, &self.to_client);
+        [
+            s.memfd.as_fd(),
+            s.empty_signal.as_fd(),
+            s.full_signal.as_fd(),
+            c.memfd.as_fd(),
+            c.empty_signal.as_fd(),
+            c.full_signal.as_fd(),
+        ]
+    }
+
     /// The rings from their capacities and fds in wire order (see
     /// [`RingPair::into_fds`]).
     pub fn from_fds(

@@ -330,8 +330,7 @@ fn answer(
 
 /// Sends `rings` over `socket` as `delivery` says.
 fn deliver(socket: BorrowedFd<'_>, rings: RingPair, delivery: Delivery) {
-    let (_, fds) = rings.into_fds();
-    let all: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    let all = rings.fds();
     match delivery {
         Delivery::Whole => sys::send_fds(socket, &all).expect("send the rings"),
         Delivery::Nothing => {}

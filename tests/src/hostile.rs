@@ -761,16 +761,7 @@ pub fn open_many(
     n: usize,
 ) -> Vec<Result<OpenReply, String>> {
     let msgs = (0..n)
-        .map(|_| {
-            Message::new_method_call(
-                BUS_NAME,
-                BROKER_PATH,
-                BROKER_INTERFACE,
-                member::OPEN_SESSION,
-            )
-            .expect("OpenSession message")
-            .append2(service, capacity_option(capacity))
-        })
+        .map(|_| crate::attacks::open_call(service, capacity_option(capacity)))
         .collect();
     pipelined_calls(channel, msgs)
         .into_iter()

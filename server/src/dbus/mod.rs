@@ -975,6 +975,31 @@ mod tests {
         out
     }
 
+    /// `RegisterService("remote", "/p")` from `:1.9` as root; returns what was sent.
+    fn register_remote(a: &mut Adapter, r: &Recorder) -> Vec<Message> {
+        let register = call(
+            ":1.9",
+            1,
+            BROKER_PATH,
+            BROKER_INTERFACE,
+            member::REGISTER_SERVICE,
+        )
+        .append3("remote", dbus::Path::from("/p"), PropMap::new());
+        handle(a, r, register, 0)
+    }
+
+    /// The bus's `NameOwnerChanged` saying that `name` left.
+    fn left_bus(name: &str) -> Message {
+        let mut left = Message::signal(
+            &"/org/freedesktop/DBus".into(),
+            &DBUS_NAME.into(),
+            &"NameOwnerChanged".into(),
+        )
+        .append3(name, name, "");
+        left.set_sender(Some(DBUS_NAME.into()));
+        left
+    }
+
     fn error_name(m: &Message) -> Option<String> {
         let mut m = m.duplicate().ok()?;
         let e = m.as_result().err()?;
@@ -1098,13 +1123,7 @@ mod tests {
             1000,
         );
         assert_eq!(a.session_count(), 2);
-        let mut left = Message::signal(
-            &"/org/freedesktop/DBus".into(),
-            &DBUS_NAME.into(),
-            &"NameOwnerChanged".into(),
-        )
-        .append3(":1.5", ":1.5", "");
-        left.set_sender(Some(DBUS_NAME.into()));
+        let left = left_bus(":1.5");
         let out = handle(&mut a, &r, left, 1000);
         assert_eq!(out.len(), 1, "{out:?}");
         let (_, reason): (dbus::Path, String) = out[0].read2().expect("SessionClosed");
@@ -1241,15 +1260,7 @@ mod tests {
     #[test]
     fn a_provided_open_waits_for_the_provider_and_only_its_answer_counts() {
         let (mut a, r) = adapter(|_| {});
-        let register = call(
-            ":1.9",
-            1,
-            BROKER_PATH,
-            BROKER_INTERFACE,
-            member::REGISTER_SERVICE,
-        )
-        .append3("remote", dbus::Path::from("/p"), PropMap::new());
-        let out = handle(&mut a, &r, register, 0);
+        let out = register_remote(&mut a, &r);
         assert!(
             out.iter()
                 .any(|m| m.msg_type() == MessageType::MethodReturn),
@@ -1355,15 +1366,7 @@ mod tests {
     #[test]
     fn an_open_bigger_than_the_limit_is_refused_before_anything_is_asked() {
         let (mut a, r) = adapter(|_| {});
-        let register = call(
-            ":1.9",
-            1,
-            BROKER_PATH,
-            BROKER_INTERFACE,
-            member::REGISTER_SERVICE,
-        )
-        .append3("remote", dbus::Path::from("/p"), PropMap::new());
-        handle(&mut a, &r, register, 0);
+        register_remote(&mut a, &r);
         let mut options = PropMap::new();
         options.insert(
             "blob".into(),
@@ -1419,13 +1422,7 @@ mod tests {
         let out = handle(&mut a, &r, via, 1000);
         assert_eq!(out[0].msg_type(), MessageType::MethodReturn, "{out:?}");
         let _: OpenSessionViaArgs = out[0].read_all().expect("path, capacities, parameters");
-        let mut left = Message::signal(
-            &"/org/freedesktop/DBus".into(),
-            &DBUS_NAME.into(),
-            &"NameOwnerChanged".into(),
-        )
-        .append3(":1.5", ":1.5", "");
-        left.set_sender(Some(DBUS_NAME.into()));
+        let left = left_bus(":1.5");
         handle(&mut a, &r, left, 1000);
         assert_eq!(open(&mut a, ":1.6", 5), None, "room again");
         a.shutdown(&r);
