@@ -23,6 +23,8 @@
 //! [providers]
 //! accept_timeout_ms = 5000         # how long a provider may take to accept a session
 //! registrations_per_user = 32      # services one uid may register at once
+//! # unanswered = 2                 # AcceptSession calls a provider may leave unanswered
+//!                                  # (twice that in all); unset: 2 on the system bus, else no bound
 //!
 //! [providers.allow."sensor.*"]     # a service name, or a prefix ending in `*`
 //! allow_users = [1000]             # who may register matching names (root and the
@@ -142,6 +144,11 @@ pub struct Providers {
     pub accept_timeout_ms: u64,
     /// Services one uid may have registered at once.
     pub registrations_per_user: u32,
+    /// `AcceptSession` calls a provider may have unanswered (each carries
+    /// eight fds the bus charges to the broker until read; twice as many in
+    /// all); more opens of its services wait for room. Unset: 2 on the
+    /// system bus, no bound on other buses.
+    pub unanswered: Option<u32>,
     /// Who may register names matching each pattern: a service name, or a
     /// prefix ending in `*` (`*` alone matches every name). Root and the
     /// daemon's own uid may always register; nobody else may register a
@@ -155,6 +162,7 @@ impl Default for Providers {
         Providers {
             accept_timeout_ms: defaults::DEFAULT_ACCEPT_TIMEOUT_MS,
             registrations_per_user: 32,
+            unanswered: None,
             allow: BTreeMap::new(),
         }
     }

@@ -51,6 +51,11 @@ pub enum DaemonError {
 /// have in messages not yet read.
 pub const SYSTEM_BUS_REPLY_FDS: u32 = 28;
 
+/// The default of `providers.unanswered` on the system bus: two calls per
+/// provider and four in all, 32 fds, which with [`SYSTEM_BUS_REPLY_FDS`]
+/// stays within the system bus's 64.
+pub const SYSTEM_BUS_UNANSWERED: u32 = 2;
+
 /// A running broker on a bus.
 pub struct Daemon {
     conn: Connection,
@@ -91,6 +96,10 @@ impl Daemon {
             // The system bus lets a sender have 64 fds in messages not yet
             // read; four replies' worth leaves room for everything else.
             config.limits.reply_fds.get_or_insert(SYSTEM_BUS_REPLY_FDS);
+            config
+                .providers
+                .unanswered
+                .get_or_insert(SYSTEM_BUS_UNANSWERED);
         }
         let mut adapter = Adapter::new(Sessions::start(config, services)?, names);
 

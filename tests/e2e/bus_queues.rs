@@ -47,8 +47,9 @@ const PEAK_RSS_KB: u64 = 256 * 1024;
 const SYSTEM_BUS_CALL: usize = (32 << 20) - 4096;
 
 /// A daemon on a bus with the system bus's limits, configured as
-/// `shmlinkd` configures itself on the system bus: `limits.reply_fds` = 28,
-/// which a daemon on a bus given by its address leaves unbounded.
+/// `shmlinkd` configures itself on the system bus: `limits.reply_fds` = 28
+/// and `providers.unanswered` = 2, which a daemon on a bus given by its
+/// address leaves unbounded.
 fn on_system_bus() -> Harness {
     let dir = std::env::temp_dir().join(format!(
         "shmlink-bus-queues-{}-{:?}",
@@ -57,7 +58,11 @@ fn on_system_bus() -> Harness {
     ));
     std::fs::create_dir_all(&dir).expect("create the config's folder");
     let config = dir.join("shmlinkd.toml");
-    std::fs::write(&config, "[limits]\nreply_fds = 28\n").expect("write the config");
+    std::fs::write(
+        &config,
+        "[limits]\nreply_fds = 28\n[providers]\nunanswered = 2\n",
+    )
+    .expect("write the config");
     let h = Harness::on_bus(
         BusLimits::System,
         &["--config", config.to_str().expect("utf-8")],

@@ -31,6 +31,15 @@ pub(super) struct Pending {
     pub deadline: Instant,
 }
 
+/// An `OpenSession` whose `AcceptSession` call waits for its provider to
+/// answer earlier ones (see [`super::unanswered`]).
+pub(super) struct Queued {
+    /// The call to send, with the provider's fds in it.
+    pub call: Message,
+    /// What it will wait for once sent.
+    pub pending: Pending,
+}
+
 /// What the reply to a call needs of it, kept instead of the call: a
 /// call's message holds all it carried (options of many KiB, fds) and
 /// counts against libdbus's receive limit for as long as it is kept.

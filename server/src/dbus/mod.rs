@@ -21,6 +21,7 @@ mod handover;
 mod parked;
 mod reply_fds;
 mod session1;
+mod unanswered;
 
 pub(crate) use callers::{connection_left, name_owner_changed};
 
@@ -39,7 +40,7 @@ use dbus::channel::Sender;
 use dbus::message::{MessageType, SignalArgs};
 use dbus::Message;
 use dbus_crossroads::{Crossroads, IfaceToken, MethodErr};
-use handover::{Pending, ReplyTo, Verdict};
+use handover::{Pending, Queued, ReplyTo, Verdict};
 use parked::{wire_size, Parked};
 use reply_fds::ReplyFds;
 use shmlink_endpoint::sys::Selector;
@@ -47,10 +48,11 @@ use shmlink_interfaces::{
     error, limits, member, OpenSessionArgs, OpenSessionReply, OpenSessionViaArgs,
     OpenSessionViaReply, BROKER_INTERFACE,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use unanswered::Unanswered;
 
 /// The broker object's data: what every call needs.
 pub(crate) struct BrokerObject {
@@ -238,6 +240,12 @@ pub(crate) struct Adapter {
     /// `AcceptSession` call made for each. Bounded by the session limits:
     /// each has an entry in the table, which holds a reservation.
     pending: HashMap<u32, Pending>,
+    /// The `AcceptSession` calls each provider has not answered yet.
+    unanswered: Unanswered,
+    /// `AcceptSession` calls waiting for their provider to answer earlier
+    /// ones, in arrival order. Bounded like `pending`: each has an entry in
+    /// the table, which holds a reservation.
+    queued: VecDeque<Queued>,
     /// How long a provider has to answer.
     accept_timeout: Duration,
     /// Longest service name an `OpenSession` may name: the longest
@@ -255,6 +263,7 @@ impl Adapter {
         let links = sessions.links_fd();
         let accept_timeout =
             Duration::from_millis(sessions.accounting().providers().accept_timeout_ms);
+        let unanswered = Unanswered::new(sessions.accounting().providers().unanswered);
         let longest_service = sessions
             .hosted_names()
             .map(str::len)
@@ -290,6 +299,8 @@ impl Adapter {
             lookups: HashMap::new(),
             parked: Parked::default(),
             pending: HashMap::new(),
+            unanswered,
+            queued: VecDeque::new(),
             accept_timeout,
             longest_service,
             session_prefix,
@@ -331,8 +342,19 @@ impl Adapter {
         }
     }
 
-    /// Fails the opens whose provider did not answer by `now`.
+    /// Fails the opens whose provider did not answer by `now`, or that
+    /// waited that long for it to answer earlier ones.
     pub fn expire(&mut self, conn: &impl Sender, now: Instant) {
+        while let Some(at) = self.queued.iter().position(|q| q.pending.deadline <= now) {
+            if let Some(q) = self.queued.remove(at) {
+                let why = format!(
+                    "provider {} has not answered its earlier sessions for {} ms",
+                    q.pending.provider,
+                    self.accept_timeout.as_millis()
+                );
+                self.conclude(conn, q.pending, Verdict::Unavailable(why));
+            }
+        }
         let overdue: Vec<u32> = self
             .pending
             .iter()
@@ -403,12 +425,8 @@ impl Adapter {
         };
         let id = handover.info.id;
         let provider = handover.registration.provider.bus_name.clone();
-        let sent = handover::accept_call(handover, &c.names).and_then(|call| {
-            conn.send(call)
-                .map_err(|()| "cannot queue the AcceptSession call".to_owned())
-        });
-        let serial = match sent {
-            Ok(serial) => serial,
+        let call = match handover::accept_call(handover, &c.names) {
+            Ok(call) => call,
             Err(why) => {
                 c.sessions.end(id, &why);
                 let e = c.method_err(&Refusal::Internal(format!(
@@ -418,22 +436,70 @@ impl Adapter {
                 return None;
             }
         };
-        self.pending.insert(
-            serial,
-            Pending {
-                call: ReplyTo::of(&msg),
-                id,
-                provider,
-                owner: caller,
-                deadline: Instant::now() + self.accept_timeout,
-            },
-        );
+        let pending = Pending {
+            call: ReplyTo::of(&msg),
+            id,
+            provider,
+            owner: caller,
+            deadline: Instant::now() + self.accept_timeout,
+        };
+        let behind = self
+            .queued
+            .iter()
+            .any(|q| q.pending.provider == pending.provider);
+        if !behind && self.unanswered.has_room(&pending.provider) {
+            self.hand_over(conn, call, pending);
+        } else {
+            log::debug!(
+                "session {id}: waiting for provider {} to answer its earlier sessions",
+                pending.provider
+            );
+            self.queued.push_back(Queued { call, pending });
+        }
         None
+    }
+
+    /// Sends the `AcceptSession` call of `pending` and waits for the answer.
+    fn hand_over(&mut self, conn: &impl Sender, call: Message, pending: Pending) {
+        match conn.send(call) {
+            Ok(serial) => {
+                self.unanswered.sent(&pending.provider, serial);
+                self.pending.insert(serial, pending);
+            }
+            Err(()) => {
+                let why = "cannot queue the AcceptSession call".to_owned();
+                self.conclude(conn, pending, Verdict::Unavailable(why));
+            }
+        }
+    }
+
+    /// Sends the queued `AcceptSession` calls that fit now, in order (per
+    /// provider, first come first sent).
+    fn send_queued(&mut self, conn: &impl Sender) {
+        let mut blocked: Vec<String> = Vec::new();
+        let mut i = 0;
+        while i < self.queued.len() {
+            let provider = &self.queued[i].pending.provider;
+            if !blocked.contains(provider) && self.unanswered.has_room(provider) {
+                if let Some(q) = self.queued.remove(i) {
+                    self.hand_over(conn, q.call, q.pending);
+                }
+            } else {
+                blocked.push(provider.clone());
+                i += 1;
+            }
+        }
     }
 
     /// An answer to one of our `AcceptSession` calls (or a stray message
     /// claiming to be one, which is dropped).
     fn answer_arrived(&mut self, conn: &impl Sender, serial: u32, msg: &mut Message) {
+        // Any answer of the provider's own, late ones included, shows it
+        // read that call and every one before.
+        let sender = sender_of(msg);
+        if self.unanswered.answered(&sender, serial) {
+            self.send_queued(conn);
+        }
         let Some(p) = self.pending.get(&serial) else {
             return;
         };
@@ -548,6 +614,21 @@ impl Adapter {
             .filter(|(_, p)| p.provider == name || p.owner.bus_name == name)
             .map(|(serial, _)| *serial)
             .collect();
+        self.unanswered.left(name);
+        let (gone, kept): (VecDeque<Queued>, VecDeque<Queued>) = std::mem::take(&mut self.queued)
+            .into_iter()
+            .partition(|q| q.pending.provider == name || q.pending.owner.bus_name == name);
+        self.queued = kept;
+        for q in gone {
+            if q.pending.provider == name {
+                let why = format!("provider {name} left the bus");
+                self.conclude(conn, q.pending, Verdict::Unavailable(why));
+            } else if q.pending.owner.bus_name == name {
+                self.control()
+                    .sessions
+                    .end(q.pending.id, "the client left the bus");
+            }
+        }
         for serial in involved {
             let Some(p) = self.pending.remove(&serial) else {
                 continue;
@@ -559,6 +640,7 @@ impl Adapter {
                 self.control().sessions.end(p.id, "the client left the bus");
             }
         }
+        self.send_queued(conn);
         let uid = lock(&self.callers).get(name).map_or(u32::MAX, |c| c.uid);
         lock(&self.callers).forget(name);
         let c = self.control();
@@ -828,6 +910,9 @@ impl Adapter {
                 self.conclude(conn, p, Verdict::Unavailable(REASON.into()));
             }
         }
+        for q in std::mem::take(&mut self.queued) {
+            self.conclude(conn, q.pending, Verdict::Unavailable(REASON.into()));
+        }
         let c = self.control();
         c.refusals.flush();
         let ended = c.sessions.shutdown(REASON);
@@ -852,7 +937,12 @@ impl Served for Adapter {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        self.pending.values().map(|p| p.deadline).min()
+        let queued = self.queued.iter().map(|q| &q.pending);
+        self.pending
+            .values()
+            .chain(queued)
+            .map(|p| p.deadline)
+            .min()
     }
 
     fn turn_done(&mut self, conn: &Connection) {
@@ -1425,6 +1515,73 @@ mod tests {
         let left = left_bus(":1.5");
         handle(&mut a, &r, left, 1000);
         assert_eq!(open(&mut a, ":1.6", 5), None, "room again");
+        a.shutdown(&r);
+    }
+
+    #[test]
+    fn opens_wait_while_their_provider_has_not_answered_its_share_and_go_on_when_it_does() {
+        let (mut a, r) = adapter(|c| c.providers.unanswered = Some(1));
+        register_remote(&mut a, &r);
+        let out = handle(
+            &mut a,
+            &r,
+            open_session(":1.5", 2, "remote", PropMap::new()),
+            1000,
+        );
+        assert_eq!(out.len(), 1, "the first AcceptSession: {out:?}");
+        let first = out.into_iter().next().expect("call");
+        let out = handle(
+            &mut a,
+            &r,
+            open_session(":1.6", 3, "remote", PropMap::new()),
+            1000,
+        );
+        assert!(out.is_empty(), "the second waits: {out:?}");
+        assert_eq!(a.queued.len(), 1);
+        // An answer from someone else frees nothing.
+        let mut forged = first.method_return();
+        forged.set_sender(Some(":1.5".into()));
+        forged.set_serial(60);
+        assert!(handle(&mut a, &r, forged, 1000).is_empty());
+        assert_eq!(a.queued.len(), 1);
+        // The provider's answer opens the first and sends the second.
+        let mut answer = first.method_return();
+        answer.set_sender(Some(":1.9".into()));
+        answer.set_serial(61);
+        let out = handle(&mut a, &r, answer, 0);
+        let members: Vec<_> = out
+            .iter()
+            .map(|m| (m.msg_type(), m.member().map(|m| m.to_string())))
+            .collect();
+        assert!(
+            members.contains(&(MessageType::MethodCall, Some(member::ACCEPT_SESSION.into()))),
+            "{members:?}"
+        );
+        assert!(
+            out.iter().any(|m| m.get_reply_serial() == Some(2)),
+            "{out:?}"
+        );
+        assert!(a.queued.is_empty());
+        // A third waits behind the unanswered second, and fails at its deadline.
+        assert!(handle(
+            &mut a,
+            &r,
+            open_session(":1.7", 4, "remote", PropMap::new()),
+            1000
+        )
+        .is_empty());
+        a.expire(&r, Instant::now() + a.accept_timeout * 2);
+        let out = r.take();
+        let failed: Vec<_> = out
+            .iter()
+            .filter(|m| m.get_reply_serial() == Some(4) || m.get_reply_serial() == Some(3))
+            .map(|m| (m.get_reply_serial(), error_name(m)))
+            .collect();
+        assert!(
+            failed.contains(&(Some(4), Some(error::PROVIDER_UNAVAILABLE.into()))),
+            "{failed:?}"
+        );
+        assert!(a.queued.is_empty() && a.pending.is_empty());
         a.shutdown(&r);
     }
 }
