@@ -514,10 +514,15 @@ mod tests {
         assert!(err.contains(&args), "{err}");
     }
 
-    /// `bash -c SCRIPT` with null stdio, run until killed.
+    /// `bash -c SCRIPT` with null stdio, run until killed. The script
+    /// starts with only fds 0, 1 and 2: whatever another test thread had
+    /// open (and inheritable) at the fork is closed first.
     fn bash(script: &str) -> Child {
+        let script = format!(
+            "for fd in $(ls /proc/$$/fd); do [ \"$fd\" -gt 2 ] && eval \"exec $fd<&-\"; done 2>/dev/null; {script}"
+        );
         Command::new("bash")
-            .args(["-c", script])
+            .args(["-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -527,15 +532,22 @@ mod tests {
 
     #[test]
     fn proc_readings_describe_the_process() {
-        // The same program, one with two more fds open (whatever else both inherit).
+        // The same program, one with two more fds open.
         let mut plain = bash("exec sleep 30");
         // `{var}<` opens on a free fd (10 or above).
         let mut more = bash("exec {a}</dev/null {b}</dev/null; exec sleep 30");
         let (a, b) = (plain.id(), more.id());
+        // Sleeping in `sleep` itself: exec'd, and past the loader (which
+        // holds a library's fd open for a moment while it maps it).
         let is_sleep = |pid: u32| {
             std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+                && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('S'))
+                })
         };
-        // Poll until both have exec'd sleep (the fds are set by then).
+        // Poll until both sleep (the fds are set by then).
         let started = within(Duration::from_secs(10), || is_sleep(a) && is_sleep(b));
         let (fds_a, fds_b) = (fd_count(a), fd_count(b));
         let (threads, rss) = (proc_status(a, "Threads"), proc_status(a, "VmRSS"));
