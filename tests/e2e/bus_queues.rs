@@ -357,3 +357,44 @@ fn huge_options_for_a_provider_cost_the_broker_little() {
     assert_stops_quickly(&mut h, &what);
     drop(again);
 }
+
+#[test]
+fn a_provider_that_stops_reading_holds_only_its_own_opens() {
+    let what = format!(
+        "provided-flood frames 60000 40, the provider stopped ({:?} bus)",
+        BusLimits::System
+    );
+    let mut h = on_system_bus();
+    let provider = h.start_frames_provider();
+    let pid = rustix::process::Pid::from_raw(provider.0.id() as i32).expect("pid");
+    // SIGSTOP: the provider reads nothing more, as a hung one would. Each
+    // AcceptSession call carries eight fds, which the bus charges to the
+    // broker until it has written the call into the provider's socket: once
+    // that socket is full (a few calls of 60 KB options fill it), without a
+    // bound the calls would pass the system bus's 64 fds and the bus would
+    // stop reading the broker for everyone.
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+    let daemon = h.daemon_pid();
+    let fds_before = shmlink_tests::fd_count(daemon);
+    // 40 opens whose options are just within MAX_OPEN_SESSION: their calls
+    // fill the stopped provider's socket after a few.
+    let attacker = Attacker::start(&h, &["provided-flood", "frames", "60000", "40"]);
+    // Every open admitted holds ten fds at the broker while it waits.
+    assert!(
+        shmlink_tests::wait_until(shmlink_tests::DEADLINE, || {
+            shmlink_tests::fd_count(daemon) >= fds_before + 400
+        }),
+        "{what}: the opens never arrived ({} fds, {fds_before} before)",
+        shmlink_tests::fd_count(daemon)
+    );
+    assert_served(
+        &format!("{what}, during"),
+        measure_honest(&h.client(), DURING, 2),
+    );
+    assert_peak_memory(&h, &what);
+    attacker.stop();
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).expect("SIGCONT");
+    assert_provided(&format!("{what}, after"), &h.client(), 10);
+    assert_stops_quickly(&mut h, &what);
+    drop(provider);
+}
