@@ -42,6 +42,10 @@ pub(crate) enum Ended {
 /// for the bus to take more: libdbus writes a few KiB each time.
 const WRITES_PER_TURN: usize = 64;
 
+/// How many messages a turn handles before it looks at the stop fd and the
+/// side's own fds again.
+const MESSAGES_PER_TURN: usize = 256;
+
 /// How long a side that stops gives the bus to take its last messages.
 pub(crate) const LAST_WORDS: Duration = Duration::from_millis(250);
 
@@ -65,23 +69,33 @@ pub(crate) fn run(
         if channel.read_write(Some(Duration::ZERO)).is_err() {
             return Ok(Ended::Disconnected);
         }
+        // A turn handles a bounded number of messages, so that a flood of
+        // calls never keeps the loop from its stop fd and its own fds.
         if !channel.has_messages_to_send() {
-            while let Some(msg) = channel.pop_message() {
+            for _ in 0..MESSAGES_PER_TURN {
+                let Some(msg) = channel.pop_message() else {
+                    break;
+                };
                 served.handle(conn, msg);
             }
         }
         served.turn_done(conn);
         let backlog = !send_queued(conn);
-        if !backlog {
-            // Writing reads too: what arrived meanwhile (or waited while
-            // replies were queued) is handled before the loop sleeps, as
-            // the socket may have nothing more to wake it for.
-            if let Some(msg) = channel.pop_message() {
-                served.handle(conn, msg);
-                continue;
+        // Writing reads too: what arrived meanwhile (or waited while replies
+        // were queued, or past this turn's share) is handled before the loop
+        // sleeps, as the socket may have nothing more to wake it for.
+        let more = !backlog && {
+            match channel.pop_message() {
+                Some(msg) => {
+                    served.handle(conn, msg);
+                    true
+                }
+                None => {
+                    served.idle();
+                    false
+                }
             }
-            served.idle();
-        }
+        };
         let bus_wait = if backlog {
             Wait::Writable
         } else {
@@ -92,7 +106,14 @@ pub(crate) fn run(
         if let Some(s) = stop {
             fds.push((s, Wait::Readable));
         }
-        let ready = sys::poll(&fds, served.deadline())?;
+        // With messages possibly left, only look at the fds and go on
+        // (while replies wait for the bus, the loop waits for room instead).
+        let deadline = if more {
+            Some(Instant::now())
+        } else {
+            served.deadline()
+        };
+        let ready = sys::poll(&fds, deadline)?;
         if stop.is_some() && ready[fds.len() - 1].readable {
             return Ok(Ended::Stopped);
         }
