@@ -11,9 +11,11 @@
 #                 cargo build --bin shmlinkd --bin shmlink --bin hostile-client
 #                 --bin shmlink-frames-provider)
 #   BUSES="dbus-daemon dbus-broker"     which system buses, in order
-#   ATTACKS="baseline park park-open never-open never-list provided"
+#   ATTACKS="baseline park park-open never-open never-list never-list-big provided"
 #   DURING=6      seconds of honest calls while each attack runs
 #   AFTER=3       seconds of honest calls once the attacker left
+#   FRESH_BOOT=1  a fresh guest per attack (0: one per bus, faster; the bus's
+#                 RSS then carries what earlier attacks left)
 #   OUT=DIR       where the raw data goes (default /tmp/shmlink-bus-compare-DATE)
 #
 # Needs root, the host packages sdboot.sh needs, and dbus-broker
@@ -23,8 +25,8 @@
 # dbus-broker; this script picks the bus per boot (SDBOOT_SYSTEM_BUS), so
 # remove those links on the host to keep other tests on dbus-daemon.
 #
-# For each bus: boot, `make install` + `post-install` as tests/e2e/systemd.rs
-# does, start shmlinkd, then for each attack (shmlinkd restarted first):
+# For each bus and attack: boot (SDBOOT_SYSTEM_BUS picks the bus), `make install`
+# + `post-install` as tests/e2e/systemd.rs does, start shmlinkd, then:
 #   round 1: the attacker (hostile-client as nobody, see its header) starts; once
 #            it says READY, root runs honest calls for DURING s while VmRSS of
 #            shmlinkd and of the bus are sampled every 0.2 s; the attacker's
@@ -42,7 +44,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 SDBOOT=$HERE/sdboot.sh
 BINS=${BINS:-$REPO/target/debug}
 BUSES=${BUSES:-dbus-daemon dbus-broker}
-ATTACKS=${ATTACKS:-baseline park park-open never-open never-list provided}
+ATTACKS=${ATTACKS:-baseline park park-open never-open never-list never-list-big provided}
 DURING=${DURING:-6}
 AFTER=${AFTER:-3}
 OUT=${OUT:-/tmp/shmlink-bus-compare-$(date -u +%Y%m%dT%H%M%S)}
@@ -252,25 +254,45 @@ run_attack() { # BUS ATTACK
   tail -1 "$TABLE" >&2
 }
 
-for bus in $BUSES; do
-  log "$bus: booting"
-  STATE=/tmp/shmlink-sdboot/bus-compare-$$-$bus
+# boot_guest BUS TAG: a fresh guest with BUS as its system bus, shmlink installed
+# and started (and the example provider installed when `provided` is wanted).
+boot_guest() {
+  local bus=$1 tag=$2 out
+  STATE=/tmp/shmlink-sdboot/bus-compare-$$-$tag
   mkdir -p /tmp/shmlink-sdboot
   out=$(SDBOOT_SYSTEM_BUS=$bus bash "$SDBOOT" up "$STATE" "$REPO:/mnt/src" "$BINS:/mnt/bin" "$OUT/guest:/mnt/cmp") \
     || die "$bus: sdboot up failed: $out"
   PID1=$(echo "$out" | tail -1 | cut -d' ' -f1)
-  G systemctl show -p Id,MainPID,ExecStart dbus.service > "$OUT/$bus.unit"
-  G bash -c 'ps -o pid,rss,args -C dbus-daemon,dbus-broker,dbus-broker-launch' >> "$OUT/$bus.unit"
-  cat "$OUT/$bus.unit" >&2
-  G make -s -C /mnt/src install PREFIX=/usr BINDIR_SRC=/mnt/bin > "$OUT/$bus.install" 2>&1 || die "$bus: make install failed: $(cat "$OUT/$bus.install")"
-  G make -s -C /mnt/src post-install PREFIX=/usr >> "$OUT/$bus.install" 2>&1 || die "$bus: post-install failed: $(cat "$OUT/$bus.install")"
+  G systemctl show -p Id,MainPID,ExecStart dbus.service > "$OUT/$tag.unit"
+  G bash -c 'ps -o pid,rss,args -C dbus-daemon,dbus-broker,dbus-broker-launch' >> "$OUT/$tag.unit"
+  G make -s -C /mnt/src install PREFIX=/usr BINDIR_SRC=/mnt/bin > "$OUT/$tag.install" 2>&1 || die "$bus: make install failed: $(cat "$OUT/$tag.install")"
+  G make -s -C /mnt/src post-install PREFIX=/usr >> "$OUT/$tag.install" 2>&1 || die "$bus: post-install failed: $(cat "$OUT/$tag.install")"
   G systemctl start shmlinkd.service || die "$bus: shmlinkd did not start"
   case " $ATTACKS " in *" provided "*) install_provider > /dev/null || log "$bus: installing the provider failed" ;; esac
+}
+
+# By default each attack gets a fresh boot, so that the bus's memory is not
+# what an earlier attack left (neither bus gives it back). FRESH_BOOT=0: one
+# boot per bus.
+FRESH_BOOT=${FRESH_BOOT:-1}
+for bus in $BUSES; do
+  if [ "$FRESH_BOOT" = 0 ]; then
+    log "$bus: booting"; boot_guest "$bus" "$bus"; head -3 "$OUT/$bus.unit" | cut -c1-120 >&2
+  fi
   for attack in $ATTACKS; do
+    if [ "$FRESH_BOOT" != 0 ]; then
+      log "$bus.$attack: booting"; boot_guest "$bus" "$bus.$attack"
+    fi
     run_attack "$bus" "$attack"
+    if [ "$FRESH_BOOT" != 0 ]; then
+      G journalctl --no-pager -o short-monotonic -u dbus.service -u dbus-broker.service > "$OUT/$bus.$attack.buslog-all" 2>&1
+      cleanup
+    fi
   done
-  G journalctl --no-pager -o short-monotonic -u dbus.service -u dbus-broker.service > "$OUT/$bus.buslog-all" 2>&1
-  cleanup
+  if [ "$FRESH_BOOT" = 0 ]; then
+    G journalctl --no-pager -o short-monotonic -u dbus.service -u dbus-broker.service > "$OUT/$bus.buslog-all" 2>&1
+    cleanup
+  fi
 done
 
 echo
