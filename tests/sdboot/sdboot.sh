@@ -9,6 +9,9 @@
 #        boot; each HOSTDIR appears read-only at GUESTDIR inside (use /mnt/...:
 #        the guest's /tmp is wiped at boot). Last line printed on success:
 #        "<host PID of the guest's PID 1> <its cgroup directory>".
+#        SDBOOT_SYSTEM_BUS=dbus-daemon|dbus-broker picks the guest's system bus
+#        (the unit dbus.service stands for); unset, the host's choice stands
+#        (installing Debian's dbus-broker package enables it on the host).
 #   sdboot.sh exec STATE CMD...   run CMD inside (all namespaces, guest root)
 #   sdboot.sh down STATE          power off (SIGKILL after 20 s), remove the
 #                                 cgroup and STATE; safe to repeat, and safe
@@ -81,6 +84,11 @@ up)
   done
   [ -x /lib/systemd/systemd ] || missing="$missing /lib/systemd/systemd"
   [ -e /lib/systemd/system/dbus.service ] || missing="$missing dbus.service"
+  case ${SDBOOT_SYSTEM_BUS:-} in
+    ""|dbus-daemon) ;;
+    dbus-broker) [ -e /lib/systemd/system/dbus-broker.service ] || missing="$missing dbus-broker.service" ;;
+    *) die "SDBOOT_SYSTEM_BUS must be dbus-daemon or dbus-broker, not '$SDBOOT_SYSTEM_BUS'" ;;
+  esac
   [ -z "$missing" ] || die "missing on the host:$missing (Debian: apt-get install systemd dbus util-linux procps)"
   [ ! -e "$W" ] || down
   mkdir -p "$W/rw" "$W/root" "$CG"
@@ -97,7 +105,7 @@ up)
   ( echo "$BASHPID" > "$CG/cgroup.procs"
     exec setsid unshare --mount --propagation private --pid --fork --uts --ipc --net --cgroup \
       setpriv --bounding-set -sys_module,-sys_time,-sys_rawio,-syslog,-wake_alarm,-block_suspend,-mac_admin,-mac_override \
-      env SDBOOT_W="$W" bash "$0" __inner ) > "$W/boot.log" 2>&1 < /dev/null &
+      env SDBOOT_W="$W" SDBOOT_SYSTEM_BUS="${SDBOOT_SYSTEM_BUS:-}" bash "$0" __inner ) > "$W/boot.log" 2>&1 < /dev/null &
   echo $! > "$W/unshare.pid"
   p=""
   for _ in $(seq 300); do
@@ -150,6 +158,12 @@ __inner)
   # A boot target holding only the system bus: fast, and nothing else to fail.
   printf '[Unit]\nDescription=shmlink test boot\nRequires=dbus.socket\nWants=dbus.service\nAfter=dbus.socket\n' \
     > "$R/etc/systemd/system/shmlink-sdboot.target"
+  # The system bus: dbus.service is an alias of dbus-broker.service while a
+  # link in /etc/systemd/system says so (what `systemctl enable dbus-broker` makes).
+  case $SDBOOT_SYSTEM_BUS in
+    dbus-daemon) rm -f "$R/etc/systemd/system/dbus.service" ;;
+    dbus-broker) ln -sfn /lib/systemd/system/dbus-broker.service "$R/etc/systemd/system/dbus.service" ;;
+  esac
   mkdir "$R/.oldroot"; cd "$R"; pivot_root . .oldroot; umount -l /.oldroot; rmdir /.oldroot; cd /
   exec env -i container=shmlink-sdboot PATH=/usr/sbin:/usr/bin:/sbin:/bin \
     /lib/systemd/systemd --system --unit=shmlink-sdboot.target --show-status=no ;;
