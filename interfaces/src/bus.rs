@@ -16,6 +16,11 @@ pub enum Bus {
     Address(String),
 }
 
+/// Why the session bus cannot be reached when `DBUS_SESSION_BUS_ADDRESS`
+/// is not set: one line, as every front end prints it.
+const NO_SESSION_BUS: &str =
+    "DBUS_SESSION_BUS_ADDRESS is not set (no session bus here); name a bus by address instead";
+
 impl Bus {
     /// Opens a private connection to this bus and registers it (`Hello`).
     ///
@@ -27,8 +32,7 @@ impl Bus {
                 if std::env::var_os("DBUS_SESSION_BUS_ADDRESS").is_none() {
                     return Err(dbus::Error::new_custom(
                         "org.freedesktop.DBus.Error.FileNotFound",
-                        "DBUS_SESSION_BUS_ADDRESS is not set (no session bus here); \\
-                         name a bus by address instead",
+                        NO_SESSION_BUS,
                     ));
                 }
                 Channel::get_private(BusType::Session)
@@ -207,6 +211,12 @@ impl From<OpenSessionViaReply> for OpenSessionViaArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_no_session_bus_message_is_one_clean_line() {
+        assert!(!NO_SESSION_BUS.contains(['\\', '\n']), "{NO_SESSION_BUS:?}");
+        assert!(!NO_SESSION_BUS.contains("  "), "{NO_SESSION_BUS:?}");
+    }
     use std::os::fd::AsRawFd;
 
     fn fd() -> OwnedFd {

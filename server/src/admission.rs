@@ -24,7 +24,7 @@ pub(crate) fn ring_options(opts: &Options, max_capacity: u64) -> Result<RingOpti
         .unwrap_or(limits::DEFAULT_CAPACITY.min(max_capacity));
     if !(limits::MIN_CAPACITY..=max_capacity).contains(&capacity) {
         return Err(Refusal::InvalidCapacity(format!(
-            "capacity {capacity} is outside {}..={} bytes",
+            "capacity {capacity} is not between {} and {} bytes",
             limits::MIN_CAPACITY,
             max_capacity
         )));

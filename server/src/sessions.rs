@@ -890,6 +890,10 @@ mod tests {
         // Ring options before the service's own options.
         let e = refusal(&mut s, "channel", opts(vec![("capacity", Box::new(1u64))]));
         assert!(e.starts_with("InvalidCapacity"), "{e}");
+        assert!(
+            e.contains("capacity 1 is not between 64 and "),
+            "words a C or Python user reads, not a Rust range: {e}"
+        );
         let e = refusal(&mut s, "echo", opts(vec![("spin-us", Box::new(5u64))]));
         assert!(e.starts_with("InvalidOption") && e.contains("needs"), "{e}");
         // The service's options before unknown keys.
