@@ -183,6 +183,23 @@ fn accept_one_registration(broker: &Connection, service: &str) -> String {
     panic!("no RegisterService within {DEADLINE:?}");
 }
 
+/// Sends `provider` the `AcceptSession` call numbered `n` from `from` (the
+/// broker, or an intruder) and waits for its answer.
+fn ask(
+    from: &Connection,
+    provider: &str,
+    n: u32,
+    service: &str,
+    options: PropMap,
+    fds: PeerFds,
+    link: OwnedFd,
+) -> Result<Message, dbus::Error> {
+    from.channel().send_with_reply_and_block(
+        accept_call(provider, n, service, options, fds, link),
+        DEADLINE,
+    )
+}
+
 fn error_name(e: &dbus::Error) -> &str {
     e.name().unwrap_or_default()
 }
@@ -241,18 +258,16 @@ impl ProviderThread {
 /// the broker's end of the link (dropping it ends the session).
 fn accept_echo(broker: &Connection, provider: &str, n: u32) -> (Endpoint, OwnedFd) {
     let h = handover(64 << 10);
-    let call = accept_call(
+    ask(
+        broker,
         provider,
         n,
         "echo",
         PropMap::new(),
         h.provider,
         h.provider_link,
-    );
-    broker
-        .channel()
-        .send_with_reply_and_block(call, DEADLINE)
-        .expect("accepted");
+    )
+    .expect("accepted");
     let mut client = Endpoint::open_client(h.client, 1 << 20, Wakeup::Park).expect("client");
     client.set_timeout(Some(DEADLINE));
     (client, h.broker_link)
@@ -265,7 +280,6 @@ fn the_broker_played_by_the_test() {
     let provider_thread =
         ProviderThread::start(&bus, Default::default(), vec![Arc::new(builtin::Echo)]);
     let provider = accept_registration(&broker, "echo");
-    let timeout = DEADLINE;
 
     // An honest session: accepted, and echo works through the rings.
     let (mut client, broker_link) = accept_echo(&broker, &provider, 1);
@@ -279,26 +293,29 @@ fn the_broker_played_by_the_test() {
     // Unknown option keys and services are refused as the broker would.
     let h2 = handover(4096);
     let opts = dict(vec![("bogus", Box::new(1u32))]);
-    let call = accept_call(&provider, 2, "echo", opts, h2.provider, h2.provider_link);
-    let e = broker
-        .channel()
-        .send_with_reply_and_block(call, timeout)
-        .expect_err("unknown option");
+    let e = ask(
+        &broker,
+        &provider,
+        2,
+        "echo",
+        opts,
+        h2.provider,
+        h2.provider_link,
+    )
+    .expect_err("unknown option");
     assert_eq!(error_name(&e), error::INVALID_OPTION, "{e:?}");
     assert!(e.message().unwrap_or("").contains("bogus"), "{e:?}");
     let h3 = handover(4096);
-    let call = accept_call(
+    let e = ask(
+        &broker,
         &provider,
         3,
         "nope",
         PropMap::new(),
         h3.provider,
         h3.provider_link,
-    );
-    let e = broker
-        .channel()
-        .send_with_reply_and_block(call, timeout)
-        .expect_err("unknown service");
+    )
+    .expect_err("unknown service");
     assert_eq!(error_name(&e), error::UNKNOWN_SERVICE, "{e:?}");
     // A refused session's fds are dropped: the link closes at once.
     let ready = sys::poll_readable(&[h3.broker_link.as_fd()], Some(Instant::now() + DEADLINE))
@@ -308,18 +325,16 @@ fn the_broker_played_by_the_test() {
     // Anyone but the broker is refused.
     let intruder = hostile::connect(bus.address()).expect("connect");
     let h4 = handover(4096);
-    let call = accept_call(
+    let e = ask(
+        &intruder,
         &provider,
         4,
         "echo",
         PropMap::new(),
         h4.provider,
         h4.provider_link,
-    );
-    let e = intruder
-        .channel()
-        .send_with_reply_and_block(call, timeout)
-        .expect_err("not the broker");
+    )
+    .expect_err("not the broker");
     assert_eq!(error_name(&e), error::ACCESS_DENIED, "{e:?}");
 
     // The broker ends session 1 by closing its link: the client sees the hang-up.
@@ -441,10 +456,14 @@ fn a_provider_bounds_its_sessions_checks_fds_and_registers_again_after_a_broker_
     let provider = accept_registration(&first, "echo");
     let call = |broker: &Connection, n: u32, h: Handover| {
         // The broker's and the client's ends stay with the caller, or go.
-        let (fds, link) = (h.provider, h.provider_link);
-        broker.channel().send_with_reply_and_block(
-            accept_call(&provider, n, "echo", PropMap::new(), fds, link),
-            DEADLINE,
+        ask(
+            broker,
+            &provider,
+            n,
+            "echo",
+            PropMap::new(),
+            h.provider,
+            h.provider_link,
         )
     };
 
@@ -535,10 +554,14 @@ fn a_provider_process_streams_both_ways_and_its_death_unblocks_the_client_at_onc
     );
     let provider = accept_registrations(&broker, &["digest", "frames"]);
     let accept = |n: u32, service: &str, options: PropMap, h: Handover| {
-        let (fds, link) = (h.provider, h.provider_link);
-        broker.channel().send_with_reply_and_block(
-            accept_call(&provider, n, service, options, fds, link),
-            DEADLINE,
+        ask(
+            &broker,
+            &provider,
+            n,
+            service,
+            options,
+            h.provider,
+            h.provider_link,
         )
     };
 
@@ -646,18 +669,16 @@ fn a_hostile_client_of_a_provided_service_ends_only_its_own_session() {
     for n in 1..=2 {
         let (h, client_fds, link) = split(handover(64 << 10));
         let raw = dup(&client_fds.to_server);
-        let call = accept_call(
+        ask(
+            &broker,
             &provider,
             n,
             "digest",
             PropMap::new(),
             h.provider,
             h.provider_link,
-        );
-        broker
-            .channel()
-            .send_with_reply_and_block(call, DEADLINE)
-            .expect("accepted");
+        )
+        .expect("accepted");
         let mut client = Endpoint::open_client(client_fds, 1 << 20, Wakeup::Park).expect("client");
         client.set_timeout(Some(DEADLINE));
         sessions.push((client, raw, link));
@@ -921,18 +942,16 @@ fn a_panic_in_accept_session_is_answered_and_the_provider_serves_on() {
     let provider = accept_registrations(&broker, &["echo", "panicky"]);
     for n in 1..=2 {
         let h = handover(4096);
-        let call = accept_call(
+        let e = ask(
+            &broker,
             &provider,
             n,
             "panicky",
             PropMap::new(),
             h.provider,
             h.provider_link,
-        );
-        let e = broker
-            .channel()
-            .send_with_reply_and_block(call, DEADLINE)
-            .expect_err("a panicking open");
+        )
+        .expect_err("a panicking open");
         assert_eq!(error_name(&e), error::INTERNAL, "{e:?}");
     }
     let (mut client, _link) = accept_echo(&broker, &provider, 3);
