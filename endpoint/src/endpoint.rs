@@ -781,9 +781,10 @@ impl ServerRings {
     }
 
     /// The server's side of the session as [`ServerRings::into_endpoint`]
-    /// makes it, for a client that passed `socket` (`OpenSessionVia`): the
-    /// rings go over it, and it becomes the server's end of the hang-up
-    /// socket (the pair made ahead is dropped).
+    /// makes it, for a client that passed `socket` (`OpenSessionVia`), which
+    /// the caller checked with [`check_via_socket`] before admitting the
+    /// session: the rings go over it, and it becomes the server's end of the
+    /// hang-up socket (the pair made ahead is dropped).
     #[cfg(feature = "server")]
     pub fn into_endpoint_over(
         self,
@@ -791,7 +792,6 @@ impl ServerRings {
         max_message: u32,
         wakeup: Wakeup,
     ) -> Result<Endpoint, Error> {
-        check_via_socket(socket.as_fd())?;
         let (rings, _theirs) = self.peer.split();
         send_rings(socket.as_fd(), &rings)?;
         let capacity = rings.to_server.capacity;

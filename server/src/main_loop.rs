@@ -1,7 +1,7 @@
 //! The one main loop of a D-Bus side, the broker's and a provider's: read
-//! and handle what the bus brought, write what the bus takes, then wait for the bus, the
-//! side's own fds (the engine's notify fd, the provider links), a stop fd
-//! and the side's next deadline.
+//! and handle what the bus brought, write what the bus takes, then wait for
+//! the bus, the side's own fds (the engine's notify fd, the provider links),
+//! a stop fd and the side's next deadline.
 
 use dbus::blocking::Connection;
 use dbus::Message;

@@ -4,7 +4,7 @@
 //! and `OpenSessionVia` of a registered service are answered later, when
 //! its provider does: see [`super::handover`].)
 
-use super::{sender_of, BrokerObject};
+use super::{open_member, sender_of, BrokerObject};
 use crate::accounting::Refusal;
 use crate::log_bounds::{cut, LOGGED_STRING};
 use crate::sessions::{Handed, SessionInfo};
@@ -38,17 +38,9 @@ fn open_hosted(
 ) -> Result<(Path<'static>, Handed, PropMap), MethodErr> {
     let c = control(cr, ctx)?;
     let caller = c.caller_of(ctx.message())?;
-    let call = if via.is_some() {
-        member::OPEN_SESSION_VIA
-    } else {
-        member::OPEN_SESSION
-    };
-    let replied = if via.is_none() {
-        c.reply_fds.check(&caller)
-    } else {
-        Ok(())
-    };
-    let opened = match replied.and_then(|()| c.sessions.open(&caller, service, options, via)) {
+    let call = open_member(via.is_some());
+    let checked = c.reply_fds.check(&caller, via.is_none());
+    let opened = match checked.and_then(|()| c.sessions.open(&caller, service, options, via)) {
         Ok(opened) => opened,
         Err(e) => {
             let uid = Some(caller.uid);

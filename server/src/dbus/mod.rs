@@ -208,6 +208,16 @@ fn oversized_call_reply(msg: &Message) -> Option<Message> {
     error_reply(msg, &MethodErr::from((name, text)))
 }
 
+/// The member that opens a session: `OpenSessionVia` when the client passed
+/// a socket for its rings, else `OpenSession`.
+fn open_member(via: bool) -> &'static str {
+    if via {
+        member::OPEN_SESSION_VIA
+    } else {
+        member::OPEN_SESSION
+    }
+}
+
 /// The member a call names, for the log ("" if none).
 fn call_name(msg: &Message) -> String {
     msg.member()
@@ -345,15 +355,13 @@ impl Adapter {
     /// Fails the opens whose provider did not answer by `now`, or that
     /// waited that long for it to answer earlier ones.
     pub fn expire(&mut self, conn: &impl Sender, now: Instant) {
-        while let Some(at) = self.queued.iter().position(|q| q.pending.deadline <= now) {
-            if let Some(q) = self.queued.remove(at) {
-                let why = format!(
-                    "provider {} has not answered its earlier sessions for {} ms",
-                    q.pending.provider,
-                    self.accept_timeout.as_millis()
-                );
-                self.conclude(conn, q.pending, Verdict::Unavailable(why));
-            }
+        for q in self.take_queued(|p| p.deadline <= now) {
+            let why = format!(
+                "provider {} has not answered its earlier sessions for {} ms",
+                q.pending.provider,
+                self.accept_timeout.as_millis()
+            );
+            self.conclude(conn, q.pending, Verdict::Unavailable(why));
         }
         let overdue: Vec<u32> = self
             .pending
@@ -390,11 +398,7 @@ impl Adapter {
             };
             (service, options, None)
         };
-        let call = if via_call {
-            member::OPEN_SESSION_VIA
-        } else {
-            member::OPEN_SESSION
-        };
+        let call = open_member(via_call);
         let c = self.control();
         let reply = |e: MethodErr| {
             if let Some(reply) = error_reply(&msg, &e) {
@@ -408,12 +412,10 @@ impl Adapter {
                 return None;
             }
         };
-        let checked = if via.is_none() {
-            c.reply_fds.check(&caller)
-        } else {
-            Ok(())
-        };
-        let asked = checked.and_then(|()| c.sessions.ask_provider(&caller, service, options, via));
+        let asked = c
+            .reply_fds
+            .check(&caller, !via_call)
+            .and_then(|()| c.sessions.ask_provider(&caller, service, options, via));
         let handover = match asked {
             Ok(h) => h,
             Err(e) => {
@@ -473,9 +475,18 @@ impl Adapter {
         }
     }
 
+    /// Takes out of the queue the `AcceptSession` calls `which` picks.
+    fn take_queued(&mut self, which: impl Fn(&Pending) -> bool) -> VecDeque<Queued> {
+        let (taken, kept): (VecDeque<Queued>, _) = std::mem::take(&mut self.queued)
+            .into_iter()
+            .partition(|q| which(&q.pending));
+        self.queued = kept;
+        taken
+    }
+
     /// Sends the queued `AcceptSession` calls that fit now, in order (per
     /// provider, first come first sent).
-    fn send_queued(&mut self, conn: &impl Sender) {
+    fn hand_over_queued(&mut self, conn: &impl Sender) {
         let mut blocked: Vec<String> = Vec::new();
         let mut i = 0;
         while i < self.queued.len() {
@@ -498,7 +509,7 @@ impl Adapter {
         // read that call and every one before.
         let sender = sender_of(msg);
         if self.unanswered.answered(&sender, serial) {
-            self.send_queued(conn);
+            self.hand_over_queued(conn);
         }
         let Some(p) = self.pending.get(&serial) else {
             return;
@@ -615,15 +626,11 @@ impl Adapter {
             .map(|(serial, _)| *serial)
             .collect();
         self.unanswered.left(name);
-        let (gone, kept): (VecDeque<Queued>, VecDeque<Queued>) = std::mem::take(&mut self.queued)
-            .into_iter()
-            .partition(|q| q.pending.provider == name || q.pending.owner.bus_name == name);
-        self.queued = kept;
-        for q in gone {
+        for q in self.take_queued(|p| p.provider == name || p.owner.bus_name == name) {
             if q.pending.provider == name {
                 let why = format!("provider {name} left the bus");
                 self.conclude(conn, q.pending, Verdict::Unavailable(why));
-            } else if q.pending.owner.bus_name == name {
+            } else {
                 self.control()
                     .sessions
                     .end(q.pending.id, "the client left the bus");
@@ -640,7 +647,7 @@ impl Adapter {
                 self.control().sessions.end(p.id, "the client left the bus");
             }
         }
-        self.send_queued(conn);
+        self.hand_over_queued(conn);
         let uid = lock(&self.callers).get(name).map_or(u32::MAX, |c| c.uid);
         lock(&self.callers).forget(name);
         let c = self.control();
@@ -910,7 +917,7 @@ impl Adapter {
                 self.conclude(conn, p, Verdict::Unavailable(REASON.into()));
             }
         }
-        for q in std::mem::take(&mut self.queued) {
+        for q in self.take_queued(|_| true) {
             self.conclude(conn, q.pending, Verdict::Unavailable(REASON.into()));
         }
         let c = self.control();

@@ -38,9 +38,11 @@ impl ReplyFds {
         }
     }
 
-    /// Whether a reply with fds to `caller` stays within the bounds.
-    pub fn check(&self, caller: &Caller) -> Result<(), Refusal> {
-        let Some(limit) = self.limit else {
+    /// Whether the reply to `caller`'s open stays within the bounds: one
+    /// with fds (`OpenSession`, `in_reply`) must; one without
+    /// (`OpenSessionVia`) always does.
+    pub fn check(&self, caller: &Caller, in_reply: bool) -> Result<(), Refusal> {
+        let Some(limit) = self.limit.filter(|_| in_reply) else {
             return Ok(());
         };
         let per_uid = limit / 2;
@@ -115,26 +117,32 @@ mod tests {
         let mut books = ReplyFds::new(Some(28));
         let a = caller(":1.1", 1000);
         for _ in 0..2 {
-            books.check(&a).expect("within the uid's half");
+            books.check(&a, true).expect("within the uid's half");
             books.charge(&a);
         }
-        let e = books.check(&caller(":1.9", 1000)).unwrap_err();
+        let e = books.check(&caller(":1.9", 1000), true).unwrap_err();
         assert!(e.to_string().contains("uid 1000 has 14 fds"), "{e}");
         let b = caller(":1.2", 1001);
         for _ in 0..2 {
-            books.check(&b).expect("another uid");
+            books.check(&b, true).expect("another uid");
             books.charge(&b);
         }
-        let e = books.check(&caller(":1.3", 1002)).unwrap_err();
+        let e = books.check(&caller(":1.3", 1002), true).unwrap_err();
         assert!(e.to_string().contains("28 fds in replies"), "{e}");
         books.connection_left(":1.1");
-        books.check(&caller(":1.3", 1002)).expect("room again");
         books
-            .check(&caller(":1.4", 1000))
+            .check(&caller(":1.3", 1002), true)
+            .expect("room again");
+        books
+            .check(&caller(":1.4", 1000), true)
             .expect("and for uid 1000");
+        assert!(
+            books.check(&caller(":1.4", 1000), false).is_ok(),
+            "no fds in the reply"
+        );
         let mut unbounded = ReplyFds::new(None);
         for _ in 0..100 {
-            unbounded.check(&a).expect("no bound");
+            unbounded.check(&a, true).expect("no bound");
             unbounded.charge(&a);
         }
     }
