@@ -6,7 +6,7 @@
 
 use shmlink_interfaces::error;
 use shmlink_tests::hostile::hostile_binary;
-use shmlink_tests::{daemon_binary, wait_until, Harness, DEADLINE};
+use shmlink_tests::{daemon_binary, wait_until, BusLimits, Harness, DEADLINE};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -251,15 +251,10 @@ fn capacity_and_message_limits() {
 
 #[test]
 fn services_restricted_by_configuration() {
-    let dir = std::env::temp_dir().join(format!("shmlink-access-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let cfg = dir.join("shmlinkd.toml");
-    std::fs::write(
-        &cfg,
+    let h = Harness::with_config(
+        BusLimits::Tests,
         "[services.echo]\nallow_users = [0]\n\n[services.source]\nallow_groups = [65534]\n\n[services.sink]\nallow_groups = [4242]\n",
-    )
-    .expect("write config");
-    let h = Harness::with_args(&["--config", cfg.to_str().expect("utf-8 path")]);
+    );
     let e = NobodySession::open(&h, "echo")
         .err()
         .expect("nobody may not use echo");
@@ -285,7 +280,6 @@ fn services_restricted_by_configuration() {
     r.send(b"ok").expect("send");
     assert_eq!(r.recv().expect("recv").as_deref(), Some(&b"ok"[..]));
     drop(allowed);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs shmlinkd with `args` and returns its exit status and stderr; it must exit by itself.

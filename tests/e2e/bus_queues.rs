@@ -51,24 +51,10 @@ const SYSTEM_BUS_CALL: usize = (32 << 20) - 4096;
 /// and `providers.unanswered` = 2, which a daemon on a bus given by its
 /// address leaves unbounded.
 fn on_system_bus() -> Harness {
-    let dir = std::env::temp_dir().join(format!(
-        "shmlink-bus-queues-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).expect("create the config's folder");
-    let config = dir.join("shmlinkd.toml");
-    std::fs::write(
-        &config,
+    Harness::with_config(
+        BusLimits::System,
         "[limits]\nreply_fds = 28\n[providers]\nunanswered = 2\n",
     )
-    .expect("write the config");
-    let h = Harness::on_bus(
-        BusLimits::System,
-        &["--config", config.to_str().expect("utf-8")],
-    );
-    let _ = std::fs::remove_dir_all(dir);
-    h
 }
 
 /// Asserts that every honest call was answered (`measure_honest` fails on

@@ -11,7 +11,7 @@ use dbus::message::MatchRule;
 use shmlink::Session;
 use shmlink_interfaces::{error, member, BROKER_INTERFACE, BROKER_PATH, BUS_NAME};
 use shmlink_tests::raw_provider::{Behaviour, RawProvider};
-use shmlink_tests::{proc_status, wait_until, Harness, DEADLINE};
+use shmlink_tests::{proc_status, wait_until, BusLimits, Harness, DEADLINE};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -193,24 +193,17 @@ fn registering_lists_announces_and_withdraws_a_service() {
     nothing_charged(&h);
 }
 
-/// A daemon whose configuration lets uid `nobody` register `nobody.*`,
-/// and the folder its configuration is in (for the test to remove).
-fn nobody_may_register(tag: &str) -> (Harness, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("shmlink-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("shmlinkd.toml");
-    std::fs::write(
-        &config,
+/// A daemon whose configuration lets uid `nobody` register `nobody.*`.
+fn nobody_may_register() -> Harness {
+    Harness::with_config(
+        BusLimits::Tests,
         "[providers.allow.\"nobody.*\"]\nallow_users = [65534]\n",
     )
-    .expect("write config");
-    let h = Harness::with_args(&["--config", config.to_str().expect("utf-8")]);
-    (h, dir)
 }
 
 #[test]
 fn only_allowed_uids_register() {
-    let (h, dir) = nobody_may_register("registry");
+    let h = nobody_may_register();
     let register_as_nobody = |service: &str| {
         let out = std::process::Command::new("setpriv")
             .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
@@ -239,7 +232,6 @@ fn only_allowed_uids_register() {
         .services()
         .expect("Services")
         .contains(&"nobody.sensor".into())));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -695,7 +687,7 @@ fn forged_answers_from_another_connection_are_dropped() {
 
 #[test]
 fn an_object_path_over_the_limit_is_refused_and_costs_nothing() {
-    let (h, dir) = nobody_may_register("objpath");
+    let h = nobody_may_register();
     let pid = h.daemon_pid();
     let client = h.client();
     client
@@ -785,20 +777,14 @@ fn an_object_path_over_the_limit_is_refused_and_costs_nothing() {
     );
     assert!(written < 16 * 1024, "{written} bytes of log");
     assert!(log.contains("is longer than 255 bytes"), "{log}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_stronger_claim_takes_a_name_over_from_a_catch_all_squatter() {
-    let dir = std::env::temp_dir().join(format!("shmlink-squat-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("shmlinkd.toml");
-    std::fs::write(
-        &config,
-        format!("[providers.allow.\"*\"]\nallow_users = [65534]\n[providers]\nregistrations_per_user = 4\n[limits]\nmemory_per_user = {MEMORY_PER_USER}\n"),
-    )
-    .expect("write config");
-    let h = Harness::with_args(&["--config", config.to_str().expect("utf-8")]);
+    let h = Harness::with_config(
+        BusLimits::Tests,
+        &format!("[providers.allow.\"*\"]\nallow_users = [65534]\n[providers]\nregistrations_per_user = 4\n[limits]\nmemory_per_user = {MEMORY_PER_USER}\n"),
+    );
     // `nobody`, allowed every name by the catch-all pattern, takes "cam" first.
     let mut squatter = std::process::Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
@@ -851,5 +837,4 @@ fn a_stronger_claim_takes_a_name_over_from_a_catch_all_squatter() {
     drop(squatter.stdin.take());
     let _ = squatter.wait();
     assert!(list_services(&h).contains(&("cam".into(), p.name().into(), uid)));
-    let _ = std::fs::remove_dir_all(dir);
 }

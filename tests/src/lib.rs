@@ -14,7 +14,7 @@ pub mod raw_provider;
 pub mod sdboot;
 
 use shmlink::{Bus, Client};
-use shmlink_test_support::{locate_daemon, DaemonProcess, PrivateBus};
+use shmlink_test_support::{locate_daemon, ConfigFile, DaemonProcess, PrivateBus};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,8 @@ pub struct Harness {
     bus: PrivateBus,
     daemon_args: Vec<String>,
     broker_name: String,
+    /// The configuration `--config` names, kept for restarts.
+    _config: Option<ConfigFile>,
 }
 
 /// The name [`Harness::embedded`]'s broker owns.
@@ -88,6 +90,15 @@ impl Harness {
         Self::on_bus(BusLimits::Tests, args)
     }
 
+    /// A bus enforcing `limits` and a daemon started with `--config`
+    /// naming a file that holds `toml`.
+    pub fn with_config(limits: BusLimits, toml: &str) -> Harness {
+        let config = ConfigFile::new(toml).expect("write the daemon's configuration");
+        let mut h = Self::on_bus(limits, &["--config", config.path()]);
+        h._config = Some(config);
+        h
+    }
+
     /// A bus enforcing `limits` and a daemon started with extra
     /// command-line arguments.
     pub fn on_bus(limits: BusLimits, args: &[&str]) -> Harness {
@@ -100,6 +111,7 @@ impl Harness {
             bus,
             daemon_args: args.iter().map(|s| s.to_string()).collect(),
             broker_name: shmlink_interfaces::BUS_NAME.to_owned(),
+            _config: None,
         }
     }
 
@@ -116,6 +128,7 @@ impl Harness {
             bus,
             daemon_args: Vec::new(),
             broker_name: EMBEDDED_NAME.to_owned(),
+            _config: None,
         }
     }
 

@@ -44,6 +44,28 @@ fn temp_dir(prefix: &str) -> Result<TempDir, ProcessError> {
         .map_err(|e| ProcessError::Failed(format!("cannot create a temporary directory: {e}")))
 }
 
+/// A daemon configuration file in a fresh directory, removed when dropped.
+pub struct ConfigFile {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    /// Writes `toml` as `shmlinkd.toml` in a fresh directory.
+    pub fn new(toml: &str) -> Result<ConfigFile, ProcessError> {
+        let dir = temp_dir("shmlinkd-config")?;
+        let path = dir.path().join("shmlinkd.toml");
+        std::fs::write(&path, toml)
+            .map_err(|e| ProcessError::Failed(format!("cannot write {}: {e}", path.display())))?;
+        Ok(ConfigFile { _dir: dir, path })
+    }
+
+    /// The file's path, for `--config`.
+    pub fn path(&self) -> &str {
+        self.path.to_str().expect("a UTF-8 temporary path")
+    }
+}
+
 /// Makes the child get SIGKILL when the thread that started it ends, so that
 /// a test binary or demo killed outright leaves no bus or daemon behind
 /// (nothing else would stop them: orphans are not reaped here).
